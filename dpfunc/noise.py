@@ -1,0 +1,93 @@
+"""Gaussian noise from explicit keys, and the privatised mean.
+
+Formal guarantees:
+    :func:`privatize` adds ``N(0, (σ·S)² I)`` to a sum of sensitivity ``S`` (the Gaussian mechanism,
+    noise multiplier σ) and divides by the **expected** batch size ``q·n``. Dividing by the realised
+    batch size would make the normaliser itself data-dependent; the expected size is public.
+
+Edge cases:
+
+    =========================  ==================================================================
+    σ = 0                      no noise (not private); the exact clipped mean
+    empty batch                the update is pure noise ``N(0, (σS)²) / (q·n)``
+    same key                   the same noise, bit for bit
+    different steps / params   independent noise: each step folds the step count into its key,
+                               each parameter gets its own slice of the generator's stream
+    =========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from dpfunc._tree import Params
+from dpfunc.keys import Key
+
+__all__ = ["gaussian_noise", "privatize", "check_noise_multiplier", "check_expected_batch_size"]
+
+
+def check_noise_multiplier(fn: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: noise_multiplier must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def check_expected_batch_size(fn: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{fn}: expected_batch_size must be a finite number > 0 (sampling_rate × dataset size), got {value!r}")
+    return float(value)
+
+
+def gaussian_noise(key: Key, like: Mapping[str, torch.Tensor], std: float) -> Params:
+    """Independent ``N(0, std²)`` noise shaped like each tensor of ``like``.
+
+    Draws are made in the order of ``like``'s keys from one generator seeded by ``key``, on the
+    tensors' own device and dtype, so the same key reproduces the same noise exactly.
+    """
+    if not isinstance(key, Key):
+        raise TypeError(f"gaussian_noise: key must be a dpfunc.Key, got {type(key).__name__}")
+    if not math.isfinite(std) or std < 0:
+        raise ValueError(f"gaussian_noise: std must be a finite number >= 0, got {std!r}")
+    gens: dict[torch.device, torch.Generator] = {}
+    out = {}
+    for name, t in like.items():
+        if std == 0:
+            out[name] = torch.zeros_like(t)
+            continue
+        if t.device not in gens:
+            # One generator per device, each from its own derived key.
+            gens[t.device] = key.fold_in(len(gens)).generator(t.device)
+        out[name] = torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=t.dtype) * std
+    return out
+
+
+def privatize(
+    clipped_sum: Mapping[str, torch.Tensor],
+    key: Key,
+    *,
+    noise_multiplier: float,
+    sensitivity: float,
+    expected_batch_size: float,
+) -> Params:
+    """``(clipped_sum + N(0, (noise_multiplier·sensitivity)² I)) / expected_batch_size``.
+
+    Args:
+        clipped_sum: ``dict`` name → summed clipped gradients.
+        key: the key of THIS step (derive it, e.g. ``key.fold_in(step)``).
+        noise_multiplier: σ ≥ 0.
+        sensitivity: the l2 sensitivity of ``clipped_sum`` (``ClippedSum.sensitivity``).
+        expected_batch_size: ``sampling_rate × num_examples`` (> 0), the public normaliser.
+    """
+    fn = "privatize"
+    sigma = check_noise_multiplier(fn, noise_multiplier)
+    denom = check_expected_batch_size(fn, expected_batch_size)
+    if not (sensitivity > 0):
+        raise ValueError(f"{fn}: sensitivity must be > 0, got {sensitivity!r}")
+    if sigma > 0 and not math.isfinite(sensitivity):
+        raise ValueError(f"{fn}: noise_multiplier > 0 needs a finite sensitivity (max_grad_norm), got {sensitivity!r}")
+    std = sigma * sensitivity if sigma > 0 else 0.0
+    noise = gaussian_noise(key, clipped_sum, std)
+    return {k: (v + noise[k]) / denom for k, v in clipped_sum.items()}
