@@ -1,0 +1,44 @@
+"""Data for the paediatric pneumonia case study: PneumoniaMNIST and DP-compatible augmentation.
+
+Example:
+    >>> from dpfunc.data import pneumoniamnist
+    >>> train = pneumoniamnist("train", "/work/shared/data")  # doctest: +SKIP
+"""
+
+from dpfunc.data._files import (
+    KNOWN_MD5,
+    KNOWN_SHA256,
+    PNEUMONIAMNIST_URL,
+    download_pneumoniamnist,
+    resolve_data_dir,
+)
+from dpfunc.data._pneumoniamnist import (
+    CLASS_NAMES,
+    FIXED,
+    SPLITS,
+    UNIT,
+    ImageDataset,
+    Normalization,
+    pneumoniamnist,
+    train_normalization,
+)
+from dpfunc.data.augment import augment, augment_views, multiplicity_loss
+
+__all__ = [
+    "CLASS_NAMES",
+    "FIXED",
+    "KNOWN_MD5",
+    "KNOWN_SHA256",
+    "PNEUMONIAMNIST_URL",
+    "SPLITS",
+    "UNIT",
+    "ImageDataset",
+    "Normalization",
+    "augment",
+    "augment_views",
+    "download_pneumoniamnist",
+    "multiplicity_loss",
+    "pneumoniamnist",
+    "resolve_data_dir",
+    "train_normalization",
+]
