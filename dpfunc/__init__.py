@@ -10,7 +10,7 @@ from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping
 from dpfunc.keys import Key
 from dpfunc.noise import gaussian_noise, privatize
 from dpfunc.per_example import per_example_grads, per_example_grads_and_losses
-from dpfunc.private import DPAggregateState, DPConfig, dp_aggregate, dpadam, dpsgd, find_dp_state, privacy_ledger
+from dpfunc.private import DPAggregateState, DPConfig, dp_aggregate, noise_key, dpadam, dpsgd, find_dp_state, privacy_ledger
 from dpfunc.sampling import pad_batch, padded_batch_size, poisson_batches, poisson_sample
 from dpfunc.step import EngineOutput, GradEngine, StepMetrics, make_step, vmap_engine
 from dpfunc.transforms import (
@@ -47,6 +47,7 @@ __all__ = [
     "DPConfig",
     "DPAggregateState",
     "dp_aggregate",
+    "noise_key",
     "dpsgd",
     "dpadam",
     "find_dp_state",

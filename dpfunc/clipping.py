@@ -193,9 +193,17 @@ def clip_and_sum(per_example_grads: Mapping[str, torch.Tensor], clipping: Clippi
     _check_mask(fn, mask, b)
     names = list(per_example_grads)
     bounds = clipping.group_bounds(names)
+    if mask is not None:
+        # Zero padding rows first (with where, not a product: 0 * nan = nan), so that a non-finite
+        # value in a masked row can neither raise nor leak into the norms or the sum.
+        keep = mask.to(torch.bool)
+        per_example_grads = {
+            k: torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
+            for k, g in per_example_grads.items()
+        }
     sq: dict[str, torch.Tensor] = {}
     for name, g in per_example_grads.items():
-        s = g.reshape(b, -1).pow(2).sum(dim=1)
+        s = g.reshape(b, math.prod(g.shape[1:])).pow(2).sum(dim=1)  # not reshape(b, -1): fails for b = 0
         grp = clipping.group_of(name)
         sq[grp] = sq[grp] + s if grp in sq else s
     group_norms = {grp: s.sqrt() for grp, s in sq.items()}

@@ -34,13 +34,13 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from dpfunc.accounting.ledger import PrivacyLedger
-from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, clip_and_sum
+from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound, clip_and_sum
 from dpfunc.keys import Key
 from dpfunc.noise import check_noise_multiplier, privatize
 from dpfunc.sampling import check_sampling_rate
 from dpfunc.transforms import GradientTransformation, Schedule, adam, chain, sgd
 
-__all__ = ["DPConfig", "DPAggregateState", "dp_aggregate", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
+__all__ = ["DPConfig", "DPAggregateState", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
 
 
 @dataclass(frozen=True)
@@ -62,18 +62,35 @@ class DPConfig:
 
     def __post_init__(self) -> None:
         fn = "DPConfig"
-        if isinstance(self.clipping, (int, float)) and not isinstance(self.clipping, bool):
-            object.__setattr__(self, "clipping", FlatClipping(self.clipping))
+        if isinstance(self.clipping, bool):
+            raise ValueError(f"{fn}: clipping (max_grad_norm) must be a number > 0 or a Clipping, got {self.clipping!r}")
+        if isinstance(self.clipping, (int, float)):
+            object.__setattr__(self, "clipping", FlatClipping(_check_bound(fn, "max_grad_norm", self.clipping)))
         if not hasattr(self.clipping, "group_bounds"):
             raise TypeError(f"{fn}: clipping must be FlatClipping or PerLayerClipping, got {self.clipping!r}")
         object.__setattr__(self, "noise_multiplier", check_noise_multiplier(fn, self.noise_multiplier))
         object.__setattr__(self, "sampling_rate", check_sampling_rate(fn, self.sampling_rate))
         if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples < 1:
             raise ValueError(f"{fn}: num_examples must be an int >= 1, got {self.num_examples!r}")
+        bounds = self.clipping.max_grad_norm
+        bounds = [b for _, b in bounds] if isinstance(bounds, tuple) else [bounds]
+        if self.noise_multiplier > 0 and not all(math.isfinite(b) for b in bounds):
+            raise ValueError(f"{fn}: noise_multiplier > 0 needs a finite max_grad_norm (the noise scale is σ·C), got {self.clipping!r}")
 
     @property
     def expected_batch_size(self) -> float:
         return self.sampling_rate * self.num_examples
+
+
+def _make_config(fn: str, max_grad_norm: Any, noise_multiplier: float, sampling_rate: float, num_examples: int) -> DPConfig:
+    """Build a :class:`DPConfig`, validating first so that errors name ``fn`` (the user's entry point)."""
+    if isinstance(max_grad_norm, (bool, int, float)):
+        _check_bound(fn, "max_grad_norm", max_grad_norm)
+    check_noise_multiplier(fn, noise_multiplier)
+    check_sampling_rate(fn, sampling_rate)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"{fn}: num_examples must be an int >= 1, got {num_examples!r}")
+    return DPConfig(max_grad_norm, noise_multiplier, sampling_rate, num_examples)
 
 
 class DPAggregateState(NamedTuple):
@@ -92,13 +109,23 @@ def check_budget(state: DPAggregateState) -> None:
         state.budget.check(state.ledger.step(state.noise_multiplier, state.sampling_rate))
 
 
+_NOISE_DOMAIN = 0x6E6F697365  # "noise": separates noise streams from any other use of the key
+
+
+def noise_key(key: Key, step: int) -> Key:
+    """The key of step ``step``'s noise in :func:`dp_aggregate` (a domain of its own under ``key``)."""
+    return key.fold_in(_NOISE_DOMAIN).fold_in(step)
+
+
 def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientTransformation:
     """Clip per-example gradients, sum, add Gaussian noise, divide by the expected batch size.
 
     ``update(per_example_grads, state, params)`` takes ``dict`` name → ``(B, *shape)`` (rows of padding
     must be zero), or a :class:`~dpfunc.ClippedSum` already computed by a fast engine with the same
     clipping, and returns the privatised mean gradient. Noise of step ``t`` is drawn from
-    ``key.fold_in(t)``, so it is fresh at every step and reproducible from ``(key, t)``.
+    ``noise_key(key, t)``: fresh at every step, reproducible from ``(key, t)``, and in a domain of
+    its own, so passing the same key to :func:`~dpfunc.poisson_batches` cannot correlate the noise
+    with the batch selection.
 
     Args:
         config: the :class:`DPConfig`.
@@ -130,7 +157,7 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientT
             raise TypeError(f"dp_aggregate: updates must be per-example gradients (dict) or a ClippedSum, got {type(updates).__name__}")
         noisy = privatize(
             clipped.grads,
-            key.fold_in(int(state.count)),
+            noise_key(key, int(state.count)),
             noise_multiplier=config.noise_multiplier,
             sensitivity=clipped.sensitivity,
             expected_batch_size=config.expected_batch_size,
@@ -159,7 +186,7 @@ def dpsgd(
     Example:
         >>> tx = dpsgd(0.5, noise_multiplier=1.1, max_grad_norm=1.0, sampling_rate=0.01, num_examples=5000, key=Key(0))
     """
-    cfg = DPConfig(max_grad_norm, noise_multiplier, sampling_rate, num_examples)
+    cfg = _make_config("dpsgd", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
     return chain(dp_aggregate(cfg, key, budget=budget), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
 
 
@@ -177,7 +204,7 @@ def dpadam(
     budget: Any = None,
 ) -> GradientTransformation:
     """DP-Adam: ``chain(dp_aggregate(...), adam(...))``; Adam only post-processes the private mean."""
-    cfg = DPConfig(max_grad_norm, noise_multiplier, sampling_rate, num_examples)
+    cfg = _make_config("dpadam", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
     return chain(dp_aggregate(cfg, key, budget=budget), adam(learning_rate, b1, b2, eps))
 
 

@@ -72,6 +72,8 @@ def padded_batch_size(num_examples: int, sampling_rate: float, *, overflow_proba
     fn = "padded_batch_size"
     n = _check_num_examples(fn, num_examples)
     q = check_sampling_rate(fn, sampling_rate)
+    if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+        raise ValueError(f"{fn}: multiple must be an int >= 1, got {multiple!r}")
     if not 0 < overflow_probability < 1:
         raise ValueError(f"{fn}: overflow_probability must be in (0, 1), got {overflow_probability!r}")
     mu = n * q

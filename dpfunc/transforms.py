@@ -200,8 +200,8 @@ def trace(momentum: float, *, nesterov: bool = False, dampening: float = 0.0) ->
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> GradientTransformation:
     """Adam's rescaling ``m̂ / (sqrt(v̂) + eps)`` (Kingma & Ba 2015), as ``torch.optim.Adam`` computes it."""
-    b1 = _check_number("scale_by_adam", "b1", b1, low=0)
-    b2 = _check_number("scale_by_adam", "b2", b2, low=0)
+    b1 = _check_number("scale_by_adam", "b1", b1, low=0, high=1)  # b = 1 divides by 1 - b**t = 0
+    b2 = _check_number("scale_by_adam", "b2", b2, low=0, high=1)
     eps = _check_number("scale_by_adam", "eps", eps, low=0)
 
     def init(params):
