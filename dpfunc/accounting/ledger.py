@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Phase", "PrivacyLedger"]
+__all__ = ["Phase", "PrivacyLedger", "ledger_to_event"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,10 @@ class PrivacyLedger:
     def total_steps(self) -> int:
         return sum(p.steps for p in self.phases)
 
+    def to_event(self):
+        """The composed privacy event of this ledger (see :func:`ledger_to_event`)."""
+        return ledger_to_event(self)
+
     def to_dict(self) -> dict:
         """A JSON-friendly form (for checkpoints and run folders)."""
         return {"phases": [[p.noise_multiplier, p.sampling_rate, p.steps] for p in self.phases]}
@@ -88,3 +92,16 @@ class PrivacyLedger:
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"PrivacyLedger.from_dict: malformed ledger {data!r}: {e}") from e
         return cls(phases)
+
+
+def ledger_to_event(ledger: PrivacyLedger):
+    """``ComposedEvent`` of one ``SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(σ)), steps)``
+    per phase (a phase with q = 1 is the plain Gaussian mechanism, sampled with probability 1)."""
+    from dpfunc.accounting.events import ComposedEvent, GaussianEvent, PoissonSampledEvent, SelfComposedEvent
+
+    return ComposedEvent(
+        tuple(
+            SelfComposedEvent(PoissonSampledEvent(p.sampling_rate, GaussianEvent(p.noise_multiplier)), p.steps)
+            for p in ledger.phases
+        )
+    )

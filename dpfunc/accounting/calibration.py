@@ -1,0 +1,169 @@
+"""Calibration: the σ, step count or sampling rate that meets a target ε, by bracketing + bisection.
+
+Formal guarantees:
+    Every returned configuration was *evaluated* with the requested method and its ε is ≤ the target
+    (so with pld/rdp the configuration is (target_epsilon, δ)-DP). It is also tight:
+
+    * ``noise_multiplier_for``: the returned σ has ε(σ) ≤ target, and ε(σ/1.01) > target or
+      ε(σ) ≥ 0.99·target (σ is within 1% of the smallest feasible σ, ε within 1% of the target);
+    * ``steps_for``: the largest T with ε(T) ≤ target (exact, ε is monotone in T);
+    * ``sampling_rate_for``: q with ε(q) ≤ target and either ε(1.01·q) > target or ε(q) ≥ 0.99·target.
+
+    RDP brackets PLD (RDP's ε is never below PLD's), so PLD searches start from the cheap RDP answer.
+
+Raises:
+    ValueError: the target is unreachable (e.g. one step already exceeds it), or bad inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from dpfunc.accounting.api import _check_delta, _check_method, epsilon
+from dpfunc.accounting.events import GaussianEvent, Neighboring, PoissonSampledEvent, SelfComposedEvent
+
+__all__ = ["noise_multiplier_for", "steps_for", "sampling_rate_for"]
+
+_MAX_STEPS = 2**40
+
+
+def _event(sigma: float, q: float, steps: int):
+    return SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(sigma)), steps)
+
+
+def _check_target(fn: str, target_epsilon: float) -> float:
+    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
+        0 < target_epsilon < math.inf
+    ):
+        raise ValueError(f"{fn}: target_epsilon must be a finite number > 0, got {target_epsilon!r}")
+    return float(target_epsilon)
+
+
+def _check_common(fn: str, target_epsilon, delta, method, options):
+    _check_method(fn, method, options)
+    return _check_target(fn, target_epsilon), _check_delta(fn, delta)
+
+
+def _bisect_log(eps_of: Callable[[float], float], target: float, lo: float, hi: float, increasing: bool) -> float:
+    """Feasible endpoint of a bracket [lo, hi] (ε(feasible) ≤ target < ε(infeasible)), refined until the
+    ratio is ≤ 1.01 and the feasible ε is ≥ 0.99·target (or the ratio is ≤ 1 + 1e-9)."""
+    feasible, infeasible = (lo, hi) if increasing else (hi, lo)
+    eps_feasible = eps_of(feasible)
+    for _ in range(200):
+        ratio = max(feasible, infeasible) / min(feasible, infeasible)
+        if (ratio <= 1.01 and eps_feasible >= 0.99 * target) or ratio <= 1 + 1e-9:
+            break
+        mid = math.sqrt(feasible * infeasible)
+        e = eps_of(mid)
+        if e <= target:
+            feasible, eps_feasible = mid, e
+        else:
+            infeasible = mid
+    return feasible
+
+
+def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
+                         method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
+                         **options) -> float:
+    """Smallest σ (within 1%) such that ``steps`` Poisson-sampled steps at ``sampling_rate`` are
+    (target_epsilon, delta)-DP by ``method``."""
+    fn = "noise_multiplier_for"
+    target, delta = _check_common(fn, target_epsilon, delta, method, options)
+    if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
+        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {sampling_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
+    q = float(sampling_rate)
+
+    def eps_of(sigma: float, m: str = method, opts: dict = options) -> float:
+        return epsilon(_event(sigma, q, steps), delta, m, neighboring=neighboring, **opts)
+
+    if method == "pld":  # RDP is an upper bound on PLD's ε: its σ is feasible for PLD
+        hi = noise_multiplier_for(target, delta, q, steps, "rdp", neighboring=neighboring)
+    else:
+        hi = 1.0
+    while eps_of(hi) > target:  # make sure the upper end of the bracket is feasible
+        hi *= 2
+        if hi > 1e8:
+            raise ValueError(f"{fn}: target_epsilon={target!r} unreachable at delta={delta!r} even with σ=1e8")
+    lo = hi
+    while True:
+        lo = lo / 1.25
+        if eps_of(lo) > target:
+            break
+        hi = lo
+        if lo < 1e-6:
+            return hi
+    return _bisect_log(eps_of, target, lo, hi, increasing=False)
+
+
+def steps_for(target_epsilon: float, delta: float, noise_multiplier: float, sampling_rate: float,
+              method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> int:
+    """The largest number of steps whose ε is ≤ ``target_epsilon`` (exact integer search)."""
+    fn = "steps_for"
+    target, delta = _check_common(fn, target_epsilon, delta, method, options)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"{fn}: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
+    if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
+        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {sampling_rate!r}")
+    sigma, q = float(noise_multiplier), float(sampling_rate)
+
+    def eps_of(t: int, m: str = method, opts: dict = options) -> float:
+        return epsilon(_event(sigma, q, t), delta, m, neighboring=neighboring, **opts)
+
+    return _max_steps(fn, eps_of, target, start=1 if method != "pld" else None,
+                      rdp_guess=lambda: steps_for(target, delta, sigma, q, "rdp", neighboring=neighboring))
+
+
+def _max_steps(fn: str, eps_of: Callable[[int], float], target: float, start, rdp_guess) -> int:
+    if eps_of(1) > target:
+        raise ValueError(f"{fn}: target_epsilon={target!r} is unreachable: a single step already costs ε={eps_of(1)!r}")
+    lo = 1 if start is not None else max(1, rdp_guess())  # feasible (RDP's ε is above PLD's)
+    hi = max(2, lo * 2 if start is not None else int(lo * 1.25) + 1)
+    if eps_of(lo) > target:  # defensive: never trust the guess
+        lo, hi = 1, lo
+    while eps_of(hi) <= target:
+        lo, hi = hi, hi * 2
+        if hi > _MAX_STEPS:
+            return _MAX_STEPS
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if eps_of(mid) <= target:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def sampling_rate_for(target_epsilon: float, delta: float, noise_multiplier: float, steps: int,
+                      method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
+                      **options) -> float:
+    """The largest sampling rate (within 1%) whose ε is ≤ ``target_epsilon``; 1.0 if q = 1 fits."""
+    fn = "sampling_rate_for"
+    target, delta = _check_common(fn, target_epsilon, delta, method, options)
+    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"{fn}: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
+    sigma = float(noise_multiplier)
+
+    def eps_of(q: float) -> float:
+        return epsilon(_event(sigma, min(1.0, q), steps), delta, method, neighboring=neighboring, **options)
+
+    if eps_of(1.0) <= target:
+        return 1.0
+    hi, lo = 1.0, 0.5
+    if method == "pld":  # the RDP answer is feasible for PLD (RDP's ε is above PLD's): bracket upwards
+        q_rdp = sampling_rate_for(target, delta, sigma, steps, "rdp", neighboring=neighboring)
+        if eps_of(q_rdp) <= target:
+            lo, hi = q_rdp, min(1.0, q_rdp * 1.25)
+            while hi < 1.0 and eps_of(hi) <= target:
+                lo, hi = hi, min(1.0, hi * 1.25)
+    while eps_of(lo) > target:
+        hi, lo = lo, lo / 2
+        if lo < 1e-12:
+            raise ValueError(
+                f"{fn}: target_epsilon={target!r} unreachable at delta={delta!r} with σ={sigma!r}, steps={steps!r}"
+            )
+    return _bisect_log(eps_of, target, lo, hi, increasing=True)

@@ -1,0 +1,183 @@
+"""Privacy events: immutable descriptions of what a mechanism did, in the spirit of dp_accounting.
+
+An event says *which* mechanism ran and how often; an accountant (``rdp``, ``pld``, ``gdp``) turns it
+into a guarantee. Events are frozen dataclasses, hashable and comparable, so they can key caches and
+travel in checkpoints.
+
+The noise multiplier is always ``σ / C``: the noise standard deviation divided by the clipping norm
+``C``, which is the sensitivity of the clipped-gradient sum under ``Neighboring.ADD_OR_REMOVE_ONE``.
+Under ``Neighboring.REPLACE_ONE`` the sensitivity of that sum is ``2C``; the accountants account for
+it (the effective noise multiplier is ``σ / 2``). This differs from TF Privacy's
+``compute_rdp_sample_without_replacement``, whose ``noise_multiplier`` is relative to the
+replace-one sensitivity: pass ``2·σ_tfp`` here to reproduce it.
+
+Example:
+    >>> step = PoissonSampledEvent(0.01, GaussianEvent(1.1))
+    >>> run = SelfComposedEvent(step, 1000)
+    >>> ComposedEvent((run, SelfComposedEvent(PoissonSampledEvent(0.02, GaussianEvent(2.0)), 10)))
+    ...     # doctest: +ELLIPSIS
+    ComposedEvent(events=(...))
+
+References:
+    Google differential-privacy team, ``dp_accounting.dp_event`` (2021).
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Union
+
+__all__ = [
+    "Neighboring",
+    "GaussianEvent",
+    "PoissonSampledEvent",
+    "SampledWithoutReplacementEvent",
+    "SelfComposedEvent",
+    "ComposedEvent",
+    "Event",
+]
+
+
+class Neighboring(enum.Enum):
+    """The neighbouring relation under which a guarantee is stated.
+
+    ``ADD_OR_REMOVE_ONE``: datasets differ by one record added or removed (DP-SGD with Poisson
+    sampling). ``REPLACE_ONE``: datasets of equal size differ in one record (fixed batch size,
+    sampling without replacement).
+    """
+
+    ADD_OR_REMOVE_ONE = "add_or_remove_one"
+    REPLACE_ONE = "replace_one"
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class GaussianEvent:
+    """One application of the Gaussian mechanism with noise multiplier ``σ / C``.
+
+    ``noise_multiplier = 0`` is allowed and means no privacy (ε = ∞); ``math.inf`` means no loss.
+    """
+
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        v = self.noise_multiplier
+        if not (_is_number(v) and not math.isnan(v) and v >= 0):
+            raise ValueError(
+                f"GaussianEvent: noise_multiplier must be a number >= 0 (math.inf allowed), got {v!r}"
+            )
+
+
+@dataclass(frozen=True)
+class PoissonSampledEvent:
+    """``event`` applied to a Poisson sample: each record is included independently with
+    probability ``sampling_rate`` in (0, 1]."""
+
+    sampling_rate: float
+    event: "Event"
+
+    def __post_init__(self) -> None:
+        q = self.sampling_rate
+        if not (_is_number(q) and 0 < q <= 1):
+            raise ValueError(f"PoissonSampledEvent: sampling_rate must be in (0, 1], got {q!r}")
+        if not isinstance(self.event, GaussianEvent):
+            raise ValueError(
+                "PoissonSampledEvent: only a GaussianEvent can be sampled, got "
+                f"{type(self.event).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class SampledWithoutReplacementEvent:
+    """``event`` applied to a uniformly random subset of exactly ``sample_size`` records out of
+    ``population_size`` (fixed batch size). Meaningful under ``Neighboring.REPLACE_ONE``."""
+
+    sample_size: int
+    population_size: int
+    event: "Event"
+
+    def __post_init__(self) -> None:
+        m, n = self.sample_size, self.population_size
+        for name, v in (("sample_size", m), ("population_size", n)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"SampledWithoutReplacementEvent: {name} must be an int >= 1, got {v!r}")
+        if m > n:
+            raise ValueError(
+                f"SampledWithoutReplacementEvent: sample_size must be <= population_size, got {m!r} > {n!r}"
+            )
+        if not isinstance(self.event, GaussianEvent):
+            raise ValueError(
+                "SampledWithoutReplacementEvent: only a GaussianEvent can be sampled, got "
+                f"{type(self.event).__name__}"
+            )
+
+
+@dataclass(frozen=True)
+class SelfComposedEvent:
+    """``event`` applied ``count`` times (``count >= 0``; 0 is the empty composition)."""
+
+    event: "Event"
+    count: int
+
+    def __post_init__(self) -> None:
+        c = self.count
+        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
+            raise ValueError(f"SelfComposedEvent: count must be an int >= 0, got {c!r}")
+        if not isinstance(self.event, _EVENT_TYPES):
+            raise ValueError(f"SelfComposedEvent: event must be an event, got {type(self.event).__name__}")
+
+
+@dataclass(frozen=True)
+class ComposedEvent:
+    """The adaptive composition of ``events`` (heterogeneous phases), in any order."""
+
+    events: tuple
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.events, tuple):
+            object.__setattr__(self, "events", tuple(self.events))
+        for e in self.events:
+            if not isinstance(e, _EVENT_TYPES):
+                raise ValueError(f"ComposedEvent: every element must be an event, got {type(e).__name__}")
+
+
+Event = Union[GaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent, SelfComposedEvent, ComposedEvent]
+_EVENT_TYPES = (GaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent, SelfComposedEvent, ComposedEvent)
+
+
+# --- canonical form used by the accountants -------------------------------------------------------
+# An atom is ("poisson", σ, q, count) (a plain Gaussian is q = 1) or ("wor", σ, m, n, count).
+# Composition is commutative, so atoms are merged and sorted: equal compositions get equal keys.
+
+
+def atoms(event: Event) -> tuple:
+    """The canonical, hashable multiset of mechanisms in ``event`` (merged and sorted)."""
+    counts: dict = {}
+
+    def walk(e: Event, mult: int) -> None:
+        if mult == 0:
+            return
+        if isinstance(e, GaussianEvent):
+            key = ("poisson", float(e.noise_multiplier), 1.0)
+        elif isinstance(e, PoissonSampledEvent):
+            key = ("poisson", float(e.event.noise_multiplier), float(e.sampling_rate))
+        elif isinstance(e, SampledWithoutReplacementEvent):
+            key = ("wor", float(e.event.noise_multiplier), e.sample_size, e.population_size)
+        elif isinstance(e, SelfComposedEvent):
+            walk(e.event, mult * e.count)
+            return
+        elif isinstance(e, ComposedEvent):
+            for sub in e.events:
+                walk(sub, mult)
+            return
+        else:
+            raise ValueError(f"atoms: not a privacy event: {e!r}")
+        counts[key] = counts.get(key, 0) + mult
+
+    walk(event, 1)
+    return tuple(sorted(k + (c,) for k, c in counts.items()))
