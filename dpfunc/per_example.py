@@ -44,6 +44,7 @@ def per_example_grads_and_losses(
     *batch: Any,
     in_dims: Sequence[int | None] | None = None,
     chunk_size: int | None = None,
+    randomness: str = "error",
 ) -> tuple[Params, torch.Tensor]:
     """Per-example gradients and losses.
 
@@ -54,6 +55,9 @@ def per_example_grads_and_losses(
             batch dimension ``B``; those with ``None`` (buffers, constants) are shared by all examples.
         in_dims: per argument, 0 (batched, the default) or None (shared).
         chunk_size: process the batch in chunks of this many examples (bounds peak memory).
+        randomness: ``torch.func.vmap``'s ``randomness``: ``"error"`` (default: a random op such as
+            dropout raises), ``"different"`` (independent draws per example, from the global RNG; seed
+            it from a key, e.g. ``dpfunc.bridge.keyed_global_rng``) or ``"same"``.
 
     Returns:
         ``(grads, losses)``: ``grads[name]`` has shape ``(B, *params[name].shape)``; ``losses`` is ``(B,)``.
@@ -64,12 +68,14 @@ def per_example_grads_and_losses(
     b = _batch_size(fn, batch, in_dims)
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"{fn}: chunk_size must be a positive int or None, got {chunk_size!r}")
+    if randomness not in ("error", "different", "same"):
+        raise ValueError(f"{fn}: randomness must be 'error', 'different' or 'same', got {randomness!r}")
     if b == 0:
         ref = next(iter(params.values()), None)
         dtype = ref.dtype if ref is not None else torch.get_default_dtype()
         device = ref.device if ref is not None else None
         return {k: v.new_zeros((0, *v.shape)) for k, v in params.items()}, torch.zeros(0, dtype=dtype, device=device)
-    g = vmap(grad_and_value(loss_fn), in_dims=(None, *in_dims), chunk_size=chunk_size)
+    g = vmap(grad_and_value(loss_fn), in_dims=(None, *in_dims), chunk_size=chunk_size, randomness=randomness)
     return g(params, *batch)
 
 
@@ -79,6 +85,7 @@ def per_example_grads(
     *batch: Any,
     in_dims: Sequence[int | None] | None = None,
     chunk_size: int | None = None,
+    randomness: str = "error",
 ) -> Params:
     """Per-example gradients: ``grads[name][i] = ∇_θ loss_fn(params, *batch[i])``.
 
@@ -90,6 +97,7 @@ def per_example_grads(
         *batch: batched arguments (leading dim ``B``), or shared ones marked ``None`` in ``in_dims``.
         in_dims: per argument 0 or None (default: all batched).
         chunk_size: optional vmap chunking to bound memory.
+        randomness: vmap's ``randomness`` (see :func:`per_example_grads_and_losses`).
 
     Returns:
         ``dict`` name → tensor of shape ``(B, *param.shape)``.
@@ -101,6 +109,6 @@ def per_example_grads(
         >>> g["w"].shape
         torch.Size([5, 3])
     """
-    return per_example_grads_and_losses(loss_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size)[0]
+    return per_example_grads_and_losses(loss_fn, params, *batch, in_dims=in_dims, chunk_size=chunk_size, randomness=randomness)[0]
 
 

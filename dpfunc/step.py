@@ -52,7 +52,9 @@ class StepMetrics(NamedTuple):
     mean_grad_norm: float
 
 
-def vmap_engine(loss_fn: Callable[..., torch.Tensor], *, clipping: Clipping | None = None, chunk_size: int | None = None) -> GradEngine:
+def vmap_engine(
+    loss_fn: Callable[..., torch.Tensor], *, clipping: Clipping | None = None, chunk_size: int | None = None, randomness: str = "error"
+) -> GradEngine:
     """The reference engine: ``vmap(grad(loss_fn))`` over the batch.
 
     Args:
@@ -60,11 +62,14 @@ def vmap_engine(loss_fn: Callable[..., torch.Tensor], *, clipping: Clipping | No
         clipping: if given, clip here and return a :class:`~dpfunc.ClippedSum` (adds norm metrics);
             otherwise return the per-example gradients for the DP transform to clip.
         chunk_size: vmap chunking, to bound memory.
+        randomness: vmap's ``randomness`` (``"different"`` for dropout; see :func:`~dpfunc.per_example_grads`).
     """
 
     def engine(params, buffers, batch, mask):
         batch = tuple(batch)
-        grads, losses = per_example_grads_and_losses(loss_fn, params, buffers, *batch, in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size)
+        grads, losses = per_example_grads_and_losses(
+            loss_fn, params, buffers, *batch, in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size, randomness=randomness
+        )
         if mask is not None:
             keep = mask.to(torch.bool)
             grads = {k: torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device)) for k, g in grads.items()}
