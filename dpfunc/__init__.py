@@ -5,6 +5,14 @@ that travel with the training state. ``dpfunc.bridge`` connects ordinary ``nn.Mo
 """
 
 from dpfunc._version import __version__
+from dpfunc import accounting
+from dpfunc.accounting import (
+    PrivacyBudget,
+    PrivacyBudgetExceededError,
+    dpsgd_epsilon,
+    epsilon,
+    noise_multiplier_for,
+)
 from dpfunc.accounting.ledger import Phase, PrivacyLedger
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping, clip_and_sum
 from dpfunc.keys import Key
@@ -77,7 +85,13 @@ __all__ = [
     "GradEngine",
     "EngineOutput",
     "StepMetrics",
-    # accounting
+    # accounting (the full suite is dpfunc.accounting)
+    "accounting",
     "PrivacyLedger",
     "Phase",
+    "PrivacyBudget",
+    "PrivacyBudgetExceededError",
+    "epsilon",
+    "dpsgd_epsilon",
+    "noise_multiplier_for",
 ]

@@ -30,3 +30,22 @@ settings.load_profile(
 
 # Tests are small; two threads match the CI machine and keep timings stable.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+import pathlib
+
+import pytest
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    """The folder holding ``pneumoniamnist.npz``: ``$DPFUNC_DATA``, else ``../shared/data`` beside the
+    checkout (where CI lays it). Tests that need the real file are skipped, with the reason, elsewhere."""
+    import os
+
+    for candidate in (os.environ.get("DPFUNC_DATA"), _REPO.parent / "shared" / "data"):
+        if candidate and (pathlib.Path(candidate) / "pneumoniamnist.npz").is_file():
+            return pathlib.Path(candidate)
+    pytest.skip("pneumoniamnist.npz not found (set DPFUNC_DATA)")

@@ -1,0 +1,398 @@
+"""The case-study training driver: DP-SGD (or the non-private baseline) on an image data set.
+
+This is application code on top of the functional core: the model is an ``nn.Module`` only until
+:func:`dpfunc.bridge.functionalize` turns it into ``(apply_fn, params, buffers)``; from then on a
+run is pure functions of explicit state, keys and the privacy ledger.
+
+One run::
+
+    σ       = noise_multiplier_for(ε, δ, q, T)            # PLD calibration, ε(σ) ≤ target
+    for t in range(T):
+        batch = poisson_sample(sample_key.fold_in(t), n, q)
+        params, opt_state = step(params, opt_state, batch)   # clip → noise → SGD
+    ε_spent = epsilon(privacy_ledger(opt_state), δ)       # a pure function of the state
+
+Model selection uses the validation split only; the test split is read once, at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad_and_value
+
+from dpfunc import accounting
+from dpfunc.clipping import FlatClipping
+from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
+from dpfunc.keys import Key
+from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
+from dpfunc.models import build_model
+from dpfunc.private import dpsgd, privacy_ledger
+from dpfunc.sampling import poisson_sample
+from dpfunc.step import make_step, vmap_engine
+from dpfunc.transforms import apply_updates, sgd
+
+__all__ = ["TrainConfig", "RunResult", "train", "evaluate_scores", "load_run"]
+
+ENGINES = ("fast", "vmap")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run (saved as ``config.json`` in the run folder).
+
+    Attributes:
+        model: ``"cnn"`` or ``"resnet18"`` (see :mod:`dpfunc.models`).
+        epsilon: target ε; σ is calibrated with the PLD accountant so that ε(σ) ≤ target.
+            ``None`` with ``noise_multiplier`` set trains at that σ instead.
+        delta: target δ (0 < δ < 1; well below 1/n).
+        noise_multiplier: σ, used when ``epsilon`` is None.
+        epochs: passes over the data in expectation (steps = epochs · n / batch_size).
+        batch_size: the EXPECTED Poisson batch size q·n.
+        learning_rate, momentum: SGD (heavy-ball) hyper-parameters.
+        max_grad_norm: the per-example clipping bound C.
+        ema_decay: evaluate an exponential moving average of the iterates (Polyak averaging; free
+            post-processing, no privacy cost); 0 evaluates the last iterate.
+        augment_views: K > 0 averages the loss over K augmented views of each example before
+            clipping (augmentation multiplicity, De et al. 2022); 0 = no augmentation.
+        image_size: 28 (native) or 64 (upsampled, for ResNet-18).
+        engine: ``"fast"`` (ghost norms / book-keeping, falls back per layer) or ``"vmap"`` (oracle).
+        private: False trains the non-private baseline (same model, data, optimiser; ε = ∞).
+        seed: the root of every key of the run (init, sampling, noise); 0 is valid.
+    """
+
+    model: str = "cnn"
+    epsilon: float | None = 3.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    epochs: int = 15
+    batch_size: int = 256
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    ema_decay: float = 0.9
+    max_grad_norm: float = 1.0
+    augment_views: int = 0
+    image_size: int = 28
+    engine: str = "fast"
+    private: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        fn = "TrainConfig"
+        if self.model not in ("cnn", "resnet18"):
+            raise ValueError(f"{fn}: model must be 'cnn' or 'resnet18', got {self.model!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{fn}: engine must be one of {ENGINES}, got {self.engine!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"{fn}: delta must be in (0, 1), got {self.delta!r}")
+        if self.private:
+            if self.epsilon is None and self.noise_multiplier is None:
+                raise ValueError(f"{fn}: a private run needs epsilon (target) or noise_multiplier")
+            if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+                raise ValueError(f"{fn}: epsilon must be a finite number > 0, got {self.epsilon!r}")
+            if self.noise_multiplier is not None and not self.noise_multiplier > 0:
+                raise ValueError(f"{fn}: noise_multiplier must be > 0, got {self.noise_multiplier!r}")
+        for name, low in (("epochs", 1), ("batch_size", 1)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ValueError(f"{fn}: learning_rate must be a finite number > 0, got {self.learning_rate!r}")
+        if not 0 <= self.momentum < 1:
+            raise ValueError(f"{fn}: momentum must be in [0, 1), got {self.momentum!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"{fn}: ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError(f"{fn}: max_grad_norm must be a finite number > 0, got {self.max_grad_norm!r}")
+        if isinstance(self.augment_views, bool) or not isinstance(self.augment_views, int) or self.augment_views < 0:
+            raise ValueError(f"{fn}: augment_views must be an int >= 0, got {self.augment_views!r}")
+        if self.image_size not in (28, 64):
+            raise ValueError(f"{fn}: image_size must be 28 or 64, got {self.image_size!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{fn}: seed must be an int (0 is valid), got {self.seed!r}")
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also written as ``metrics.json``)."""
+
+    config: dict
+    noise_multiplier: float | None
+    sampling_rate: float
+    steps: int
+    epsilon: float | None
+    delta: float
+    best_epoch: int
+    val: dict
+    test: dict
+    test_ci: dict
+    train_seconds: float
+    history: list[dict] = field(default_factory=list)
+
+
+def evaluate_scores(apply_fn: Callable, params: dict, buffers: dict, data: ImageDataset, batch_size: int = 1024) -> torch.Tensor:
+    """Probabilities of class 1 (pneumonia) for every example of ``data``, shape ``(N,)``."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(data), batch_size):
+            logits = apply_fn(params, buffers, data.images[i : i + batch_size])
+            out.append(logits.softmax(-1)[:, 1])
+    return torch.cat(out)
+
+
+def ema_update(average: dict, params: dict, decay: float, step: int) -> dict:
+    """One step of the exponential moving average of the iterates, warmed up over the first steps.
+
+    ``average ← d·average + (1 − d)·params`` with ``d = min(decay, (1 + step) / (10 + step))``, so early
+    averages are not dominated by the initialisation. Averaging released iterates is post-processing:
+    it costs no privacy (De et al. 2022 found it essential for DP-SGD accuracy).
+    """
+    d = min(decay, (1 + step) / (10 + step))
+    return {k: d * average[k] + (1 - d) * p for k, p in params.items()}
+
+
+def _per_example_loss(apply_fn: Callable, views: int) -> Callable:
+    if views:
+        def loss(params, buffers, x, y):  # x: (K, C, H, W), one example's K views
+            logits = apply_fn(params, buffers, x)
+            return F.cross_entropy(logits, y.expand(x.shape[0]))
+    else:
+        def loss(params, buffers, x, y):
+            return F.cross_entropy(apply_fn(params, buffers, x[None]), y[None])
+    return loss
+
+
+def _make_engine(cfg: TrainConfig, module, apply_fn, clipping):
+    if cfg.engine == "fast" and not cfg.augment_views:
+        from dpfunc.bridge.fast import fast_engine
+
+        return fast_engine(module, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping)
+    return vmap_engine(_per_example_loss(apply_fn, cfg.augment_views), clipping=clipping)
+
+
+class _Progress:
+    """A one-line progress bar on stderr (no dependency); silent when not a terminal and quiet."""
+
+    def __init__(self, total: int, enabled: bool, done: int = 0):
+        self.total, self.enabled, self.first = total, enabled, done
+        self.start = time.perf_counter()
+
+    def update(self, done: int, text: str) -> None:
+        if not self.enabled:
+            return
+        width = 24
+        filled = int(width * done / max(self.total, 1))
+        rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
+        eta = rate * (self.total - done)
+        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text} eta {eta:.0f}s")
+        sys.stderr.flush()
+
+    def clear(self) -> None:
+        """Erase the bar so that a log line can be printed in its place."""
+        if self.enabled:
+            sys.stderr.write("\r\033[K")
+            sys.stderr.flush()
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    tmp.replace(path)
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
+
+
+def _plan(cfg: TrainConfig, n: int) -> tuple[float, int, int]:
+    """``(sampling_rate, steps_per_epoch, total_steps)``."""
+    q = min(1.0, cfg.batch_size / n)
+    steps_per_epoch = max(1, round(n / cfg.batch_size))
+    return q, steps_per_epoch, steps_per_epoch * cfg.epochs
+
+
+def calibrate(cfg: TrainConfig, sampling_rate: float, steps: int) -> float | None:
+    """σ for the run: given, or calibrated to the target ε with the PLD accountant."""
+    if not cfg.private:
+        return None
+    if cfg.epsilon is None:
+        return cfg.noise_multiplier
+    return accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, sampling_rate, steps, method="pld")
+
+
+def train(
+    cfg: TrainConfig,
+    *,
+    data_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    bootstrap_resamples: int = 1000,
+) -> RunResult:
+    """Train, select on validation, evaluate on test, write the run folder.
+
+    Args:
+        cfg: the :class:`TrainConfig`.
+        data_dir: where ``pneumoniamnist.npz`` is (else ``$DPFUNC_DATA`` or the cache).
+        run_dir: the run folder (config, checkpoint, metrics, plots); None writes nothing.
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
+        progress: show a progress bar on stderr.
+        log: where per-epoch lines go.
+    """
+    from dpfunc.bridge import functionalize
+    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+
+    train_set = pneumoniamnist("train", data_dir, size=cfg.image_size)
+    val_set = pneumoniamnist("val", data_dir, size=cfg.image_size)
+    n = len(train_set)
+    q, steps_per_epoch, total_steps = _plan(cfg, n)
+    sigma = calibrate(cfg, q, total_steps)
+
+    init_key, sample_key, noise_key, aug_key = Key(cfg.seed).split(4)
+    module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
+    apply_fn, params, buffers = functionalize(module)
+
+    if cfg.private:
+        tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
+                   num_examples=n, key=noise_key, momentum=cfg.momentum)
+        engine = _make_engine(cfg, module, apply_fn, FlatClipping(cfg.max_grad_norm))
+        step_fn = make_step(None, tx, engine=engine)
+    else:
+        tx = sgd(cfg.learning_rate, cfg.momentum)
+        mean_loss = lambda p, b, x, y: F.cross_entropy(apply_fn(p, b, x), y)  # noqa: E731
+        grad_fn = grad_and_value(mean_loss)
+    opt_state = tx.init(params)
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    history: list[dict] = []
+    best = {"epoch": 0, "val_auc": -math.inf, "params": params}
+    average = dict(params)
+    start_epoch, elapsed = 0, 0.0
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        ckpt = run_path / "checkpoint.pt"
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt)
+            if state["config"] != asdict(cfg):
+                raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
+                                 f"or resume with the same flags.\n saved: {state['config']}\n given: {asdict(cfg)}")
+            params, buffers, opt_state = state["params"], state["buffers"], state["opt_state"]
+            average = state["average"]
+            history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+            best = {"epoch": state["best_epoch"], "val_auc": state["best_val_auc"], "params": state["best_params"]}
+            log(f"resumed {ckpt} at epoch {start_epoch}/{cfg.epochs}")
+        elif ckpt.exists() and not resume:
+            raise FileExistsError(f"train: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
+        _write_json(run_path / "config.json", asdict(cfg))
+
+    if cfg.private:
+        log(f"DP-SGD: n={n} q={q:.5f} (expected batch {cfg.batch_size}) steps={total_steps} σ={sigma:.4f} C={cfg.max_grad_norm} "
+            f"target ε={cfg.epsilon} δ={cfg.delta} engine={cfg.engine}")
+    else:
+        log(f"non-private SGD: n={n} batch={cfg.batch_size} steps={total_steps} (ε = ∞)")
+
+    bar = _Progress(total_steps, progress and sys.stderr.isatty(), done=start_epoch * steps_per_epoch)
+    eps_spent = 0.0 if cfg.private else math.inf
+    last_val = history[-1] if history else {"val_auc": math.nan, "val_accuracy": math.nan}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        losses = []
+        for i in range(steps_per_epoch):
+            t = epoch * steps_per_epoch + i
+            if cfg.private:
+                idx = poisson_sample(sample_key.fold_in(t), n, q)
+                x, y = train_set.images[idx], train_set.labels[idx]
+                if cfg.augment_views:
+                    x = augment_views(aug_key.fold_in(t), x, cfg.augment_views)
+                params, opt_state, m = step_fn(params, opt_state, (x, y), buffers=buffers)
+                if m.batch_size:
+                    losses.append(m.loss)
+            else:
+                perm = torch.randperm(n, generator=sample_key.fold_in(epoch).generator())
+                idx = perm[(i * cfg.batch_size) % n:][: cfg.batch_size]
+                g, batch_loss = grad_fn(params, buffers, train_set.images[idx], train_set.labels[idx])
+                updates, opt_state = tx.update(g, opt_state, params)
+                params = apply_updates(params, updates)
+                losses.append(float(batch_loss))
+            average = ema_update(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
+            bar.update(t + 1, f"epoch {epoch + 1}  loss {losses[-1] if losses else math.nan:.3f}  "
+                              f"val AUC {last_val['val_auc']:.3f}  acc {last_val['val_accuracy']:.3f}  ε {eps_spent:.2f}")
+        elapsed += time.perf_counter() - t0
+        if cfg.private:
+            eps_spent = accounting.epsilon(privacy_ledger(opt_state), cfg.delta, method="pld")
+        val_scores = evaluate_scores(apply_fn, average, buffers, val_set)
+        vm = binary_metrics(val_set.labels, val_scores)
+        record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_auc": vm.roc_auc,
+                  "val_accuracy": vm.accuracy, "epsilon": eps_spent if cfg.private else None, "seconds": elapsed}
+        history.append(record)
+        last_val = record
+        if vm.roc_auc > best["val_auc"]:
+            best = {"epoch": epoch + 1, "val_auc": vm.roc_auc, "params": average}
+        if run_path is not None:
+            save_checkpoint(run_path / "checkpoint.pt", {
+                "config": asdict(cfg), "params": params, "average": average, "buffers": buffers, "opt_state": opt_state,
+                "history": history, "epoch": epoch + 1, "elapsed": elapsed, "best_epoch": best["epoch"],
+                "best_val_auc": best["val_auc"], "best_params": best["params"], "noise_multiplier": sigma,
+                "sampling_rate": q, "steps_done": (epoch + 1) * steps_per_epoch,
+            })
+        bar.clear()
+        log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val AUC {vm.roc_auc:.4f}  "
+            f"val acc {vm.accuracy:.4f}  ε {eps_spent:.3f}  ({elapsed:.0f}s)")
+
+    # The test split is read here, once, with the parameters chosen on validation.
+    test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
+    result = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps, eps_spent,
+                           elapsed, history, bootstrap_resamples)
+    if run_path is not None:
+        _write_outputs(run_path, result, apply_fn, best["params"], buffers, test_set)
+    return result
+
+
+def _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, steps, eps, elapsed, history, resamples) -> RunResult:
+    val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
+    scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
+    test = binary_metrics(test_set.labels, scores)
+    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=resamples)
+    return RunResult(
+        config=asdict(cfg), noise_multiplier=sigma, sampling_rate=q, steps=steps,
+        epsilon=eps if cfg.private else None, delta=cfg.delta, best_epoch=best["epoch"],
+        val=val.to_dict(), test=test.to_dict(), test_ci={k: v.to_dict() for k, v in ci.items()},
+        train_seconds=elapsed, history=history,
+    )
+
+
+def _write_outputs(run_path: Path, result: RunResult, apply_fn, params, buffers, test_set) -> None:
+    from dpfunc.plots import plot_confusion_matrix, plot_roc, plot_training_curves
+
+    _write_json(run_path / "metrics.json", asdict(result))
+    scores = evaluate_scores(apply_fn, params, buffers, test_set)
+    plot_roc(test_set.labels, scores, run_path / "roc.png", name="DP-SGD" if result.config["private"] else "non-private")
+    plot_confusion_matrix(confusion_matrix(test_set.labels, (scores >= 0.5).long()), run_path / "confusion.png")
+    plot_training_curves(result.history, run_path / "training.png", metric="val_auc",
+                         epsilon="epsilon" if result.config["private"] else "__none__")
+
+
+def load_run(run_dir: str | Path) -> tuple[TrainConfig, dict]:
+    """The config and checkpoint of a run folder (for ``dpfunc evaluate``)."""
+    from dpfunc.bridge.checkpoint import load_checkpoint
+
+    run_path = Path(run_dir)
+    ckpt = run_path / "checkpoint.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"load_run: no checkpoint at {ckpt}; is {run_path} a folder written by `dpfunc train --run-dir`?")
+    state = load_checkpoint(ckpt)
+    return TrainConfig(**state["config"]), state
