@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=15, help="passes over the data (in expectation)")
     t.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=256,
                    help="EXPECTED Poisson batch size (sampling rate = batch size / n)")
-    t.add_argument("--lr", type=_positive_float("--lr"), default=1.0, help="SGD learning rate")
+    t.add_argument("--lr", type=_positive_float("--lr"), default=None,
+                   help="SGD learning rate (default: 1.0 with DP, 0.05 with --no-dp)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum in [0, 1)")
     t.add_argument("--ema-decay", type=float, default=0.9,
                    help="evaluate an exponential moving average of the iterates (free post-processing); 0 = last iterate")

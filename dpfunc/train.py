@@ -58,7 +58,9 @@ class TrainConfig:
         noise_multiplier: σ, used when ``epsilon`` is None.
         epochs: passes over the data in expectation (steps = epochs · n / batch_size).
         batch_size: the EXPECTED Poisson batch size q·n.
-        learning_rate, momentum: SGD (heavy-ball) hyper-parameters.
+        learning_rate: SGD step size; None picks 1.0 for DP-SGD (clipped, normalised gradients of norm
+            ≤ C) and 0.05 for the non-private baseline (raw gradients, which diverge at 1.0).
+        momentum: SGD heavy-ball momentum.
         max_grad_norm: the per-example clipping bound C.
         ema_decay: evaluate an exponential moving average of the iterates (Polyak averaging; free
             post-processing, no privacy cost); 0 evaluates the last iterate.
@@ -76,7 +78,7 @@ class TrainConfig:
     noise_multiplier: float | None = None
     epochs: int = 15
     batch_size: int = 256
-    learning_rate: float = 1.0
+    learning_rate: float | None = None
     momentum: float = 0.9
     ema_decay: float = 0.9
     max_grad_norm: float = 1.0
@@ -105,6 +107,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < low:
                 raise ValueError(f"{fn}: {name} must be an int >= {low}, got {v!r}")
+        if self.learning_rate is None:
+            object.__setattr__(self, "learning_rate", 1.0 if self.private else 0.05)
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ValueError(f"{fn}: learning_rate must be a finite number > 0, got {self.learning_rate!r}")
         if not 0 <= self.momentum < 1:
@@ -327,6 +331,9 @@ def train(
                 g, batch_loss = grad_fn(params, buffers, train_set.images[idx], train_set.labels[idx])
                 updates, opt_state = tx.update(g, opt_state, params)
                 params = apply_updates(params, updates)
+                if not math.isfinite(float(batch_loss)):
+                    raise ValueError(f"train: the loss became {float(batch_loss)} at step {t} (non-private run diverged); "
+                                     f"lower --lr (now {cfg.learning_rate})")
                 losses.append(float(batch_loss))
             average = ema_update(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
             bar.update(t + 1, f"epoch {epoch + 1}  loss {losses[-1] if losses else math.nan:.3f}  "
