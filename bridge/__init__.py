@@ -6,10 +6,12 @@ Everything that knows about modules (functionalisation, model surgery, optimizer
 * :func:`functionalize` — module → ``(apply_fn, params, buffers)``
 * :func:`validate` / :func:`assert_valid` — find layers that break per-example privacy
 * :func:`fix` — a new module with BatchNorm → GroupNorm (and InstanceNorm without running stats)
+* :func:`fast_engine` — per-example clipping without per-example gradients (ghost norms, book-keeping)
 * :func:`make_private` / :class:`PrivacyEngine` — an unchanged torch loop, made private
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, versioned, no pickled code
 """
 
+from dpfunc.bridge.fast import fast_engine
 from dpfunc.bridge.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from dpfunc.bridge.fix import Norm, default_num_groups, fix
 from dpfunc.bridge.functional import ApplyFn, functionalize, keyed_global_rng, split_state
@@ -32,6 +34,8 @@ __all__ = [
     "fix",
     "Norm",
     "default_num_groups",
+    # fast per-example clipping (ghost norms / book-keeping)
+    "fast_engine",
     # private training
     "make_private",
     "PrivacyEngine",

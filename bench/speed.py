@@ -1,0 +1,433 @@
+"""Speed and memory of one DP-SGD step: dpfunc (vmap, fast) against non-private torch and Opacus.
+
+One command regenerates everything under ``bench/results/`` (Markdown table, JSON, plot)::
+
+    python bench/speed.py            # full: CNN 28×28 at B = 64/256/1024, transformer at 64/256, ResNet-18-GN 64×64 at 64
+    python bench/speed.py --quick    # CNN and transformer at B = 64/256, 3 repeats, no memory runs
+
+Method (figures, not a test):
+    * Same model, same data, same process; the methods of one configuration run alternately, one
+      step each per round, so machine noise hits all of them alike; the time is the median of
+      ``--repeats`` rounds after ``--warmup`` rounds, reported as a ratio to the non-private step.
+    * Every step is a full training step: gradients, clipping, noise (σ = 1, C = 1), SGD update.
+      dpfunc steps are ``make_step(…, dpsgd(…), engine=…)``; Opacus steps are ``PrivacyEngine``
+      with ``grad_sample_mode`` ``hooks`` / ``functorch`` / ``ghost`` (flat clipping, no Poisson
+      sampling so that every step sees the same batch).
+    * Peak memory: each (configuration, method) runs alone in a fresh subprocess, which reports the
+      growth of its peak resident set (``VmHWM``) over its resident set after building model
+      and data and one warm-up step (so the interpreter, torch, the data, lazily loaded kernels and
+      optimizer state are not counted: what remains is the step's transient peak); median of
+      ``--memory-repeats`` processes, run with a fixed glibc mmap threshold (otherwise heap
+      fragmentation makes single RSS peaks vary by ±20% and more).
+    * Opacus rows are skipped with a note when Opacus is not installed (``pip install opacus``,
+      the ``bench`` extra); dpfunc itself never imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpfunc import FlatClipping, Key, dpsgd, make_step, vmap_engine
+from dpfunc.bridge.fast import fast_engine
+from dpfunc.bridge.functional import functionalize
+
+try:
+    from dpfunc.models import SmallCNN, resnet18_gn
+except ImportError:  # pragma: no cover - the models package is written concurrently
+    SmallCNN = resnet18_gn = None
+
+METHODS = ["nonprivate", "dpfunc_vmap", "dpfunc_fast", "opacus_hooks", "opacus_functorch", "opacus_ghost"]
+OPACUS_MODES = {"opacus_hooks": "hooks", "opacus_functorch": "functorch", "opacus_ghost": "ghost"}
+RESULTS = Path(__file__).resolve().parent / "results"
+SIGMA, CLIP, LR = 1.0, 1.0, 0.05
+
+
+# ------------------------------------------------------------------------------------------ models
+
+
+class Encoder(nn.Module):
+    """A small Embedding + pre-LN Transformer encoder classifier written with Linear/LayerNorm only.
+
+    ``nn.MultiheadAttention`` is avoided on purpose: it reads ``in_proj_weight`` / ``out_proj.weight``
+    directly inside ``F.multi_head_attention_forward`` (its fused fast path), so per-layer hooks
+    (Opacus, and dpfunc's fast engine) cannot see those projections as Linear layers.
+    """
+
+    def __init__(self, vocab=1000, dim=128, heads=4, layers=2, seq_len=64, classes=2):
+        super().__init__()
+        self.heads = heads
+        self.tok = nn.Embedding(vocab, dim)
+        self.pos = nn.Embedding(seq_len, dim)
+        self.blocks = nn.ModuleList()
+        for _ in range(layers):
+            self.blocks.append(nn.ModuleDict({
+                "ln1": nn.LayerNorm(dim), "qkv": nn.Linear(dim, 3 * dim), "proj": nn.Linear(dim, dim),
+                "ln2": nn.LayerNorm(dim), "fc1": nn.Linear(dim, 4 * dim), "fc2": nn.Linear(4 * dim, dim),
+            }))
+        self.ln = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, classes)
+
+    def forward(self, idx):
+        b, t = idx.shape
+        positions = torch.arange(t, device=idx.device).repeat(b, 1)  # contiguous: Opacus ghost views it
+        h = self.tok(idx) + self.pos(positions)
+        for blk in self.blocks:
+            q, k, v = blk["qkv"](blk["ln1"](h)).view(b, t, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            att = F.scaled_dot_product_attention(q, k, v)
+            h = h + blk["proj"](att.transpose(1, 2).reshape(b, t, -1))
+            h = h + blk["fc2"](F.gelu(blk["fc1"](blk["ln2"](h))))
+        return self.head(self.ln(h).mean(1))
+
+
+class _SmallCNN(nn.Module):
+    """The PneumoniaMNIST CNN, identical to ``dpfunc.models.SmallCNN`` (used only if that is missing)."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 1
+        for i, w in enumerate((16, 32, 64)):
+            if i:
+                layers.append(nn.AvgPool2d(2))
+            layers += [nn.Conv2d(c, w, 3, padding=1), nn.GroupNorm(4, w), nn.Tanh()]
+            c = w
+        self.features, self.head = nn.Sequential(*layers), nn.Linear(c, 2)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean(dim=(2, 3)))
+
+
+def build(name: str, batch: int, seed: int = 0):
+    """``(model, x, y)`` for a configuration; data from a local generator."""
+    gen = torch.Generator().manual_seed(seed)
+    if name == "cnn":
+        model = SmallCNN(key=Key(seed)) if SmallCNN is not None else _SmallCNN()
+        x = torch.randn(batch, 1, 28, 28, generator=gen)
+    elif name == "resnet18":
+        model = resnet18_gn(key=Key(seed), input_size=64)
+        x = torch.randn(batch, 1, 64, 64, generator=gen)
+    elif name == "transformer":
+        model = Encoder()
+        x = torch.randint(0, 1000, (batch, 64), generator=gen)
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    y = torch.randint(0, 2, (batch,), generator=gen)
+    return model, x, y
+
+
+# ----------------------------------------------------------------------------------------- methods
+
+
+def per_example_ce(out, y):
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def make_method(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """A zero-argument callable doing one full training step (state kept inside)."""
+    b = x.shape[0]
+    model = copy.deepcopy(model)
+    if method == "nonprivate":
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+
+        return step
+    if method in ("dpfunc_vmap", "dpfunc_fast"):
+        apply_fn, params, buffers = functionalize(model)
+        clipping = FlatClipping(CLIP)
+        if method == "dpfunc_fast":
+            engine = fast_engine(apply_fn, per_example_ce, clipping)
+        else:
+            def loss_fn(p, bufs, xi, yi):
+                return per_example_ce(apply_fn(p, bufs, xi.unsqueeze(0)), yi.unsqueeze(0))[0]
+
+            engine = vmap_engine(loss_fn, clipping=clipping)
+        tx = dpsgd(LR, noise_multiplier=SIGMA, max_grad_norm=clipping, sampling_rate=b / (100 * b),
+                   num_examples=100 * b, key=Key(1))
+        step_fn = make_step(None, tx, engine=engine)
+        state = {"params": params, "opt": tx.init(params)}
+
+        def step():
+            state["params"], state["opt"], _ = step_fn(state["params"], state["opt"], (x, y), buffers=buffers)
+
+        return step
+    if method in OPACUS_MODES:
+        from opacus import PrivacyEngine  # the optional peer; dpfunc never imports it
+
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b)
+        engine = PrivacyEngine()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = engine.make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=SIGMA, max_grad_norm=CLIP,
+                poisson_sampling=False, grad_sample_mode=OPACUS_MODES[method], criterion=nn.CrossEntropyLoss(),
+            )
+        if method == "opacus_ghost":
+            dp_model, dp_opt, criterion, _ = made
+
+            def step():
+                dp_opt.zero_grad(set_to_none=True)
+                criterion(dp_model(x), y).backward()  # the wrapper runs both backward passes
+                dp_opt.step()
+        else:
+            dp_model, dp_opt, _ = made
+
+            def step():
+                dp_opt.zero_grad(set_to_none=True)
+                F.cross_entropy(dp_model(x), y).backward()
+                dp_opt.step()
+
+        return step
+    raise ValueError(method)
+
+
+def opacus_available() -> bool:
+    try:
+        import opacus  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ------------------------------------------------------------------------------------ measurements
+
+
+def time_config(name, batch, methods, warmup, repeats):
+    model, x, y = build(name, batch)
+    steps = {m: make_method(m, model, x, y) for m in methods}
+    times = {m: [] for m in methods}
+    for r in range(warmup + repeats):
+        for m in methods:
+            gc.collect()
+            t0 = time.perf_counter()
+            steps[m]()
+            dt = time.perf_counter() - t0
+            if r >= warmup:
+                times[m].append(dt)
+    return {m: statistics.median(v) for m, v in times.items()}, times
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _peak_rss_bytes() -> int:
+    """VmHWM of this process's address space. (Not ``ru_maxrss``: Linux carries that over ``fork`` +
+    ``exec``, so a child started by a large parent would report the parent's size.)"""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_child(name, batch, method):
+    """Runs in a fresh process: peak RSS over the resident set after setup and one warm-up step
+    (so one-time costs — lazily loaded kernels, thread pools, optimizer state — are not counted)."""
+    torch.set_num_threads(2)
+    model, x, y = build(name, batch)
+    step = make_method(method, model, x, y)
+    step()
+    gc.collect()
+    base = _rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+    except OSError:
+        pass
+    for _ in range(2):
+        step()
+    print(json.dumps({"peak_delta_bytes": max(0, _peak_rss_bytes() - base)}))
+
+
+def memory_config(name, batch, method, timeout):
+    cmd = [sys.executable, __file__, "--_memory", name, str(batch), method]
+    try:
+        # a fixed mmap threshold: freed tensors go back to the OS at once, so the RSS peak measures
+        # live memory rather than how glibc's adaptive threshold happened to fragment the heap
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True, env=env)
+        return json.loads(out.stdout.strip().splitlines()[-1])["peak_delta_bytes"]
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        print(f"  memory run failed for {name} B={batch} {method}: {type(e).__name__}", file=sys.stderr)
+        return None
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def write_report(results, notes, args):
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = "_quick" if args.quick else ""
+    meta = {
+        "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(), "repeats": args.repeats, "warmup": args.warmup,
+        "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
+    }
+    try:
+        import opacus
+
+        meta["opacus"] = opacus.__version__
+    except ImportError:
+        meta["opacus"] = None
+    (RESULTS / f"speed{suffix}.json").write_text(json.dumps({"meta": meta, "notes": notes, "results": results}, indent=2))
+
+    lines = [
+        f"# One DP-SGD step: time ÷ non-private step (median of {args.repeats}), peak memory growth (MiB)",
+        "",
+        f"`{meta['command']}` — torch {meta['torch']}, {meta['threads']} threads, opacus {meta['opacus']}; "
+        "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step.",
+        "",
+        "| model | B | non-private (s) | " + " | ".join(m for m in METHODS[1:]) + " |",
+        "|---|---|---|" + "---|" * (len(METHODS) - 1),
+    ]
+    for r in results:
+        base = r["time_s"].get("nonprivate")
+        cells = []
+        for m in METHODS[1:]:
+            t = r["time_s"].get(m)
+            mem = r.get("peak_mib", {}).get(m)
+            if t is None:
+                cells.append("—")
+                continue
+            cell = f"{t / base:.2f}×"
+            if mem is not None:
+                cell += f" / {mem:.0f}"
+            cells.append(cell)
+        mem0 = r.get("peak_mib", {}).get("nonprivate")
+        first = f"{base:.3f}" + (f" / {mem0:.0f}" if mem0 is not None else "")
+        lines.append(f"| {r['model']} | {r['batch']} | {first} | " + " | ".join(cells) + " |")
+    lines += ["", "Cells: time ratio / peak MiB. Notes:", ""] + [f"- {n}" for n in notes]
+    (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    models = sorted({r["model"] for r in results}, key=[r["model"] for r in results].index)
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        rows = [r for r in results if r["model"] == model]
+        batches = [r["batch"] for r in rows]
+        width = 0.8 / (len(METHODS) - 1)
+        for i, m in enumerate(METHODS[1:]):
+            vals = [r["time_s"][m] / r["time_s"]["nonprivate"] if m in r["time_s"] else math.nan for r in rows]
+            ax.bar([j + i * width for j in range(len(rows))], vals, width, label=m)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [str(bb) for bb in batches])
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("time ÷ non-private step")
+        ax.set_title(model)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"speed{suffix}.png", dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="CNN and transformer at B = 64/256, 3 repeats, no memory")
+    parser.add_argument("--models", nargs="*", default=None)
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=None)
+    parser.add_argument("--methods", nargs="*", default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory figure (median)")
+    parser.add_argument("--memory-only", action="store_true", help="redo only the memory column of the last JSON")
+    parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory:
+        name, batch, method = args._memory
+        return memory_child(name, int(batch), method)
+    torch.set_num_threads(2)
+    args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.memory_only:
+        saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
+        args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
+        for row in saved["results"]:
+            med = row["time_s"]
+            reps = args.memory_repeats if med["nonprivate"] < 3 else 1
+            row["peak_mib"] = {}
+            for m in med:
+                mems = [memory_config(row["model"], row["batch"], m, timeout=max(120, 40 * med[m] + 60)) for _ in range(reps)]
+                mems = [v for v in mems if v is not None]
+                row["peak_mib"][m] = statistics.median(mems) / 2**20 if mems else None
+            print(row["model"], row["batch"], row["peak_mib"], flush=True)
+        return write_report(saved["results"], saved["notes"], args)
+    notes = []
+    methods = args.methods or list(METHODS)
+    if not opacus_available():
+        methods = [m for m in methods if m not in OPACUS_MODES]
+        notes.append("Opacus is not installed: its rows are skipped (`pip install opacus`, the `bench` extra).")
+    if "nonprivate" not in methods:
+        methods = ["nonprivate"] + methods
+    if args.quick:
+        configs = [("cnn", 64), ("cnn", 256), ("transformer", 64), ("transformer", 256)]
+    else:
+        configs = [("cnn", b) for b in (64, 256, 1024)] + [("transformer", b) for b in (64, 256)] + [("resnet18", 64)]
+        notes.append(
+            "ResNet-18-GN (11.2M parameters) at 64×64 runs at B = 64 only, and only non-private / dpfunc fast / "
+            "Opacus ghost: on 2 shared CPU cores one non-private step takes ~7 s at B = 64, and the per-sample-gradient "
+            "methods (dpfunc vmap, Opacus hooks / functorch) hold B × 11.2M floats (2.9 GiB at B = 64, 11 GiB at B = 256)."
+        )
+        notes.append(
+            "The transformer at B = 1024 is dropped: with dpfunc vmap and Opacus hooks/functorch a round of 6 methods "
+            "takes minutes on 2 shared cores (run it with --models transformer --batch-sizes 1024)."
+        )
+    if args.models:
+        configs = [(m, b) for m, b in configs if m in args.models] or [(m, b) for m in args.models for b in (args.batch_sizes or [64])]
+    if args.batch_sizes:
+        configs = [(m, b) for m, b in configs if b in args.batch_sizes] or [(m, b) for m in {m for m, _ in configs} for b in args.batch_sizes]
+    notes.append(
+        "The transformer is written with Linear/LayerNorm/Embedding and F.scaled_dot_product_attention, not "
+        "nn.MultiheadAttention, whose fused forward reads its projection weights directly (no per-layer hooks; "
+        "dpfunc's fast engine would route them to its vmap fallback)."
+    )
+    results = []
+    for name, batch in configs:
+        run = methods
+        if name == "resnet18" and not args.methods:  # per-sample methods: too slow / too large here
+            run = [m for m in methods if m in ("nonprivate", "dpfunc_fast", "opacus_ghost")]
+        print(f"== {name} B={batch}: timing {run}", flush=True)
+        med, raw = time_config(name, batch, run, args.warmup, args.repeats)
+        row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw}
+        print("   " + ", ".join(f"{m} {t:.3f}s ({t / med['nonprivate']:.2f}×)" for m, t in med.items()), flush=True)
+        if not (args.quick or args.no_memory):
+            row["peak_mib"] = {}
+            reps = args.memory_repeats if med["nonprivate"] < 3 else 1  # RSS peaks vary run to run: median
+            for m in run:
+                mems = [memory_config(name, batch, m, timeout=max(120, 40 * med[m] + 60)) for _ in range(reps)]
+                mems = [v for v in mems if v is not None]
+                row["peak_mib"][m] = statistics.median(mems) / 2**20 if mems else None
+            print("   peak MiB " + ", ".join(f"{m} {v:.0f}" for m, v in row["peak_mib"].items() if v is not None), flush=True)
+        results.append(row)
+    write_report(results, notes, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,211 @@
+"""Fast clipping equals the vmap oracle on every supported layer (invariant 8), on hypothesis shapes.
+
+The oracle helpers here are shared with ``test_fast_models.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from dpfunc import FlatClipping, PerLayerClipping, vmap_engine
+from dpfunc.bridge.fast import RULES, fast_engine
+from dpfunc.bridge.fast import layers as fast_layers
+from dpfunc.bridge.functional import functionalize
+
+RTOL, ATOL = 1e-6, 1e-9
+
+
+def reinit(module: nn.Module, seed: int, scale: float = 0.7) -> nn.Module:
+    """float64 parameters drawn from a local generator (hypothesis never seeds torch)."""
+    gen = torch.Generator().manual_seed(seed)
+    module = module.double()
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * scale)
+    return module
+
+
+def regression_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A per-example loss that depends on every output coordinate."""
+    return (torch.tanh(out) - y).square().reshape(out.shape[0], -1).sum(1)
+
+
+def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(out, y, reduction="none")
+
+
+def oracle_loss(apply_fn, loss_from_output):
+    def loss_fn(params, buffers, x, *targets):
+        out = apply_fn(params, buffers, x.unsqueeze(0))
+        return loss_from_output(out, *(t.unsqueeze(0) for t in targets))[0]
+
+    return loss_fn
+
+
+def assert_matches_oracle(model, batch, clipping, mask=None, loss=regression_loss, **engine_kwargs):
+    """fast_engine == vmap_engine: norms, group norms, clipped sums, sensitivity, count, losses."""
+    apply_fn, params, buffers = functionalize(model)
+    ref = vmap_engine(oracle_loss(apply_fn, loss), clipping=clipping)(params, buffers, batch, mask)
+    out = fast_engine(apply_fn, loss, clipping, **engine_kwargs)(params, buffers, batch, mask)
+    r, o = ref.grads, out.grads
+    torch.testing.assert_close(o.norms, r.norms, rtol=RTOL, atol=ATOL)
+    assert set(o.group_norms) == set(r.group_norms)
+    for k in r.group_norms:
+        torch.testing.assert_close(o.group_norms[k], r.group_norms[k], rtol=RTOL, atol=ATOL)
+    assert list(o.grads) == list(r.grads)
+    for k in r.grads:
+        assert o.grads[k].shape == params[k].shape and o.grads[k].dtype == params[k].dtype
+        torch.testing.assert_close(o.grads[k], r.grads[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
+    assert o.sensitivity == r.sensitivity
+    assert int(o.num_examples) == int(r.num_examples)
+    torch.testing.assert_close(out.losses, ref.losses, rtol=RTOL, atol=ATOL)
+    return out
+
+seeds = st.integers(0, 2**32 - 1)
+ghosts = st.sampled_from([None, True, False])
+
+
+@st.composite
+def clippings(draw):
+    kind = draw(st.sampled_from(["flat", "layer", "param"]))
+    # small bounds clip most examples, large ones none: both branches of the factor
+    bound = draw(st.sampled_from([0.05, 1.0, 1e3]))
+    if kind == "flat":
+        return FlatClipping(bound)
+    return PerLayerClipping(bound, per_parameter=kind == "param")
+
+
+@st.composite
+def masks(draw, b):
+    if b == 0 or draw(st.booleans()):
+        return None
+    return torch.tensor(draw(st.lists(st.booleans(), min_size=b, max_size=b)))
+
+
+def _targets(out_shape, seed):
+    gen = torch.Generator().manual_seed(seed + 1)
+    return torch.randn(out_shape, generator=gen, dtype=torch.float64)
+
+
+def _run(data, layer, x, seed, **kw):
+    layer = reinit(layer, seed)
+    with torch.no_grad():
+        y = _targets(layer(x).shape, seed)
+    b = x.shape[0]
+    assert_matches_oracle(layer, (x, y), data.draw(clippings()), data.draw(masks(b)), ghost_norm=data.draw(ghosts), **kw)
+
+
+@given(st.data(), seeds)
+def test_linear(data, seed):
+    b = data.draw(st.integers(0, 5))
+    lead = data.draw(st.sampled_from([(), (1,), (4,), (2, 3)]))  # 2-D input, sequences, 4-D input
+    d_in, d_out = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7))
+    layer = nn.Linear(d_in, d_out, bias=data.draw(st.booleans()))
+    x = torch.randn((b, *lead, d_in), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run(data, layer, x, seed)
+
+
+@st.composite
+def conv_geometry(draw, nd):
+    groups = draw(st.integers(1, 3))
+    c_in, c_out = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 3))
+    k = tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(nd))
+    mode = draw(st.sampled_from(["zeros", "zeros", "reflect", "circular", "replicate"]))
+    padding_kind = draw(st.sampled_from(["int", "int", "same", "valid"]))
+    stride = (1,) * nd if padding_kind == "same" else tuple(draw(st.integers(1, 3)) for _ in range(nd))
+    padding = {"int": tuple(draw(st.integers(0, 2)) for _ in range(nd)), "same": "same", "valid": "valid"}[padding_kind]
+    # spatial size: large enough for the receptive field and for reflect padding (pad < size)
+    size = tuple(d * (kk - 1) + 1 + draw(st.integers(2, 5)) for kk, d in zip(k, dilation))
+    return dict(in_channels=c_in, out_channels=c_out, kernel_size=k, stride=stride, padding=padding,
+                dilation=dilation, groups=groups, padding_mode=mode), size
+
+
+def _run_conv(data, layer, x, seed):
+    # instantiated per-example conv gradients have two kernels (grouped conv / unfold + bmm), picked by
+    # the number of output positions: force each
+    before = fast_layers.GROUPED_MIN_POSITIONS
+    fast_layers.GROUPED_MIN_POSITIONS = data.draw(st.sampled_from([0, 10**9]), label="grouped_min_positions")
+    try:
+        _run(data, layer, x, seed)
+    finally:
+        fast_layers.GROUPED_MIN_POSITIONS = before
+
+
+@given(st.data(), seeds)
+def test_conv2d(data, seed):
+    kw, size = data.draw(conv_geometry(2))
+    layer = nn.Conv2d(bias=data.draw(st.booleans()), **kw)
+    b = data.draw(st.integers(0, 4))
+    x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run_conv(data, layer, x, seed)
+
+
+@given(st.data(), seeds)
+def test_conv1d(data, seed):
+    kw, size = data.draw(conv_geometry(1))
+    layer = nn.Conv1d(bias=data.draw(st.booleans()), **kw)
+    b = data.draw(st.integers(0, 4))
+    x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run_conv(data, layer, x, seed)
+
+
+@given(st.data(), seeds)
+def test_embedding(data, seed):
+    num, dim = data.draw(st.integers(1, 8)), data.draw(st.integers(1, 5))
+    padding_idx = data.draw(st.one_of(st.none(), st.integers(0, num - 1)))
+    layer = nn.Embedding(num, dim, padding_idx=padding_idx)
+    b = data.draw(st.integers(0, 5))
+    lead = data.draw(st.sampled_from([(), (1,), (6,), (2, 3)]))
+    # few distinct indices, so repeated rows (the cross terms of the norm) are common
+    idx = torch.randint(0, num, (b, *lead), generator=torch.Generator().manual_seed(seed))
+    _run(data, layer, idx, seed)
+
+
+@given(st.data(), seeds)
+def test_layer_norm(data, seed):
+    shape = data.draw(st.sampled_from([(3,), (1,), (2, 3)]))
+    kw = dict(elementwise_affine=data.draw(st.booleans()))
+    if kw["elementwise_affine"]:
+        kw["bias"] = data.draw(st.booleans())
+    layer = nn.LayerNorm(shape, **kw)
+    if not list(layer.parameters()):
+        layer = nn.Sequential(nn.Linear(shape[-1], shape[-1]), layer)  # something to differentiate
+    b = data.draw(st.integers(0, 5))
+    lead = data.draw(st.sampled_from([(), (4,)]))
+    x = torch.randn((b, *lead, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run(data, layer, x, seed)
+
+
+@given(st.data(), seeds)
+def test_group_norm(data, seed):
+    groups = data.draw(st.integers(1, 3))
+    channels = groups * data.draw(st.integers(1, 3))
+    layer = nn.GroupNorm(groups, channels, affine=True)
+    b = data.draw(st.integers(0, 5))
+    spatial = data.draw(st.sampled_from([(), (5,), (3, 4)]))
+    if not spatial and channels == groups:
+        spatial = (2,)  # a group of one element normalises to 0
+    x = torch.randn((b, channels, *spatial), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run(data, layer, x, seed)
+
+
+@given(st.data(), seeds)
+def test_rms_norm(data, seed):
+    if not hasattr(nn, "RMSNorm"):
+        return
+    shape = data.draw(st.sampled_from([(3,), (2, 3)]))
+    layer = nn.RMSNorm(shape, eps=data.draw(st.sampled_from([None, 1e-3])))
+    b = data.draw(st.integers(0, 4))
+    x = torch.randn((b, 4, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _run(data, layer, x, seed)
+
+
+def test_every_rule_is_tested():
+    """A rule added to the registry needs a test above."""
+    tested = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)}
+    assert set(RULES) <= tested
