@@ -91,7 +91,7 @@ def _targets(out_shape, seed):
     return torch.randn(out_shape, generator=gen, dtype=torch.float64)
 
 
-def _run(data, layer, x, seed, **kw):
+def _check_against_oracle(data, layer, x, seed, **kw):
     layer = reinit(layer, seed)
     with torch.no_grad():
         y = _targets(layer(x).shape, seed)
@@ -106,7 +106,7 @@ def test_linear(data, seed):
     d_in, d_out = data.draw(st.integers(1, 7)), data.draw(st.integers(1, 7))
     layer = nn.Linear(d_in, d_out, bias=data.draw(st.booleans()))
     x = torch.randn((b, *lead, d_in), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run(data, layer, x, seed)
+    _check_against_oracle(data, layer, x, seed)
 
 
 @st.composite
@@ -125,13 +125,13 @@ def conv_geometry(draw, nd):
                 dilation=dilation, groups=groups, padding_mode=mode), size
 
 
-def _run_conv(data, layer, x, seed):
+def _check_conv_against_oracle(data, layer, x, seed):
     # instantiated per-example conv gradients have two kernels (grouped conv / unfold + bmm), picked by
     # the number of output positions: force each
     before = fast_layers.GROUPED_MIN_POSITIONS
     fast_layers.GROUPED_MIN_POSITIONS = data.draw(st.sampled_from([0, 10**9]), label="grouped_min_positions")
     try:
-        _run(data, layer, x, seed)
+        _check_against_oracle(data, layer, x, seed)
     finally:
         fast_layers.GROUPED_MIN_POSITIONS = before
 
@@ -142,7 +142,7 @@ def test_conv2d(data, seed):
     layer = nn.Conv2d(bias=data.draw(st.booleans()), **kw)
     b = data.draw(st.integers(0, 4))
     x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run_conv(data, layer, x, seed)
+    _check_conv_against_oracle(data, layer, x, seed)
 
 
 @given(st.data(), seeds)
@@ -151,7 +151,7 @@ def test_conv1d(data, seed):
     layer = nn.Conv1d(bias=data.draw(st.booleans()), **kw)
     b = data.draw(st.integers(0, 4))
     x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run_conv(data, layer, x, seed)
+    _check_conv_against_oracle(data, layer, x, seed)
 
 
 @given(st.data(), seeds)
@@ -163,7 +163,7 @@ def test_embedding(data, seed):
     lead = data.draw(st.sampled_from([(), (1,), (6,), (2, 3)]))
     # few distinct indices, so repeated rows (the cross terms of the norm) are common
     idx = torch.randint(0, num, (b, *lead), generator=torch.Generator().manual_seed(seed))
-    _run(data, layer, idx, seed)
+    _check_against_oracle(data, layer, idx, seed)
 
 
 @given(st.data(), seeds)
@@ -178,7 +178,7 @@ def test_layer_norm(data, seed):
     b = data.draw(st.integers(0, 5))
     lead = data.draw(st.sampled_from([(), (4,)]))
     x = torch.randn((b, *lead, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run(data, layer, x, seed)
+    _check_against_oracle(data, layer, x, seed)
 
 
 @given(st.data(), seeds)
@@ -191,7 +191,7 @@ def test_group_norm(data, seed):
     if not spatial and channels == groups:
         spatial = (2,)  # a group of one element normalises to 0
     x = torch.randn((b, channels, *spatial), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run(data, layer, x, seed)
+    _check_against_oracle(data, layer, x, seed)
 
 
 @given(st.data(), seeds)
@@ -202,7 +202,7 @@ def test_rms_norm(data, seed):
     layer = nn.RMSNorm(shape, eps=data.draw(st.sampled_from([None, 1e-3])))
     b = data.draw(st.integers(0, 4))
     x = torch.randn((b, 4, *shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _run(data, layer, x, seed)
+    _check_against_oracle(data, layer, x, seed)
 
 
 def test_every_rule_is_tested():
