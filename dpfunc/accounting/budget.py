@@ -30,12 +30,12 @@ import math
 from dataclasses import dataclass
 
 from dpfunc.accounting.api import _check_delta, _check_method, epsilon as _epsilon
+from dpfunc.accounting.calibration import largest_feasible
 from dpfunc.accounting.events import ComposedEvent, GaussianEvent, Neighboring, PoissonSampledEvent, SelfComposedEvent
 from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event
 
 __all__ = ["PrivacyBudget", "PrivacyBudgetExceededError"]
 
-_MAX_STEPS = 2**40
 
 
 class PrivacyBudgetExceededError(RuntimeError):
@@ -81,18 +81,7 @@ def _max_last_steps(eps: float, delta: float, method: str, neighboring: Neighbor
         if eps_of(1) > eps:
             return 0
         lo = 1
-    hi = max(lo + 1, int(lo * 1.25))
-    while eps_of(hi) <= eps:
-        lo, hi = hi, hi * 2
-        if hi > _MAX_STEPS:
-            return _MAX_STEPS
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if eps_of(mid) <= eps:
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return largest_feasible(eps_of, eps, lo, max(lo + 1, int(lo * 1.25)))
 
 
 @dataclass(frozen=True)

@@ -123,6 +123,12 @@ def _max_steps(fn: str, eps_of: Callable[[int], float], target: float, start, rd
     hi = max(2, lo * 2 if start is not None else int(lo * 1.25) + 1)
     if eps_of(lo) > target:  # defensive: never trust the guess
         lo, hi = 1, lo
+    return largest_feasible(eps_of, target, lo, hi)
+
+
+def largest_feasible(eps_of: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+    """The largest integer ``t ≥ lo`` with ``eps_of(t) ≤ target``, for ``eps_of`` non-decreasing and
+    ``eps_of(lo) ≤ target``: double ``hi`` until infeasible, then bisect (capped at ``_MAX_STEPS``)."""
     while eps_of(hi) <= target:
         lo, hi = hi, hi * 2
         if hi > _MAX_STEPS:
