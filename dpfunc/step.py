@@ -112,7 +112,8 @@ def make_step(
     Returns:
         ``step(params, opt_state, batch, mask=None, buffers=None) -> (params, opt_state, metrics)``
         where ``batch`` is a tuple of tensors with leading dim ``B`` and ``mask`` an optional ``(B,)``
-        bool tensor marking real rows (see :func:`~dpfunc.pad_batch`). Inputs are not modified.
+        bool tensor marking real rows (see :func:`~dpfunc.pad_batch`). Inputs are not modified. The
+        update runs under ``torch.no_grad()``: returned params and state never carry an autograd graph.
 
     Raises:
         PrivacyBudgetExceededError: before touching the batch, if the state's budget would be exceeded.
@@ -137,8 +138,9 @@ def make_step(
         if mask is not None and tuple(mask.shape) != (batch[0].shape[0],):
             raise ValueError(f"make_step: mask must have shape ({batch[0].shape[0]},), got {tuple(mask.shape)}")
         out = engine(params, buffers if buffers is not None else {}, tuple(batch), mask)
-        updates, opt_state = tx.update(out.grads, opt_state, params)
-        new_params = apply_updates(params, updates)
+        with torch.no_grad():  # no autograd graph may link one step's params to the next (it would grow without end)
+            updates, opt_state = tx.update(out.grads, opt_state, params)
+            new_params = apply_updates(params, updates)
         return new_params, opt_state, _metrics(out, mask)
 
     return step

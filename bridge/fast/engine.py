@@ -203,6 +203,7 @@ def fast_engine(
         raise ValueError(f"{_FN}: ghost_norm must be None (cost model), True or False, got {ghost_norm!r}")
     plans: dict[tuple, _Plan] = {}
 
+    @torch.no_grad()  # outputs carry no graph; the one backward inside enables grad for itself
     def engine(params, buffers, batch, mask):
         batch = tuple(batch)
         if not batch or not isinstance(batch[0], torch.Tensor):
@@ -323,7 +324,12 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
             if not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 return None
             inp = args[0] if args else next(iter(kwargs.values()))
-            record = [inp, None, getattr(module, "weight", None), layer.rule.capture(module, output)]  # Call
+            # Detached: the rules need values only. A kept input that still carried its graph would
+            # give the clipped sums (and the next params) a grad_fn chaining every step's graph.
+            saved = layer.rule.capture(module, output)
+            if isinstance(saved, tuple):
+                saved = tuple(s.detach() if isinstance(s, torch.Tensor) else s for s in saved)
+            record = [inp.detach() if isinstance(inp, torch.Tensor) else inp, None, getattr(module, "weight", None), saved]  # Call
             layer.pending.append(record)
             layer.calls += 1
 
@@ -364,7 +370,7 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
             h.remove()
     results = []
     for layer in layers:
-        if layer.result is None:
+        if layer.result is None:  # (grad mode off: engine() runs this under no_grad)
             calls = [Call(*r) for r in layer.pending if r[1] is not None]
             if calls:
                 layer.result = layer.rule.grads(layer.module, calls, layer.attrs, ghost)
