@@ -2,7 +2,7 @@
 
 One command regenerates everything under ``bench/results/`` (Markdown table, JSON, plot)::
 
-    python bench/speed.py            # full: CNN 28×28 at B = 64/256/1024, transformer at 64/256, ResNet-18-GN 64×64 at 64
+    python bench/speed.py            # full: CNN 28×28, transformer, ResNet-18-GN 64×64, each at B = 64/256/1024
     python bench/speed.py --quick    # CNN and transformer at B = 64/256, 3 repeats, no memory runs
 
 Method (figures, not a test):
@@ -15,8 +15,9 @@ Method (figures, not a test):
       sampling so that every step sees the same batch).
     * Peak memory: each (configuration, method) runs alone in a fresh subprocess, which reports the
       growth of its peak resident set (``VmHWM``) over its resident set after building model
-      and data and one warm-up step (so the interpreter, torch, the data, lazily loaded kernels and
-      optimizer state are not counted: what remains is the step's transient peak); median of
+      and data and one warm-up step whose leftovers (``.grad``, Opacus' ``.grad_sample``) are then
+      released (so the interpreter, torch, the data, lazily loaded kernels and optimizer state are
+      not counted: what remains is the step's peak); median of
       ``--memory-repeats`` processes, run with a fixed glibc mmap threshold (otherwise heap
       fragmentation makes single RSS peaks vary by ±20% and more).
     * Opacus rows are skipped with a note when Opacus is not installed (``pip install opacus``,
@@ -150,6 +151,7 @@ def make_method(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
             F.cross_entropy(model(x), y).backward()
             opt.step()
 
+        step.release = lambda: opt.zero_grad(set_to_none=True)
         return step
     if method in ("dpfunc_vmap", "dpfunc_fast"):
         apply_fn, params, buffers = functionalize(model)
@@ -197,6 +199,7 @@ def make_method(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor)
                 F.cross_entropy(dp_model(x), y).backward()
                 dp_opt.step()
 
+        step.release = lambda: dp_opt.zero_grad(set_to_none=True)  # drops .grad_sample / .summed_grad too
         return step
     raise ValueError(method)
 
@@ -210,6 +213,13 @@ def opacus_available() -> bool:
 
 
 # ------------------------------------------------------------------------------------ measurements
+
+
+def fits(name: str, batch: int, method: str) -> bool:
+    """Whether a method runs in a configuration by default (memory of these 24 GiB machines; see notes)."""
+    if name != "resnet18" or method in ("nonprivate", "dpfunc_fast"):
+        return True
+    return batch <= (256 if method == "opacus_ghost" else 64)
 
 
 def time_config(name, batch, methods, warmup, repeats):
@@ -249,6 +259,9 @@ def memory_child(name, batch, method):
     model, x, y = build(name, batch)
     step = make_method(method, model, x, y)
     step()
+    # what a step leaves behind until the next one clears it (.grad, Opacus' .grad_sample) is not part of
+    # the base: the next step frees it, so counting it in the base would understate that method's peak
+    getattr(step, "release", lambda: None)()
     gc.collect()
     base = _rss_bytes()
     try:
@@ -277,7 +290,7 @@ def memory_config(name, batch, method, timeout):
 # ------------------------------------------------------------------------------------------ report
 
 
-def write_report(results, notes, args):
+def write_report(results, notes, args, show=True):
     RESULTS.mkdir(parents=True, exist_ok=True)
     suffix = "_quick" if args.quick else ""
     meta = {
@@ -320,7 +333,8 @@ def write_report(results, notes, args):
         lines.append(f"| {r['model']} | {r['batch']} | {first} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: time ratio / peak MiB. Notes:", ""] + [f"- {n}" for n in notes]
     (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if show:
+        print("\n".join(lines))
 
     try:
         import matplotlib
@@ -389,15 +403,12 @@ def main(argv=None):
     if args.quick:
         configs = [("cnn", 64), ("cnn", 256), ("transformer", 64), ("transformer", 256)]
     else:
-        configs = [("cnn", b) for b in (64, 256, 1024)] + [("transformer", b) for b in (64, 256)] + [("resnet18", 64)]
+        configs = [(m, b) for m in ("cnn", "transformer", "resnet18") for b in (64, 256, 1024)]
         notes.append(
-            "ResNet-18-GN (11.2M parameters) at 64×64 runs at B = 64 only, and only non-private / dpfunc fast / "
-            "Opacus ghost: on 2 shared CPU cores one non-private step takes ~7 s at B = 64, and the per-sample-gradient "
-            "methods (dpfunc vmap, Opacus hooks / functorch) hold B × 11.2M floats (2.9 GiB at B = 64, 11 GiB at B = 256)."
-        )
-        notes.append(
-            "The transformer at B = 1024 is dropped: with dpfunc vmap and Opacus hooks/functorch a round of 6 methods "
-            "takes minutes on 2 shared cores (run it with --models transformer --batch-sizes 1024)."
+            "ResNet-18-GN (11.2M parameters, 64×64): the per-sample-gradient methods (dpfunc vmap, Opacus hooks / "
+            "functorch) hold B × 11.2M floats — 2.9 GiB at B = 64, 11.5 GiB at B = 256 — so they run at B = 64 only "
+            "on these 24 GiB machines; Opacus ghost runs at B = 64 and 256 (its peak grows with B; extrapolated it "
+            "needs far more than the machine has at B = 1024)."
         )
     if args.models:
         configs = [(m, b) for m, b in configs if m in args.models] or [(m, b) for m in args.models for b in (args.batch_sizes or [64])]
@@ -410,9 +421,7 @@ def main(argv=None):
     )
     results = []
     for name, batch in configs:
-        run = methods
-        if name == "resnet18" and not args.methods:  # per-sample methods: too slow / too large here
-            run = [m for m in methods if m in ("nonprivate", "dpfunc_fast", "opacus_ghost")]
+        run = methods if args.methods else [m for m in methods if fits(name, batch, m)]
         print(f"== {name} B={batch}: timing {run}", flush=True)
         med, raw = time_config(name, batch, run, args.warmup, args.repeats)
         row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw}
@@ -426,6 +435,7 @@ def main(argv=None):
                 row["peak_mib"][m] = statistics.median(mems) / 2**20 if mems else None
             print("   peak MiB " + ", ".join(f"{m} {v:.0f}" for m, v in row["peak_mib"].items() if v is not None), flush=True)
         results.append(row)
+        write_report(results, notes, args, show=False)  # after every configuration: a run that dies keeps its rows
     write_report(results, notes, args)
 
 
