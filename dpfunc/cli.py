@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate an exponential moving average of the iterates (free post-processing); 0 = last iterate")
     t.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0, help="per-example clipping bound C")
     t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=0,
-                   help="augmentation multiplicity K (0 = off); uses the vmap engine")
+                   help="augmentation multiplicity K (0 = off): K views per example, clipped as one")
     t.add_argument("--image-size", type=int, choices=[28, 64], default=28, help="input side length (64 = upsampled)")
     t.add_argument("--engine", choices=["fast", "vmap"], default="fast",
                    help="per-example clipping: fast (ghost norms / book-keeping) or vmap (oracle)")

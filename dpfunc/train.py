@@ -176,10 +176,11 @@ def _per_example_loss(apply_fn: Callable, views: int) -> Callable:
 
 
 def _make_engine(cfg: TrainConfig, module, apply_fn, clipping):
-    if cfg.engine == "fast" and not cfg.augment_views:
+    if cfg.engine == "fast":
         from dpfunc.bridge.fast import fast_engine
 
-        return fast_engine(module, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping)
+        return fast_engine(module, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping,
+                           views_per_example=cfg.augment_views or None)
     return vmap_engine(_per_example_loss(apply_fn, cfg.augment_views), clipping=clipping)
 
 

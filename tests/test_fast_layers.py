@@ -38,10 +38,15 @@ def cross_entropy(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(out, y, reduction="none")
 
 
-def oracle_loss(apply_fn, loss_from_output):
+def oracle_loss(apply_fn, loss_from_output, views=None):
+    """One example's loss; with ``views=K`` its input is ``(K, ...)`` and the loss the mean over views."""
+
     def loss_fn(params, buffers, x, *targets):
-        out = apply_fn(params, buffers, x.unsqueeze(0))
-        return loss_from_output(out, *(t.unsqueeze(0) for t in targets))[0]
+        if views is None:
+            out = apply_fn(params, buffers, x.unsqueeze(0))
+            return loss_from_output(out, *(t.unsqueeze(0) for t in targets))[0]
+        out = apply_fn(params, buffers, x)
+        return loss_from_output(out, *(t.expand(views, *t.shape) for t in targets)).mean()
 
     return loss_fn
 
@@ -49,7 +54,8 @@ def oracle_loss(apply_fn, loss_from_output):
 def assert_matches_oracle(model, batch, clipping, mask=None, loss=regression_loss, **engine_kwargs):
     """fast_engine == vmap_engine: norms, group norms, clipped sums, sensitivity, count, losses."""
     apply_fn, params, buffers = functionalize(model)
-    ref = vmap_engine(oracle_loss(apply_fn, loss), clipping=clipping)(params, buffers, batch, mask)
+    views = engine_kwargs.get("views_per_example")
+    ref = vmap_engine(oracle_loss(apply_fn, loss, views), clipping=clipping)(params, buffers, batch, mask)
     out = fast_engine(apply_fn, loss, clipping, **engine_kwargs)(params, buffers, batch, mask)
     r, o = ref.grads, out.grads
     torch.testing.assert_close(o.norms, r.norms, rtol=RTOL, atol=ATOL)
@@ -91,11 +97,21 @@ def _targets(out_shape, seed):
     return torch.randn(out_shape, generator=gen, dtype=torch.float64)
 
 
+def _views_of(x: torch.Tensor, k: int) -> torch.Tensor:
+    """``(B, K, ...)``: K distinct views of each example (indices: rolled along positions where there are any)."""
+    if x.is_floating_point():
+        return torch.stack([x * (1 + 0.3 * i) + 0.1 * i for i in range(k)], 1)
+    return torch.stack([x.roll(i, dims=-1) if x.dim() > 1 else x for i in range(k)], 1)
+
+
 def _check_against_oracle(data, layer, x, seed, **kw):
     layer = reinit(layer, seed)
     with torch.no_grad():
         y = _targets(layer(x).shape, seed)
     b = x.shape[0]
+    views = data.draw(st.sampled_from([None, None, 1, 2, 3]), label="views_per_example")  # augmentation multiplicity
+    if views is not None:
+        x, kw = _views_of(x, views), {**kw, "views_per_example": views}
     assert_matches_oracle(layer, (x, y), data.draw(clippings()), data.draw(masks(b)), ghost_norm=data.draw(ghosts), **kw)
 
 

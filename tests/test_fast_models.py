@@ -16,7 +16,7 @@ from dpfunc.bridge.fast import fast_engine
 from dpfunc.bridge.functional import functionalize
 from dpfunc.models import SmallCNN, resnet18_gn
 
-from test_fast_layers import assert_matches_oracle, cross_entropy, oracle_loss, regression_loss, reinit
+from test_fast_layers import _views_of, assert_matches_oracle, cross_entropy, oracle_loss, regression_loss, reinit
 
 seeds = st.integers(0, 2**32 - 1)
 clippings = st.sampled_from([FlatClipping(0.1), FlatClipping(1e3), PerLayerClipping(0.5), PerLayerClipping(0.5, per_parameter=True)])
@@ -149,6 +149,35 @@ def test_tied_reused_and_inplace(seed, clipping):
     gen = torch.Generator().manual_seed(seed)
     idx, y = torch.randint(0, 7, (3, 4), generator=gen), torch.randint(0, 7, (3,), generator=gen)
     assert_matches_oracle(model, (idx, y), clipping, loss=cross_entropy)
+
+
+@settings(max_examples=6)
+@given(seeds, clippings, st.integers(0, 3), st.integers(1, 3))
+def test_augmentation_multiplicity(seed, clipping, b, views):
+    """K views per example, clipped as one (De et al. 2022): fast equals vmap over the K-view mean loss
+    on the CNN (GroupNorm statistics, conv kernels), the mixed model (its vmap fallback sees the
+    views too) and the tied/reused model (several calls per layer times several views)."""
+    gen = torch.Generator().manual_seed(seed)
+    mask = torch.rand(b, generator=gen) < 0.7 if b else None
+    cnn = reinit(SmallCNN(key=Key(seed % 1000)), seed, scale=0.3)
+    x, y = _images(b, seed)
+    assert_matches_oracle(cnn, (_views_of(x, views), y), clipping, mask, loss=cross_entropy, views_per_example=views)
+    mixed = reinit(Mixed(), seed, scale=0.5)
+    x2 = torch.randn(b, views, 2, 4, 4, generator=gen, dtype=torch.float64)
+    assert_matches_oracle(mixed, (x2, torch.randint(0, 3, (b,), generator=gen)), clipping, mask, loss=cross_entropy, views_per_example=views)
+    tied = reinit(Tied(), seed, scale=0.5)
+    idx = torch.randint(0, 7, (b, views, 4), generator=gen)
+    assert_matches_oracle(tied, (idx, torch.randint(0, 7, (b,), generator=gen)), clipping, loss=cross_entropy, views_per_example=views)
+
+
+def test_views_per_example_is_validated():
+    model = nn.Linear(3, 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"fast_engine: views_per_example must be None or an int >= 1"):
+            fast_engine(model, cross_entropy, FlatClipping(1.0), views_per_example=bad)
+    engine = fast_engine(model, cross_entropy, FlatClipping(1.0), views_per_example=2)
+    with pytest.raises(ValueError, match=r"input must have shape \(B, 2, \.\.\.\), got \(4, 3\)"):
+        engine(dict(model.named_parameters()), {}, (torch.randn(4, 3), torch.zeros(4, dtype=torch.long)), None)
 
 
 def test_subset_of_parameters_and_unused_layer():

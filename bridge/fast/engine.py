@@ -137,6 +137,7 @@ def fast_engine(
     *,
     ghost_norm: bool | None = None,
     fallback_chunk_size: int | None = None,
+    views_per_example: int | None = None,
 ) -> GradEngine:
     """A :class:`~dpfunc.GradEngine` that clips per example without materialising per-example gradients.
 
@@ -156,6 +157,13 @@ def fast_engine(
             instantiation by a cost model (ghost iff ``T·(d_in + d_out) < d_in·d_out``, see
             :mod:`dpfunc.bridge.fast.layers`); ``True`` / ``False`` force one (for tests and tuning).
         fallback_chunk_size: vmap chunk size for parameters of layers without a rule.
+        views_per_example: ``None`` (the input is ``(B, ...)``) or ``K >= 1``: the input is ``(B, K, ...)``,
+            K augmented views of each example (augmentation multiplicity, De et al. 2022; see
+            :func:`dpfunc.data.augment_views`), and targets stay ``(B, ...)``: example ``i``'s loss is the
+            mean over its views and its gradient — the mean of its view gradients — is clipped as one,
+            as ``vmap_engine`` does with :func:`dpfunc.data.multiplicity_loss`. The sensitivity stays C.
+            Each layer sees the K views as K calls, so norms and clipped sums come from one forward
+            and backward of ``B·K`` rows.
 
     Returns:
         ``engine(params, buffers, batch, mask) -> EngineOutput(ClippedSum, losses)`` with
@@ -201,6 +209,9 @@ def fast_engine(
         raise TypeError(f"{_FN}: clipping must be FlatClipping or PerLayerClipping, got {clipping!r}")
     if ghost_norm not in (None, True, False):
         raise ValueError(f"{_FN}: ghost_norm must be None (cost model), True or False, got {ghost_norm!r}")
+    views = views_per_example
+    if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
+        raise ValueError(f"{_FN}: views_per_example must be None or an int >= 1, got {views!r}")
     plans: dict[tuple, _Plan] = {}
 
     @torch.no_grad()  # outputs carry no graph; the one backward inside enables grad for itself
@@ -209,6 +220,11 @@ def fast_engine(
         if not batch or not isinstance(batch[0], torch.Tensor):
             raise ValueError(f"{_FN}: batch must be a non-empty tuple (x, *targets) of tensors")
         b = batch[0].shape[0]
+        if views is not None and (batch[0].dim() < 2 or batch[0].shape[1] != views):
+            raise ValueError(
+                f"{_FN}: with views_per_example={views} the input must have shape (B, {views}, ...), "
+                f"got {tuple(batch[0].shape)}"
+            )
         if mask is not None and tuple(mask.shape) != (b,):
             raise ValueError(f"{_FN}: mask must have shape ({b},) to match the batch, got {tuple(mask.shape)}")
         names = list(params)
@@ -226,7 +242,7 @@ def fast_engine(
             batch = tuple(t.index_select(0, keep) if isinstance(t, torch.Tensor) else t for t in batch)
         n = batch[0].shape[0]
 
-        sq, losses, clip_sums = _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost_norm, fallback_chunk_size, ref)
+        sq, losses, clip_sums = _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost_norm, fallback_chunk_size, ref, views)
 
         # per-group norms of the real rows
         group_sq: dict[str, torch.Tensor] = {}
@@ -260,7 +276,7 @@ def _norm_dtype(ref: torch.Tensor) -> torch.dtype:
     return ref.dtype if ref.is_floating_point() else torch.get_default_dtype()
 
 
-def _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost, chunk, ref):
+def _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost, chunk, ref, views):
     """Squared per-example norms per parameter name ``(n,)``, losses ``(n,)`` and a function
     ``factors -> clipped sums``, all for the real rows only."""
     x, targets = batch[0], batch[1:]
@@ -273,7 +289,7 @@ def _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost, c
         clone = False
         while losses is None:
             try:
-                losses, results = _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targets, n, ghost, clone)
+                losses, results = _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targets, n, ghost, clone, views)
             except RuntimeError as e:  # a view fails only if the model modifies a layer output in place
                 if clone or "modified inplace" not in str(e):
                     raise
@@ -285,7 +301,7 @@ def _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost, c
                 sq[name] = sq[name] + s if name in sq else s
     fallback_pe = {}
     if plan.fallback and n > 0:
-        fallback_pe = _vmap_grads(plan.fallback, apply_fn, loss_from_output, params, buffers, x, targets, chunk)
+        fallback_pe = _vmap_grads(plan.fallback, apply_fn, loss_from_output, params, buffers, x, targets, chunk, views)
         for name, pe in fallback_pe.items():
             sq[name] = pe.reshape(n, -1).square().sum(1)
 
@@ -303,7 +319,24 @@ def _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost, c
     return sq, losses, clip_sums
 
 
-def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targets, n, ghost, clone):
+def _calls(records: list[list], views: int | None) -> list[Call]:
+    """The recorded calls as rule inputs. With K views, a call on the ``B·K`` rows (example-major) is K
+    calls on B rows — view k of every example — so a rule's sum over calls is the sum over views."""
+    calls = [Call(*r) for r in records if r[1] is not None]
+    if views is None or views == 1:  # rows are examples
+        return calls
+
+    def pick(t, k):
+        return t.unflatten(0, (-1, views)).select(1, k) if isinstance(t, torch.Tensor) and t.dim() else t
+
+    def view_k(c: Call, k: int) -> Call:
+        saved = tuple(pick(s, k) for s in c.saved) if isinstance(c.saved, tuple) else c.saved
+        return Call(pick(c.x, k), pick(c.g, k), c.weight, saved)
+
+    return [view_k(c, k) for c in calls for k in range(views)]
+
+
+def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targets, n, ghost, clone, views):
     """One forward and one backward; returns ``(losses, [(layer, LayerGrads)])`` or ``(None, [])`` when
     the plan had to be corrected (first call only) and the pass must be repeated."""
     anchor = torch.zeros((), requires_grad=True)
@@ -336,7 +369,7 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
             def sink(g):
                 record[1] = g
                 if layer.calls == 1:  # a layer called once is reduced right here, freeing what it can
-                    layer.result = layer.rule.grads(module, [Call(*record)], layer.attrs, ghost)
+                    layer.result = layer.rule.grads(module, _calls([record], views), layer.attrs, ghost)
                     layer.pending.clear()
                     record.clear()
 
@@ -348,14 +381,20 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
         for layer in layers:
             handles.append(layer.module.register_forward_hook(make_hook(layer), prepend=True, with_kwargs=True))
         with torch.enable_grad(), (watch if watch is not None else contextlib.nullcontext()):
+            if views is not None:  # example-major rows: view k of example i is row i·K + k
+                x = x.flatten(0, 1)
+                targets = tuple(t.repeat_interleave(views, 0) if isinstance(t, torch.Tensor) and t.dim() else t for t in targets)
             out = apply_fn(detached, buffers, x)
             losses = loss_from_output(out, *targets)
-            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (n,):
+            rows = n * (views or 1)
+            if not isinstance(losses, torch.Tensor) or tuple(losses.shape) != (rows,):
                 raise ValueError(
-                    f"{_FN}: loss_from_output must return per-example losses of shape ({n},), got "
+                    f"{_FN}: loss_from_output must return per-example losses of shape ({rows},), got "
                     f"{tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__}; "
                     "use reduction='none'"
                 )
+            if views is not None:
+                losses = losses.view(n, views).mean(1)
             if watch is not None:
                 plan.verified = True
                 if watch.foreign:
@@ -371,7 +410,7 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
     results = []
     for layer in layers:
         if layer.result is None:  # (grad mode off: engine() runs this under no_grad)
-            calls = [Call(*r) for r in layer.pending if r[1] is not None]
+            calls = _calls(layer.pending, views)
             if calls:
                 layer.result = layer.rule.grads(layer.module, calls, layer.attrs, ghost)
         if layer.result is not None:
@@ -380,14 +419,17 @@ def _forward_backward(plan, apply_fn, loss_from_output, params, buffers, x, targ
     return losses, results
 
 
-def _vmap_grads(names, apply_fn, loss_from_output, params, buffers, x, targets, chunk):
+def _vmap_grads(names, apply_fn, loss_from_output, params, buffers, x, targets, chunk, views):
     """Per-example gradients of the parameters ``names`` only, by ``vmap(grad)`` (the oracle's method)."""
     fixed = {k: v.detach() for k, v in params.items() if k not in names}
     own = {k: params[k].detach() for k in names}
 
     def loss(p, xi, *ti):
-        out = apply_fn({**fixed, **p}, buffers, xi.unsqueeze(0))
-        return loss_from_output(out, *(t.unsqueeze(0) for t in ti))[0]
+        if views is None:
+            out = apply_fn({**fixed, **p}, buffers, xi.unsqueeze(0))
+            return loss_from_output(out, *(t.unsqueeze(0) for t in ti))[0]
+        out = apply_fn({**fixed, **p}, buffers, xi)  # xi: (K, ...), one example's views
+        return loss_from_output(out, *(t.unsqueeze(0).expand(views, *t.shape) for t in ti)).mean()
 
     dims = (None, 0) + tuple(0 if isinstance(t, torch.Tensor) else None for t in targets)
     return vmap(grad(loss), in_dims=dims, chunk_size=chunk)(own, x, *targets)
