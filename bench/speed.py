@@ -310,7 +310,8 @@ def write_report(results, notes, args, show=True):
         f"# One DP-SGD step: time ÷ non-private step (median of {args.repeats}), peak memory growth (MiB)",
         "",
         f"`{meta['command']}` — torch {meta['torch']}, {meta['threads']} threads, opacus {meta['opacus']}; "
-        "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step.",
+        "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step "
+        "(the warm-up step's leftovers, `.grad` / `.grad_sample`, released).",
         "",
         "| model | B | non-private (s) | " + " | ".join(m for m in METHODS[1:]) + " |",
         "|---|---|---|" + "---|" * (len(METHODS) - 1),
@@ -373,6 +374,7 @@ def main(argv=None):
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--memory-only", action="store_true", help="redo only the memory column of the last JSON")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown table and plot from the last JSON")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory:
@@ -380,6 +382,10 @@ def main(argv=None):
         return memory_child(name, int(batch), method)
     torch.set_num_threads(2)
     args.repeats = args.repeats or (3 if args.quick else 5)
+    if args.report_only:
+        saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
+        args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
+        return write_report(saved["results"], saved["notes"], args)
     if args.memory_only:
         saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
         args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
@@ -407,8 +413,8 @@ def main(argv=None):
         notes.append(
             "ResNet-18-GN (11.2M parameters, 64×64): the per-sample-gradient methods (dpfunc vmap, Opacus hooks / "
             "functorch) hold B × 11.2M floats — 2.9 GiB at B = 64, 11.5 GiB at B = 256 — so they run at B = 64 only "
-            "on these 24 GiB machines; Opacus ghost runs at B = 64 and 256 (its peak grows with B; extrapolated it "
-            "needs far more than the machine has at B = 1024)."
+            "on these 24 GiB machines; Opacus ghost runs at B = 64 and 256 (its peak grows linearly with B: "
+            "1.6 GiB at 64, 6.2 GiB at 256 in our runs, so about 25 GiB at B = 1024)."
         )
     if args.models:
         configs = [(m, b) for m, b in configs if m in args.models] or [(m, b) for m in args.models for b in (args.batch_sizes or [64])]
