@@ -253,6 +253,13 @@ def test_sampling_without_replacement():
         epsilon(wor, 1e-5, "pld", neighboring=Neighboring.REPLACE_ONE)
     with pytest.raises(ValueError, match="ADD_OR_REMOVE_ONE"):
         epsilon(_sgd(1.0, 0.1, 10), 1e-5, "rdp", neighboring=Neighboring.REPLACE_ONE)
+    # the same adjacency rule in every accountant (one shared check)
+    for method in ("rdp", "pld", "gdp"):
+        with pytest.raises(ValueError, match=rf"{method}: Poisson sampling is accounted under Neighboring.ADD_OR_REMOVE_ONE only"):
+            epsilon(_sgd(1.0, 0.1, 10), 1e-5, method, neighboring=Neighboring.REPLACE_ONE)
+    for method in ("rdp", "gdp"):
+        with pytest.raises(ValueError, match=rf"{method}: SampledWithoutReplacementEvent is accounted under Neighboring.REPLACE_ONE only"):
+            epsilon(wor, 1e-5, method)
     # plain Gaussian under replace-one = add/remove at half the noise
     g = SelfComposedEvent(GaussianEvent(2.0), 5)
     assert epsilon(g, 1e-5, neighboring=Neighboring.REPLACE_ONE) == pytest.approx(epsilon(SelfComposedEvent(GaussianEvent(1.0), 5), 1e-5))

@@ -52,6 +52,29 @@ class Neighboring(enum.Enum):
     REPLACE_ONE = "replace_one"
 
 
+def check_sampling_neighboring(method: str, scheme: str, neighboring: Neighboring, sampling_rate: float = 1.0) -> None:
+    """The one rule every accountant applies: Poisson sampling (``scheme="poisson"``, rate < 1) is
+    accounted under ``ADD_OR_REMOVE_ONE`` only, sampling without replacement (``scheme="wor"``) under
+    ``REPLACE_ONE`` only. Raises ``ValueError`` naming ``method`` and the relation to pass."""
+    if scheme == "poisson" and sampling_rate != 1.0 and neighboring is Neighboring.REPLACE_ONE:
+        raise ValueError(
+            f"{method}: Poisson sampling is accounted under Neighboring.ADD_OR_REMOVE_ONE only, got "
+            f"neighboring={neighboring} with sampling_rate={sampling_rate}; use "
+            "neighboring=Neighboring.ADD_OR_REMOVE_ONE (the relation of DP-SGD with Poisson sampling) "
+            "or SampledWithoutReplacementEvent for fixed-size batches"
+        )
+    if scheme == "wor" and neighboring is not Neighboring.REPLACE_ONE:
+        raise ValueError(
+            f"{method}: SampledWithoutReplacementEvent is accounted under Neighboring.REPLACE_ONE only, "
+            f"got neighboring={neighboring}; pass neighboring=Neighboring.REPLACE_ONE"
+        )
+
+
+def _check_gaussian_inner(owner: str, event: object) -> None:
+    if not isinstance(event, GaussianEvent):
+        raise ValueError(f"{owner}: only a GaussianEvent can be sampled, got {type(event).__name__}")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -85,11 +108,7 @@ class PoissonSampledEvent:
         q = self.sampling_rate
         if not (_is_number(q) and 0 < q <= 1):
             raise ValueError(f"PoissonSampledEvent: sampling_rate must be in (0, 1], got {q!r}")
-        if not isinstance(self.event, GaussianEvent):
-            raise ValueError(
-                "PoissonSampledEvent: only a GaussianEvent can be sampled, got "
-                f"{type(self.event).__name__}"
-            )
+        _check_gaussian_inner("PoissonSampledEvent", self.event)
 
 
 @dataclass(frozen=True)
@@ -110,11 +129,7 @@ class SampledWithoutReplacementEvent:
             raise ValueError(
                 f"SampledWithoutReplacementEvent: sample_size must be <= population_size, got {m!r} > {n!r}"
             )
-        if not isinstance(self.event, GaussianEvent):
-            raise ValueError(
-                "SampledWithoutReplacementEvent: only a GaussianEvent can be sampled, got "
-                f"{type(self.event).__name__}"
-            )
+        _check_gaussian_inner("SampledWithoutReplacementEvent", self.event)
 
 
 @dataclass(frozen=True)

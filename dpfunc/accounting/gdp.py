@@ -29,7 +29,7 @@ import math
 import warnings
 
 from dpfunc.accounting._special import log_ndtr_scalar
-from dpfunc.accounting.events import Neighboring
+from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
 
 __all__ = ["gdp_mu", "gdp_delta", "gdp_epsilon", "GDP_WARNING"]
 
@@ -60,15 +60,10 @@ def gdp_mu(atoms: tuple, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ON
             if q == 1.0:
                 total += count / sigma**2
                 continue
-            if neighboring is Neighboring.REPLACE_ONE:
-                raise ValueError("gdp: Poisson sampling is accounted under Neighboring.ADD_OR_REMOVE_ONE only")
+            check_sampling_neighboring("gdp", "poisson", neighboring, q)
             inner = math.expm1(min(1 / sigma**2, 700.0))
         else:
-            if neighboring is not Neighboring.REPLACE_ONE:
-                raise ValueError(
-                    "gdp: SampledWithoutReplacementEvent is accounted under Neighboring.REPLACE_ONE only; "
-                    "pass neighboring=Neighboring.REPLACE_ONE"
-                )
+            check_sampling_neighboring("gdp", "wor", neighboring)
             q = atom[2] / atom[3]
             inner = 2 * (math.exp(min(1 / sigma**2, 700.0)) * _phi(1.5 / sigma) + 3 * _phi(-0.5 / sigma) - 2)
         total += q * q * count * inner

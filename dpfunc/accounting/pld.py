@@ -45,7 +45,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from dpfunc.accounting._special import log_interval_masses, log_ndtr_pair
-from dpfunc.accounting.events import Neighboring
+from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
 
 __all__ = ["PldBounds", "pld_epsilon", "pld_delta", "DEFAULT_VALUE_DISCRETIZATION_INTERVAL"]
 
@@ -224,12 +224,8 @@ def _effective(atoms: tuple, neighboring: Neighboring) -> tuple:
                 "(Wang-Balle-Kasiviswanathan bound) with neighboring=Neighboring.REPLACE_ONE"
             )
         _, sigma, q, count = atom
+        check_sampling_neighboring("pld", "poisson", neighboring, q)
         if neighboring is Neighboring.REPLACE_ONE:
-            if q != 1.0:
-                raise ValueError(
-                    "pld: Poisson sampling is accounted under Neighboring.ADD_OR_REMOVE_ONE only, got "
-                    f"neighboring={neighboring} with sampling_rate={q}"
-                )
             sigma = sigma / 2.0
         if count > 0 and not math.isinf(sigma):
             out.append((sigma, q, count))

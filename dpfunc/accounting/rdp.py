@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from dpfunc.accounting._special import log_ndtr, log_sub
-from dpfunc.accounting.events import Neighboring
+from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -191,23 +191,13 @@ def rdp_of_atoms(atoms: tuple, orders: Sequence[float], neighboring: Neighboring
             continue
         if atom[0] == "poisson":
             _, sigma, q, _ = atom
+            check_sampling_neighboring("rdp", "poisson", neighboring, q)
             if neighboring is Neighboring.REPLACE_ONE:
-                if q != 1.0:
-                    raise ValueError(
-                        "rdp: Poisson sampling is accounted under Neighboring.ADD_OR_REMOVE_ONE only, "
-                        f"got neighboring={neighboring} with sampling_rate={q}; use "
-                        "neighboring=Neighboring.ADD_OR_REMOVE_ONE (the relation of DP-SGD with Poisson "
-                        "sampling) or SampledWithoutReplacementEvent for fixed-size batches"
-                    )
                 sigma = sigma / 2.0  # replace-one sensitivity 2C
             curve = [rdp_poisson_gaussian(sigma, q, a) for a in orders]
         else:
             _, sigma, m, n, _ = atom
-            if neighboring is not Neighboring.REPLACE_ONE:
-                raise ValueError(
-                    "rdp: SampledWithoutReplacementEvent is accounted under Neighboring.REPLACE_ONE only, "
-                    f"got neighboring={neighboring}; pass neighboring=Neighboring.REPLACE_ONE"
-                )
+            check_sampling_neighboring("rdp", "wor", neighboring)
             curve = [rdp_wor_gaussian(sigma, m, n, a) for a in orders]
         with np.errstate(invalid="ignore"):
             total = total + count * np.asarray(curve)
