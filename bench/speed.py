@@ -382,13 +382,12 @@ def main(argv=None):
         return memory_child(name, int(batch), method)
     torch.set_num_threads(2)
     args.repeats = args.repeats or (3 if args.quick else 5)
-    if args.report_only:
+    if args.report_only or args.memory_only:  # work from the last run's JSON
         saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
         args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
+    if args.report_only:
         return write_report(saved["results"], saved["notes"], args)
     if args.memory_only:
-        saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
-        args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
         for row in saved["results"]:
             med = row["time_s"]
             reps = args.memory_repeats if med["nonprivate"] < 3 else 1

@@ -5,6 +5,7 @@ The oracle helpers here are shared with ``test_fast_models.py``.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
@@ -97,7 +98,7 @@ def _targets(out_shape, seed):
     return torch.randn(out_shape, generator=gen, dtype=torch.float64)
 
 
-def _views_of(x: torch.Tensor, k: int) -> torch.Tensor:
+def views_of(x: torch.Tensor, k: int) -> torch.Tensor:
     """``(B, K, ...)``: K distinct views of each example (indices: rolled along positions where there are any)."""
     if x.is_floating_point():
         return torch.stack([x * (1 + 0.3 * i) + 0.1 * i for i in range(k)], 1)
@@ -111,7 +112,7 @@ def _check_against_oracle(data, layer, x, seed, **kw):
     b = x.shape[0]
     views = data.draw(st.sampled_from([None, None, 1, 2, 3]), label="views_per_example")  # augmentation multiplicity
     if views is not None:
-        x, kw = _views_of(x, views), {**kw, "views_per_example": views}
+        x, kw = views_of(x, views), {**kw, "views_per_example": views}
     assert_matches_oracle(layer, (x, y), data.draw(clippings()), data.draw(masks(b)), ghost_norm=data.draw(ghosts), **kw)
 
 
@@ -152,19 +153,12 @@ def _check_conv_against_oracle(data, layer, x, seed):
         fast_layers.GROUPED_MIN_POSITIONS = before
 
 
-@given(st.data(), seeds)
-def test_conv2d(data, seed):
-    kw, size = data.draw(conv_geometry(2))
-    layer = nn.Conv2d(bias=data.draw(st.booleans()), **kw)
-    b = data.draw(st.integers(0, 4))
-    x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    _check_conv_against_oracle(data, layer, x, seed)
-
-
-@given(st.data(), seeds)
-def test_conv1d(data, seed):
-    kw, size = data.draw(conv_geometry(1))
-    layer = nn.Conv1d(bias=data.draw(st.booleans()), **kw)
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+@given(data=st.data(), seed=seeds)
+def test_conv(conv, data, seed):
+    nd = 1 if conv is nn.Conv1d else 2
+    kw, size = data.draw(conv_geometry(nd))
+    layer = conv(bias=data.draw(st.booleans()), **kw)
     b = data.draw(st.integers(0, 4))
     x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     _check_conv_against_oracle(data, layer, x, seed)

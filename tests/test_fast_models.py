@@ -16,7 +16,7 @@ from dpfunc.bridge.fast import fast_engine
 from dpfunc.bridge.functional import functionalize
 from dpfunc.models import SmallCNN, resnet18_gn
 
-from test_fast_layers import _views_of, assert_matches_oracle, cross_entropy, oracle_loss, regression_loss, reinit
+from test_fast_layers import assert_matches_oracle, cross_entropy, oracle_loss, regression_loss, reinit, views_of
 
 seeds = st.integers(0, 2**32 - 1)
 clippings = st.sampled_from([FlatClipping(0.1), FlatClipping(1e3), PerLayerClipping(0.5), PerLayerClipping(0.5, per_parameter=True)])
@@ -161,7 +161,7 @@ def test_augmentation_multiplicity(seed, clipping, b, views):
     mask = torch.rand(b, generator=gen) < 0.7 if b else None
     cnn = reinit(SmallCNN(key=Key(seed % 1000)), seed, scale=0.3)
     x, y = _images(b, seed)
-    assert_matches_oracle(cnn, (_views_of(x, views), y), clipping, mask, loss=cross_entropy, views_per_example=views)
+    assert_matches_oracle(cnn, (views_of(x, views), y), clipping, mask, loss=cross_entropy, views_per_example=views)
     mixed = reinit(Mixed(), seed, scale=0.5)
     x2 = torch.randn(b, views, 2, 4, 4, generator=gen, dtype=torch.float64)
     assert_matches_oracle(mixed, (x2, torch.randint(0, 3, (b,), generator=gen)), clipping, mask, loss=cross_entropy, views_per_example=views)
