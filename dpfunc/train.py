@@ -229,6 +229,13 @@ def _plan(cfg: TrainConfig, n: int) -> tuple[float, int, int]:
     return q, steps_per_epoch, steps_per_epoch * cfg.epochs
 
 
+def _epsilon_spent(cfg: TrainConfig, opt_state: Any) -> float:
+    """ε spent so far (PLD), a pure function of the ledger in ``opt_state``; ∞ for a non-private run."""
+    if not cfg.private:
+        return math.inf
+    return accounting.epsilon(privacy_ledger(opt_state), cfg.delta, method="pld")
+
+
 def calibrate(cfg: TrainConfig, sampling_rate: float, steps: int) -> float | None:
     """σ for the run: given, or calibrated to the target ε with the PLD accountant."""
     if not cfg.private:
@@ -311,7 +318,8 @@ def train(
         log(f"non-private SGD: n={n} batch={cfg.batch_size} steps={total_steps} (ε = ∞)")
 
     bar = _Progress(total_steps, progress and sys.stderr.isatty(), done=start_epoch * steps_per_epoch)
-    eps_spent = 0.0 if cfg.private else math.inf
+    # ε is only ever read from the ledger (a resumed or finished run starts from what it has spent).
+    eps_spent = _epsilon_spent(cfg, opt_state)
     last_val = history[-1] if history else {"val_auc": math.nan, "val_accuracy": math.nan}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -340,8 +348,7 @@ def train(
             bar.update(t + 1, f"epoch {epoch + 1}  loss {losses[-1] if losses else math.nan:.3f}  "
                               f"val AUC {last_val['val_auc']:.3f}  acc {last_val['val_accuracy']:.3f}  ε {eps_spent:.2f}")
         elapsed += time.perf_counter() - t0
-        if cfg.private:
-            eps_spent = accounting.epsilon(privacy_ledger(opt_state), cfg.delta, method="pld")
+        eps_spent = _epsilon_spent(cfg, opt_state)
         val_scores = evaluate_scores(apply_fn, average, buffers, val_set)
         vm = binary_metrics(val_set.labels, val_scores)
         record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_auc": vm.roc_auc,

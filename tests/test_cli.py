@@ -140,3 +140,33 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, small_tr
     for name, p in a["params"].items():
         assert torch.equal(p, b["params"][name]), name
     assert a["opt_state"][0].ledger == b["opt_state"][0].ledger
+
+
+@pytest.mark.slow
+def test_resume_of_a_finished_run_reports_the_ledgers_epsilon(data_dir, tmp_path, capsys, small_train_split):
+    """Issue 12, item 1: `--resume` on a finished run printed ε = 0 and rewrote metrics.json with it.
+    Every reported ε must be the ledger's."""
+    import re
+
+    from dpfunc import accounting
+    from dpfunc.bridge.checkpoint import load_checkpoint
+    from dpfunc.private import privacy_ledger
+
+    run = tmp_path / "run"
+    common = ["train", "--data-dir", str(data_dir), "--run-dir", str(run), "--batch-size", "200", "--epochs", "1",
+              "--epsilon", "4", "--lr", "0.5", "--bootstrap", "20", "--quiet"]
+    assert main(common) == 0
+    first_out = capsys.readouterr().out
+    first = json.loads((run / "metrics.json").read_text())
+    state = load_checkpoint(run / "checkpoint.pt")
+    ledger_eps = accounting.epsilon(privacy_ledger(state["opt_state"]), 1e-5, method="pld")
+    assert 0 < ledger_eps <= 4.0 * 1.0001
+    assert first["epsilon"] == ledger_eps
+
+    assert main(common + ["--resume"]) == 0  # the run is already finished: nothing to train
+    out = capsys.readouterr().out
+    printed = [float(x) for x in re.findall(r"privacy: ε = ([0-9.]+)", first_out + out)]
+    assert printed == [round(ledger_eps, 3)] * 2, (first_out, out)
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["epsilon"] == ledger_eps
+    assert again["history"] == first["history"] and again["test"] == first["test"]
