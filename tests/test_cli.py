@@ -170,3 +170,26 @@ def test_resume_of_a_finished_run_reports_the_ledgers_epsilon(data_dir, tmp_path
     again = json.loads((run / "metrics.json").read_text())
     assert again["epsilon"] == ledger_eps
     assert again["history"] == first["history"] and again["test"] == first["test"]
+
+
+def test_progress_helper_resolution_order(monkeypatch):
+    """dpfunc._progress: argument > progress_enabled context > $DPFUNC_PROGRESS > terminal check."""
+    from dpfunc._progress import progress, progress_enabled, progress_is_enabled
+
+    monkeypatch.setenv("DPFUNC_PROGRESS", "1")
+    assert progress_is_enabled() is True
+    with progress_enabled(False):
+        assert progress_is_enabled() is False
+        assert progress_is_enabled(True) is True
+        bar = progress(range(5))
+        assert bar.disable and list(bar) == [0, 1, 2, 3, 4]  # a disabled bar still iterates
+    assert progress_is_enabled() is True
+    monkeypatch.setenv("DPFUNC_PROGRESS", "0")
+    assert progress_is_enabled() is False
+    monkeypatch.setenv("DPFUNC_PROGRESS", "maybe")
+    with pytest.raises(ValueError, match="DPFUNC_PROGRESS must be one of"):
+        progress_is_enabled()
+    monkeypatch.delenv("DPFUNC_PROGRESS")
+    assert progress_is_enabled() is False  # pytest captures stderr: not a terminal
+    with pytest.raises(TypeError, match="enabled must be True, False or None"):
+        progress_is_enabled("yes")
