@@ -1,0 +1,203 @@
+"""Rounds on the server: who takes part, what is applied, and the in-process runner.
+
+``apply_round`` is the one function every engine calls with the answers it collected, so the
+in-process runner and the Flower ServerApp produce the same global model from the same answers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+
+from dpfunc._tree import Params
+from dpfunc._validate import check_int_range, check_probability
+from dpfunc.federated.aggregate import Aggregator, WeightedFedAvg, check_update
+from dpfunc.federated.site import SitePlan, SiteState, SiteUpdate, charge_site, site_key, site_round
+from dpfunc.keys import Key
+from dpfunc.step import GradEngine
+from dpfunc.transforms import EmptyState, GradientTransformation, apply_updates
+
+__all__ = ["ServerState", "RoundReport", "RoundFailedError", "select_sites", "apply_round", "init_server_state",
+           "InProcessSites", "run_round_inprocess"]
+
+_SELECT_DOMAIN = 0x73656C656374  # "select"
+
+
+class ServerState(NamedTuple):
+    """The whole federated state after ``round`` rounds (what a server checkpoint holds).
+
+    Attributes:
+        round: rounds applied so far (the next round's number).
+        params: the global model.
+        opt_state: the server optimizer's state (``EmptyState()`` for plain FedAvg).
+        sites: every site's :class:`SiteState`, by id (each holds its privacy ledger).
+    """
+
+    round: int
+    params: Params
+    opt_state: Any
+    sites: tuple[SiteState, ...]
+
+
+class RoundReport(NamedTuple):
+    """What happened in one round: participants asked, sites applied, sites excluded with the reason."""
+
+    round: int
+    selected: tuple[int, ...]
+    applied: tuple[int, ...]
+    excluded: dict[int, str]
+    loss: float  # mean of the applied sites' local training losses (not private)
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer than ``min_sites`` usable answers: nothing of the round is applied."""
+
+    def __init__(self, report: RoundReport, min_sites: int):
+        self.report = report
+        reasons = "; ".join(f"site {s}: {r}" for s, r in sorted(report.excluded.items())) or "none"
+        super().__init__(f"round {report.round} failed: {len(report.applied)} usable answer(s) from sites "
+                         f"{list(report.applied)}, at least {min_sites} needed (--min-sites). Excluded: {reasons}. "
+                         f"Nothing was applied; the last checkpoint is unchanged.")
+
+
+def init_server_state(params: Params, sites: Sequence[SiteState], server_tx: GradientTransformation | None) -> ServerState:
+    ids = [s.site for s in sites]
+    if ids != list(range(len(ids))):
+        raise ValueError(f"init_server_state: site states must be ordered by id 0..S-1, got ids {ids}")
+    return ServerState(0, dict(params), server_tx.init(params) if server_tx is not None else EmptyState(), tuple(sites))
+
+
+def select_sites(key: Key, round: int, num_sites: int, fraction: float) -> tuple[int, ...]:
+    """The sites asked to train in round ``round``: ``max(1, round(fraction·S))`` of them, uniformly
+    without replacement from ``key.fold_in(round)``, sorted by id; all sites when ``fraction == 1``."""
+    fn = "select_sites"
+    check_int_range(fn, "num_sites", num_sites, low=1)
+    check_probability(fn, "fraction", fraction, open_low=True)
+    m = max(1, min(num_sites, int(math.floor(fraction * num_sites + 0.5))))
+    if m == num_sites:
+        return tuple(range(num_sites))
+    perm = torch.randperm(num_sites, generator=key.fold_in(_SELECT_DOMAIN).fold_in(round).generator())
+    return tuple(sorted(int(i) for i in perm[:m]))
+
+
+def apply_round(
+    state: ServerState,
+    selected: Sequence[int],
+    answers: Mapping[int, tuple[SiteUpdate, SiteState] | BaseException | str],
+    *,
+    plans: Sequence[SitePlan],
+    aggregator: Aggregator | None = None,
+    server_tx: GradientTransformation | None = None,
+    min_sites: int = 1,
+) -> tuple[ServerState, RoundReport]:
+    """Apply one round's answers to the server state. Pure.
+
+    Args:
+        state: the state before the round (``state.round`` is this round's number).
+        selected: the sites asked to train.
+        answers: per selected site, ``(update, new_site_state)`` or the failure (an exception or a reason).
+            A selected site with no entry stalled.
+        plans: every site's :class:`SitePlan` (to charge a failed site's ledger).
+        aggregator: default :class:`WeightedFedAvg`.
+        server_tx: server optimizer on ``global − mean`` (None: the new global is the mean).
+        min_sites: the least number of usable answers for the round to count.
+
+    Returns:
+        ``(new_state, report)``. Usable answers are aggregated in site-id order. A selected site whose
+        answer is missing, failed or malformed is excluded with its reason and its ledger is charged
+        the round's steps (:func:`~dpfunc.federated.charge_site`): it may have trained before failing.
+
+    Raises:
+        RoundFailedError: fewer than ``min_sites`` usable answers (nothing is applied).
+    """
+    aggregator = aggregator if aggregator is not None else WeightedFedAvg()
+    r = state.round
+    kept: list[tuple[SiteUpdate, SiteState]] = []
+    excluded: dict[int, str] = {}
+    for s in sorted(set(selected)):
+        a = answers.get(s)
+        if a is None:
+            excluded[s] = "no answer (stalled, timed out or crashed)"
+        elif isinstance(a, BaseException):
+            excluded[s] = f"failed: {type(a).__name__}: {a}"
+        elif isinstance(a, str):
+            excluded[s] = a
+        else:
+            upd, new_site = a
+            reason = check_update(upd, state.params, r)
+            if reason is None and upd.site != s:
+                reason = f"update claims to come from site {upd.site}"
+            if reason is None and not (isinstance(new_site, SiteState) and new_site.site == s
+                                       and new_site.steps >= state.sites[s].steps):
+                reason = "malformed site state"
+            if reason is None:
+                kept.append((upd, new_site))
+            else:
+                excluded[s] = f"malformed update: {reason}"
+    losses = [u.loss for u, _ in kept if math.isfinite(u.loss)]
+    report = RoundReport(r, tuple(sorted(set(selected))), tuple(u.site for u, _ in kept), excluded,
+                         sum(losses) / len(losses) if losses else math.nan)
+    if len(kept) < min_sites:
+        raise RoundFailedError(report, min_sites)
+    mean = aggregator.aggregate([u for u, _ in kept], state.params)
+    if server_tx is None:
+        params, opt_state = {k: v.to(state.params[k].dtype) for k, v in mean.items()}, state.opt_state
+    else:
+        pseudo_grad = {k: state.params[k] - mean[k] for k in state.params}
+        updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
+        params = apply_updates(state.params, updates)
+    sites = list(state.sites)
+    for u, new_site in kept:
+        sites[u.site] = new_site
+    for s in excluded:
+        sites[s] = charge_site(sites[s], plans[s])
+    return ServerState(r + 1, params, opt_state, tuple(sites)), report
+
+
+class InProcessSites:
+    """All sites in this process: their data, plans and engine (for tests, prototyping and the CLI's
+    ``--engine inprocess``).
+
+    Args:
+        data: per site, its training tensors ``(x, y)``.
+        plans: per site, its :class:`SitePlan`.
+        engine: the gradient engine shared by the sites.
+        run_key: the run's key; site ``s`` uses ``site_key(run_key, s)``.
+        buffers: model buffers.
+        fault: optional test hook ``fault(site, round, update) -> update | exception`` applied to each
+            answer (to simulate crashes and malformed updates).
+    """
+
+    def __init__(self, data: Sequence[Sequence[torch.Tensor]], plans: Sequence[SitePlan], engine: GradEngine,
+                 run_key: Key, *, buffers: Params | None = None, fault: Callable | None = None):
+        if len(data) != len(plans):
+            raise ValueError(f"InProcessSites: {len(data)} data sets for {len(plans)} plans")
+        self.data, self.plans, self.engine, self.run_key = list(data), list(plans), engine, run_key
+        self.buffers, self.fault = buffers, fault
+
+    def __call__(self, state: ServerState, selected: Sequence[int]) -> dict[int, Any]:
+        answers: dict[int, Any] = {}
+        for s in selected:
+            try:
+                ans = site_round(state.params, state.sites[s], self.data[s], site_key(self.run_key, s),
+                                 plan=self.plans[s], engine=self.engine, round=state.round, buffers=self.buffers)
+                if self.fault is not None:
+                    ans = self.fault(s, state.round, ans)
+            except Exception as e:  # a crashing site is excluded, not fatal
+                ans = e
+            if ans is not None:
+                answers[s] = ans
+        return answers
+
+
+def run_round_inprocess(state: ServerState, sites: InProcessSites, *, key: Key, fraction: float = 1.0,
+                        aggregator: Aggregator | None = None, server_tx: GradientTransformation | None = None,
+                        min_sites: int = 1) -> tuple[ServerState, RoundReport]:
+    """Select, train every selected site in this process, apply: one complete round."""
+    selected = select_sites(key, state.round, len(state.sites), fraction)
+    answers = sites(state, selected)
+    return apply_round(state, selected, answers, plans=sites.plans, aggregator=aggregator, server_tx=server_tx,
+                       min_sites=min_sites)

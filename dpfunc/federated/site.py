@@ -1,0 +1,226 @@
+"""A site's local work in one round: record-level DP-SGD on its own patients, as a pure function.
+
+One round at site ``s``::
+
+    params   = global_params                               # what the server sent
+    for t in range(steps_done, steps_done + steps_per_round):
+        batch  = poisson_sample(sample_key.fold_in(t), n_s, q_s)       # q_s = B / n_s (the site's own n)
+        params, opt_state = dp_step(params, opt_state, batch)          # clip → noise → SGD
+    update   = SiteUpdate(site=s, round=r, params=params, weight=n_s, ...)
+    ledger_s = privacy_ledger(opt_state)                   # every step of this site, ever
+
+The site's optimizer state (step count, ledger, momentum buffer) is its :class:`SiteState`; it travels
+with the round (the server keeps it in its checkpoint). Everything in it is a function of noisy, clipped
+gradient sums, i.e. post-processing of the site's DP mechanism, and safe to store outside the site.
+Because the state persists across rounds, one site with full participation and plain FedAvg trains
+exactly as centralised DP-SGD on its data with the same keys (bit for bit; tested).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+from dpfunc._tree import Params
+from dpfunc._validate import check_int_range, check_nonnegative, check_number, check_positive_finite
+from dpfunc.accounting.ledger import PrivacyLedger
+from dpfunc.keys import Key
+from dpfunc.private import DPAggregateState, dpsgd, find_dp_state, privacy_ledger
+from dpfunc.sampling import poisson_sample
+from dpfunc.step import GradEngine, make_step
+from dpfunc.transforms import GradientTransformation
+
+__all__ = ["SitePlan", "SiteState", "SiteUpdate", "site_keys", "site_key", "site_optimizer", "init_site_state",
+           "site_round", "charge_site"]
+
+_SITE_DOMAIN = 0x73697465  # "site": keys of sites live in a domain of their own under the run key
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """How one site trains in every round it takes part in.
+
+    Attributes:
+        num_examples: n_s, the site's own number of training examples (its sampling rate uses it).
+        expected_batch_size: B; the site's Poisson rate is ``q_s = min(1, B / n_s)``.
+        local_epochs: E; a round is ``E · max(1, round(n_s / B))`` local DP-SGD steps.
+        noise_multiplier: σ_s (calibrated by the job so that the site's worst case, taking part in
+            every round, spends ε ≤ target).
+        max_grad_norm: the per-example clipping bound C.
+        learning_rate, momentum: the local SGD.
+    """
+
+    num_examples: int
+    expected_batch_size: int
+    local_epochs: int
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+
+    def __post_init__(self) -> None:
+        fn = "SitePlan"
+        check_int_range(fn, "num_examples", self.num_examples, low=1)
+        check_int_range(fn, "expected_batch_size", self.expected_batch_size, low=1)
+        check_int_range(fn, "local_epochs", self.local_epochs, low=1)
+        check_nonnegative(fn, "noise_multiplier", self.noise_multiplier)
+        check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
+        check_positive_finite(fn, "learning_rate", self.learning_rate)
+        check_number(fn, "momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+
+    @property
+    def sampling_rate(self) -> float:
+        return min(1.0, self.expected_batch_size / self.num_examples)
+
+    @property
+    def steps_per_round(self) -> int:
+        return self.local_epochs * max(1, round(self.num_examples / self.expected_batch_size))
+
+
+class SiteState(NamedTuple):
+    """What a site carries from round to round (all of it DP post-processing).
+
+    Attributes:
+        site: the site id (0, 1, …).
+        opt_state: the local DP optimizer's state: ``DPAggregateState`` (step count → noise keys,
+            the privacy **ledger**) and the momentum buffer.
+        steps: local steps done so far (the Poisson sampling counter).
+        rounds: rounds this site has taken part in.
+    """
+
+    site: int
+    opt_state: Any
+    steps: int
+    rounds: int
+
+    @property
+    def ledger(self) -> PrivacyLedger:
+        return privacy_ledger(self.opt_state)
+
+
+class SiteUpdate(NamedTuple):
+    """What a site sends to the server after a round.
+
+    Attributes:
+        site: the site id.
+        round: the server round this update answers (an update is applied once, to that round only).
+        params: the site's local model after the round, ``dict`` name → tensor (same keys, shapes and
+            dtypes as the global model).
+        weight: its FedAvg weight (by default n_s).
+        steps: local DP-SGD steps run this round.
+        loss: mean training loss over the round (NOT private: computed from raw batches; a diagnostic).
+    """
+
+    site: int
+    round: int
+    params: Params
+    weight: float
+    steps: int
+    loss: float
+
+
+def site_key(run_key: Key, site: int) -> Key:
+    """The key of site ``site`` under the run's key (each site has its own, independent stream)."""
+    return run_key.fold_in(_SITE_DOMAIN).fold_in(site)
+
+
+def site_keys(key: Key) -> tuple[Key, Key]:
+    """``(sample_key, noise_key)`` of a site key: Poisson sampling and DP noise."""
+    sample, noise = key.split(2)
+    return sample, noise
+
+
+def site_optimizer(plan: SitePlan, key: Key) -> GradientTransformation:
+    """The site's local DP-SGD (``dpsgd`` with the site's σ, C, q_s, n_s and noise key)."""
+    _, noise = site_keys(key)
+    return dpsgd(plan.learning_rate, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.max_grad_norm,
+                 sampling_rate=plan.sampling_rate, num_examples=plan.num_examples, key=noise, momentum=plan.momentum)
+
+
+def init_site_state(site: int, plan: SitePlan, key: Key, params: Params) -> SiteState:
+    """A site before its first round: empty ledger, zero steps."""
+    check_int_range("init_site_state", "site", site, low=0)
+    return SiteState(site, site_optimizer(plan, key).init(params), 0, 0)
+
+
+def site_round(
+    global_params: Params,
+    state: SiteState,
+    data: Sequence[torch.Tensor],
+    key: Key,
+    *,
+    plan: SitePlan,
+    engine: GradEngine,
+    round: int,
+    buffers: Params | None = None,
+) -> tuple[SiteUpdate, SiteState]:
+    """Run one round of local DP-SGD at a site. Pure: inputs are not modified.
+
+    Args:
+        global_params: the server's model, ``dict`` name → tensor.
+        state: the site's :class:`SiteState`.
+        data: the site's training tensors ``(x, y)`` with leading dim n_s.
+        key: the site's key (:func:`site_key`); sampling step ``t`` uses ``sample_key.fold_in(t)``,
+            noise step ``t`` uses ``noise_key(noise_key, t)`` as in :func:`dpfunc.dp_aggregate`.
+        plan: the :class:`SitePlan` (n_s must equal ``len(data[0])``).
+        engine: how per-example gradients are clipped (``vmap_engine`` or ``fast_engine``, built with
+            ``FlatClipping(plan.max_grad_norm)``).
+        round: the server round (recorded in the update).
+        buffers: model buffers (none for the GroupNorm models).
+
+    Returns:
+        ``(update, new_state)``; ``new_state.ledger`` has ``plan.steps_per_round`` more steps at
+        ``(σ_s, q_s)``.
+    """
+    fn = "site_round"
+    n = int(data[0].shape[0])
+    if n != plan.num_examples:
+        raise ValueError(f"{fn}: site {state.site} has {n} examples but its plan says num_examples={plan.num_examples}")
+    check_int_range(fn, "round", round, low=0)
+    sample_key, _ = site_keys(key)
+    tx = site_optimizer(plan, key)
+    step = make_step(None, tx, engine=engine)
+    params, opt_state = dict(global_params), state.opt_state
+    losses = []
+    for t in range(state.steps, state.steps + plan.steps_per_round):
+        idx = poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate)
+        params, opt_state, m = step(params, opt_state, tuple(d[idx] for d in data), buffers=buffers)
+        if m.batch_size:
+            losses.append(m.loss)
+    loss = sum(losses) / len(losses) if losses else math.nan
+    new_state = SiteState(state.site, opt_state, state.steps + plan.steps_per_round, state.rounds + 1)
+    return SiteUpdate(state.site, round, params, float(plan.num_examples), plan.steps_per_round, loss), new_state
+
+
+def charge_site(state: SiteState, plan: SitePlan) -> SiteState:
+    """The state of a site that was asked to train but whose answer was lost or refused.
+
+    It may have run its round (a crash after training, a stalled reply, a malformed update), so its
+    ledger is charged the round's steps and its step counter advances: the accounting stays an upper
+    bound and no noise key is ever used twice. Its model and momentum are left as they were.
+    """
+    dp = find_dp_state(state.opt_state)
+    if dp is None:
+        raise ValueError(f"charge_site: site {state.site}'s opt_state holds no DPAggregateState")
+    k = plan.steps_per_round
+    new_dp = dp._replace(count=dp.count + k, ledger=dp.ledger.step(plan.noise_multiplier, plan.sampling_rate, k))
+    return state._replace(opt_state=_replace_dp(state.opt_state, new_dp), steps=state.steps + k)
+
+
+def _replace_dp(opt_state: Any, new: DPAggregateState) -> Any:
+    if isinstance(opt_state, DPAggregateState):
+        return new
+    if isinstance(opt_state, tuple) and not hasattr(opt_state, "_fields"):
+        out, done = [], False
+        for s in opt_state:
+            if not done and find_dp_state(s) is not None:
+                out.append(_replace_dp(s, new))
+                done = True
+            else:
+                out.append(s)
+        return tuple(out)
+    raise ValueError("charge_site: cannot locate the DP state in opt_state")
