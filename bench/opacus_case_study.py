@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dpfunc.data import pneumoniamnist
-from dpfunc.keys import Key
+from dpfunc.keys import Key, run_keys
 from dpfunc.metrics import binary_metrics
 from dpfunc.models import SmallCNN
 
@@ -45,7 +45,7 @@ def run(seed: int, data_dir: str | None, epsilon: float, epochs: int, batch_size
     from opacus import PrivacyEngine
 
     train, val, test = (pneumoniamnist(s, data_dir) for s in ("train", "val", "test"))
-    model = SmallCNN(key=Key(seed).split(4)[0])
+    model = SmallCNN(key=run_keys(Key(seed)).init)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(train.images, train.labels), batch_size=batch_size,
                                          generator=torch.Generator().manual_seed(seed))
@@ -71,13 +71,13 @@ def run(seed: int, data_dir: str | None, epsilon: float, epochs: int, batch_size
                 average = cur if average is None else {k: ema * average[k] + (1 - ema) * cur[k] for k in cur}
         elapsed += time.perf_counter() - t0
         state = average if ema else {k: v.detach().clone() for k, v in model._module.state_dict().items()}
-        probe = SmallCNN(key=Key(seed).split(4)[0])
+        probe = SmallCNN(key=run_keys(Key(seed)).init)
         probe.load_state_dict(state)
         auc = binary_metrics(val.labels, scores_of(probe, val.images)).roc_auc
         if auc > best_auc:
             best_auc, best_state = auc, state
         print(f"seed {seed} epoch {epoch + 1}/{epochs} val AUC {auc:.4f} ({elapsed:.0f}s)", flush=True)
-    probe = SmallCNN(key=Key(seed).split(4)[0])
+    probe = SmallCNN(key=run_keys(Key(seed)).init)
     probe.load_state_dict(best_state)
     m = binary_metrics(test.labels, scores_of(probe, test.images))
     return {"seed": seed, "epsilon": engine.get_epsilon(1e-5), "sigma": optimizer.noise_multiplier, "train_seconds": elapsed,

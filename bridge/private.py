@@ -56,7 +56,8 @@ from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping
-from dpfunc.keys import Key
+from dpfunc import accounting
+from dpfunc.keys import Key, run_keys
 from dpfunc.private import DPAggregateState, DPConfig, dp_aggregate
 from dpfunc.step import vmap_engine
 from dpfunc.accounting.ledger import PrivacyLedger
@@ -95,18 +96,6 @@ def _add(a: ClippedSum | None, b: ClippedSum) -> ClippedSum:
         a.sensitivity,
         a.num_examples + b.num_examples,
     )
-
-
-def _accountant():
-    try:
-        import dpfunc.accounting as acc
-
-        return acc.epsilon, acc.noise_multiplier_for
-    except (ImportError, AttributeError) as e:
-        raise NotImplementedError(
-            "dpfunc.accounting does not provide epsilon / noise_multiplier_for yet; "
-            "pass noise_multiplier= and compute ε from optimizer.ledger with an external accountant"
-        ) from e
 
 
 class DPOptimizer(torch.optim.Optimizer):
@@ -152,7 +141,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.chunk_size = chunk_size
         self.accountant = accountant
         self._sampler = sampler
-        self._noise_key = key.split(3)[0]
+        self._noise_key = run_keys(key).noise
         self._dp = dp_aggregate(config, self._noise_key, budget=budget)
         self._named = {n: p for n, p in self._inner.named_parameters() if p.requires_grad}
         if not self._named:
@@ -202,8 +191,7 @@ class DPOptimizer(torch.optim.Optimizer):
 
     def epsilon(self, delta: float, *, method: str | None = None) -> float:
         """ε of the steps so far at ``delta``, a pure function of :attr:`ledger` (``dpfunc.accounting.epsilon``)."""
-        eps, _ = _accountant()
-        return float(eps(self.ledger, delta, method=method or self.accountant))
+        return float(accounting.epsilon(self.ledger, delta, method=method or self.accountant))
 
     # --- the step ---------------------------------------------------------------------------------
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -310,7 +298,7 @@ class DPOptimizer(torch.optim.Optimizer):
         return {
             "format": "dpfunc.bridge.DPOptimizer",
             "inner": self.original_optimizer.state_dict(),
-            "dp_state": {"count": s.count.clone(), "ledger": s.ledger.to_dict(), "noise_multiplier": s.noise_multiplier, "sampling_rate": s.sampling_rate},
+            "dp_state": {"count": int(s.count), "ledger": s.ledger.to_dict()},
             "config": _config_dict(self.config),
             "key": self.key.seed,
             "forward_count": self._module._shared.forward_count,
@@ -334,18 +322,20 @@ class DPOptimizer(torch.optim.Optimizer):
         if "ledger" not in dp:
             raise ValueError(f"{fn}: the checkpoint has no privacy ledger; refusing to start from an empty one")
         ledger = PrivacyLedger.from_dict(dp["ledger"])
-        self._dp_state = self._dp_state._replace(count=dp["count"].clone(), ledger=ledger)
+        self._dp_state = self._dp_state._replace(count=int(dp["count"]), ledger=ledger)
         key = Key(int(state_dict["key"]))
+        keys = run_keys(key)
         if key != self.key:
-            self.key, self._noise_key = key, key.split(3)[0]
-            self._dp = dp_aggregate(self.config, self._noise_key, budget=self._dp_state.budget)
+            self.key, self._noise_key = key, keys.noise
+            budget = self._dp_state.budget.budget if self._dp_state.budget is not None else None
+            self._dp = dp_aggregate(self.config, self._noise_key, budget=budget)
         self.original_optimizer.load_state_dict(state_dict["inner"])
         self._module._shared.forward_count = int(state_dict["forward_count"])
-        self._module._shared.dropout_key = key.split(3)[2]
+        self._module._shared.dropout_key = keys.dropout
         if self._sampler is not None and state_dict.get("sampler_position") is not None:
             self._sampler.position = int(state_dict["sampler_position"])
             if hasattr(self._sampler, "key"):
-                self._sampler.key = key.split(3)[1]
+                self._sampler.key = keys.sampling
 
 
 def _config_dict(config: DPConfig) -> dict[str, Any]:
@@ -401,7 +391,7 @@ def make_private(
         optimizer: the user's torch optimizer over ``module``'s parameters.
         data_loader: a ``DataLoader`` over a map-style dataset.
         key: the run's secret key (``Key(seed)``); noise, Poisson batches and dropout masks derive from
-            ``key.split(3)``. Keep the seed secret: whoever knows it can subtract the noise.
+            :func:`~dpfunc.keys.run_keys` (``.noise``, ``.sampling``, ``.dropout``). Keep the seed secret: whoever knows it can subtract the noise.
         max_grad_norm: the clipping bound ``C``.
         noise_multiplier: σ; or give ``target_epsilon``, ``target_delta`` and ``epochs`` to calibrate it.
         criterion: optional, for its ``reduction`` (``"mean"`` or ``"sum"``); default reduction "mean".
@@ -450,7 +440,8 @@ def make_private(
         assert_valid(module)
     clip = _clipping(fn, clipping, max_grad_norm)
 
-    sample_key, dropout_key = key.split(3)[1:]
+    keys = run_keys(key)
+    sample_key, dropout_key = keys.sampling, keys.dropout
     plan = LogicalBatchPlan()
     loader, q, steps_per_epoch = poisson_loader(
         data_loader, key=sample_key, poisson_sampling=poisson_sampling, max_physical_batch_size=max_physical_batch_size, plan=plan
@@ -462,8 +453,7 @@ def make_private(
             raise ValueError(f"{fn}: target_epsilon needs target_delta and epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"{fn}: epochs must be an int >= 1, got {epochs!r}")
-        _, calibrate = _accountant()
-        noise_multiplier = float(calibrate(target_epsilon, target_delta, q, epochs * steps_per_epoch, method=accountant))
+        noise_multiplier = float(accounting.noise_multiplier_for(target_epsilon, target_delta, q, epochs * steps_per_epoch, method=accountant))
     config = DPConfig(clip, noise_multiplier, q, len(data_loader.dataset))
     shared = _Shared(dropout_key, plan)
     private_module = PrivateModule(module, shared)

@@ -15,7 +15,7 @@ from dpfunc.accounting import (
 )
 from dpfunc.accounting.ledger import Phase, PrivacyLedger
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping, clip_and_sum
-from dpfunc.keys import Key
+from dpfunc.keys import Key, RunKeys, run_keys
 from dpfunc.noise import gaussian_noise, privatize
 from dpfunc.per_example import per_example_grads, per_example_grads_and_losses
 from dpfunc.private import DPAggregateState, DPConfig, dp_aggregate, noise_key, dpadam, dpsgd, find_dp_state, privacy_ledger
@@ -41,6 +41,8 @@ __all__ = [
     "__version__",
     # keys
     "Key",
+    "RunKeys",
+    "run_keys",
     # per-example gradients and clipping
     "per_example_grads",
     "per_example_grads_and_losses",

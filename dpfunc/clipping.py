@@ -43,6 +43,10 @@ __all__ = [
     "clip_and_sum",
     "clip_factors",
     "layer_of",
+    "zero_rows",
+    "group_norms",
+    "check_finite_norms",
+    "flush_nonfinite_checks",
 ]
 
 
@@ -148,17 +152,114 @@ def clip_factors(group_norms: Mapping[str, torch.Tensor], bounds: Mapping[str, f
     return out
 
 
+def zero_rows(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``t`` with the rows where ``keep`` (``(B,)`` bool) is False set to exactly 0.
+
+    A ``where``, not a product: ``0 · nan = nan``, so a non-finite value in a dropped row can never
+    leak into norms or sums. Used wherever padding rows are removed (one helper for all engines).
+    """
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def group_norms(sq: Mapping[str, torch.Tensor], clipping: Clipping, names, like: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-example norms over all parameters and per clipping group, from per-parameter squared norms.
+
+    Args:
+        sq: name → ``(B,)`` squared per-example gradient norms; a name of ``names`` missing here
+            counts as zero (a parameter that the batch does not reach).
+        clipping: decides the group of each name.
+        names: all parameter names (the groups are those of ``names``).
+        like: a ``(B,)`` tensor giving the dtype and device of missing entries.
+
+    Returns:
+        ``(norms, group_norms)``: ``(B,)`` and group → ``(B,)``.
+    """
+    group_sq: dict[str, torch.Tensor] = {}
+    for name in names:
+        s = sq.get(name)
+        if s is None:
+            s = torch.zeros_like(like)
+        grp = clipping.group_of(name)
+        group_sq[grp] = group_sq[grp] + s if grp in group_sq else s
+    norms = sum(group_sq.values()).sqrt() if group_sq else torch.zeros_like(like)
+    return norms, {g: s.sqrt() for g, s in group_sq.items()}
+
+
+def _nonfinite_error(fn: str, idx: list[int]) -> ValueError:
+    return ValueError(
+        f"{fn}: non-finite per-example gradients for examples {idx[:10]}{' …' if len(idx) > 10 else ''}; "
+        "check the loss for NaN/inf (log of 0, overflow) or lower the learning rate"
+    )
+
+
+class _PendingChecks:
+    """Non-finite checks of accelerator tensors, read back without blocking the host.
+
+    A check copies its ``(B,)`` flag tensor to pinned host memory asynchronously and records an
+    event; it is read once the event has completed — at the next check, or at
+    :func:`flush_nonfinite_checks` (which waits). The host therefore never waits for the device in a
+    step; an error surfaces at the latest at the next step or at the next flush.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[str, torch.Tensor, object]] = []
+
+    def submit(self, fn: str, bad: torch.Tensor) -> None:
+        self.poll(block=False)
+        host = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+        host.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.queue.append((fn, host, event))
+
+    def poll(self, *, block: bool) -> None:
+        while self.queue:
+            fn, host, event = self.queue[0]
+            if block:
+                event.synchronize()
+            elif not event.query():
+                return
+            self.queue.pop(0)
+            flags = host.numpy()
+            if flags.any():
+                self.queue.clear()
+                raise _nonfinite_error(fn, flags.nonzero()[0].tolist())
+
+
+_PENDING = _PendingChecks()
+
+
+def flush_nonfinite_checks() -> None:
+    """Wait for the non-finite checks still in flight on an accelerator and raise the first failure.
+
+    Checks of CPU tensors are immediate and never pending. Call this before saving or releasing a
+    model trained on a GPU (``save_checkpoint`` and the bridge's ``state_dict`` do).
+    """
+    _PENDING.poll(block=True)
+
+
 def check_finite_norms(fn: str, norms: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Raise if any real example has a non-finite gradient norm (invariant 6)."""
+    """Raise if any real example has a non-finite gradient norm (invariant 6), without a host sync.
+
+    The flags are computed on the device. On CPU they are read straight from memory (``numpy()``:
+    no dispatched operation, and there is no device to wait for), so the ValueError is raised here,
+    in the step. On CUDA they are copied back asynchronously and read once the copy has completed:
+    the ValueError is raised by a later check (the next step) or by :func:`flush_nonfinite_checks`
+    — never later than that, and in the meantime only the steps in flight can have used the bad
+    gradient. Other accelerators are checked synchronously.
+    """
     bad = ~torch.isfinite(norms)
     if mask is not None:
         bad = bad & mask.to(torch.bool)
-    if bool(bad.any()):
-        idx = torch.nonzero(bad).flatten().tolist()
-        raise ValueError(
-            f"{fn}: non-finite per-example gradients for examples {idx[:10]}{' …' if len(idx) > 10 else ''}; "
-            "check the loss for NaN/inf (log of 0, overflow) or lower the learning rate"
-        )
+    if bad.device.type == "cpu":
+        _PENDING.poll(block=False)
+        flags = bad.numpy()
+        if flags.any():
+            raise _nonfinite_error(fn, flags.nonzero()[0].tolist())
+    elif bad.device.type == "cuda":
+        _PENDING.submit(fn, bad)
+    elif bool(bad.any()):
+        raise _nonfinite_error(fn, torch.nonzero(bad).flatten().tolist())
 
 
 def _check_mask(fn: str, mask: torch.Tensor | None, b: int) -> None:
@@ -193,27 +294,13 @@ def clip_and_sum(per_example_grads: Mapping[str, torch.Tensor], clipping: Clippi
     _check_mask(fn, mask, b)
     names = list(per_example_grads)
     bounds = clipping.group_bounds(names)
-    if mask is not None:
-        # Zero padding rows first (with where, not a product: 0 * nan = nan), so that a non-finite
-        # value in a masked row can neither raise nor leak into the norms or the sum.
+    if mask is not None:  # padding rows first, so that they can neither raise nor leak (see zero_rows)
         keep = mask.to(torch.bool)
-        per_example_grads = {
-            k: torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
-            for k, g in per_example_grads.items()
-        }
-    sq: dict[str, torch.Tensor] = {}
-    for name, g in per_example_grads.items():
-        s = g.reshape(b, math.prod(g.shape[1:])).pow(2).sum(dim=1)  # not reshape(b, -1): fails for b = 0
-        grp = clipping.group_of(name)
-        sq[grp] = sq[grp] + s if grp in sq else s
-    group_norms = {grp: s.sqrt() for grp, s in sq.items()}
-    norms = sum(sq.values()).sqrt()
-    if mask is not None:
-        m = mask.to(norms.dtype)
-        norms = norms * m
-        group_norms = {k: v * m for k, v in group_norms.items()}
-    check_finite_norms(fn, norms if mask is None else torch.where(mask.bool(), norms, 0.0), mask)
-    factors = clip_factors(group_norms, bounds)
+        per_example_grads = {k: zero_rows(g, keep) for k, g in per_example_grads.items()}
+    sq = {name: g.reshape(b, math.prod(g.shape[1:])).pow(2).sum(dim=1) for name, g in per_example_grads.items()}  # not reshape(b, -1): fails for b = 0
+    norms, groups = group_norms(sq, clipping, names, next(iter(sq.values())))
+    check_finite_norms(fn, norms, mask)
+    factors = clip_factors(groups, bounds)
     if mask is not None:
         factors = {k: f * mask.to(f.dtype) for k, f in factors.items()}
     grads = {}
@@ -221,4 +308,4 @@ def clip_and_sum(per_example_grads: Mapping[str, torch.Tensor], clipping: Clippi
         f = factors[clipping.group_of(name)].to(g.dtype)
         grads[name] = torch.tensordot(f, g, dims=([0], [0]))
     count = mask.to(torch.int64).sum() if mask is not None else torch.tensor(b)
-    return ClippedSum(grads, norms, group_norms, clipping.sensitivity(names), count)
+    return ClippedSum(grads, norms, groups, clipping.sensitivity(names), count)

@@ -12,10 +12,11 @@ distinct derivation paths give unrelated streams. Every integer seed is valid, 0
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["Key"]
+__all__ = ["Key", "RunKeys", "run_keys"]
 
 _MASK64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -81,3 +82,43 @@ class Key:
 
     def __repr__(self) -> str:
         return f"Key(seed={self.seed})"
+
+
+class RunKeys(NamedTuple):
+    """The independent keys of one training run, by purpose (made by :func:`run_keys` only).
+
+    Attributes:
+        noise: the DP noise (:func:`~dpfunc.dp_aggregate` derives step ``t``'s noise from it).
+        sampling: the Poisson batch selection (batch ``t`` from ``sampling.fold_in(t)``).
+        dropout: dropout masks of the bridge's forwards (forward ``k`` from ``dropout.fold_in(k)``).
+        init: the model's initialisation.
+        augment: data augmentation.
+    """
+
+    noise: Key
+    sampling: Key
+    dropout: Key
+    init: Key
+    augment: Key
+
+
+# The position of each purpose in ``key.split``: fixed forever (changing it changes every run).
+_RUN_KEY_INDEX = {"init": 0, "sampling": 1, "noise": 2, "augment": 3, "dropout": 4}
+
+
+def run_keys(key: Key) -> RunKeys:
+    """The run's keys by purpose, derived from its root key — the one place that fixes the order.
+
+    Every part of dpfunc that needs a run key (the training driver, the CLI, the bridge's
+    ``make_private``) asks this function by name, so no code depends on a position in ``split``.
+    Keys for different purposes are independent streams (distinct ``split`` branches).
+
+    Example:
+        >>> keys = run_keys(Key(0))
+        >>> keys.noise != keys.sampling and keys == run_keys(Key(0))
+        True
+    """
+    if not isinstance(key, Key):
+        raise TypeError(f"run_keys: key must be a dpfunc.Key, got {type(key).__name__}")
+    branches = key.split(len(_RUN_KEY_INDEX))
+    return RunKeys(**{name: branches[i] for name, i in _RUN_KEY_INDEX.items()})

@@ -14,6 +14,9 @@ Formal guarantees:
     bound. The state records every application in its :class:`~dpfunc.accounting.PrivacyLedger`.
     Post-processing (the optimizer that follows) does not change the guarantee.
 
+The transform takes a :class:`~dpfunc.ClippedSum` only: clipping belongs to the engine, so there
+is one data path (engine → ``ClippedSum`` → noise) whichever engine computed the gradients.
+
 Edge cases:
 
     ==========================  ==============================================================
@@ -27,20 +30,36 @@ Edge cases:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
 
 from dpfunc.accounting.ledger import PrivacyLedger
-from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound, clip_and_sum
+from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound
 from dpfunc.keys import Key
 from dpfunc.noise import check_noise_multiplier, privatize
 from dpfunc.sampling import check_sampling_rate
 from dpfunc.transforms import GradientTransformation, Schedule, adam, chain, sgd
 
-__all__ = ["DPConfig", "DPAggregateState", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
+__all__ = ["DPConfig", "DPAggregateState", "BudgetGuard", "check_budget", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
+
+
+def _validated(fn: str, clipping: Any, noise_multiplier: Any, sampling_rate: Any, num_examples: Any) -> tuple[Clipping, float, float, int]:
+    """The one check of a DP configuration; errors name ``fn`` (the user's entry point)."""
+    if isinstance(clipping, (bool, int, float)):  # _check_bound refuses bools
+        clipping = FlatClipping(_check_bound(fn, "max_grad_norm", clipping))
+    if not hasattr(clipping, "group_bounds"):
+        raise TypeError(f"{fn}: clipping must be FlatClipping or PerLayerClipping, got {clipping!r}")
+    sigma = check_noise_multiplier(fn, noise_multiplier)
+    q = check_sampling_rate(fn, sampling_rate)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
+        raise ValueError(f"{fn}: num_examples must be an int >= 1, got {num_examples!r}")
+    bounds = clipping.max_grad_norm
+    bounds = [b for _, b in bounds] if isinstance(bounds, tuple) else [bounds]
+    if sigma > 0 and not all(math.isfinite(b) for b in bounds):
+        raise ValueError(f"{fn}: noise_multiplier > 0 needs a finite max_grad_norm (the noise scale is σ·C), got {clipping!r}")
+    return clipping, sigma, q, num_examples
 
 
 @dataclass(frozen=True)
@@ -53,6 +72,10 @@ class DPConfig:
         noise_multiplier: σ ≥ 0; the noise std is ``σ × sensitivity``.
         sampling_rate: q ∈ (0, 1], the Poisson sampling probability of each example.
         num_examples: n, the size of the private data set; ``q·n`` is the expected batch size.
+
+    Example:
+        >>> DPConfig(1.0, noise_multiplier=1.1, sampling_rate=0.01, num_examples=5000).expected_batch_size
+        50.0
     """
 
     clipping: Clipping
@@ -61,21 +84,9 @@ class DPConfig:
     num_examples: int
 
     def __post_init__(self) -> None:
-        fn = "DPConfig"
-        if isinstance(self.clipping, bool):
-            raise ValueError(f"{fn}: clipping (max_grad_norm) must be a number > 0 or a Clipping, got {self.clipping!r}")
-        if isinstance(self.clipping, (int, float)):
-            object.__setattr__(self, "clipping", FlatClipping(_check_bound(fn, "max_grad_norm", self.clipping)))
-        if not hasattr(self.clipping, "group_bounds"):
-            raise TypeError(f"{fn}: clipping must be FlatClipping or PerLayerClipping, got {self.clipping!r}")
-        object.__setattr__(self, "noise_multiplier", check_noise_multiplier(fn, self.noise_multiplier))
-        object.__setattr__(self, "sampling_rate", check_sampling_rate(fn, self.sampling_rate))
-        if isinstance(self.num_examples, bool) or not isinstance(self.num_examples, int) or self.num_examples < 1:
-            raise ValueError(f"{fn}: num_examples must be an int >= 1, got {self.num_examples!r}")
-        bounds = self.clipping.max_grad_norm
-        bounds = [b for _, b in bounds] if isinstance(bounds, tuple) else [bounds]
-        if self.noise_multiplier > 0 and not all(math.isfinite(b) for b in bounds):
-            raise ValueError(f"{fn}: noise_multiplier > 0 needs a finite max_grad_norm (the noise scale is σ·C), got {self.clipping!r}")
+        values = _validated("DPConfig", self.clipping, self.noise_multiplier, self.sampling_rate, self.num_examples)
+        for name, value in zip(("clipping", "noise_multiplier", "sampling_rate", "num_examples"), values):
+            object.__setattr__(self, name, value)
 
     @property
     def expected_batch_size(self) -> float:
@@ -83,30 +94,54 @@ class DPConfig:
 
 
 def _make_config(fn: str, max_grad_norm: Any, noise_multiplier: float, sampling_rate: float, num_examples: int) -> DPConfig:
-    """Build a :class:`DPConfig`, validating first so that errors name ``fn`` (the user's entry point)."""
-    if isinstance(max_grad_norm, (bool, int, float)):
-        _check_bound(fn, "max_grad_norm", max_grad_norm)
-    check_noise_multiplier(fn, noise_multiplier)
-    check_sampling_rate(fn, sampling_rate)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
-        raise ValueError(f"{fn}: num_examples must be an int >= 1, got {num_examples!r}")
-    return DPConfig(max_grad_norm, noise_multiplier, sampling_rate, num_examples)
+    """A :class:`DPConfig` whose validation errors name ``fn`` (the user's entry point)."""
+    return DPConfig(*_validated(fn, max_grad_norm, noise_multiplier, sampling_rate, num_examples))
+
+
+@dataclass(frozen=True)
+class BudgetGuard:
+    """A privacy budget bound to the mechanism it guards (σ and q of one :func:`dp_aggregate`).
+
+    ``check(ledger)`` raises (the budget's own error) if one more step of this mechanism after
+    ``ledger`` would exceed the budget.
+    """
+
+    budget: Any
+    noise_multiplier: float
+    sampling_rate: float
+
+    def check(self, ledger: PrivacyLedger) -> None:
+        self.budget.check(ledger.step(self.noise_multiplier, self.sampling_rate))
 
 
 class DPAggregateState(NamedTuple):
-    """State of :func:`dp_aggregate`: the step count (keys are derived from it) and the ledger."""
+    """State of :func:`dp_aggregate`. Hyper-parameters (σ, q, C, n, the key) live in the transform's
+    closure, not here.
 
-    count: torch.Tensor  # 0-d int64
+    Attributes:
+        count: steps taken (a Python int: step ``t``'s noise key is derived from it without reading
+            a tensor back from the device).
+        ledger: the :class:`~dpfunc.PrivacyLedger` of the steps taken.
+        clipping: the clipping this transform's update expects, so that a step driver without an
+            explicit engine (``make_step(loss_fn, tx)``) clips the same way; the transform itself
+            checks against its own configuration.
+        budget: an opt-in :class:`BudgetGuard`, or None.
+    """
+
+    count: int
     ledger: PrivacyLedger
-    noise_multiplier: float
-    sampling_rate: float
-    budget: Optional[Any] = None  # a dpfunc.accounting.PrivacyBudget, opt-in
+    clipping: Optional[Clipping] = None
+    budget: Optional[BudgetGuard] = None
 
 
 def check_budget(state: DPAggregateState) -> None:
-    """Raise if one more step would exceed the state's budget (no-op without a budget)."""
+    """THE budget check: raise if one more step would exceed the state's budget (no-op without one).
+
+    :func:`dp_aggregate`'s update enforces it before drawing noise; :func:`~dpfunc.make_step` and the
+    bridge's optimizer call the same function first, so that a refused step never runs the model.
+    """
     if state.budget is not None:
-        state.budget.check(state.ledger.step(state.noise_multiplier, state.sampling_rate))
+        state.budget.check(state.ledger)
 
 
 _NOISE_DOMAIN = 0x6E6F697365  # "noise": separates noise streams from any other use of the key
@@ -118,52 +153,61 @@ def noise_key(key: Key, step: int) -> Key:
 
 
 def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientTransformation:
-    """Clip per-example gradients, sum, add Gaussian noise, divide by the expected batch size.
+    """Add Gaussian noise to a clipped sum and divide by the expected batch size.
 
-    ``update(per_example_grads, state, params)`` takes ``dict`` name → ``(B, *shape)`` (rows of padding
-    must be zero), or a :class:`~dpfunc.ClippedSum` already computed by a fast engine with the same
-    clipping, and returns the privatised mean gradient. Noise of step ``t`` is drawn from
-    ``noise_key(key, t)``: fresh at every step, reproducible from ``(key, t)``, and in a domain of
-    its own, so passing the same key to :func:`~dpfunc.poisson_batches` cannot correlate the noise
-    with the batch selection.
+    ``update(clipped, state, params)`` takes the :class:`~dpfunc.ClippedSum` that an engine
+    (:func:`~dpfunc.vmap_engine`, ``fast_engine``) or :func:`~dpfunc.clip_and_sum` computed with
+    the same clipping, and returns the privatised mean gradient ``(Σ_i clip(g_i) + N(0, σ²C²)) / (q·n)``.
+    Noise of step ``t`` is drawn from ``noise_key(key, t)``: fresh at every step, reproducible from
+    ``(key, t)``, and in a domain of its own, so passing the same key to
+    :func:`~dpfunc.poisson_batches` cannot correlate the noise with the batch selection. The update
+    reads nothing back from the device.
 
     Args:
-        config: the :class:`DPConfig`.
+        config: the :class:`DPConfig` (kept in the closure with the key).
         key: the noise key of the run.
         budget: optional :class:`~dpfunc.accounting.PrivacyBudget`; a step that would exceed it raises
             before any noise is drawn.
+
+    Example:
+        >>> tx = dp_aggregate(DPConfig(1.0, 0.0, 0.5, 4), Key(0))
+        >>> clipped = clip_and_sum({"w": torch.tensor([[3.0, 4.0], [0.3, 0.4]])}, FlatClipping(1.0))
+        >>> noisy, state = tx.update(clipped, tx.init({"w": torch.zeros(2)}))
+        >>> noisy["w"], state.count                   # σ = 0: the clipped sum over q·n = 2
+        (tensor([0.4500, 0.6000]), 1)
     """
     if not isinstance(config, DPConfig):
         raise TypeError(f"dp_aggregate: config must be a DPConfig, got {type(config).__name__}")
     if not isinstance(key, Key):
         raise TypeError(f"dp_aggregate: key must be a dpfunc.Key, got {type(key).__name__}")
+    sigma, q = config.noise_multiplier, config.sampling_rate
+    guard = BudgetGuard(budget, sigma, q) if budget is not None else None
 
     def init(params):
-        return DPAggregateState(torch.zeros((), dtype=torch.int64), PrivacyLedger(), config.noise_multiplier, config.sampling_rate, budget)
+        return DPAggregateState(0, PrivacyLedger(), config.clipping, guard)
 
     def update(updates, state, params=None):
+        if not isinstance(updates, ClippedSum):
+            raise TypeError(
+                f"dp_aggregate: updates must be a ClippedSum (from an engine or clip_and_sum(per_example_grads, clipping)), "
+                f"got {type(updates).__name__}"
+            )
         check_budget(state)
-        if isinstance(updates, ClippedSum):
-            clipped = updates
-            expected = config.clipping.sensitivity(list(updates.grads))
-            if not math.isclose(clipped.sensitivity, expected, rel_tol=1e-12):
-                raise ValueError(
-                    f"dp_aggregate: the ClippedSum was clipped to sensitivity {clipped.sensitivity}, but this transform's "
-                    f"clipping {config.clipping} has sensitivity {expected}; build the engine with the same clipping"
-                )
-        elif isinstance(updates, Mapping):
-            clipped = clip_and_sum(updates, config.clipping)
-        else:
-            raise TypeError(f"dp_aggregate: updates must be per-example gradients (dict) or a ClippedSum, got {type(updates).__name__}")
+        expected = config.clipping.sensitivity(list(updates.grads))
+        if not math.isclose(updates.sensitivity, expected, rel_tol=1e-12):
+            raise ValueError(
+                f"dp_aggregate: the ClippedSum was clipped to sensitivity {updates.sensitivity}, but this transform's "
+                f"clipping {config.clipping} has sensitivity {expected}; build the engine with the same clipping"
+            )
+        count = int(state.count)  # a Python int (an old checkpoint may hold a 0-d CPU tensor)
         noisy = privatize(
-            clipped.grads,
-            noise_key(key, int(state.count)),
-            noise_multiplier=config.noise_multiplier,
-            sensitivity=clipped.sensitivity,
+            updates.grads,
+            noise_key(key, count),
+            noise_multiplier=sigma,
+            sensitivity=updates.sensitivity,
             expected_batch_size=config.expected_batch_size,
         )
-        ledger = state.ledger.step(config.noise_multiplier, config.sampling_rate)
-        return noisy, state._replace(count=state.count + 1, ledger=ledger)
+        return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q))
 
     return GradientTransformation(init, update)
 
@@ -185,6 +229,8 @@ def dpsgd(
 
     Example:
         >>> tx = dpsgd(0.5, noise_multiplier=1.1, max_grad_norm=1.0, sampling_rate=0.01, num_examples=5000, key=Key(0))
+        >>> privacy_ledger(tx.init({"w": torch.zeros(3)})).total_steps
+        0
     """
     cfg = _make_config("dpsgd", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
     return chain(dp_aggregate(cfg, key, budget=budget), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))

@@ -1,22 +1,26 @@
-"""The pure training step: gradients → private aggregation → optimizer → new parameters.
+"""The pure training step: engine → :class:`~dpfunc.ClippedSum` → noise → optimizer → new parameters.
 
 ``make_step(loss_fn, tx)`` returns ``step(params, opt_state, batch, mask=None, buffers=None)``
 → ``(params, opt_state, metrics)``. The optimizer state carries the privacy ledger (see
 :func:`dpfunc.privacy_ledger`), so ε is a pure function of the training state.
 
-How gradients are computed is an *engine*: :func:`vmap_engine` (the ``vmap(grad)`` oracle, any model)
-or ``dpfunc.bridge.fast_engine`` (ghost norms / book-keeping for ``nn.Module`` models).
+There is one data path. An *engine* computes the clipped sum of per-example gradients —
+:func:`vmap_engine` (the ``vmap(grad)`` oracle, any model) or ``dpfunc.bridge.fast.fast_engine``
+(ghost norms / book-keeping for ``nn.Module`` models) — and :func:`~dpfunc.dp_aggregate` adds the
+noise. Nothing in a step reads a tensor back to the host (no ``.item()``, ``float()``, ``bool()``):
+the metrics are 0-d tensors, converted only when printed, and the non-finite check is the
+non-blocking :func:`~dpfunc.clipping.check_finite_norms`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Protocol, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 
 from dpfunc._tree import Params
-from dpfunc.clipping import ClippedSum, Clipping, clip_and_sum
+from dpfunc.clipping import ClippedSum, Clipping, clip_and_sum, zero_rows
 from dpfunc.per_example import per_example_grads_and_losses
 from dpfunc.private import check_budget, find_dp_state
 from dpfunc.transforms import GradientTransformation, apply_updates
@@ -25,10 +29,10 @@ __all__ = ["GradEngine", "EngineOutput", "vmap_engine", "make_step", "StepMetric
 
 
 class EngineOutput(NamedTuple):
-    """What an engine returns: per-example gradients (``dict`` of ``(B, *shape)``, padding rows
-    zero) or an already clipped :class:`~dpfunc.ClippedSum`; and the ``(B,)`` per-example losses."""
+    """What an engine returns: the :class:`~dpfunc.ClippedSum` of the batch and the ``(B,)``
+    per-example losses (0 for padding rows)."""
 
-    grads: Union[Params, ClippedSum]
+    grads: ClippedSum
     losses: torch.Tensor
 
 
@@ -39,31 +43,47 @@ class GradEngine(Protocol):
 class StepMetrics(NamedTuple):
     """Diagnostics of one step (NOT private: they are computed from the raw batch).
 
+    Every field is a 0-d tensor on the batch's device, so that building them never waits for the
+    device; convert when printing (``float(m.loss)``, ``int(m.batch_size)``).
+
     Attributes:
         loss: mean loss over the real examples of the batch (nan for an empty batch).
-        batch_size: number of real examples.
-        clipped_fraction: fraction of real examples whose gradient was clipped (nan when unknown).
-        mean_grad_norm: mean unclipped per-example gradient norm (nan when unknown).
+        batch_size: number of real examples (int64).
+        clipped_fraction: fraction of real examples whose gradient was clipped (flat clipping; nan
+            for per-layer clipping and for an empty batch).
+        mean_grad_norm: mean unclipped per-example gradient norm (nan for an empty batch).
     """
 
-    loss: float
-    batch_size: int
-    clipped_fraction: float
-    mean_grad_norm: float
+    loss: torch.Tensor
+    batch_size: torch.Tensor
+    clipped_fraction: torch.Tensor
+    mean_grad_norm: torch.Tensor
 
 
 def vmap_engine(
     loss_fn: Callable[..., torch.Tensor], *, clipping: Clipping | None = None, chunk_size: int | None = None, randomness: str = "error"
 ) -> GradEngine:
-    """The reference engine: ``vmap(grad(loss_fn))`` over the batch.
+    """The reference engine: ``vmap(grad(loss_fn))`` over the batch, then :func:`~dpfunc.clip_and_sum`.
 
     Args:
         loss_fn: ``loss_fn(params, buffers, *example) -> 0-d tensor``, the loss of ONE example.
-        clipping: if given, clip here and return a :class:`~dpfunc.ClippedSum` (adds norm metrics);
-            otherwise return the per-example gradients for the DP transform to clip.
+        clipping: :class:`~dpfunc.FlatClipping` or :class:`~dpfunc.PerLayerClipping` (required: every
+            engine returns a clipped sum; ``make_step(loss_fn, tx)`` passes the transform's own).
         chunk_size: vmap chunking, to bound memory.
         randomness: vmap's ``randomness`` (``"different"`` for dropout; see :func:`~dpfunc.per_example_grads`).
+
+    Returns:
+        ``engine(params, buffers, batch, mask) -> EngineOutput(ClippedSum, losses)``.
+
+    Example:
+        >>> loss_fn = lambda p, b, x: (p["w"] * x).sum()
+        >>> engine = vmap_engine(loss_fn, clipping=FlatClipping(1.0))
+        >>> out = engine({"w": torch.zeros(2)}, {}, (torch.tensor([[3.0, 4.0], [0.3, 0.4]]),), None)
+        >>> out.grads.grads["w"], out.grads.norms
+        (tensor([0.9000, 1.2000]), tensor([5.0000, 0.5000]))
     """
+    if clipping is None or not hasattr(clipping, "group_bounds"):
+        raise TypeError(f"vmap_engine: clipping must be a FlatClipping or PerLayerClipping (engines return clipped sums), got {clipping!r}")
 
     def engine(params, buffers, batch, mask):
         batch = tuple(batch)
@@ -71,28 +91,39 @@ def vmap_engine(
             loss_fn, params, buffers, *batch, in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size, randomness=randomness
         )
         if mask is not None:
-            keep = mask.to(torch.bool)
-            grads = {k: torch.where(keep.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device)) for k, g in grads.items()}
-            losses = torch.where(keep, losses, torch.zeros((), dtype=losses.dtype, device=losses.device))
-        if clipping is not None:
-            return EngineOutput(clip_and_sum(grads, clipping, mask), losses)
-        return EngineOutput(grads, losses)
+            losses = zero_rows(losses, mask.to(torch.bool))
+        return EngineOutput(clip_and_sum(grads, clipping, mask), losses)
 
     return engine
 
 
-def _metrics(out: EngineOutput, mask: torch.Tensor | None) -> StepMetrics:
+def step_metrics(out: EngineOutput, mask: torch.Tensor | None) -> StepMetrics:
+    """:class:`StepMetrics` of an engine's output, as tensors (no host read)."""
+    clipped = out.grads
     losses = out.losses.detach()
-    n = int(mask.sum()) if mask is not None else int(losses.shape[0])
-    loss = float(losses.sum()) / n if n else float("nan")
-    frac = norm = float("nan")
-    if isinstance(out.grads, ClippedSum) and n:
-        norms = out.grads.norms.detach()
-        real = mask.to(torch.bool) if mask is not None else torch.ones_like(norms, dtype=torch.bool)
-        norm = float(norms[real].mean())
-        if set(out.grads.group_norms) == {""}:  # flat clipping: the bound is the sensitivity
-            frac = float((norms[real] > out.grads.sensitivity).to(torch.float64).mean())
-    return StepMetrics(loss, n, frac, norm)
+    dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
+    real = mask.to(torch.bool) if mask is not None else torch.ones(losses.shape, dtype=torch.bool, device=losses.device)
+    n = real.sum()
+    nf = n.to(dtype)  # 0 / 0 = nan: the empty batch needs no branch
+    norms = clipped.norms.detach().to(dtype)
+    mean_norm = torch.where(real, norms, 0).sum() / nf
+    if set(clipped.group_norms) == {""}:  # flat clipping: the bound is the sensitivity
+        frac = (real & (norms > clipped.sensitivity)).sum().to(dtype) / nf
+    else:
+        frac = torch.full((), float("nan"), dtype=dtype, device=losses.device)
+    return StepMetrics(losses.to(dtype).sum() / nf, n, frac, mean_norm)
+
+
+def _default_engine(loss_fn, chunk_size):
+    """``vmap_engine`` built for the clipping a transform expects (cached per clipping)."""
+    cache: dict[Clipping, GradEngine] = {}
+
+    def engine_for(clipping: Clipping) -> GradEngine:
+        if clipping not in cache:
+            cache[clipping] = vmap_engine(loss_fn, clipping=clipping, chunk_size=chunk_size)
+        return cache[clipping]
+
+    return engine_for
 
 
 def make_step(
@@ -107,40 +138,52 @@ def make_step(
     Args:
         loss_fn: ``loss_fn(params, buffers, *example)``, the loss of ONE example (unused if ``engine``).
         tx: a transform that begins with :func:`~dpfunc.dp_aggregate` (e.g. :func:`~dpfunc.dpsgd`).
-        engine: how to compute gradients; default ``vmap_engine(loss_fn, chunk_size=chunk_size)``.
+        engine: how to compute the clipped sum; default ``vmap_engine(loss_fn, clipping=<tx's
+            clipping>, chunk_size=chunk_size)``.
 
     Returns:
         ``step(params, opt_state, batch, mask=None, buffers=None) -> (params, opt_state, metrics)``
         where ``batch`` is a tuple of tensors with leading dim ``B`` and ``mask`` an optional ``(B,)``
         bool tensor marking real rows (see :func:`~dpfunc.pad_batch`). Inputs are not modified. The
         update runs under ``torch.no_grad()``: returned params and state never carry an autograd graph.
+        The step reads nothing back from the device; ``metrics`` holds 0-d tensors.
 
     Raises:
         PrivacyBudgetExceededError: before touching the batch, if the state's budget would be exceeded.
+        ValueError: a real example with a non-finite gradient (invariant 6). On CPU in this step; on
+            CUDA without blocking, i.e. in a later step or at
+            :func:`~dpfunc.clipping.flush_nonfinite_checks` (see
+            :func:`~dpfunc.clipping.check_finite_norms`).
 
     Example:
-        >>> tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.01, num_examples=1000, key=Key(0))
+        >>> loss_fn = lambda p, b, x, y: (p["w"] @ x - y) ** 2
+        >>> tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.5, num_examples=8, key=Key(0))
+        >>> params = {"w": torch.zeros(3)}
         >>> step = make_step(loss_fn, tx)
-        >>> params, opt_state, metrics = step(params, tx.init(params), (x, y))
+        >>> params, opt_state, metrics = step(params, tx.init(params), (torch.ones(4, 3), torch.ones(4)))
+        >>> int(metrics.batch_size), privacy_ledger(opt_state).total_steps
+        (4, 1)
     """
+    default = None
     if engine is None:
         if loss_fn is None:
             raise ValueError("make_step: give loss_fn or engine")
-        engine = vmap_engine(loss_fn, chunk_size=chunk_size)
+        default = _default_engine(loss_fn, chunk_size)
 
     def step(params, opt_state, batch, mask=None, buffers=None):
         dp_state = find_dp_state(opt_state)
         if dp_state is None:
             raise ValueError("make_step: tx must contain dp_aggregate (use dpsgd/dpadam or chain(dp_aggregate(...), ...))")
-        check_budget(dp_state)  # before the batch is touched
+        check_budget(dp_state)  # the transform enforces it; asking first means a refused step runs no model
         if not isinstance(batch, (tuple, list)) or not batch:
             raise ValueError(f"make_step: batch must be a non-empty tuple of tensors, got {type(batch).__name__}")
         if mask is not None and tuple(mask.shape) != (batch[0].shape[0],):
             raise ValueError(f"make_step: mask must have shape ({batch[0].shape[0]},), got {tuple(mask.shape)}")
-        out = engine(params, buffers if buffers is not None else {}, tuple(batch), mask)
+        run = engine if engine is not None else default(dp_state.clipping)
+        out = run(params, buffers if buffers is not None else {}, tuple(batch), mask)
         with torch.no_grad():  # no autograd graph may link one step's params to the next (it would grow without end)
             updates, opt_state = tx.update(out.grads, opt_state, params)
             new_params = apply_updates(params, updates)
-        return new_params, opt_state, _metrics(out, mask)
+        return new_params, opt_state, step_metrics(out, mask)
 
     return step

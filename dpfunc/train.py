@@ -33,7 +33,7 @@ from torch.func import grad_and_value
 from dpfunc import accounting
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
-from dpfunc.keys import Key
+from dpfunc.keys import Key, run_keys
 from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
 from dpfunc.private import dpsgd, privacy_ledger
@@ -274,7 +274,8 @@ def train(
     q, steps_per_epoch, total_steps = _plan(cfg, n)
     sigma = calibrate(cfg, q, total_steps)
 
-    init_key, sample_key, noise_key, aug_key = Key(cfg.seed).split(4)
+    keys = run_keys(Key(cfg.seed))  # by purpose; the order lives in dpfunc.keys only
+    init_key, sample_key, noise_key, aug_key = keys.init, keys.sampling, keys.noise, keys.augment
     module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
     apply_fn, params, buffers = functionalize(module)
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from _bridge_models import build
-from dpfunc import DPConfig, FlatClipping, Key, dp_aggregate, dpsgd, make_step, poisson_sample, vmap_engine
+from dpfunc import DPConfig, FlatClipping, Key, dp_aggregate, dpsgd, make_step, poisson_sample, run_keys, vmap_engine
 from dpfunc.bridge import PrivacyEngine, functionalize, make_private
 
 
@@ -54,8 +54,8 @@ def test_bridge_step_equals_functional_core_on_same_keys(reduction):
     bridge_grad = {k: p.grad.clone() for k, p in net.named_parameters()}
     bridge_params = {k: p.detach().clone() for k, p in net.named_parameters()}
 
-    # the functional core, from the same key: noise key = split[0], sampling key = split[1]
-    noise_key, sample_key, _ = key.split(3)
+    # the functional core, from the same key: the run's noise and sampling keys
+    noise_key, sample_key = run_keys(key).noise, run_keys(key).sampling
     q = 1 / 4
     idx = poisson_sample(sample_key.fold_in(0), 32, q)
     assert torch.equal(x, X[idx]) and torch.equal(y, Y[idx])  # the loader draws the core's Poisson batch
@@ -66,7 +66,7 @@ def test_bridge_step_equals_functional_core_on_same_keys(reduction):
         return F.cross_entropy(apply_fn(p, b, xi[None]), yi[None])
 
     cfg = DPConfig(FlatClipping(c), sigma, q, 32)
-    out = vmap_engine(loss_fn)(params, buffers, (X[idx], Y[idx]), None)
+    out = vmap_engine(loss_fn, clipping=FlatClipping(c))(params, buffers, (X[idx], Y[idx]), None)
     tx = dp_aggregate(cfg, noise_key)
     core_grad, state = tx.update(out.grads, tx.init(params), params)
     tx_full = dpsgd(lr, noise_multiplier=sigma, max_grad_norm=c, sampling_rate=q, num_examples=32, key=noise_key)
@@ -200,7 +200,7 @@ def test_dropout_uses_keys_and_leaves_global_rng_alone():
         runs.append({k: p.grad.clone() for k, p in net.named_parameters()})
         # the gradient pass replays the forward's dropout masks: it equals autograd through that very output
         from dpfunc.bridge import keyed_global_rng
-        with keyed_global_rng(Key(9).split(3)[2].fold_in(0)):
+        with keyed_global_rng(run_keys(Key(9)).dropout.fold_in(0)):
             ref_out = ref(x)
         assert torch.equal(ref_out, out.detach())
         (F.cross_entropy(ref_out, y, reduction="sum") / 8).backward()

@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from dpfunc import DPConfig, Key, dp_aggregate, gaussian_noise, privatize
+from dpfunc import DPConfig, Key, clip_and_sum, dp_aggregate, gaussian_noise, privatize
 
 ALPHA = 1e-6
 N = 100_000
@@ -109,7 +109,7 @@ def test_dp_aggregate_fresh_noise_each_step_and_reproducible(seed):
         state = tx.init(params)
         outs = []
         for _ in range(steps):
-            u, state = tx.update(zero_grads, state, params)
+            u, state = tx.update(clip_and_sum(zero_grads, cfg.clipping), state, params)
             outs.append(u)
         return outs
 

@@ -57,7 +57,7 @@ def test_sigma_zero_is_clipped_sum_over_expected_batch_size(seed, b, q, n, c):
     grads = _grads(gen, b)
     cfg = DPConfig(FlatClipping(c), noise_multiplier=0.0, sampling_rate=q, num_examples=n)
     tx = dp_aggregate(cfg, Key(seed))
-    out, state = tx.update(grads, tx.init({k: v[0] if b else v.new_zeros(v.shape[1:]) for k, v in grads.items()}))
+    out, state = tx.update(clip_and_sum(grads, FlatClipping(c)), tx.init({k: v[0] if b else v.new_zeros(v.shape[1:]) for k, v in grads.items()}))
     want = clip_and_sum(grads, FlatClipping(c)).grads
     for k in grads:
         assert torch.equal(out[k], want[k] / (q * n))
@@ -70,7 +70,7 @@ def test_empty_batch_is_pure_noise(seed, sigma, c, q):
     n = 500
     params = {"w": torch.zeros(60_000, dtype=torch.float64)}
     tx = dp_aggregate(DPConfig(c, sigma, q, n), Key(seed))
-    out, _ = tx.update({"w": torch.zeros(0, 60_000, dtype=torch.float64)}, tx.init(params), params)
+    out, _ = tx.update(clip_and_sum({"w": torch.zeros(0, 60_000, dtype=torch.float64)}, FlatClipping(c)), tx.init(params), params)
     assert out["w"].shape == (60_000,) and torch.isfinite(out["w"]).all()
     assert_std(out["w"], sigma * c / (q * n))
 
@@ -141,7 +141,7 @@ def test_ledger_records_every_step():
     state = tx.init(params)
     assert privacy_ledger(state).total_steps == 0
     for _ in range(5):
-        _, state = tx.update({"w": torch.ones(3, 2)}, state, params)
+        _, state = tx.update(clip_and_sum({"w": torch.ones(3, 2)}, FlatClipping(1.0)), state, params)
     ledger = privacy_ledger(state)
     assert isinstance(ledger, PrivacyLedger) and ledger.total_steps == 5
     assert [(p.noise_multiplier, p.sampling_rate, p.steps) for p in ledger.phases] == [(1.3, 0.02, 5)]
@@ -161,8 +161,8 @@ def test_dp_aggregate_is_pure_and_deterministic():
     snap = ({k: v.clone() for k, v in grads.items()}, {k: v.clone() for k, v in params.items()})
     tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.1, num_examples=50, key=Key(3), momentum=0.9)
     state = tx.init(params)
-    a, sa = tx.update(grads, state, params)
-    b, sb = tx.update(grads, state, params)
+    a, sa = tx.update(clip_and_sum(grads, FlatClipping(1.0)), state, params)
+    b, sb = tx.update(clip_and_sum(grads, FlatClipping(1.0)), state, params)
     for k in grads:
         assert torch.equal(a[k], b[k])
         assert torch.equal(grads[k], snap[0][k]) and torch.equal(params[k], snap[1][k])
@@ -176,10 +176,15 @@ def test_clipped_sum_input_and_sensitivity_mismatch():
     params = {k: v[0] for k, v in grads.items()}
     cfg = DPConfig(FlatClipping(1.0), 1.0, 0.1, 40)
     tx = dp_aggregate(cfg, Key(0))
-    from_dict, _ = tx.update(grads, tx.init(params), params)
+    # one data path: per-example gradients are refused with a message that shows the fix
+    with pytest.raises(TypeError, match=r"dp_aggregate: updates must be a ClippedSum .*clip_and_sum"):
+        tx.update(grads, tx.init(params), params)
     from_sum, _ = tx.update(clip_and_sum(grads, FlatClipping(1.0)), tx.init(params), params)
+    from dpfunc import noise_key, privatize
+
+    want = privatize(clip_and_sum(grads, FlatClipping(1.0)).grads, noise_key(Key(0), 0), noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=4.0)
     for k in grads:
-        assert torch.equal(from_dict[k], from_sum[k])
+        assert torch.equal(from_sum[k], want[k])
     with pytest.raises(ValueError, match="dp_aggregate: the ClippedSum was clipped to sensitivity"):
         tx.update(clip_and_sum(grads, FlatClipping(2.0)), tx.init(params), params)
     with pytest.raises(TypeError, match="dp_aggregate: updates"):
@@ -192,7 +197,7 @@ def test_per_layer_clipping_through_dp_aggregate():
     grads = _grads(gen, 6)
     clipping = PerLayerClipping(2.0)
     tx = dp_aggregate(DPConfig(clipping, 0.0, 0.5, 12), Key(0))
-    out, _ = tx.update(grads, tx.init({k: v[0] for k, v in grads.items()}))
+    out, _ = tx.update(clip_and_sum(grads, clipping), tx.init({k: v[0] for k, v in grads.items()}))
     want = clip_and_sum(grads, clipping).grads
     for k in grads:
         assert torch.equal(out[k], want[k] / 6.0)
@@ -215,9 +220,9 @@ def test_budget_stops_dp_aggregate_before_noise():
     params = {"w": torch.zeros(2)}
     state = tx.init(params)
     for _ in range(2):
-        _, state = tx.update({"w": torch.ones(1, 2)}, state, params)
+        _, state = tx.update(clip_and_sum({"w": torch.ones(1, 2)}, FlatClipping(1.0)), state, params)
     with pytest.raises(RuntimeError, match="budget exceeded"):
-        tx.update({"w": torch.ones(1, 2)}, state, params)
+        tx.update(clip_and_sum({"w": torch.ones(1, 2)}, FlatClipping(1.0)), state, params)
     assert budget.seen == [1, 2, 3]  # it checks the ledger as it WOULD be after the step
     assert privacy_ledger(state).total_steps == 2
 
@@ -284,14 +289,15 @@ def test_chain_with_dp_aggregate_first_equals_dpsgd():
     cfg = DPConfig(1.0, 0.8, 0.1, 40)
     a = chain(dp_aggregate(cfg, Key(5)), sgd(0.3, 0.9))
     b = dpsgd(0.3, noise_multiplier=0.8, max_grad_norm=1.0, sampling_rate=0.1, num_examples=40, key=Key(5), momentum=0.9)
-    ua, _ = a.update(grads, a.init(params), params)
-    ub, _ = b.update(grads, b.init(params), params)
+    clipped = clip_and_sum(grads, FlatClipping(1.0))
+    ua, _ = a.update(clipped, a.init(params), params)
+    ub, _ = b.update(clipped, b.init(params), params)
     pa, pb = apply_updates(params, ua), apply_updates(params, ub)
     for k in params:
         assert torch.equal(pa[k], pb[k])
     # a different key gives different noise
     c = dpsgd(0.3, noise_multiplier=0.8, max_grad_norm=1.0, sampling_rate=0.1, num_examples=40, key=Key(6), momentum=0.9)
-    uc, _ = c.update(grads, c.init(params), params)
+    uc, _ = c.update(clipped, c.init(params), params)
     assert not torch.equal(ua["fc.weight"], uc["fc.weight"])
 
 

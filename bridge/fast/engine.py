@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from dpfunc.clipping import ClippedSum, Clipping, check_finite_norms, clip_factors
+from dpfunc.clipping import ClippedSum, Clipping, check_finite_norms, clip_factors, group_norms
 from dpfunc.step import EngineOutput, GradEngine
 
 from dpfunc.bridge.fast.layers import Call, LayerGrads, rule_for
@@ -237,23 +237,14 @@ def fast_engine(
         bounds = clipping.group_bounds(names)
         ref = next(iter(params.values()))
         keep = None
-        if mask is not None and not bool(mask.all()):
+        if mask is not None:  # padding rows are not computed at all (no host read: always gather)
             keep = torch.nonzero(mask.to(torch.bool)).flatten()
             batch = tuple(t.index_select(0, keep) if isinstance(t, torch.Tensor) else t for t in batch)
         n = batch[0].shape[0]
 
         sq, losses, clip_sums = _norms(plan, apply_fn, loss_from_output, params, buffers, batch, n, ghost_norm, fallback_chunk_size, ref, views)
-
-        # per-group norms of the real rows
-        group_sq: dict[str, torch.Tensor] = {}
-        for name in names:
-            grp = clipping.group_of(name)
-            s = sq.get(name)
-            if s is None:
-                s = ref.new_zeros(n, dtype=_norm_dtype(ref))
-            group_sq[grp] = group_sq[grp] + s if grp in group_sq else s.to(_norm_dtype(ref))
-        group_norms = {g: s.sqrt() for g, s in group_sq.items()}
-        norms = sum(group_sq.values()).sqrt() if group_sq else ref.new_zeros(n)
+        like = ref.new_zeros(n, dtype=_norm_dtype(ref))
+        norms, groups = group_norms({k: v.to(like.dtype) for k, v in sq.items()}, clipping, names, like)
 
         def full(t):
             if keep is None:
@@ -262,11 +253,11 @@ def fast_engine(
 
         full_norms = full(norms)
         check_finite_norms(_FN, full_norms, mask)
-        factors = clip_factors(group_norms, bounds)
+        factors = clip_factors(groups, bounds)
         grads = clip_sums({name: factors[clipping.group_of(name)] for name in names})
         grads = {name: grads[name] if name in grads else torch.zeros_like(params[name]) for name in names}
         count = mask.to(torch.int64).sum() if mask is not None else torch.tensor(b)
-        out = ClippedSum(grads, full_norms, {g: full(v) for g, v in group_norms.items()}, clipping.sensitivity(names), count)
+        out = ClippedSum(grads, full_norms, {g: full(v) for g, v in groups.items()}, clipping.sensitivity(names), count)
         return EngineOutput(out, full(losses.detach()))
 
     return engine
