@@ -1,25 +1,69 @@
-"""The ``dpfunc`` command line: ``train``, ``evaluate``, ``account``.
+"""The ``dpfunc`` command line: ``train``, ``evaluate``, ``account`` (and the subcommands registered below).
 
 Examples::
 
-    dpfunc train --data-dir ../shared/data                      # DP-SGD, ε = 3, δ = 1e-5, CNN
-    dpfunc train --data-dir ../shared/data --no-dp              # the non-private baseline
-    dpfunc train --run-dir runs/eps3 --resume                   # continue an interrupted run
-    dpfunc evaluate runs/eps3                                   # test metrics from the checkpoint
+    dpfunc train                                   # DP-SGD, ε = 3, δ = 1e-5, CNN -> runs/cnn-eps3.0-seed0/
+    dpfunc train --no-dp                           # the non-private baseline
+    dpfunc train --resume                          # continue the newest run with these flags
+    dpfunc evaluate runs/cnn-eps3.0-seed0          # test metrics and ε from the checkpoint
     dpfunc account --noise-multiplier 1.1 --sampling-rate 0.004267 --steps 14062 --delta 1e-5
+
+The data file is found with --data-dir, else $DPFUNC_DATA, else ../shared/data beside a source
+checkout, else ~/.cache/dpfunc (--download fetches it there).
+
+Adding a subcommand: write ``add_parser(subparsers) -> ArgumentParser`` and ``run(args) -> int`` (in
+their own module when they are more than a few lines) and add one line to :data:`COMMANDS`. ``run``
+raises :class:`CommandError` (or ``ValueError``/``OSError``) for user errors: :func:`main` prints
+them as ``dpfunc <command>: error: …`` without a traceback and exits 2 (``DPFUNC_DEBUG=1`` re-raises).
+A ``--quiet`` flag on a subcommand turns every :mod:`dpfunc._progress` bar off for that command.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "Command", "CommandError", "COMMANDS"]
+
+
+class CommandError(Exception):
+    """A user error whose message is already phrased in the command line's terms (flags, not APIs)."""
+
+
+class Command(NamedTuple):
+    """One subcommand: ``add_parser(subparsers)`` declares it, ``run(args)`` executes it (exit code)."""
+
+    add_parser: Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
+    run: Callable[[argparse.Namespace], int]
+
+    @classmethod
+    def from_module(cls, module: str) -> Command:
+        """A subcommand whose ``add_parser`` and ``run`` live in ``module`` (imported when used)."""
+        return cls(lambda sub: importlib.import_module(module).add_parser(sub),
+                   lambda args: importlib.import_module(module).run(args))
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` only where X says something: not for None/False defaults, and not when
+    the help text already states its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+
+# --------------------------------------------------------------------------- argument types
 
 
 def _positive_float(name: str):
@@ -62,97 +106,172 @@ def _int_at_least(name: str, low: int):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from dpfunc._version import __version__
+_DATA_HELP = ("folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else ../shared/data beside a source "
+              "checkout, else ~/.cache/dpfunc)")
 
-    p = argparse.ArgumentParser(
-        prog="dpfunc",
-        description="Differentially private training, evaluation and accounting (paediatric pneumonia case study).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples::", 1)[1],
-    )
-    p.add_argument("--version", action="version", version=f"dpfunc {__version__}")
-    sub = p.add_subparsers(dest="command", required=True, metavar="{train,evaluate,account}")
 
+# --------------------------------------------------------------------------- train
+
+#: DP-only flags: refused with --no-dp instead of being silently ignored. name -> TrainConfig default.
+_DP_FLAGS = {"epsilon": 3.0, "noise_multiplier": None, "delta": 1e-5, "max_grad_norm": 1.0, "engine": "fast",
+             "augment_views": 0}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a classifier with DP-SGD (or --no-dp) and write a run folder",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="Train with DP-SGD (or the non-private baseline) and write a run folder "
+                                   "(config.json, checkpoint.pt, metrics.json, plots).",
+                       formatter_class=HelpFormatter)
     t.add_argument("--dataset", choices=["pneumoniamnist"], default="pneumoniamnist", help="the data set")
-    t.add_argument("--data-dir", default=None,
-                   help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, then ~/.cache/dpfunc)")
-    t.add_argument("--download", action="store_true", help="download the official file into the data folder if missing")
+    t.add_argument("--data-dir", default=None, help=_DATA_HELP)
+    t.add_argument("--download", action="store_true",
+                   help="if the file is nowhere to be found, download the official MedMNIST file (needs internet) "
+                        "into --data-dir, $DPFUNC_DATA or ~/.cache/dpfunc")
     t.add_argument("--model", choices=["cnn", "resnet18"], default="cnn", help="GroupNorm CNN or ResNet-18-GN")
-    t.add_argument("--epsilon", type=_positive_float("--epsilon"), default=3.0,
-                   help="target ε; σ is calibrated with the PLD accountant so that ε ≤ target")
-    t.add_argument("--delta", type=_unit_interval("--delta"), default=1e-5, help="target δ")
+    t.add_argument("--epsilon", type=_positive_float("--epsilon"), default=None,
+                   help="target ε (default: 3); σ is calibrated with the PLD accountant so that ε ≤ target")
+    t.add_argument("--delta", type=_unit_interval("--delta"), default=None, help="target δ (default: 1e-5)")
     t.add_argument("--noise-multiplier", type=_positive_float("--noise-multiplier"), default=None,
                    help="train at this σ instead of calibrating to --epsilon")
     t.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=15, help="passes over the data (in expectation)")
     t.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=256,
-                   help="EXPECTED Poisson batch size (sampling rate = batch size / n)")
+                   help="EXPECTED Poisson batch size (sampling rate = batch size / n; at most n)")
     t.add_argument("--lr", type=_positive_float("--lr"), default=None,
                    help="SGD learning rate (default: 1.0 with DP, 0.05 with --no-dp)")
     t.add_argument("--momentum", type=float, default=0.9, help="SGD momentum in [0, 1)")
     t.add_argument("--ema-decay", type=float, default=0.9,
                    help="evaluate an exponential moving average of the iterates (free post-processing); 0 = last iterate")
-    t.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0, help="per-example clipping bound C")
-    t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=0,
-                   help="augmentation multiplicity K (0 = off): K views per example, clipped as one")
+    t.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=None,
+                   help="per-example clipping bound C (default: 1.0)")
+    t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=None,
+                   help="augmentation multiplicity K (default: 0 = off): K views per example, clipped as one")
     t.add_argument("--image-size", type=int, choices=[28, 64], default=28, help="input side length (64 = upsampled)")
-    t.add_argument("--engine", choices=["fast", "vmap"], default="fast",
-                   help="per-example clipping: fast (ghost norms / book-keeping) or vmap (oracle)")
+    t.add_argument("--engine", choices=["fast", "vmap"], default=None,
+                   help="per-example clipping (default: fast): fast (ghost norms / book-keeping) or vmap (oracle)")
     t.add_argument("--no-dp", action="store_true", help="train the non-private baseline (same model and data)")
     t.add_argument("--seed", type=int, default=0, help="root of all keys (init, sampling, noise)")
-    t.add_argument("--run-dir", default=None, help="run folder (default: runs/<model>-eps<ε>-seed<seed> or runs/<model>-nodp-seed<seed>)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoint")
+    t.add_argument("--run-dir", default=None,
+                   help="run folder (default: runs/<model>-eps<ε>-seed<seed>, or runs/<model>-nodp-seed<seed>; "
+                        "when that holds a run already, the next free runs/<name>-2, -3, …)")
+    t.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (default: the newest default run folder of these flags) "
+                        "from its last checkpoint; a finished run is re-evaluated, not retrained")
+    t.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir instead of refusing")
     t.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples for the CIs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-
-    e = sub.add_parser("evaluate", help="recompute the test metrics of a run folder from its checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    e.add_argument("run_dir", help="a folder written by `dpfunc train`")
-    e.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA)")
-    e.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
-
-    a = sub.add_parser("account", help="print ε of DP-SGD for every accountant",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    a.add_argument("--noise-multiplier", type=_positive_float("--noise-multiplier"), required=True, help="σ")
-    a.add_argument("--sampling-rate", type=_unit_interval("--sampling-rate", closed_right=True), required=True, help="q")
-    a.add_argument("--steps", type=_int_at_least("--steps", 0), required=True, help="number of steps T")
-    a.add_argument("--delta", type=_unit_interval("--delta"), default=1e-5, help="δ")
-    a.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    return p
+    return t
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
-    from dpfunc.train import TrainConfig, train
+def _train_config(args: argparse.Namespace):
+    from dpfunc.train import TrainConfig
 
-    cfg = TrainConfig(
-        model=args.model,
-        epsilon=None if args.noise_multiplier is not None else args.epsilon,
-        delta=args.delta,
-        noise_multiplier=args.noise_multiplier,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        momentum=args.momentum,
-        ema_decay=args.ema_decay,
-        max_grad_norm=args.max_grad_norm,
-        augment_views=args.augment_views,
-        image_size=args.image_size,
-        engine=args.engine,
-        private=not args.no_dp,
-        seed=args.seed,
-    )
-    if args.download:
-        from dpfunc.data import download_pneumoniamnist, resolve_data_dir
+    given = {name for name in _DP_FLAGS if getattr(args, name) is not None}
+    if args.no_dp and given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
+        raise CommandError(f"--no-dp trains without privacy, so {flags} would be ignored; drop {flags} or drop --no-dp")
+    if args.epsilon is not None and args.noise_multiplier is not None:
+        raise CommandError("give --epsilon (σ calibrated to that ε) or --noise-multiplier (a fixed σ), not both")
+    for flag, value in (("--momentum", args.momentum), ("--ema-decay", args.ema_decay)):
+        if not 0 <= value < 1:
+            raise CommandError(f"{flag} must be in [0, 1), got {value}")
+    dp = {name: _DP_FLAGS[name] if getattr(args, name) is None else getattr(args, name) for name in _DP_FLAGS}
+    if dp["noise_multiplier"] is not None or args.no_dp:
+        dp["epsilon"] = None if dp["noise_multiplier"] is not None else dp["epsilon"]
+    return TrainConfig(model=args.model, epsilon=dp["epsilon"], delta=dp["delta"], noise_multiplier=dp["noise_multiplier"],
+                       epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
+                       ema_decay=args.ema_decay, max_grad_norm=dp["max_grad_norm"], augment_views=dp["augment_views"],
+                       image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed)
 
-        target = Path(args.data_dir) if args.data_dir else resolve_data_dir(None)
-        if not (target / "pneumoniamnist.npz").exists():
-            download_pneumoniamnist(target)
-    tag = f"{cfg.model}-nodp" if args.no_dp else f"{cfg.model}-eps{cfg.epsilon if cfg.epsilon is not None else 'sigma' + str(cfg.noise_multiplier)}"
-    run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / f"{tag}-seed{cfg.seed}"
-    result = train(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume, progress=not args.quiet,
-                   bootstrap_resamples=args.bootstrap)
+
+def default_run_name(cfg) -> str:
+    """``<model>-eps<ε>-seed<seed>``, ``<model>-sigma<σ>-seed<seed>`` or ``<model>-nodp-seed<seed>``."""
+    if not cfg.private:
+        tag = "nodp"
+    elif cfg.epsilon is not None:
+        tag = f"eps{cfg.epsilon}"
+    else:
+        tag = f"sigma{cfg.noise_multiplier}"
+    return f"{cfg.model}-{tag}-seed{cfg.seed}"
+
+
+def _holds_run(folder: Path) -> bool:
+    return (folder / "checkpoint.pt").exists() or (folder / "config.json").exists()
+
+
+def _check_writable_folder(path: Path) -> None:
+    """Refuse, with a message, a run folder that is a file, lies under a file, or cannot be written."""
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"--run-dir {path} is an existing file, not a folder; choose another --run-dir")
+    existing = path.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CommandError(f"--run-dir {path}: {existing} is a file, so no folder can be made under it; "
+                           f"choose another --run-dir")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".dpfunc-write-test-"):
+            pass
+    except OSError as err:
+        raise CommandError(f"--run-dir {path}: cannot write in {existing} ({err.strerror or err}); "
+                           f"choose a writable folder with --run-dir") from None
+
+
+def resolve_run_dir(run_dir: str | None, default_name: str, *, resume: bool, overwrite: bool,
+                    root: Path = Path("runs")) -> Path:
+    """The run folder a ``dpfunc train`` invocation uses.
+
+    - ``--run-dir`` given: that folder. ``--resume`` needs a checkpoint there; a folder that holds a
+      run is refused unless ``--resume`` or ``--overwrite``.
+    - not given: ``runs/<name>`` when free, else the next free ``runs/<name>-2``, ``-3``, …; with
+      ``--resume`` the newest of those that holds a run; with ``--overwrite``, ``runs/<name>``.
+    """
+    if resume and overwrite:
+        raise CommandError("--resume continues a run and --overwrite replaces it; give one of them")
+    if run_dir is not None:
+        path = Path(run_dir)
+        _check_writable_folder(path)
+        if resume and not (path / "checkpoint.pt").is_file():
+            why = ("it does not exist" if not path.exists() else
+                   "it holds no checkpoint.pt (the run stopped before its first epoch ended, or it is not a run folder)")
+            raise CommandError(f"--resume: nothing to resume in --run-dir {path}: {why}. Check the path, or drop "
+                               f"--resume to start a new run there{' (with --overwrite)' if _holds_run(path) else ''}")
+        if _holds_run(path) and not (resume or overwrite):
+            raise CommandError(f"--run-dir {path} already holds a run; pass --resume to continue it, --overwrite to "
+                               f"replace it, or choose another --run-dir")
+        return path
+    candidates = [root / default_name] + [root / f"{default_name}-{k}" for k in range(2, 10_000)]
+    if resume:
+        held = [c for c in candidates[: _first_free(candidates) + 1] if (c / "checkpoint.pt").is_file()]
+        if not held:
+            raise CommandError(f"--resume: no run folder {root / default_name}[-k] with a checkpoint for these flags; "
+                               f"pass --run-dir, or drop --resume to start a run")
+        path = held[-1]
+    elif overwrite:
+        path = candidates[0]
+    else:
+        path = candidates[_first_free(candidates)]
+    _check_writable_folder(path)
+    return path
+
+
+def _first_free(candidates: list[Path]) -> int:
+    for i, c in enumerate(candidates):
+        if not _holds_run(c):
+            return i
+    raise CommandError(f"no free run folder among {candidates[0]}-2 … -{len(candidates)}; pass --run-dir")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from dpfunc.data import _files
+    from dpfunc.train import train
+
+    cfg = _train_config(args)
+    run_dir = resolve_run_dir(args.run_dir, default_run_name(cfg), resume=args.resume, overwrite=args.overwrite)
+    # Find (or, with --download, fetch) the data before anything is written.
+    data_file = _files.locate_pneumoniamnist(args.data_dir, download=args.download, fn="dpfunc train")
+    print(f"run folder: {run_dir}   data: {data_file}")
+    result = train(cfg, data_dir=data_file, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,
+                   progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap)
     _print_result(result.test, result.test_ci, result.epsilon, result.delta, result.train_seconds)
     print(f"run folder: {run_dir}  (metrics.json, checkpoint.pt, roc.png, confusion.png, training.png)")
     return 0
@@ -163,38 +282,69 @@ def _print_result(test: dict, ci: dict, eps, delta, seconds) -> None:
     for name in ("roc_auc", "accuracy", "mcc", "sensitivity", "specificity"):
         c = ci[name]
         print(f"  {name:<12} {test[name]:.4f}  [{c['lower']:.4f}, {c['upper']:.4f}]")
-    eps_text = "∞ (non-private)" if eps is None else f"{eps:.3f}"
+    eps_text = "∞ (non-private)" if eps is None else format_epsilon(eps)
     print(f"privacy: ε = {eps_text} at δ = {delta:g}; training time {seconds:.0f}s")
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from dpfunc.bridge import functionalize
-    from dpfunc.data import pneumoniamnist
-    from dpfunc.keys import Key
-    from dpfunc.metrics import binary_metrics, bootstrap_ci
-    from dpfunc.models import build_model
-    from dpfunc.train import evaluate_scores, load_run
+def format_epsilon(eps: float, digits: int = 3) -> str:
+    """ε for people: fixed point below 10⁵, three significant digits above (``'3.36e+44'``), ``'∞'``."""
+    if math.isinf(eps):
+        return "∞"
+    return f"{eps:.{digits}f}" if abs(eps) < 1e5 else f"{eps:.3g}"
 
-    cfg, state = load_run(args.run_dir)
-    init_key = Key(cfg.seed).split(4)[0]
-    module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
-    apply_fn, _, _ = functionalize(module)
-    test_set = pneumoniamnist("test", args.data_dir, size=cfg.image_size)
-    scores = evaluate_scores(apply_fn, state["best_params"], state["buffers"], test_set)
-    test = binary_metrics(test_set.labels, scores).to_dict()
-    ci = {k: v.to_dict() for k, v in bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=args.bootstrap).items()}
-    eps = None
-    if cfg.private:
-        from dpfunc import accounting
-        from dpfunc.private import privacy_ledger
 
-        eps = accounting.epsilon(privacy_ledger(state["opt_state"]), cfg.delta, method="pld")
-    print(f"run {args.run_dir}: model {cfg.model}, best epoch {state['best_epoch']} of {state['epoch']} done")
+# --------------------------------------------------------------------------- evaluate
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    e = sub.add_parser("evaluate", help="recompute the test metrics and ε of a run folder from its checkpoint",
+                       formatter_class=HelpFormatter)
+    e.add_argument("run_dir", help="a folder written by `dpfunc train`")
+    e.add_argument("--data-dir", default=None, help=_DATA_HELP)
+    e.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    return e
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from dpfunc.data import _files
+    from dpfunc.train import evaluate_run, load_run
+
+    path = Path(args.run_dir)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{path} is a file; give the run folder written by `dpfunc train`")
+    if not (path / "checkpoint.pt").is_file():
+        raise CommandError(f"no checkpoint.pt in {path}; give a run folder written by `dpfunc train` "
+                           f"(the default ones are under runs/)")
+    cfg, state = load_run(path)
+    data_file = _files.locate_pneumoniamnist(args.data_dir, fn="dpfunc evaluate")
+    test, ci, eps = evaluate_run(cfg, state, data_file, bootstrap_resamples=args.bootstrap,
+                                 progress=False if args.quiet else None)
+    done = state["epoch"]
+    if done < cfg.epochs:
+        status = (f"UNFINISHED: checkpoint after epoch {done} of {cfg.epochs} (continue it with `dpfunc train "
+                  f"--run-dir {path} --resume` and the run's flags)")
+    else:
+        status = f"finished: {done} of {cfg.epochs} epochs"
+    print(f"run {path}: model {cfg.model}, {status}; evaluated the best validation epoch, {state['best_epoch']}")
     _print_result(test, ci, eps, cfg.delta, state["elapsed"])
     return 0
 
 
-def _cmd_account(args: argparse.Namespace) -> int:
+# --------------------------------------------------------------------------- account
+
+
+def _add_account(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    a = sub.add_parser("account", help="print ε of DP-SGD for every accountant", formatter_class=HelpFormatter)
+    a.add_argument("--noise-multiplier", type=_positive_float("--noise-multiplier"), required=True, help="σ")
+    a.add_argument("--sampling-rate", type=_unit_interval("--sampling-rate", closed_right=True), required=True, help="q")
+    a.add_argument("--steps", type=_int_at_least("--steps", 0), required=True, help="number of steps T")
+    a.add_argument("--delta", type=_unit_interval("--delta"), default=1e-5, help="δ")
+    a.add_argument("--json", action="store_true", help="print JSON instead of a table (an infinite ε is null)")
+    return a
+
+
+def _run_account(args: argparse.Namespace) -> int:
     import warnings
 
     from dpfunc import accounting
@@ -209,33 +359,68 @@ def _cmd_account(args: argparse.Namespace) -> int:
     notes = {"pld": "tight numerical upper bound (default)", "rdp": "upper bound (Balle et al. 2020 conversion)",
              "gdp": "CLT approximation, may UNDER-estimate: not a guarantee"}
     if args.json:
+        results = [{**r, "epsilon": r["epsilon"] if math.isfinite(r["epsilon"]) else None} for r in rows]
         print(json.dumps({"noise_multiplier": args.noise_multiplier, "sampling_rate": args.sampling_rate,
-                          "steps": args.steps, "delta": args.delta, "results": rows}, indent=2))
+                          "steps": args.steps, "delta": args.delta, "results": results}, indent=2))
         return 0
     print(f"DP-SGD  σ = {args.noise_multiplier}  q = {args.sampling_rate}  T = {args.steps}  δ = {args.delta:g}")
-    print(f"{'method':<8}{'ε':>10}  {'time':>8}  note")
+    print(f"{'method':<8}{'ε':>12}  {'time':>8}  note")
     for r in rows:
-        print(f"{r['method']:<8}{r['epsilon']:>10.4f}  {r['seconds'] * 1000:>6.0f}ms  {notes[r['method']]}")
+        print(f"{r['method']:<8}{format_epsilon(r['epsilon'], 4):>12}  {r['seconds'] * 1000:>6.0f}ms  {notes[r['method']]}")
     return 0
 
 
+# --------------------------------------------------------------------------- registry and entry point
+
+#: The subcommands, in ``dpfunc --help`` order: name -> Command(add_parser, run). Register new ones here
+#: (one line; ``Command.from_module("dpfunc.x.cli")`` for one that lives in its own module).
+COMMANDS: dict[str, Command] = {
+    "train": Command(_add_train, _run_train),
+    "evaluate": Command(_add_evaluate, _run_evaluate),
+    "account": Command(_add_account, _run_account),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from dpfunc._version import __version__
+
+    p = argparse.ArgumentParser(
+        prog="dpfunc",
+        description="Differentially private training, evaluation and accounting (paediatric pneumonia case study).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:" + __doc__.split("Examples::", 1)[1].split("Adding a subcommand", 1)[0].rstrip(),
+    )
+    p.add_argument("--version", action="version", version=f"dpfunc {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    for command in COMMANDS.values():
+        command.add_parser(sub)
+    return p
+
+
+def _describe_os_error(err: OSError) -> str:
+    """An OSError as one sentence: its message, or ``strerror: filename`` when the message is bare."""
+    text = str(err)
+    if err.filename and str(err.filename) not in text:
+        text = f"{err.strerror or text}: {err.filename}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    from dpfunc._progress import progress_enabled
+    from dpfunc.data._files import cli_messages
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":
-        for flag, value in (("--momentum", args.momentum), ("--ema-decay", args.ema_decay)):
-            if not 0 <= value < 1:
-                parser.error(f"{flag} must be in [0, 1), got {value}")
-    handlers = {"train": _cmd_train, "evaluate": _cmd_evaluate, "account": _cmd_account}
     try:
-        return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        with cli_messages(), progress_enabled(False if getattr(args, "quiet", False) else None):
+            return COMMANDS[args.command].run(args)
+    except (CommandError, ValueError, OSError) as e:
         # Expected user errors: a clear message, no traceback (set DPFUNC_DEBUG=1 for one).
         if os.environ.get("DPFUNC_DEBUG"):
             raise
-        print(f"dpfunc {args.command}: error: {e}", file=sys.stderr)
+        text = _describe_os_error(e) if isinstance(e, OSError) else str(e)
+        print(f"dpfunc {args.command}: error: {text}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\ninterrupted; resume with the same flags and --resume", file=sys.stderr)
+        print("\ninterrupted; continue with the same flags and --resume", file=sys.stderr)
         return 130
-

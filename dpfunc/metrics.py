@@ -355,6 +355,7 @@ def bootstrap_ci(
     num_resamples: int = 1000,
     confidence: float = 0.95,
     stratified: bool = True,
+    progress: bool | None = False,
 ) -> dict[str, ConfidenceInterval]:
     """Percentile bootstrap confidence intervals for every metric of :func:`binary_metrics`.
 
@@ -369,6 +370,8 @@ def bootstrap_ci(
         num_resamples: B >= 1 (1000 is usual; 2000+ for 99% intervals).
         confidence: in (0, 1).
         stratified: resample within each class.
+        progress: show a ``tqdm.auto`` bar over the resamples (None: when stderr is a terminal; see
+            :mod:`dpfunc._progress`).
 
     Returns:
         ``{"accuracy", "sensitivity", "specificity", "mcc", "roc_auc"} -> ConfidenceInterval``.
@@ -402,7 +405,9 @@ def bootstrap_ci(
 
     estimates = _all_metrics(y, s, threshold)
     samples: dict[str, list[float]] = {name: [] for name in estimates}
-    for _ in range(num_resamples):
+    from dpfunc._progress import progress as progress_bar
+
+    for _ in progress_bar(range(num_resamples), enabled=progress, desc="bootstrap", unit="resample", delay=0.5):
         idx = draw()
         for name, value in _all_metrics(y[idx], s[idx], threshold).items():
             samples[name].append(value)

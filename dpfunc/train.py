@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import grad_and_value
 
 from dpfunc import accounting
+from dpfunc._progress import progress as progress_bar
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
 from dpfunc.keys import Key, run_keys
@@ -41,7 +41,10 @@ from dpfunc.sampling import poisson_sample
 from dpfunc.step import make_step, vmap_engine
 from dpfunc.transforms import apply_updates, sgd
 
-__all__ = ["TrainConfig", "RunResult", "train", "evaluate_scores", "load_run"]
+__all__ = ["TrainConfig", "RunResult", "train", "evaluate_scores", "load_run", "evaluate_run", "RUN_FILES"]
+
+#: The files a run folder holds (``overwrite=True`` removes exactly these).
+RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "roc.png", "confusion.png", "training.png")
 
 ENGINES = ("fast", "vmap")
 
@@ -184,30 +187,6 @@ def _make_engine(cfg: TrainConfig, module, apply_fn, clipping):
     return vmap_engine(_per_example_loss(apply_fn, cfg.augment_views), clipping=clipping)
 
 
-class _Progress:
-    """A one-line progress bar on stderr (no dependency); silent when not a terminal and quiet."""
-
-    def __init__(self, total: int, enabled: bool, done: int = 0):
-        self.total, self.enabled, self.first = total, enabled, done
-        self.start = time.perf_counter()
-
-    def update(self, done: int, text: str) -> None:
-        if not self.enabled:
-            return
-        width = 24
-        filled = int(width * done / max(self.total, 1))
-        rate = (time.perf_counter() - self.start) / max(done - self.first, 1)
-        eta = rate * (self.total - done)
-        sys.stderr.write(f"\r\033[K[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {text} eta {eta:.0f}s")
-        sys.stderr.flush()
-
-    def clear(self) -> None:
-        """Erase the bar so that a log line can be printed in its place."""
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
-
-
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
@@ -223,10 +202,29 @@ def _json_default(o: Any) -> Any:
 
 
 def _plan(cfg: TrainConfig, n: int) -> tuple[float, int, int]:
-    """``(sampling_rate, steps_per_epoch, total_steps)``."""
-    q = min(1.0, cfg.batch_size / n)
+    """``(sampling_rate, steps_per_epoch, total_steps)``; a batch size above ``n`` is refused."""
+    if cfg.batch_size > n:
+        raise ValueError(f"train: batch_size {cfg.batch_size} (--batch-size) is larger than the training set "
+                         f"(n = {n}); the expected batch size is q·n with sampling rate q ≤ 1, so use at most {n}")
+    q = cfg.batch_size / n
     steps_per_epoch = max(1, round(n / cfg.batch_size))
     return q, steps_per_epoch, steps_per_epoch * cfg.epochs
+
+
+def _bar_text(epoch: int, epochs: int, last: dict | None, private: bool) -> str:
+    """The progress bar's postfix: the epoch under way and the last finished epoch's figures (none
+    before the first epoch ends, rather than 'nan')."""
+    text = f"epoch {epoch + 1}/{epochs}"
+    if last is not None:
+        text += f" | epoch {last['epoch']}: loss {last['train_loss']:.3f} val AUC {last['val_auc']:.3f}"
+        text += f" acc {last['val_accuracy']:.3f}" + (f" ε {last['epsilon']:.2f}" if private else "")
+    return text
+
+
+def _mean_loss(losses: list) -> float:
+    """Mean of the per-step mean losses over non-empty batches (floats or 0-d tensors); nan if none."""
+    values = [float(loss) for loss, size in losses if int(size) > 0]
+    return sum(values) / len(values) if values else math.nan
 
 
 def _epsilon_spent(cfg: TrainConfig, opt_state: Any) -> float:
@@ -251,7 +249,8 @@ def train(
     data_dir: str | Path | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
+    overwrite: bool = False,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
     bootstrap_resamples: int = 1000,
 ) -> RunResult:
@@ -261,10 +260,24 @@ def train(
         cfg: the :class:`TrainConfig`.
         data_dir: where ``pneumoniamnist.npz`` is (else ``$DPFUNC_DATA`` or the cache).
         run_dir: the run folder (config, checkpoint, metrics, plots); None writes nothing.
-        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
-        progress: show a progress bar on stderr.
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required; the checkpoint must
+            exist). A finished run is not trained further: its result is recomputed, with ε read
+            from the checkpoint's ledger.
+        overwrite: start afresh in a ``run_dir`` that holds a run (its :data:`RUN_FILES` are removed
+            first); without it such a folder is refused.
+        progress: show a progress bar (``tqdm.auto``: terminal or notebook); None decides from the
+            terminal (see :mod:`dpfunc._progress`).
         log: where per-epoch lines go.
+        bootstrap_resamples: resamples for the test metrics' confidence intervals.
+
+    Raises:
+        ValueError: a batch size above the number of training examples, a checkpoint from another
+            configuration, ``resume`` together with ``overwrite``.
+        FileExistsError: ``run_dir`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        FileNotFoundError: ``resume`` without a checkpoint in ``run_dir``.
     """
+    if resume and overwrite:
+        raise ValueError("train: resume continues a run and overwrite replaces it; pass one of them")
     from dpfunc.bridge import functionalize
     from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
 
@@ -296,9 +309,17 @@ def train(
     average = dict(params)
     start_epoch, elapsed = 0, 0.0
     if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
         ckpt = run_path / "checkpoint.pt"
-        if resume and ckpt.exists():
+        if resume and not ckpt.is_file():
+            raise FileNotFoundError(f"train: nothing to resume: no checkpoint at {ckpt} (check run_dir / --run-dir)")
+        if not resume and (ckpt.exists() or (run_path / "config.json").exists()):
+            if not overwrite:
+                raise FileExistsError(f"train: {run_path} already holds a run; pass --resume to continue it, "
+                                      f"--overwrite to replace it, or choose a new --run-dir")
+            for name in RUN_FILES:
+                (run_path / name).unlink(missing_ok=True)
+        run_path.mkdir(parents=True, exist_ok=True)
+        if resume:
             state = load_checkpoint(ckpt)
             if state["config"] != asdict(cfg):
                 raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
@@ -307,9 +328,10 @@ def train(
             average = state["average"]
             history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
             best = {"epoch": state["best_epoch"], "val_auc": state["best_val_auc"], "params": state["best_params"]}
-            log(f"resumed {ckpt} at epoch {start_epoch}/{cfg.epochs}")
-        elif ckpt.exists() and not resume:
-            raise FileExistsError(f"train: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
+            if start_epoch >= cfg.epochs:
+                log(f"{ckpt}: the run finished all {cfg.epochs} epochs; nothing to train, re-evaluating it")
+            else:
+                log(f"resumed {ckpt} at epoch {start_epoch}/{cfg.epochs}")
         _write_json(run_path / "config.json", asdict(cfg))
 
     if cfg.private:
@@ -318,13 +340,15 @@ def train(
     else:
         log(f"non-private SGD: n={n} batch={cfg.batch_size} steps={total_steps} (ε = ∞)")
 
-    bar = _Progress(total_steps, progress and sys.stderr.isatty(), done=start_epoch * steps_per_epoch)
     # ε is only ever read from the ledger (a resumed or finished run starts from what it has spent).
     eps_spent = _epsilon_spent(cfg, opt_state)
-    last_val = history[-1] if history else {"val_auc": math.nan, "val_accuracy": math.nan}
+    last_val = history[-1] if history else None
+    bar = progress_bar(total=total_steps, initial=start_epoch * steps_per_epoch, desc="training", unit="step",
+                       enabled=progress)
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        losses = []
+        bar.set_postfix_str(_bar_text(epoch, cfg.epochs, last_val, cfg.private), refresh=False)
+        losses = []  # (mean loss, batch size) per step; read once per epoch (no per-step host sync)
         for i in range(steps_per_epoch):
             t = epoch * steps_per_epoch + i
             if cfg.private:
@@ -333,8 +357,7 @@ def train(
                 if cfg.augment_views:
                     x = augment_views(aug_key.fold_in(t), x, cfg.augment_views)
                 params, opt_state, m = step_fn(params, opt_state, (x, y), buffers=buffers)
-                if m.batch_size:
-                    losses.append(m.loss)
+                losses.append((m.loss, m.batch_size))
             else:
                 perm = torch.randperm(n, generator=sample_key.fold_in(epoch).generator())
                 idx = perm[(i * cfg.batch_size) % n:][: cfg.batch_size]
@@ -344,15 +367,14 @@ def train(
                 if not math.isfinite(float(batch_loss)):
                     raise ValueError(f"train: the loss became {float(batch_loss)} at step {t} (non-private run diverged); "
                                      f"lower --lr (now {cfg.learning_rate})")
-                losses.append(float(batch_loss))
+                losses.append((batch_loss, len(idx)))
             average = ema_update(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
-            bar.update(t + 1, f"epoch {epoch + 1}  loss {losses[-1] if losses else math.nan:.3f}  "
-                              f"val AUC {last_val['val_auc']:.3f}  acc {last_val['val_accuracy']:.3f}  ε {eps_spent:.2f}")
+            bar.update(1)
         elapsed += time.perf_counter() - t0
         eps_spent = _epsilon_spent(cfg, opt_state)
         val_scores = evaluate_scores(apply_fn, average, buffers, val_set)
         vm = binary_metrics(val_set.labels, val_scores)
-        record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_auc": vm.roc_auc,
+        record = {"epoch": epoch + 1, "train_loss": _mean_loss(losses), "val_auc": vm.roc_auc,
                   "val_accuracy": vm.accuracy, "epsilon": eps_spent if cfg.private else None, "seconds": elapsed}
         history.append(record)
         last_val = record
@@ -365,24 +387,26 @@ def train(
                 "best_val_auc": best["val_auc"], "best_params": best["params"], "noise_multiplier": sigma,
                 "sampling_rate": q, "steps_done": (epoch + 1) * steps_per_epoch,
             })
-        bar.clear()
-        log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val AUC {vm.roc_auc:.4f}  "
-            f"val acc {vm.accuracy:.4f}  ε {eps_spent:.3f}  ({elapsed:.0f}s)")
+        with bar.external_write_mode():
+            log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val AUC {vm.roc_auc:.4f}  "
+                f"val acc {vm.accuracy:.4f}  ε {eps_spent:.3f}  ({elapsed:.0f}s)")
+    bar.close()
 
     # The test split is read here, once, with the parameters chosen on validation.
     test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
     result = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps, eps_spent,
-                           elapsed, history, bootstrap_resamples)
+                           elapsed, history, bootstrap_resamples, progress)
     if run_path is not None:
         _write_outputs(run_path, result, apply_fn, best["params"], buffers, test_set)
     return result
 
 
-def _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, steps, eps, elapsed, history, resamples) -> RunResult:
+def _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, steps, eps, elapsed, history, resamples,
+                  progress=None) -> RunResult:
     val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
     scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
     test = binary_metrics(test_set.labels, scores)
-    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=resamples)
+    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=resamples, progress=progress)
     return RunResult(
         config=asdict(cfg), noise_multiplier=sigma, sampling_rate=q, steps=steps,
         epsilon=eps if cfg.private else None, delta=cfg.delta, best_epoch=best["epoch"],
@@ -400,6 +424,23 @@ def _write_outputs(run_path: Path, result: RunResult, apply_fn, params, buffers,
     plot_confusion_matrix(confusion_matrix(test_set.labels, (scores >= 0.5).long()), run_path / "confusion.png")
     plot_training_curves(result.history, run_path / "training.png", metric="val_auc",
                          epsilon="epsilon" if result.config["private"] else "__none__")
+
+
+def evaluate_run(cfg: TrainConfig, state: dict, data_dir: str | Path | None = None, *,
+                 bootstrap_resamples: int = 1000, progress: bool | None = None) -> tuple[dict, dict, float | None]:
+    """Test metrics, their bootstrap CIs and ε (from the checkpoint's ledger; None if non-private) of a
+    run's best validation parameters, as ``(metrics, ci, epsilon)`` (for ``dpfunc evaluate``)."""
+    from dpfunc.bridge import functionalize
+
+    init_key = run_keys(Key(cfg.seed)).init
+    module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
+    apply_fn, _, _ = functionalize(module)
+    test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
+    scores = evaluate_scores(apply_fn, state["best_params"], state["buffers"], test_set)
+    test = binary_metrics(test_set.labels, scores).to_dict()
+    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=bootstrap_resamples, progress=progress)
+    eps = _epsilon_spent(cfg, state["opt_state"]) if cfg.private else None
+    return test, {k: v.to_dict() for k, v in ci.items()}, eps
 
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, dict]:

@@ -36,9 +36,10 @@ needs_real = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
-    """No test reads the user's real cache or DPFUNC_DATA."""
+    """No test reads the user's real cache, DPFUNC_DATA or the project's data folder."""
     monkeypatch.delenv("DPFUNC_DATA", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(_files, "project_data_dir", lambda: None)
 
 
 def _fake_npz(path, n=6, *, drop=None, image_shape=(28, 28), labels=None, dtype=np.uint8):

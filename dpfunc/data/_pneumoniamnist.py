@@ -19,12 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from dpfunc.data import _files
-from dpfunc.data._files import (
-    HOW_TO_GET,
-    PNEUMONIAMNIST_FILENAME,
-    download_pneumoniamnist,
-    resolve_data_dir,
-)
+from dpfunc.data._files import how_to_get
 
 __all__ = [
     "CLASS_NAMES",
@@ -119,26 +114,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 def _find_file(fn: str, data_dir, download: bool) -> Path:
-    if data_dir is not None and Path(data_dir).expanduser().is_file():
-        return Path(data_dir).expanduser().absolute()  # a path to the file itself
-    folder = resolve_data_dir(data_dir)
-    path = folder / PNEUMONIAMNIST_FILENAME
-    if path.is_file():
-        return path
-    if download:
-        return download_pneumoniamnist(folder)
-    source = (
-        "the data_dir argument"
-        if data_dir is not None
-        else (
-            "$DPFUNC_DATA"
-            if os.environ.get("DPFUNC_DATA")
-            else "the user cache (no data_dir, no $DPFUNC_DATA)"
-        )
-    )
-    raise FileNotFoundError(
-        f"{fn}: {PNEUMONIAMNIST_FILENAME} not found in {folder} (from {source}). {HOW_TO_GET}"
-    )
+    return _files.locate_pneumoniamnist(data_dir, download=download, fn=fn)
 
 
 def _read_split(fn: str, path: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -154,36 +130,36 @@ def _read_split(fn: str, path: Path, split: str) -> tuple[np.ndarray, np.ndarray
             if missing:
                 raise ValueError(
                     f"{bad}: keys {sorted(missing)} missing (found {sorted(archive.files)}). "
-                    f"{HOW_TO_GET}"
+                    f"{how_to_get()}"
                 )
             images = archive[f"{split}_images"]
             labels = archive[f"{split}_labels"]
     except (zipfile.BadZipFile, EOFError, OSError, KeyError, ValueError) as err:
         if isinstance(err, ValueError) and str(err).startswith(bad):
             raise
-        raise ValueError(f"{bad} (unreadable: {type(err).__name__}: {err}). {HOW_TO_GET}") from err
+        raise ValueError(f"{bad} (unreadable: {type(err).__name__}: {err}). {how_to_get()}") from err
     n = images.shape[0] if images.ndim >= 1 else -1
     if images.ndim != 3 or images.shape[1:] != (_NATIVE_SIZE, _NATIVE_SIZE) or n == 0:
         raise ValueError(
             f"{bad}: {split}_images must have shape (N, 28, 28) with N >= 1, got "
-            f"{images.shape}. {HOW_TO_GET}"
+            f"{images.shape}. {how_to_get()}"
         )
     if images.dtype != np.uint8:
-        raise ValueError(f"{bad}: {split}_images must be uint8, got {images.dtype}. {HOW_TO_GET}")
+        raise ValueError(f"{bad}: {split}_images must be uint8, got {images.dtype}. {how_to_get()}")
     if labels.shape not in ((n,), (n, 1)):
         raise ValueError(
             f"{bad}: {split}_labels must have shape ({n}, 1) to match the images, got "
-            f"{labels.shape}. {HOW_TO_GET}"
+            f"{labels.shape}. {how_to_get()}"
         )
     if labels.dtype.kind not in "iu":
         raise ValueError(
-            f"{bad}: {split}_labels must be integers, got {labels.dtype}. {HOW_TO_GET}"
+            f"{bad}: {split}_labels must be integers, got {labels.dtype}. {how_to_get()}"
         )
     labels = labels.reshape(n).astype(np.int64)
     if labels.min() < 0 or labels.max() > 1:
         raise ValueError(
             f"{bad}: {split}_labels must be 0 (normal) or 1 (pneumonia), got values "
-            f"{sorted(set(np.unique(labels).tolist()))}. {HOW_TO_GET}"
+            f"{sorted(set(np.unique(labels).tolist()))}. {how_to_get()}"
         )
     images.setflags(write=False)
     labels.setflags(write=False)
