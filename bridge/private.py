@@ -435,7 +435,10 @@ def make_private(
     for group in optimizer.param_groups:
         for p in group["params"]:
             if id(p) not in trainable:
-                raise ValueError(f"{fn}: the optimizer holds a parameter {tuple(p.shape)} that is not a trainable parameter of the module")
+                raise ValueError(f"{fn}: the optimizer holds a parameter {tuple(p.shape)} that is not a trainable parameter "
+                                 f"of the module. If you called `model = fix(model)`: fix returns a NEW module, so build "
+                                 f"the optimizer after it, from the new module's parameters (`optimizer = "
+                                 f"torch.optim.SGD(model.parameters(), ...)`)")
     if validate:
         assert_valid(module)
     clip = _clipping(fn, clipping, max_grad_norm)
