@@ -190,7 +190,7 @@ def site_round(
         idx = poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate)
         params, opt_state, m = step(params, opt_state, tuple(d[idx] for d in data), buffers=buffers)
         if m.batch_size:
-            losses.append(m.loss)
+            losses.append(float(m.loss))
     loss = sum(losses) / len(losses) if losses else math.nan
     new_state = SiteState(state.site, opt_state, state.steps + plan.steps_per_round, state.rounds + 1)
     return SiteUpdate(state.site, round, params, float(plan.num_examples), plan.steps_per_round, loss), new_state

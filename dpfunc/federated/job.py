@@ -1,0 +1,434 @@
+"""The federated case-study job: PneumoniaMNIST split across sites, DP-SGD at every site, FedAvg on the server.
+
+This is application code on the pure core (:mod:`dpfunc.federated`), shared by both engines: the
+in-process runner calls :func:`run_federated` directly; the Flower ServerApp calls it with an executor
+that sends each round to the sites' processes (:mod:`dpfunc.federated.flower`). The run folder follows
+``dpfunc train``'s conventions::
+
+    RUN/config.json       the FederatedConfig
+    RUN/checkpoint.pt     after every round, atomically: the global model, the server optimizer, EVERY
+                          site's state (its privacy ledger included), history, best round
+    RUN/metrics.json      dpfunc train's schema (test.roc_auc, test.accuracy, …) + rounds + sites
+    RUN/model.pt          the selected global state_dict (torch.load(..., weights_only=True))
+    RUN/federated.png     per-round validation AUC and per-site ε; roc.png, confusion.png
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dpfunc import accounting
+from dpfunc.clipping import FlatClipping
+from dpfunc.data import pneumoniamnist
+from dpfunc.federated.aggregate import Aggregator, fedadam, fedavgm
+from dpfunc.federated.partition import Partition, partition_indices
+from dpfunc.federated.registry import AGGREGATORS, make_aggregator
+from dpfunc.federated.rounds import InProcessSites, RoundFailedError, ServerState, apply_round, init_server_state, select_sites
+from dpfunc.federated.site import SitePlan, init_site_state, site_key
+from dpfunc.keys import Key
+from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
+from dpfunc.models import build_model
+
+__all__ = ["FederatedConfig", "FederatedSetup", "prepare", "run_federated", "site_data", "make_engine",
+           "SERVER_OPTIMIZERS", "ENGINES"]
+
+ENGINES = ("inprocess", "flower")
+SERVER_OPTIMIZERS = {"fedavg": None, "fedavgm": fedavgm, "fedadam": fedadam}
+GRAD_ENGINES = ("fast", "vmap")
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    """Everything that defines a federated run (saved as ``config.json``).
+
+    Attributes:
+        sites: number of sites S (hospitals).
+        rounds: server rounds R.
+        local_epochs: E, passes over its own data each site makes per round (in expectation).
+        epsilon, delta: each site's target (ε, δ); σ_s is calibrated per site (PLD) for the worst
+            case of training in all R rounds.
+        partition: ``"iid"`` or ``"dirichlet"`` (label skew with concentration ``alpha``).
+        alpha: Dirichlet concentration.
+        fraction: fraction of sites asked per round (partial participation).
+        min_sites: a round needs at least this many usable answers, else the run stops.
+        model: ``"cnn"`` (see :mod:`dpfunc.models`).
+        batch_size: each site's expected Poisson batch size B (q_s = B / n_s).
+        learning_rate, momentum, max_grad_norm: each site's DP-SGD.
+        server_optimizer: ``"fedavg"`` (new global = weighted mean), ``"fedavgm"`` or ``"fedadam"``.
+        server_learning_rate, server_momentum: of FedAvgM / FedAdam.
+        aggregator: name in :data:`~dpfunc.federated.AGGREGATORS` (``"fedavg"``; secure aggregation plugs in here).
+        engine: ``"inprocess"`` or ``"flower"``.
+        grad_engine: ``"fast"`` or ``"vmap"`` clipping engine at the sites.
+        train_subset: use only the first N training examples (quick demos and tests); None = all.
+        round_timeout: seconds the server waits for a round's answers (Flower engine).
+        accountant: ``"pld"`` (tight, the default) or ``"rdp"`` (faster calibration) for σ_s and the ε reports.
+        seed: root of every key (init, partition, site selection, each site's sampling and noise).
+    """
+
+    sites: int = 3
+    rounds: int = 15
+    local_epochs: int = 1
+    epsilon: float = 3.0
+    delta: float = 1e-5
+    partition: str = "iid"
+    alpha: float = 0.5
+    fraction: float = 1.0
+    min_sites: int = 1
+    model: str = "cnn"
+    batch_size: int = 64
+    learning_rate: float = 1.0
+    momentum: float = 0.9
+    max_grad_norm: float = 1.0
+    server_optimizer: str = "fedavg"
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.9
+    aggregator: str = "fedavg"
+    engine: str = "inprocess"
+    grad_engine: str = "fast"
+    train_subset: int | None = None
+    round_timeout: float = 600.0
+    accountant: str = "pld"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from dpfunc._validate import check_delta, check_int_range, check_number, check_positive_finite, check_probability
+
+        fn = "FederatedConfig"
+        check_int_range(fn, "sites", self.sites, low=1)
+        check_int_range(fn, "rounds", self.rounds, low=1)
+        check_int_range(fn, "local_epochs", self.local_epochs, low=1)
+        check_positive_finite(fn, "epsilon", self.epsilon)
+        check_delta(fn, "delta", self.delta)
+        if self.partition not in [p.value for p in Partition]:
+            raise ValueError(f"{fn}: partition must be one of {[p.value for p in Partition]}, got {self.partition!r}")
+        check_positive_finite(fn, "alpha", self.alpha)
+        check_probability(fn, "fraction", self.fraction, open_low=True)
+        check_int_range(fn, "min_sites", self.min_sites, low=1, high=self.sites)
+        if self.model not in ("cnn", "resnet18"):
+            raise ValueError(f"{fn}: model must be 'cnn' or 'resnet18', got {self.model!r}")
+        check_int_range(fn, "batch_size", self.batch_size, low=1)
+        check_positive_finite(fn, "learning_rate", self.learning_rate)
+        check_number(fn, "momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
+        if self.server_optimizer not in SERVER_OPTIMIZERS:
+            raise ValueError(f"{fn}: server_optimizer must be one of {sorted(SERVER_OPTIMIZERS)}, got {self.server_optimizer!r}")
+        check_positive_finite(fn, "server_learning_rate", self.server_learning_rate)
+        check_number(fn, "server_momentum", self.server_momentum, low=0.0, high=1.0, high_open=True)
+        if self.aggregator not in AGGREGATORS:
+            raise ValueError(f"{fn}: aggregator must be one of {sorted(AGGREGATORS)}, got {self.aggregator!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"{fn}: engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.grad_engine not in GRAD_ENGINES:
+            raise ValueError(f"{fn}: grad_engine must be one of {GRAD_ENGINES}, got {self.grad_engine!r}")
+        if self.train_subset is not None:
+            check_int_range(fn, "train_subset", self.train_subset, low=self.sites)
+        check_positive_finite(fn, "round_timeout", self.round_timeout)
+        if self.accountant not in ("pld", "rdp"):
+            raise ValueError(f"{fn}: accountant must be 'pld' or 'rdp', got {self.accountant!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"{fn}: seed must be an int (0 is valid), got {self.seed!r}")
+        fraction_sites = max(1, min(self.sites, int(math.floor(self.fraction * self.sites + 0.5))))
+        if self.min_sites > fraction_sites:
+            raise ValueError(f"{fn}: min_sites={self.min_sites} can never be met when only {fraction_sites} site(s) "
+                             f"are asked per round (fraction={self.fraction}, sites={self.sites})")
+
+    def server_tx(self):
+        make = SERVER_OPTIMIZERS[self.server_optimizer]
+        if make is None:
+            return None
+        if self.server_optimizer == "fedavgm":
+            return make(self.server_learning_rate, self.server_momentum)
+        return make(self.server_learning_rate)
+
+
+@dataclass
+class FederatedSetup:
+    """What the server derives from the config and the data: keys, partitions, each site's plan."""
+
+    config: FederatedConfig
+    init_key: Key
+    select_key: Key
+    sites_key: Key
+    indices: list[torch.Tensor]
+    plans: list[SitePlan]
+    extra: dict = field(default_factory=dict)
+
+
+def _keys(cfg: FederatedConfig) -> tuple[Key, Key, Key, Key]:
+    init_key, select_key, partition_key, sites_key = Key(cfg.seed).split(4)
+    return init_key, select_key, partition_key, sites_key
+
+
+def site_indices(cfg: FederatedConfig, labels: torch.Tensor) -> list[torch.Tensor]:
+    """Which training examples each site holds (simulation of S hospitals from one data set)."""
+    labels = labels[: cfg.train_subset] if cfg.train_subset is not None else labels
+    return partition_indices(_keys(cfg)[2], labels, cfg.sites, cfg.partition, alpha=cfg.alpha)
+
+
+def site_data(cfg: FederatedConfig, site: int, data_dir: str | Path | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Site ``site``'s training tensors ``(x, y)`` (what a site process loads: its own shard only)."""
+    train = pneumoniamnist("train", data_dir)
+    idx = site_indices(cfg, train.labels)[site]
+    return train.images[idx], train.labels[idx]
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrate(epsilon: float, delta: float, q: float, steps: int, method: str) -> float:
+    return accounting.noise_multiplier_for(epsilon, delta, q, steps, method=method)
+
+
+def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
+    """Each site's plan with σ_s calibrated so that R rounds of its local steps spend ε ≤ target."""
+    plans = []
+    for n in sizes:
+        draft = SitePlan(n, cfg.batch_size, cfg.local_epochs, 1.0, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum)
+        sigma = _calibrate(cfg.epsilon, cfg.delta, draft.sampling_rate, cfg.rounds * draft.steps_per_round, cfg.accountant)
+        plans.append(SitePlan(n, cfg.batch_size, cfg.local_epochs, sigma, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum))
+    return plans
+
+
+def prepare(cfg: FederatedConfig, train_labels: torch.Tensor) -> FederatedSetup:
+    init_key, select_key, _, sites_key = _keys(cfg)
+    indices = site_indices(cfg, train_labels)
+    return FederatedSetup(cfg, init_key, select_key, sites_key, indices, plans_for(cfg, [len(i) for i in indices]))
+
+
+def build(cfg: FederatedConfig):
+    """``(module, apply_fn, params, buffers)`` of the initial global model (from the init key)."""
+    from dpfunc.bridge import functionalize
+
+    module = build_model(cfg.model, key=_keys(cfg)[0])
+    apply_fn, params, buffers = functionalize(module)
+    return module, apply_fn, params, buffers
+
+
+def make_engine(cfg: FederatedConfig, module, apply_fn):
+    """The sites' clipping engine (flat clipping at ``max_grad_norm``)."""
+    clipping = FlatClipping(cfg.max_grad_norm)
+    if cfg.grad_engine == "fast":
+        from dpfunc.bridge.fast import fast_engine
+
+        return fast_engine(module, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping)
+    from dpfunc.step import vmap_engine
+
+    return vmap_engine(lambda p, b, x, y: F.cross_entropy(apply_fn(p, b, x[None]), y[None]), clipping=clipping)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    from dpfunc.train import _write_json as write
+
+    write(path, obj)
+
+
+def _site_report(state: ServerState, plans: list[SitePlan], delta: float, method: str) -> list[dict]:
+    out = []
+    for s, plan in enumerate(plans):
+        ledger = state.sites[s].ledger
+        eps = accounting.epsilon(ledger, delta, method=method) if ledger.total_steps else 0.0
+        out.append({"site": s, "n": plan.num_examples, "epsilon": eps, "delta": delta,
+                    "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
+                    "steps": ledger.total_steps, "rounds": state.sites[s].rounds, "ledger": ledger.to_dict()})
+    return out
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    try:
+        from dpfunc._progress import progress
+    except ImportError:  # pragma: no cover - older trees
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, initial=initial, desc="federated rounds", unit="round", disable=not enabled)
+    return progress(total=total, initial=initial, desc="federated rounds", unit="round", enabled=enabled or None)
+
+
+Executor = Callable[[ServerState, tuple[int, ...]], dict]
+
+
+def run_federated(
+    cfg: FederatedConfig,
+    *,
+    data_dir: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    executor: Callable[[FederatedSetup, Any], Executor] | None = None,
+    aggregator: Aggregator | None = None,
+    bootstrap_resamples: int = 1000,
+) -> dict:
+    """Run (or resume) a federated DP job and write the run folder.
+
+    Args:
+        cfg: the :class:`FederatedConfig`.
+        data_dir: where ``pneumoniamnist.npz`` is.
+        run_dir: the run folder; None writes nothing.
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
+        progress: show a progress bar (one step per round).
+        log: where per-round lines go.
+        executor: ``executor(setup, model) -> answers_fn`` with ``answers_fn(state, selected) -> {site: answer}``;
+            default trains every site in this process. The Flower ServerApp passes one that messages the sites.
+        aggregator: overrides ``cfg.aggregator``.
+
+    Returns:
+        The metrics dict also written as ``metrics.json``.
+
+    Raises:
+        RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint of
+            the last complete round is left as it was.
+    """
+    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+    from dpfunc.train import evaluate_scores
+
+    train_set = pneumoniamnist("train", data_dir)
+    val_set = pneumoniamnist("val", data_dir)
+    setup = prepare(cfg, train_set.labels)
+    module, apply_fn, params, buffers = build(cfg)
+    server_tx = cfg.server_tx()
+    aggregator = aggregator if aggregator is not None else make_aggregator(cfg.aggregator)
+    if executor is None:
+        data = [(train_set.images[i], train_set.labels[i]) for i in setup.indices]
+        answers_fn = InProcessSites(data, setup.plans, make_engine(cfg, module, apply_fn), setup.sites_key, buffers=buffers)
+    else:
+        answers_fn = executor(setup, (module, apply_fn, params, buffers))
+
+    state = init_server_state(params, [init_site_state(s, p, site_key(setup.sites_key, s), params)
+                                       for s, p in enumerate(setup.plans)], server_tx)
+    history: list[dict] = []
+    best = {"round": 0, "val_auc": -math.inf, "params": state.params}
+    elapsed = 0.0
+    run_path = Path(run_dir) if run_dir is not None else None
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        ckpt = run_path / "checkpoint.pt"
+        if resume and ckpt.exists():
+            saved = load_checkpoint(ckpt)
+            if saved["config"] != asdict(cfg):
+                raise ValueError(f"run_federated: {ckpt} was written by another configuration; resume with the same "
+                                 f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
+            state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
+            best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+            log(f"resumed {ckpt} after round {state.round}/{cfg.rounds}")
+        elif ckpt.exists():
+            raise FileExistsError(f"run_federated: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
+        _write_json(run_path / "config.json", asdict(cfg))
+
+    sig = ", ".join(f"site {s}: n={p.num_examples} q={p.sampling_rate:.4f} σ={p.noise_multiplier:.3f} "
+                    f"steps/round={p.steps_per_round}" for s, p in enumerate(setup.plans))
+    log(f"federated DP-SGD: {cfg.sites} sites ({cfg.partition}{f' α={cfg.alpha}' if cfg.partition == 'dirichlet' else ''}), "
+        f"{cfg.rounds} rounds × {cfg.local_epochs} local epoch(s), target ε={cfg.epsilon} δ={cfg.delta} per site, "
+        f"engine={cfg.engine}; {sig}")
+    bar = _progress(cfg.rounds, state.round, progress)
+    try:
+        while state.round < cfg.rounds:
+            t0 = time.perf_counter()
+            selected = select_sites(setup.select_key, state.round, cfg.sites, cfg.fraction)
+            answers = answers_fn(state, selected)
+            state, report = apply_round(state, selected, answers, plans=setup.plans, aggregator=aggregator,
+                                        server_tx=server_tx, min_sites=cfg.min_sites)
+            elapsed += time.perf_counter() - t0
+            vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, state.params, buffers, val_set))
+            sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant)
+            record = {"round": state.round, "epoch": state.round, "train_loss": report.loss, "val_auc": vm.roc_auc,
+                      "val_accuracy": vm.accuracy, "sites_answered": list(report.applied),
+                      "excluded": {str(k): v for k, v in report.excluded.items()},
+                      "site_epsilon": [s["epsilon"] for s in sites], "epsilon": max(s["epsilon"] for s in sites),
+                      "seconds": elapsed}
+            history.append(record)
+            if vm.roc_auc > best["val_auc"]:
+                best = {"round": state.round, "val_auc": vm.roc_auc, "params": state.params}
+            if run_path is not None:
+                save_checkpoint(run_path / "checkpoint.pt", {
+                    "config": asdict(cfg), "state": state, "history": history, "elapsed": elapsed,
+                    "best_round": best["round"], "best_val_auc": best["val_auc"], "best_params": best["params"]})
+            for s, why in sorted(report.excluded.items()):
+                with _external(bar):
+                    log(f"round {state.round}: site {s} excluded: {why}")
+            eps_text = " ".join(f"{e:.2f}" for e in record["site_epsilon"])
+            bar.set_postfix_str(f"sites {len(report.applied)}/{len(selected)} loss {report.loss:.3f} "
+                                f"val AUC {vm.roc_auc:.3f} ε [{eps_text}]")
+            bar.update(1)
+            with _external(bar):
+                log(f"round {state.round:3d}/{cfg.rounds}  sites {list(report.applied)}  loss {report.loss:.4f}  "
+                    f"val AUC {vm.roc_auc:.4f}  acc {vm.accuracy:.4f}  ε per site [{eps_text}]  ({elapsed:.0f}s)")
+    finally:
+        bar.close()
+
+    test_set = pneumoniamnist("test", data_dir)
+    val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
+    scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
+    test = binary_metrics(test_set.labels, scores)
+    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=bootstrap_resamples)
+    sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant)
+    result = {
+        "config": asdict(cfg),
+        "noise_multiplier": min(p.noise_multiplier for p in setup.plans),
+        "sampling_rate": max(p.sampling_rate for p in setup.plans),
+        "steps": max(s["steps"] for s in sites),
+        "epsilon": max(s["epsilon"] for s in sites),
+        "delta": cfg.delta,
+        "best_epoch": best["round"],
+        "val": val.to_dict(), "test": test.to_dict(), "test_ci": {k: v.to_dict() for k, v in ci.items()},
+        "train_seconds": elapsed, "history": history,
+        "rounds": state.round, "best_round": best["round"], "sites": sites,
+    }
+    if run_path is not None:
+        _write_json(run_path / "metrics.json", result)
+        torch.save({**{k: v.detach().clone() for k, v in best["params"].items()}, **buffers}, run_path / "model.pt.tmp")
+        (run_path / "model.pt.tmp").replace(run_path / "model.pt")
+        _plots(run_path, result, test_set.labels, scores)
+    return result
+
+
+class _external:
+    """Print a log line without breaking a tqdm bar."""
+
+    def __init__(self, bar):
+        self.cm = bar.external_write_mode() if hasattr(bar, "external_write_mode") else None
+
+    def __enter__(self):
+        return self.cm.__enter__() if self.cm is not None else None
+
+    def __exit__(self, *exc):
+        return self.cm.__exit__(*exc) if self.cm is not None else False
+
+
+def _plots(run_path: Path, result: dict, labels: torch.Tensor, scores: torch.Tensor) -> None:
+    from matplotlib.figure import Figure
+
+    from dpfunc.plots import plot_confusion_matrix, plot_roc
+
+    plot_roc(labels, scores, run_path / "roc.png", name="federated DP")
+    plot_confusion_matrix(confusion_matrix(labels, (scores >= 0.5).long()), run_path / "confusion.png")
+    h = result["history"]
+    fig = Figure(figsize=(10, 3.4))
+    ax1, ax2 = fig.subplots(1, 2)
+    rounds = [r["round"] for r in h]
+    ax1.plot(rounds, [r["val_auc"] for r in h], marker="o", markersize=3, color="tab:green")
+    ax1.set(xlabel="round", ylabel="validation ROC-AUC", title="global model, validation AUC")
+    ax1.grid(alpha=0.3)
+    for s, site in enumerate(result["sites"]):
+        ax2.plot(rounds, [r["site_epsilon"][s] for r in h], marker="o", markersize=3,
+                 label=f"site {s} (n={site['n']})")
+    ax2.axhline(result["config"]["epsilon"], color="grey", ls="--", lw=1, label="target")
+    ax2.set(xlabel="round", ylabel="ε spent (PLD)", title=f"per-site ε at δ={result['delta']:g} ({result['config']['accountant'].upper()})")
+    ax2.set_ylim(bottom=0)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = run_path / "federated.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(run_path / "federated.png")
+
+
+def load_config(run_dir: str | Path) -> FederatedConfig:
+    return FederatedConfig(**json.loads((Path(run_dir) / "config.json").read_text()))

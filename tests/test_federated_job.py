@@ -1,0 +1,117 @@
+"""The federated job and its command line: run folder, metrics schema, model.pt, resume, failed rounds."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from dpfunc.bridge.checkpoint import load_checkpoint
+from dpfunc.federated import InProcessSites, RoundFailedError
+from dpfunc.federated.cli import main
+from dpfunc.federated.job import FederatedConfig, build, make_engine, run_federated
+from dpfunc import Key
+from dpfunc.models import build_model
+
+TINY = dict(sites=2, rounds=2, train_subset=160, batch_size=40, accountant="rdp")
+
+
+def _faulty(fail_at_round: int, exc: BaseException | None, seen: dict):
+    """An executor that trains in process but fails (or interrupts) at ``fail_at_round``."""
+    def executor(setup, model):
+        module, apply_fn, params, buffers = model
+        from dpfunc.data import pneumoniamnist
+
+        train = pneumoniamnist("train", seen["data_dir"])
+        sites = InProcessSites([(train.images[i], train.labels[i]) for i in setup.indices], setup.plans,
+                               make_engine(setup.config, module, apply_fn), setup.sites_key, buffers=buffers)
+
+        def answers(state, selected):
+            if state.round == fail_at_round:
+                ckpt = seen["run_dir"] / "checkpoint.pt"
+                seen["bytes_before"] = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+                if exc is not None:
+                    raise exc
+                return {s: RuntimeError("site down") for s in selected}
+            return sites(state, selected)
+        return answers
+    return executor
+
+
+def test_cli_writes_run_folder_with_train_schema(tmp_path, data_dir, capsys):
+    run = tmp_path / "run"
+    argv = ["--sites", "2", "--rounds", "2", "--train-subset", "160", "--batch-size", "40", "--accountant", "rdp",
+            "--epsilon", "3", "--data-dir", str(data_dir), "--run-dir", str(run), "--bootstrap", "20", "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "test ROC-AUC" in out and "site 1 (n=80)" in out
+    for f in ("config.json", "checkpoint.pt", "metrics.json", "model.pt", "federated.png", "roc.png", "confusion.png"):
+        assert (run / f).is_file(), f
+    m = json.loads((run / "metrics.json").read_text())
+    for k in ("config", "noise_multiplier", "sampling_rate", "steps", "epsilon", "delta", "best_epoch", "val",
+              "test", "test_ci", "train_seconds", "history", "rounds", "sites"):
+        assert k in m, k
+    assert 0 <= m["test"]["roc_auc"] <= 1 and 0 <= m["test"]["accuracy"] <= 1
+    assert m["rounds"] == 2 and len(m["history"]) == 2
+    assert [s["site"] for s in m["sites"]] == [0, 1] and [s["n"] for s in m["sites"]] == [80, 80]
+    for s in m["sites"]:
+        assert 0 < s["epsilon"] <= 3.0 and s["delta"] == 1e-5
+    # every site's ledger is in the checkpoint and gives the reported ε
+    from dpfunc import accounting
+
+    state = load_checkpoint(run / "checkpoint.pt")["state"]
+    for s in m["sites"]:
+        assert accounting.epsilon(state.sites[s["site"]].ledger, 1e-5, method="rdp") == pytest.approx(s["epsilon"])
+    # model.pt is the selected global state_dict, loadable without pickled code
+    cfg = FederatedConfig(**json.loads((run / "config.json").read_text()))
+    model = build_model(cfg.model, key=Key(123))
+    model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+    # a second run into the same folder without --resume is refused
+    assert main(argv) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_resume_after_interruption_equals_uninterrupted(tmp_path, data_dir):
+    cfg = FederatedConfig(**TINY)
+    full = run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "a", progress=False, log=lambda s: None,
+                         bootstrap_resamples=10)
+    seen = {"data_dir": data_dir, "run_dir": tmp_path / "b"}
+    with pytest.raises(KeyboardInterrupt):
+        run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "b", progress=False, log=lambda s: None,
+                      executor=_faulty(1, KeyboardInterrupt(), seen))
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["state"].round == 1
+    resumed = run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "b", resume=True, progress=False,
+                            log=lambda s: None, bootstrap_resamples=10)
+    a = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state"]
+    b = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["state"]
+    assert a.round == b.round == 2
+    for k in a.params:
+        assert torch.equal(a.params[k], b.params[k]), k
+    assert [s.ledger for s in a.sites] == [s.ledger for s in b.sites]
+    assert full["test"] == resumed["test"] and full["sites"] == resumed["sites"]
+
+
+def test_failed_round_leaves_last_checkpoint_intact(tmp_path, data_dir):
+    cfg = FederatedConfig(**{**TINY, "min_sites": 2})
+    seen = {"data_dir": data_dir, "run_dir": tmp_path / "r"}
+    with pytest.raises(RoundFailedError, match="round 1 failed.*at least 2 needed.*site down"):
+        run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "r", progress=False, log=lambda s: None,
+                      executor=_faulty(1, None, seen))
+    ckpt = tmp_path / "r" / "checkpoint.pt"
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == seen["bytes_before"]
+    saved = load_checkpoint(ckpt)
+    assert saved["state"].round == 1 and len(saved["history"]) == 1
+    assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="FederatedConfig: min_sites"):
+        FederatedConfig(sites=3, min_sites=4)
+    with pytest.raises(ValueError, match="min_sites=2 can never be met"):
+        FederatedConfig(sites=4, fraction=0.25, min_sites=2)
+    with pytest.raises(ValueError, match="FederatedConfig: partition must be one of"):
+        FederatedConfig(partition="shards")
+    with pytest.raises(ValueError, match="FederatedConfig: epsilon"):
+        FederatedConfig(epsilon=float("nan"))
