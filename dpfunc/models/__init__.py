@@ -18,6 +18,7 @@ from torch import nn
 
 from dpfunc.models._cnn import SmallCNN, TemperedSigmoid
 from dpfunc.models._resnet import BasicBlockGN, ResNetGN, resnet18_gn
+from dpfunc.models._unet import UNetGN, unet_gn
 
 __all__ = [
     "MODELS",
@@ -25,13 +26,15 @@ __all__ = [
     "ResNetGN",
     "SmallCNN",
     "TemperedSigmoid",
+    "UNetGN",
     "build_model",
     "resnet18_gn",
+    "unet_gn",
 ]
 
 #: Read-only registry: name -> constructor (all take ``key=`` and keyword hyper-parameters).
 MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
-    {"cnn": SmallCNN, "resnet18": resnet18_gn}
+    {"cnn": SmallCNN, "resnet18": resnet18_gn, "unet": unet_gn}
 )
 
 
@@ -39,7 +42,8 @@ def build_model(name: str, /, **kwargs: Any) -> nn.Module:
     """Build a registered model by name.
 
     Args:
-        name: ``"cnn"`` (:class:`SmallCNN`) or ``"resnet18"`` (:func:`resnet18_gn`).
+        name: ``"cnn"`` (:class:`SmallCNN`), ``"resnet18"`` (:func:`resnet18_gn`) or ``"unet"``
+            (:func:`unet_gn`, segmentation).
         **kwargs: passed to the constructor; ``key=`` is required.
 
     Example:

@@ -1,0 +1,61 @@
+"""Segmentation under DP: MSD loader, CT phantoms, patient-level DP training of a U-Net, Dice metrics.
+
+The unit of privacy is the patient (all of their slices are one example for sampling and clipping);
+see :mod:`dpfunc.segmentation._patient` for the adjacency and the guarantee. nibabel (the
+``dpfunc[segmentation]`` extra) is needed to read and write NIfTI only.
+"""
+
+from dpfunc.segmentation._figures import plot_overlays
+from dpfunc.segmentation._metrics import dice_score, iou_score, mean_ci, predict_volume
+from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, read_nifti_slices, split_patients
+from dpfunc.segmentation._patient import (
+    Engine,
+    PackedSegmenter,
+    PrivacyUnit,
+    packed_losses,
+    patient_batch,
+    patient_loss,
+    segmentation_engine,
+    slice_batch,
+    slice_losses,
+)
+from dpfunc.segmentation._phantoms import make_phantoms, phantom_volume
+from dpfunc.segmentation._train import (
+    SegmentationConfig,
+    SegmentationResult,
+    evaluate_patients,
+    evaluate_segmentation_run,
+    is_segmentation_run,
+    train_segmentation,
+)
+
+__all__ = [
+    "HUWindow",
+    "PatientVolume",
+    "SliceSelection",
+    "read_msd",
+    "read_nifti_slices",
+    "split_patients",
+    "make_phantoms",
+    "phantom_volume",
+    "PrivacyUnit",
+    "Engine",
+    "PackedSegmenter",
+    "slice_losses",
+    "packed_losses",
+    "patient_batch",
+    "slice_batch",
+    "patient_loss",
+    "segmentation_engine",
+    "dice_score",
+    "iou_score",
+    "mean_ci",
+    "predict_volume",
+    "plot_overlays",
+    "SegmentationConfig",
+    "SegmentationResult",
+    "train_segmentation",
+    "evaluate_segmentation_run",
+    "evaluate_patients",
+    "is_segmentation_run",
+]

@@ -1,0 +1,379 @@
+"""Training a GroupNorm U-Net on an MSD folder with patient-level DP (or slice-level, or non-private).
+
+``train_segmentation(cfg, data_dir=..., run_dir=...)`` follows the run-folder conventions of
+``dpfunc train`` (``config.json``, ``checkpoint.pt`` written atomically every epoch, ``--resume``,
+``metrics.json`` with the same top-level schema, figures) with ``test.dice`` = mean Dice over the test
+patients. The privacy unit and its guarantee are described in :mod:`dpfunc.segmentation._patient`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.func import grad_and_value
+
+from dpfunc import accounting
+from dpfunc._progress import progress as progress_bar
+from dpfunc._validate import check_delta, check_enum, check_int_range, check_number, check_positive_finite
+from dpfunc.clipping import FlatClipping
+from dpfunc.keys import Key
+from dpfunc.models import unet_gn
+from dpfunc.private import dpadam, privacy_ledger
+from dpfunc.sampling import poisson_sample
+from dpfunc.segmentation._metrics import dice_score, iou_score, mean_ci, predict_volume
+from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, split_patients
+from dpfunc.segmentation._patient import Engine, PackedSegmenter, PrivacyUnit, packed_losses, patient_batch, segmentation_engine, slice_batch
+from dpfunc.step import make_step
+from dpfunc.transforms import adam, apply_updates
+
+__all__ = ["SegmentationConfig", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
+           "is_segmentation_run"]
+
+TASKS = ("liver",)
+
+
+@dataclass(frozen=True)
+class SegmentationConfig:
+    """Everything that defines a segmentation run (stored in its checkpoint and ``config.json``).
+
+    Args:
+        task: ``"liver"`` (MSD Task03 layout; also the phantoms).
+        image_size: side of the square slices (64, 128, 256 …).
+        epsilon, delta, noise_multiplier: target ε (σ calibrated with the PLD accountant) or a given σ.
+        epochs: passes over the training patients (in expectation).
+        batch_size: EXPECTED examples per step — patients (unit ``PATIENT``) or slices (``SLICE``).
+        slices_per_patient: K, slices of a patient per step (drawn without replacement if more).
+        learning_rate: Adam step size.
+        max_grad_norm: the clipping bound C of one example (one patient, or one slice).
+        unit: :class:`PrivacyUnit` (``PATIENT`` default; ``SLICE`` = deepee's slice-level DP).
+        engine: :class:`Engine` (``FAST`` or ``VMAP``).
+        private: False trains the non-private baseline (same model, data and optimiser; no clip/noise).
+        seed: root of every key (split, init, sampling, slices, noise); 0 is valid.
+        width, depth, groups: U-Net size (see :class:`~dpfunc.models.UNetGN`).
+        window_low, window_high: HU window; selection, margin: slice selection (see :func:`read_msd`).
+        val_fraction, test_fraction: patient-level split.
+        ema_decay: evaluate an exponential moving average of the iterates (post-processing; 0 = off).
+    """
+
+    task: str = "liver"
+    image_size: int = 64
+    epsilon: float | None = 8.0
+    delta: float = 1e-5
+    noise_multiplier: float | None = None
+    epochs: int = 30
+    batch_size: int = 8
+    slices_per_patient: int = 8
+    learning_rate: float = 2e-3
+    max_grad_norm: float = 1.0
+    unit: PrivacyUnit = PrivacyUnit.PATIENT
+    engine: Engine = Engine.FAST
+    private: bool = True
+    seed: int = 0
+    width: int = 8
+    depth: int = 3
+    groups: int = 4
+    window_low: float = -160.0
+    window_high: float = 240.0
+    selection: SliceSelection = SliceSelection.ORGAN
+    margin: int = 2
+    val_fraction: float = 0.2
+    test_fraction: float = 0.2
+    ema_decay: float = 0.9
+
+    def __post_init__(self) -> None:
+        fn = "SegmentationConfig"
+        if self.task not in TASKS:
+            raise ValueError(f"{fn}: task must be one of {TASKS}, got {self.task!r}")
+        for name, enum_type in (("unit", PrivacyUnit), ("engine", Engine), ("selection", SliceSelection)):
+            object.__setattr__(self, name, check_enum(fn, name, getattr(self, name), enum_type))
+        check_int_range(fn, "image_size", self.image_size, low=8, high=1024)
+        if self.image_size % 2**self.depth:
+            raise ValueError(f"{fn}: image_size must be divisible by 2**depth = {2**self.depth}, got {self.image_size}")
+        check_delta(fn, "delta", self.delta)
+        if self.private:
+            if self.epsilon is None and self.noise_multiplier is None:
+                raise ValueError(f"{fn}: a private run needs epsilon (target) or noise_multiplier")
+            if self.epsilon is not None:
+                check_positive_finite(fn, "epsilon", self.epsilon)
+            if self.noise_multiplier is not None:
+                check_positive_finite(fn, "noise_multiplier", self.noise_multiplier)
+        for name in ("epochs", "batch_size", "slices_per_patient", "width", "depth", "groups"):
+            check_int_range(fn, name, getattr(self, name), low=1)
+        check_int_range(fn, "margin", self.margin, low=0)
+        check_int_range(fn, "seed", self.seed)
+        check_positive_finite(fn, "learning_rate", self.learning_rate)
+        check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
+        check_number(fn, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        for name in ("val_fraction", "test_fraction"):
+            check_number(fn, name, getattr(self, name), low=0, high=1, low_open=True, high_open=True)
+        HUWindow(self.window_low, self.window_high)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: enums as their values."""
+        return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class SegmentationResult:
+    """What a finished run reports (``metrics.json``; the same top-level keys as a classification run)."""
+
+    config: dict
+    noise_multiplier: float | None
+    sampling_rate: float
+    steps: int
+    epsilon: float | None
+    delta: float
+    best_epoch: int
+    val: dict
+    test: dict
+    test_ci: dict
+    train_seconds: float
+    history: list = dataclasses.field(default_factory=list)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def _net_apply(apply_fn: Callable) -> Callable:
+    """Bare-net predictions ``(N, 1, H, W) -> logits`` through the packed model (dummy label/weight)."""
+    def run(params, buffers, images):
+        zeros = images.new_zeros(images.shape)
+        return apply_fn(params, buffers, torch.cat([images, zeros, zeros], 1))[0]
+    return run
+
+
+def evaluate_patients(apply_fn: Callable, params: dict, buffers: dict, patients: list[PatientVolume]) -> tuple[list[float], list[float]]:
+    """Per-patient 3-D Dice and IoU (``apply_fn`` of a :class:`PackedSegmenter`)."""
+    net = _net_apply(apply_fn)
+    dice, iou = [], []
+    for p in patients:
+        pred = predict_volume(net, params, buffers, p.images)
+        dice.append(dice_score(pred, p.labels))
+        iou.append(iou_score(pred, p.labels))
+    return dice, iou
+
+
+def _load(cfg: SegmentationConfig, data_dir: str | Path):
+    patients = read_msd(data_dir, image_size=cfg.image_size, window=HUWindow(cfg.window_low, cfg.window_high),
+                        selection=cfg.selection, margin=cfg.margin)
+    split_key = Key(cfg.seed).fold_in(0)
+    return split_patients(patients, split_key, (1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction))
+
+
+def _build(cfg: SegmentationConfig):
+    from dpfunc.bridge import functionalize
+
+    net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups)
+    model = PackedSegmenter(net)
+    apply_fn, params, buffers = functionalize(model)
+    return model, apply_fn, params, buffers
+
+
+def _ema(average: dict, params: dict, decay: float, step: int) -> dict:
+    d = min(decay, (1 + step) / (10 + step))
+    return {k: d * average[k] + (1 - d) * p for k, p in params.items()}
+
+
+def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir: str | Path | None = None, resume: bool = False,
+                       progress: bool | None = None, log: Callable[[str], None] = print, bootstrap_resamples: int = 1000
+                       ) -> SegmentationResult:
+    """Train, select the epoch on validation Dice, evaluate on the test patients, write the run folder.
+
+    Args:
+        cfg: the :class:`SegmentationConfig`.
+        data_dir: an MSD task folder (or phantoms from :func:`make_phantoms`).
+        run_dir: the run folder (``config.json``, ``checkpoint.pt``, ``metrics.json``, ``overlays.png``,
+            ``training.png``); None writes nothing.
+        resume: continue from ``run_dir/checkpoint.pt`` (same config required).
+        progress: progress bar (None: the project default).
+        log: where per-epoch lines go.
+
+    Raises:
+        FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
+        ValueError: a checkpoint of another configuration; a diverging non-private run.
+    """
+    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+
+    fn = "train_segmentation"
+    if not isinstance(cfg, SegmentationConfig):
+        raise TypeError(f"{fn}: cfg must be a SegmentationConfig, got {type(cfg).__name__}")
+    train_set, val_set, test_set = _load(cfg, data_dir)
+    patient_unit = cfg.unit is PrivacyUnit.PATIENT
+    if patient_unit:
+        n = len(train_set)
+    else:
+        slice_images = torch.cat([p.images for p in train_set])
+        slice_labels = torch.cat([p.labels for p in train_set])
+        n = slice_images.shape[0]
+    q = min(1.0, cfg.batch_size / n)
+    steps_per_epoch = max(1, round(n / cfg.batch_size))
+    total_steps = steps_per_epoch * cfg.epochs
+    sigma = None
+    if cfg.private:
+        sigma = cfg.noise_multiplier if cfg.epsilon is None else accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, q, total_steps, method="pld")
+    model, apply_fn, params, buffers = _build(cfg)
+    sample_key, slice_key, noise_key = Key(cfg.seed).fold_in(2).split(3)
+    if cfg.private:
+        tx = dpadam(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q, num_examples=n, key=noise_key)
+        engine = segmentation_engine(model, FlatClipping(cfg.max_grad_norm), unit=cfg.unit,
+                                     slices_per_patient=cfg.slices_per_patient if patient_unit else None, engine=cfg.engine)
+        step_fn = make_step(None, tx, engine=engine)
+    else:
+        tx = adam(cfg.learning_rate)
+
+        def mean_loss(p, b, x):
+            losses = packed_losses(apply_fn(p, b, x.flatten(0, 1) if patient_unit else x))
+            return losses.view(x.shape[0], -1).mean(1).mean() if patient_unit else losses.mean()
+
+        grad_fn = grad_and_value(mean_loss)
+    opt_state = tx.init(params)
+
+    run_path = Path(run_dir) if run_dir is not None else None
+    history: list[dict] = []
+    best = {"epoch": 0, "val_dice": -math.inf, "params": params}
+    average = dict(params)
+    start_epoch, elapsed = 0, 0.0
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        ckpt = run_path / "checkpoint.pt"
+        if resume and ckpt.exists():
+            state = load_checkpoint(ckpt)
+            if state["config"] != cfg:
+                raise ValueError(f"{fn}: {ckpt} was written by another configuration; start a new run folder or resume "
+                                 f"with the same flags.\n saved: {state['config']}\n given: {cfg}")
+            params, opt_state, average = state["params"], state["opt_state"], state["average"]
+            history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+            best = {"epoch": state["best_epoch"], "val_dice": state["best_val_dice"], "params": state["best_params"]}
+            log(f"resumed {ckpt} at epoch {start_epoch}/{cfg.epochs}")
+        elif ckpt.exists():
+            raise FileExistsError(f"{fn}: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
+        _write_json(run_path / "config.json", {**cfg.to_dict(), "data_dir": str(data_dir)})
+
+    unit_word = "patients" if patient_unit else "slices"
+    if cfg.private:
+        log(f"DP (unit = {cfg.unit.value}): n={n} {unit_word} q={q:.4f} (expected {cfg.batch_size} per step) steps={total_steps} "
+            f"σ={sigma:.4f} C={cfg.max_grad_norm} target ε={cfg.epsilon} δ={cfg.delta} engine={cfg.engine.value}")
+    else:
+        log(f"non-private Adam: n={n} {unit_word}, batch {cfg.batch_size}, steps={total_steps} (ε = ∞)")
+
+    def eps_now(state) -> float | None:
+        return accounting.epsilon(privacy_ledger(state), cfg.delta, method="pld") if cfg.private else None
+
+    eps_spent = eps_now(opt_state)
+    bar = progress_bar(total=total_steps, initial=start_epoch * steps_per_epoch, desc=f"{cfg.task} ({'DP' if cfg.private else 'non-private'})",
+                       unit="step", enabled=progress)
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            t0 = time.perf_counter()
+            losses = []
+            perm = torch.randperm(n, generator=sample_key.fold_in(10**9 + epoch).generator())
+            for i in range(steps_per_epoch):
+                t = epoch * steps_per_epoch + i
+                idx = (poisson_sample(sample_key.fold_in(t), n, q) if cfg.private
+                       else perm[(i * cfg.batch_size) % n:][: cfg.batch_size])
+                x = (patient_batch(train_set, idx, cfg.slices_per_patient, slice_key.fold_in(t)) if patient_unit
+                     else slice_batch(slice_images, slice_labels, idx))
+                if cfg.private:
+                    params, opt_state, m = step_fn(params, opt_state, (x,), buffers=buffers)
+                    if m.batch_size:
+                        losses.append(m.loss)
+                else:
+                    g, loss = grad_fn(params, buffers, x)
+                    if not math.isfinite(float(loss)):
+                        raise ValueError(f"{fn}: the loss became {float(loss)} at step {t}; lower the learning rate (now {cfg.learning_rate})")
+                    updates, opt_state = tx.update(g, opt_state, params)
+                    params = apply_updates(params, updates)
+                    losses.append(float(loss))
+                average = _ema(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
+                bar.update(1)
+                bar.set_postfix_str(f"loss {losses[-1] if losses else math.nan:.3f}")
+            elapsed += time.perf_counter() - t0
+            eps_spent = eps_now(opt_state)
+            val_dice, _ = evaluate_patients(apply_fn, average, buffers, val_set)
+            record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_dice": sum(val_dice) / len(val_dice),
+                      "epsilon": eps_spent, "seconds": elapsed}
+            history.append(record)
+            if record["val_dice"] > best["val_dice"]:
+                best = {"epoch": epoch + 1, "val_dice": record["val_dice"], "params": average}
+            if run_path is not None:
+                save_checkpoint(run_path / "checkpoint.pt", {
+                    "config": cfg, "params": params, "average": average, "buffers": buffers, "opt_state": opt_state,
+                    "history": history, "epoch": epoch + 1, "elapsed": elapsed, "best_epoch": best["epoch"],
+                    "best_val_dice": best["val_dice"], "best_params": best["params"], "noise_multiplier": sigma,
+                    "sampling_rate": q, "steps_done": (epoch + 1) * steps_per_epoch, "data_dir": str(data_dir),
+                })
+            with bar.external_write_mode():
+                eps_text = "∞" if eps_spent is None else f"{eps_spent:.3f}"
+                log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val Dice {record['val_dice']:.4f}  "
+                    f"ε {eps_text}  ({elapsed:.0f}s)")
+    finally:
+        bar.close()
+
+    val_dice, val_iou = evaluate_patients(apply_fn, best["params"], buffers, val_set)
+    result = _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, total_steps, eps_spent, elapsed,
+                     history, bootstrap_resamples)
+    if run_path is not None:
+        _write_outputs(run_path, result, apply_fn, best["params"], buffers, test_set)
+    return result
+
+
+def _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, steps, eps, elapsed, history, resamples):
+    dice, iou = evaluate_patients(apply_fn, best["params"], buffers, test_set)
+    test = {"dice": sum(dice) / len(dice), "iou": sum(iou) / len(iou),
+            "dice_per_patient": {p.name: d for p, d in zip(test_set, dice)}, "num_patients": len(test_set)}
+    ci = {"dice": mean_ci(dice, seed=cfg.seed, num_resamples=resamples).to_dict(),
+          "iou": mean_ci(iou, seed=cfg.seed, num_resamples=resamples).to_dict()}
+    return SegmentationResult(
+        config=cfg.to_dict(), noise_multiplier=sigma, sampling_rate=q, steps=steps, epsilon=eps, delta=cfg.delta,
+        best_epoch=best["epoch"], val={"dice": sum(val_dice) / len(val_dice), "iou": sum(val_iou) / len(val_iou)},
+        test=test, test_ci=ci, train_seconds=elapsed, history=history)
+
+
+def _write_outputs(run_path: Path, result: SegmentationResult, apply_fn, params, buffers, test_set) -> None:
+    from dpfunc.plots import plot_training_curves
+    from dpfunc.segmentation._figures import plot_overlays
+
+    _write_json(run_path / "metrics.json", dataclasses.asdict(result))
+    plot_overlays(test_set[:4], [predict_volume(_net_apply(apply_fn), params, buffers, p.images) for p in test_set[:4]],
+                  run_path / "overlays.png")
+    plot_training_curves(result.history, run_path / "training.png", metric="val_dice",
+                         epsilon="epsilon" if result.config["private"] else "__none__")
+
+
+def evaluate_segmentation_run(run_dir: str | Path, *, data_dir: str | Path | None = None, bootstrap_resamples: int = 1000
+                              ) -> SegmentationResult:
+    """Recompute the test metrics of a segmentation run folder from its checkpoint (``dpfunc evaluate``)."""
+    from dpfunc.bridge.checkpoint import load_checkpoint
+
+    ckpt = Path(run_dir) / "checkpoint.pt"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"evaluate_segmentation_run: no checkpoint at {ckpt}")
+    state = load_checkpoint(ckpt)
+    cfg = state["config"]
+    _, val_set, test_set = _load(cfg, data_dir if data_dir is not None else state["data_dir"])
+    _, apply_fn, _, _ = _build(cfg)
+    val_dice, val_iou = evaluate_patients(apply_fn, state["best_params"], state["buffers"], val_set)
+    eps = accounting.epsilon(privacy_ledger(state["opt_state"]), cfg.delta, method="pld") if cfg.private else None
+    best = {"epoch": state["best_epoch"], "params": state["best_params"]}
+    return _report(cfg, apply_fn, best, state["buffers"], test_set, val_dice, val_iou, state["noise_multiplier"],
+                   state["sampling_rate"], state["steps_done"], eps, state["elapsed"], state["history"], bootstrap_resamples)
+
+
+def is_segmentation_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir/config.json`` was written by :func:`train_segmentation` (its ``task`` is a segmentation task)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        return json.loads(path.read_text()).get("task") in TASKS
+    except (OSError, ValueError, AttributeError):
+        return False
