@@ -55,6 +55,8 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--server-lr", type=float, default=d.server_learning_rate, help="FedAvgM / FedAdam step size")
     p.add_argument("--server-momentum", type=float, default=d.server_momentum, help="FedAvgM momentum")
     p.add_argument("--aggregator", default=d.aggregator, help="registered aggregator (dpfunc.federated.AGGREGATORS)")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="the server learns only sums (Bonawitz et al. 2017; same as --aggregator secagg)")
     p.add_argument("--grad-engine", choices=["fast", "vmap"], default=d.grad_engine, help="per-example clipping engine")
     p.add_argument("--accountant", choices=["pld", "rdp"], default=d.accountant, help="calibration and ε reports")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples (demos, tests)")
@@ -76,7 +78,8 @@ def config_from_args(args: argparse.Namespace):
         partition=args.partition, alpha=args.alpha, fraction=args.fraction, min_sites=args.min_sites,
         batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
         server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
-        server_momentum=args.server_momentum, aggregator=args.aggregator, engine=args.engine,
+        server_momentum=args.server_momentum, aggregator="secagg" if args.secure_aggregation else args.aggregator,
+        engine=args.engine,
         grad_engine=args.grad_engine, train_subset=args.train_subset, round_timeout=args.round_timeout,
         accountant=args.accountant, seed=args.seed)
 

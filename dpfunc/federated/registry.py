@@ -8,7 +8,15 @@ from dpfunc.federated.aggregate import Aggregator, WeightedFedAvg
 
 __all__ = ["AGGREGATORS", "register_aggregator", "make_aggregator"]
 
-AGGREGATORS: dict[str, Callable[..., Aggregator]] = {"fedavg": WeightedFedAvg}
+
+def _secure_aggregator(**options) -> Aggregator:
+    """Secure aggregation (issue 14), imported on first use: ``dpfunc.secagg.federated.SecureAggregator``."""
+    from dpfunc.secagg.federated import SecureAggregator
+
+    return SecureAggregator(**options)
+
+
+AGGREGATORS: dict[str, Callable[..., Aggregator]] = {"fedavg": WeightedFedAvg, "secagg": _secure_aggregator}
 
 
 def register_aggregator(name: str, factory: Callable[..., Aggregator]) -> None:

@@ -46,7 +46,6 @@ import torch
 
 from dpfunc._validate import check_int_range, check_positive_finite
 from dpfunc.federated.aggregate import AggregationError
-from dpfunc.federated.registry import register_aggregator
 from dpfunc.federated.site import SiteUpdate
 from dpfunc.secagg import _primitives as P
 from dpfunc.secagg.ring import FixedPoint, Ring, check_sum_fits
@@ -94,13 +93,18 @@ def _layout(reference: Mapping[str, torch.Tensor]) -> _Layout:
 class SecureAggregator:
     """Weighted FedAvg through the Bonawitz / SecAgg+ protocol of :mod:`dpfunc.secagg`.
 
+    Registered in :data:`dpfunc.federated.AGGREGATORS` as ``"secagg"`` (``dpfunc federated
+    --secure-aggregation``).
+
     Args:
         delta_clip: range of each coordinate of a site's update ``params_s − global`` (after weighting by
             ``ω_s ≤ 1``); larger values are clipped and counted (a warning names how many sites).
         precision_bits: signed precision of the fixed-point encoding (2..62).
-        ring_bits: ``k`` of Z_{2^k}; must hold the sum of all sites (checked each round).
+        ring_bits: ``k`` of Z_{2^k}; must hold the sum of all sites (checked each round). The defaults
+            (26 bits in a 32-bit ring, ``max_weight`` 8192) admit up to 64 sites (:meth:`max_sites`).
         max_weight: the largest FedAvg weight (example count) of any site; weights must be integers in
-            ``[1, max_weight]``.
+            ``[1, max_weight]``. Keep it close to the largest site: the bound grows with
+            ``max_weight / Σ w_s``.
         loss_clip: range of the (weighted) training loss aggregated alongside.
         threshold: ``t``; default a strict majority of the round's sites (``n // 2 + 1``, at least 2).
         neighbours: SecAgg+ degree (even) or ``None`` for the complete graph.
@@ -109,8 +113,8 @@ class SecureAggregator:
         seed: 32 bytes to replay the protocol's randomness (tests); default fresh ``os.urandom`` per round.
     """
 
-    def __init__(self, *, delta_clip: float = 1.0, precision_bits: int = 24, ring_bits: int = 32,
-                 max_weight: int = 1 << 16, loss_clip: float = 100.0, threshold: Optional[int] = None,
+    def __init__(self, *, delta_clip: float = 1.0, precision_bits: int = 26, ring_bits: int = 32,
+                 max_weight: int = 8192, loss_clip: float = 100.0, threshold: Optional[int] = None,
                  neighbours: Optional[int] = None,
                  dropouts: Optional[Mapping[int, Mapping[Stage, Sequence[int]]]] = None,
                  seed: Optional[bytes] = None):
@@ -233,5 +237,3 @@ def decode_sum(agg: SecureAggregator, total: np.ndarray, reference: Mapping[str,
             "sites_clipped": int(s[layout.size + 2])}
     return out, info
 
-
-register_aggregator("secagg", SecureAggregator)

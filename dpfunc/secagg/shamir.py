@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from typing import Mapping, Sequence
 
 from dpfunc._validate import check_int_range
@@ -85,24 +86,32 @@ def reconstruct(shares: Mapping[int, int], *, threshold: int) -> int:
     for x in pts:
         check_int_range(fn, f"shares[{x}]", shares[x], low=0, high=PRIME - 1)
     pts.sort()
-    base, extra = pts[:t], pts[t:]
+    base, extra = tuple(pts[:t]), pts[t:]
 
     def interpolate(at: int) -> int:
-        total = 0
-        for i, xi in enumerate(base):
-            num, den = 1, 1
-            for j, xj in enumerate(base):
-                if i != j:
-                    num = num * (at - xj) % PRIME
-                    den = den * (xi - xj) % PRIME
-            total = (total + shares[xi] * num * pow(den, -1, PRIME)) % PRIME
-        return total
+        coeffs = _lagrange_coefficients(base, at)
+        return sum(shares[xi] * c for xi, c in zip(base, coeffs)) % PRIME
 
     for x in extra:
         if interpolate(x) != shares[x] % PRIME:
             raise ValueError(f"{fn}: the shares are inconsistent (share at point {x} is not on the "
                              f"polynomial through the first {t}): a share was corrupted")
     return interpolate(0)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lagrange_coefficients(base: tuple, at: int) -> tuple:
+    """``λ_i = Π_{j≠i} (at − x_j) / (x_i − x_j)`` mod p; cached, since every secret of a round is
+    reconstructed from the same set of share holders."""
+    out = []
+    for i, xi in enumerate(base):
+        num, den = 1, 1
+        for j, xj in enumerate(base):
+            if i != j:
+                num = num * (at - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        out.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(out)
 
 
 def share_to_bytes(y: int) -> bytes:
