@@ -29,7 +29,7 @@ from dpfunc.secagg.site import SiteState, site_advertise, site_masked_input, sit
 from dpfunc.secagg.types import (AdvertiseKeys, KeyDirectory, MaskedInput, ProtocolError, RoundFailedError,
                                  SecAggConfig, SecAggError, ShareKeys, Stage, UnmaskRequest, UnmaskShares,
                                  wire_bytes)
-from dpfunc.secagg import shamir
+from dpfunc.secagg import codec, shamir
 
 __all__ = [
     "SecAggConfig", "Stage", "SecAggError", "RoundFailedError", "ProtocolError",
@@ -38,5 +38,5 @@ __all__ = [
     "SiteState", "site_advertise", "site_share_keys", "site_masked_input", "site_unmask",
     "ServerState", "server_init", "server_advertise", "server_share_keys", "server_masked_input", "server_unmask",
     "AdvertiseKeys", "KeyDirectory", "ShareKeys", "MaskedInput", "UnmaskRequest", "UnmaskShares", "wire_bytes",
-    "shamir",
+    "shamir", "codec",
 ]
