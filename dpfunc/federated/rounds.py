@@ -55,12 +55,19 @@ class RoundReport(NamedTuple):
 class RoundFailedError(RuntimeError):
     """Fewer than ``min_sites`` usable answers: nothing of the round is applied."""
 
-    def __init__(self, report: RoundReport, min_sites: int):
+    def __init__(self, report: RoundReport | None, min_sites: int = 0, *, message: str | None = None):
         self.report = report
-        reasons = "; ".join(f"site {s}: {r}" for s, r in sorted(report.excluded.items())) or "none"
-        super().__init__(f"round {report.round} failed: {len(report.applied)} usable answer(s) from sites "
-                         f"{list(report.applied)}, at least {min_sites} needed (--min-sites). Excluded: {reasons}. "
-                         f"Nothing was applied; the last checkpoint is unchanged.")
+        if message is None:
+            reasons = "; ".join(f"site {s}: {r}" for s, r in sorted(report.excluded.items())) or "none"
+            message = (f"round {report.round} failed: {len(report.applied)} usable answer(s) from sites "
+                       f"{list(report.applied)}, at least {min_sites} needed (--min-sites). Excluded: {reasons}. "
+                       f"Nothing was applied; the last checkpoint is unchanged.")
+        super().__init__(message)
+
+    @classmethod
+    def from_message(cls, message: str) -> RoundFailedError:
+        """The error as reported by another process (the Flower ServerApp), without its report."""
+        return cls(None, message=message)
 
 
 def init_server_state(params: Params, sites: Sequence[SiteState], server_tx: GradientTransformation | None) -> ServerState:

@@ -1,0 +1,210 @@
+"""Flower 1.42 Message-API apps: the ServerApp runs :func:`dpfunc.federated.job.run_federated`; each
+ClientApp runs :func:`dpfunc.federated.site_round` on its own shard. Referenced by the app pyproject that
+:mod:`dpfunc.federated.flower.driver` writes (``dpfunc.federated.flower.apps:server_app`` / ``:client_app``).
+
+Messages (one round trip per site and round; state is carried by the messages, so a site process keeps
+nothing between rounds — Flower starts a fresh ClientApp process per message):
+
+    train   server → site  "global": ArrayRecord(params)        site → server "params": ArrayRecord(local model)
+                           "task": ConfigRecord(config json,                  "reply": ConfigRecord(site, trained,
+                                   round, sites, plan-<s> json,                       round, weight, steps, loss,
+                                   state-<s> bytes)                                    state bytes)
+
+The site state (DP optimizer state with the privacy ledger) travels as bytes of
+``torch.save(to_plain(state))`` and is read back with ``torch.load(weights_only=True)`` (no code runs).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+__all__ = ["server_app", "client_app", "encode_state", "decode_state"]
+
+client_app = ClientApp()
+server_app = ServerApp()
+
+
+def encode_state(state) -> bytes:
+    from dpfunc.bridge.checkpoint import to_plain
+
+    buf = io.BytesIO()
+    torch.save(to_plain(state), buf)
+    return buf.getvalue()
+
+
+def decode_state(data: bytes):
+    from dpfunc.bridge.checkpoint import from_plain
+
+    return from_plain(torch.load(io.BytesIO(data), weights_only=True))
+
+
+def _state_dict(params) -> dict:
+    return {k: v.detach().contiguous() for k, v in params.items()}
+
+
+# ----------------------------------------------------------------------------------------- site side
+
+
+def _site_id(context: Context) -> int:
+    if "partition-id" not in context.node_config:
+        raise ValueError("dpfunc ClientApp: start the SuperNode with --node-config 'partition-id=<site id>'")
+    return int(context.node_config["partition-id"])
+
+
+@client_app.train()
+def _train(msg: Message, context: Context) -> Message:
+    from dpfunc.federated.job import FederatedConfig, _keys, build, make_engine, site_data
+    from dpfunc.federated.site import SitePlan, site_key, site_round
+
+    task = msg.content["task"]
+    site = _site_id(context)
+    if site not in json.loads(str(task["sites"])):  # not asked this round: only say who this node is
+        return Message(RecordDict({"reply": ConfigRecord({"site": site, "trained": False})}), reply_to=msg)
+    cfg = FederatedConfig(**json.loads(str(task["config"])))
+    plan = SitePlan(**json.loads(str(task[f"plan-{site}"])))
+    data_dir = context.node_config.get("data-dir") or task["data_dir"] or None
+    data = site_data(cfg, site, data_dir)
+    module, apply_fn, _, buffers = build(cfg)
+    global_params = msg.content["global"].to_torch_state_dict()
+    state = decode_state(bytes(task[f"state-{site}"]))
+    update, new_state = site_round(global_params, state, data, site_key(_keys(cfg)[3], site), plan=plan,
+                                   engine=make_engine(cfg, module, apply_fn), round=int(task["round"]), buffers=buffers)
+    params = dict(update.params)
+    if str(context.node_config.get("fault", "")) == "nan":  # test hook: a malformed (NaN) update
+        name = next(iter(params))
+        params[name] = torch.full_like(params[name], math.nan)
+    reply = ConfigRecord({"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
+                          "steps": update.steps, "loss": float(update.loss) if math.isfinite(update.loss) else -1.0,
+                          "state": encode_state(new_state)})
+    return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------- server side
+
+
+class FlowerSites:
+    """The executor of :func:`run_federated` on Flower: one ``train`` message per selected site and round,
+    answers collected with a timeout; anything missing, failed or unparsable is reported as the site's
+    failure (the core then excludes it and charges its ledger).
+
+    Which SuperNode is which site is learnt from the replies (each names its ``partition-id``): while some
+    selected site is unmapped, every unmapped node is sent the states of all unmapped selected sites and
+    trains as the one it is (or only names itself). This saves a separate discovery round trip, which
+    costs a ClientApp start per node.
+    """
+
+    def __init__(self, grid: Grid, setup, node_ids: list[int], timeout: float, log, data_dir: str = ""):
+        self.grid, self.setup, self.timeout, self.log = grid, setup, timeout, log
+        self.node_ids, self.nodes = list(node_ids), {}
+        self.data_dir = data_dir or ""
+
+    def _message(self, state, node: int, sites: list[int]) -> Message:
+        cfg_json = json.dumps(dataclasses.asdict(self.setup.config))
+        task = {"config": cfg_json, "data_dir": self.data_dir, "round": state.round, "sites": json.dumps(sites)}
+        for s in sites:
+            task[f"state-{s}"] = encode_state(state.sites[s])
+            task[f"plan-{s}"] = json.dumps(dataclasses.asdict(self.setup.plans[s]))
+        content = RecordDict({"global": ArrayRecord(_state_dict(state.params)), "task": ConfigRecord(task)})
+        return Message(content=content, dst_node_id=node, message_type="train")
+
+    def __call__(self, state, selected):
+        from dpfunc.federated.site import SiteState, SiteUpdate
+
+        mapped = {s: n for s, n in self.nodes.items() if s in selected}
+        unmapped_sites = [s for s in selected if s not in self.nodes]
+        unmapped_nodes = [n for n in self.node_ids if n not in self.nodes.values()] if unmapped_sites else []
+        msgs = [self._message(state, n, [s]) for s, n in sorted(mapped.items())]
+        msgs += [self._message(state, n, unmapped_sites) for n in unmapped_nodes]
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout)) if msgs else []
+        answers: dict[int, object] = {}
+        for r in replies:
+            node = r.metadata.src_node_id
+            if r.has_error():
+                site = next((s for s, n in self.nodes.items() if n == node), None)
+                if site is not None and site in selected:
+                    answers[site] = f"site error: {r.error.reason}"
+                else:
+                    self.log(f"round {state.round}: error from unidentified node {node}: {r.error.reason}")
+                continue
+            try:
+                rep = r.content["reply"]
+                site = int(rep["site"])
+                self.nodes.setdefault(site, node)
+                if self.nodes[site] != node:
+                    raise ValueError(f"node {node} claims site {site}, which is node {self.nodes[site]}")
+                if site not in selected or not bool(rep["trained"]):
+                    continue
+                new_state = decode_state(bytes(rep["state"]))
+                if not isinstance(new_state, SiteState):
+                    raise TypeError("state is not a SiteState")
+                params = r.content["params"].to_torch_state_dict()
+                loss = float(rep["loss"])
+                answers[site] = (SiteUpdate(site, int(rep["round"]), params, float(rep["weight"]), int(rep["steps"]),
+                                            loss if loss >= 0 else math.nan), new_state)
+            except Exception as e:  # malformed reply: excluded with the reason
+                site = next((s for s, n in self.nodes.items() if n == node), None)
+                if site is not None and site in selected:
+                    answers[site] = f"unreadable reply: {type(e).__name__}: {e}"
+                self.log(f"round {state.round}: unreadable reply from node {node}: {type(e).__name__}: {e}")
+        for s in selected:
+            if s not in answers:
+                answers[s] = (f"no reply within {self.timeout:g}s (stalled or crashed)" if s in self.nodes or
+                              unmapped_nodes else f"no SuperNode registered as site {s}")
+        return answers
+
+
+def _wait_nodes(grid: Grid, sites: int, timeout: float) -> list[int]:
+    """The node ids once ``sites`` SuperNodes have registered (or what there is after ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= sites:
+            break
+        time.sleep(0.5)
+    return nodes
+
+
+@server_app.main()
+def _main(grid: Grid, context: Context) -> None:
+    from dpfunc.federated.job import FederatedConfig, run_federated
+    from dpfunc.federated.rounds import RoundFailedError
+
+    req = json.loads(Path(str(context.run_config["request"])).read_text())
+    cfg = FederatedConfig(**req["config"])
+    run_dir = Path(req["run_dir"])
+    data_dir = req["data_dir"] or None
+    log_path = run_dir / "server.log"
+
+    def log(text: str) -> None:
+        with open(log_path, "a") as f:
+            f.write(text + "\n")
+
+    status = {"ok": False, "error": None}
+    try:
+        nodes = _wait_nodes(grid, cfg.sites, cfg.round_timeout)
+        log(f"sites registered: {len(nodes)} SuperNode(s)")
+        run_federated(cfg, data_dir=data_dir, run_dir=run_dir, resume=bool(req["resume"]), progress=False,
+                      log=log, bootstrap_resamples=int(req["bootstrap"]),
+                      executor=lambda setup, model: FlowerSites(grid, setup, nodes, cfg.round_timeout, log, req["data_dir"]))
+        status["ok"] = True
+    except RoundFailedError as e:
+        status["error"] = str(e)
+        status["kind"] = "round_failed"
+    except Exception as e:  # reported to the driver through the status file
+        status["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        tmp = run_dir / "flower_status.json.tmp"
+        tmp.write_text(json.dumps(status))
+        os.replace(tmp, run_dir / "flower_status.json")

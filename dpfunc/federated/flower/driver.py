@@ -1,0 +1,266 @@
+"""Run a federated job on Flower's Deployment Engine: one SuperLink, one SuperNode per site, on localhost.
+
+What :func:`run_flower` does (each step with its own timeout; nothing waits forever)::
+
+    RUN/flower/app/pyproject.toml   generated: components → dpfunc.federated.flower.apps, config → request file
+    RUN/flower/home/config.toml     FLWR_HOME of this run: the [superlink] connection the flwr CLI uses
+    flower-superlink  --insecure --port P                     (new process group; health polled)
+    flower-supernode  --superlink 127.0.0.1:P --node-config "partition-id=s ..."   × S
+    flwr run RUN/flower/app local --format json   → run id
+    poll RUN/flower_status.json (written by the ServerApp) and `flwr ls --run-id` until done or timeout
+    finally: SIGTERM, then SIGKILL, every process group started here
+
+Flower reports a failed run as success (``flwr run`` exits 0; ``flwr ls`` may say ``finished:completed``),
+so the result is read from the run folder: ``flower_status.json`` must say ok and ``metrics.json`` must
+hold all rounds. Every process gets ``FLWR_HOME`` (run-local), ``FLWR_DISABLE_UPDATE_CHECK=1``,
+``FLWR_TELEMETRY_ENABLED=0`` and ``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1`` (otherwise the SuperLink
+runs ``uv sync`` and installs the app's dependencies, a CUDA torch among them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from dpfunc.federated.job import FederatedConfig
+from dpfunc.federated.rounds import RoundFailedError
+
+__all__ = ["run_flower", "FlowerRunError", "flower_env", "app_pyproject"]
+
+
+class FlowerRunError(RuntimeError):
+    """The Flower run did not produce a complete result (startup failure, timeout, server error)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment of every Flower process of a run."""
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env.update({"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PATH": bin_dir + os.pathsep + env.get("PATH", ""),
+                "PYTHONUNBUFFERED": "1", "DPFUNC_PROGRESS": "0"})
+    return env
+
+
+def app_pyproject(request: Path) -> str:
+    """The app's pyproject.toml (generated: ``flwr new`` needs the internet)."""
+    from dpfunc._version import __version__
+
+    return f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "dpfunc-federated"
+version = "{__version__}"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "dpfunc"
+
+[tool.flwr.app.components]
+serverapp = "dpfunc.federated.flower.apps:server_app"
+clientapp = "dpfunc.federated.flower.apps:client_app"
+
+[tool.flwr.app.config]
+request = {json.dumps(str(request))}
+"""
+
+
+def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
+    f = open(log, "ab")
+    try:
+        return subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    finally:
+        f.close()
+
+
+def _stop(procs: list[subprocess.Popen], grace: float = 5.0) -> None:
+    """SIGTERM every process group, wait up to ``grace`` s, then SIGKILL what is left."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+    for p in procs:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the group may hold ServerApp/ClientApp children even if p exited
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _wait_health(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FlowerRunError(f"run_flower: flower-superlink exited with {proc.returncode}; see {log}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise FlowerRunError(f"run_flower: the SuperLink did not answer /health within {timeout:g}s; see {log}")
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _flwr(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "flwr")
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout,
+                          start_new_session=True)
+
+
+def run_flower(
+    cfg: FederatedConfig,
+    *,
+    data_dir: str | Path | None = None,
+    run_dir: str | Path,
+    resume: bool = False,
+    bootstrap_resamples: int = 1000,
+    log: Callable[[str], None] = print,
+    startup_timeout: float = 60.0,
+    run_timeout: float | None = None,
+    site_node_config: dict[int, dict[str, str]] | None = None,
+    on_registered: Callable[[dict[int, subprocess.Popen]], None] | None = None,
+) -> dict:
+    """Run ``cfg`` on a local Flower deployment (SuperLink + one SuperNode per site) and return its metrics.
+
+    Args:
+        cfg: the job; ``cfg.round_timeout`` bounds each round's wait for the sites.
+        data_dir: the data folder each site reads its shard from.
+        run_dir: the run folder (the ServerApp writes it, as ``dpfunc train`` would).
+        resume: continue from ``run_dir/checkpoint.pt``.
+        startup_timeout: seconds for the SuperLink to come up and for ``flwr run`` to answer.
+        run_timeout: seconds for the whole run; default ``120 + rounds · (round_timeout + 60)``.
+        site_node_config: extra ``--node-config`` entries per site (tests use ``fault="nan"``).
+        on_registered: called with ``{site: SuperNode process}`` once the server has found the sites
+            (tests use it to kill a site).
+
+    Returns:
+        The metrics dict (``run_dir/metrics.json``).
+
+    Raises:
+        RoundFailedError: a round had fewer than ``min_sites`` usable answers (checkpoint intact).
+        FlowerRunError: anything else that kept the run from completing, with the log's tail.
+    """
+    run_path = Path(run_dir).resolve()
+    fl = run_path / "flower"
+    home, app = fl / "home", fl / "app"
+    for d in (home, app):
+        d.mkdir(parents=True, exist_ok=True)
+    status_file = run_path / "flower_status.json"
+    status_file.unlink(missing_ok=True)
+    (run_path / "server.log").unlink(missing_ok=True)
+    request = fl / "request.json"
+    request.write_text(json.dumps({"config": asdict(cfg), "run_dir": str(run_path),
+                                   "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
+                                   "resume": bool(resume), "bootstrap": int(bootstrap_resamples)}))
+    (app / "pyproject.toml").write_text(app_pyproject(request))
+    port = _free_port()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
+                                      f'address = "127.0.0.1:{port}"\ninsecure = true\n')
+    env = flower_env(home)
+    bin_dir = Path(sys.executable).parent
+    procs: list[subprocess.Popen] = []
+    sites: dict[int, subprocess.Popen] = {}
+    run_timeout = run_timeout if run_timeout is not None else 120 + cfg.rounds * (cfg.round_timeout + 60)
+    t0 = time.monotonic()
+    try:
+        link_log = fl / "superlink.log"
+        link = _start([str(bin_dir / "flower-superlink"), "--insecure", "--disable-runtime-dependency-installation",
+                       "--host", "127.0.0.1", "--port", str(port), "--database", str(fl / "state.db")], env, link_log)
+        procs.append(link)
+        _wait_health(port, link, startup_timeout, link_log)
+        for s in range(cfg.sites):
+            node_cfg = {"partition-id": str(s), "num-partitions": str(cfg.sites)}
+            node_cfg.update((site_node_config or {}).get(s, {}))
+            text = " ".join(f"{k}={v}" if v.isdigit() else f'{k}="{v}"' for k, v in node_cfg.items())
+            p = _start([str(bin_dir / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                        "--node-config", text, "--port", str(_free_port())], env, fl / f"supernode-{s}.log")
+            procs.append(p)
+            sites[s] = p
+        out = _flwr(["run", str(app), "local", "--format", "json"], env, startup_timeout)
+        try:
+            run_id = json.loads(out.stdout)["run-id"]
+        except (ValueError, KeyError, TypeError):
+            raise FlowerRunError(f"run_flower: `flwr run` did not return a run id (exit {out.returncode}):\n"
+                                 f"{out.stdout[-2000:]}\n{out.stderr[-2000:]}") from None
+        log(f"Flower run {run_id}: SuperLink 127.0.0.1:{port}, {cfg.sites} SuperNodes; logs in {fl}")
+        registered, last_ls, printed = False, 0.0, 0
+        while True:
+            if status_file.exists():
+                break
+            if time.monotonic() - t0 > run_timeout:
+                raise FlowerRunError(f"run_flower: no result within {run_timeout:g}s; server log:\n{_tail(run_path / 'server.log')}")
+            lines = (run_path / "server.log").read_text(errors="replace").splitlines() if (run_path / "server.log").exists() else []
+            for line in lines[printed:]:
+                log(line)
+                if line.startswith("sites registered") and not registered:
+                    registered = True
+                    if on_registered is not None:
+                        on_registered(dict(sites))
+            printed = len(lines)
+            if time.monotonic() - last_ls > 5:
+                last_ls = time.monotonic()
+                try:
+                    ls = _flwr(["ls", "local", "--run-id", str(run_id), "--format", "json"], env, 30)
+                    st = json.loads(ls.stdout)["runs"][0]["status"]
+                except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError, TypeError):
+                    st = ""
+                if st.startswith("finished") and not status_file.exists():
+                    time.sleep(1.0)
+                    if not status_file.exists():
+                        raise FlowerRunError(f"run_flower: Flower says the run is {st!r} but the ServerApp left no "
+                                             f"result; server log:\n{_tail(run_path / 'server.log')}\n"
+                                             f"SuperLink log:\n{_tail(fl / 'superlink.log')}")
+            if link.poll() is not None:
+                raise FlowerRunError(f"run_flower: the SuperLink exited with {link.returncode}:\n{_tail(fl / 'superlink.log')}")
+            time.sleep(0.5)
+        lines = (run_path / "server.log").read_text(errors="replace").splitlines() if (run_path / "server.log").exists() else []
+        for line in lines[printed:]:
+            log(line)
+    finally:
+        _stop(procs)
+    status = json.loads(status_file.read_text())
+    if not status.get("ok"):
+        if status.get("kind") == "round_failed":
+            raise RoundFailedError.from_message(status["error"])
+        raise FlowerRunError(f"run_flower: the ServerApp failed: {status.get('error')}\n{_tail(run_path / 'server.log')}")
+    metrics = json.loads((run_path / "metrics.json").read_text())
+    if metrics.get("rounds") != cfg.rounds:
+        raise FlowerRunError(f"run_flower: metrics.json holds {metrics.get('rounds')} rounds, {cfg.rounds} expected")
+    return metrics
