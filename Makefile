@@ -1,11 +1,12 @@
 # Two entry points, each doing its own setup in a fresh virtual environment:
-#   make train   DP training on PneumoniaMNIST (the main job)
+#   make train   DP training on PneumoniaMNIST (the main job; ARGS="--epsilon 1" passes flags)
 #   make test    the test suite
 # torch is installed first and pinned to the CPU build these machines carry (no CUDA download).
 
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
-DATA_DIR  ?= $(or $(DPFUNC_DATA),../shared/data)
+# Data: DATA_DIR=… if given, else dpfunc's lookup ($DPFUNC_DATA, ../shared/data, ~/.cache/dpfunc).
+DATA_DIR  ?=
 TORCH     ?= torch==2.13.0
 ARGS      ?=
 
@@ -19,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[test]"
 	touch $@
 
+# Each `make train` writes a new run folder (runs/cnn-eps3.0-seed0, then -2, -3, …); ARGS="--resume" continues.
 train: venv
-	$(VENV)/bin/dpfunc train --data-dir $(DATA_DIR) $(ARGS)
+	$(VENV)/bin/dpfunc train $(if $(DATA_DIR),--data-dir $(DATA_DIR)) $(ARGS)
 
 test: venv
 	$(PY) -m pytest -q $(ARGS)

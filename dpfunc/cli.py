@@ -16,6 +16,9 @@ their own module when they are more than a few lines) and add one line to :data:
 raises :class:`CommandError` (or ``ValueError``/``OSError``) for user errors: :func:`main` prints
 them as ``dpfunc <command>: error: …`` without a traceback and exits 2 (``DPFUNC_DEBUG=1`` re-raises).
 A ``--quiet`` flag on a subcommand turns every :mod:`dpfunc._progress` bar off for that command.
+``$DPFUNC_<COMMAND>_ARGS`` (e.g. ``DPFUNC_TRAIN_ARGS="--epochs 1"``) is appended to that subcommand's
+command line, as ``PYTEST_ADDOPTS`` is for pytest: later flags win, so it shrinks any documented
+command to a smoke test (the README test does this), and a note on stderr says it happened.
 """
 
 from __future__ import annotations
@@ -150,6 +153,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="per-example clipping (default: fast): fast (ghost norms / book-keeping) or vmap (oracle)")
     t.add_argument("--no-dp", action="store_true", help="train the non-private baseline (same model and data)")
     t.add_argument("--seed", type=int, default=0, help="root of all keys (init, sampling, noise)")
+    t.add_argument("--train-subset", type=_int_at_least("--train-subset", 2), default=None, metavar="N",
+                   help="train on a fixed random subset of N training examples (quick experiments; ε is accounted "
+                        "for n = N)")
     t.add_argument("--run-dir", default=None,
                    help="run folder (default: runs/<model>-eps<ε>-seed<seed>, or runs/<model>-nodp-seed<seed>; "
                         "when that holds a run already, the next free runs/<name>-2, -3, …)")
@@ -159,6 +165,8 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true", help="replace the run in --run-dir instead of refusing")
     t.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples for the CIs")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--dry-run", action="store_true",
+                   help="print the plan (run folder, data file, n, q, steps, σ) and exit: nothing is trained or written")
     return t
 
 
@@ -180,7 +188,8 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(model=args.model, epsilon=dp["epsilon"], delta=dp["delta"], noise_multiplier=dp["noise_multiplier"],
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
                        ema_decay=args.ema_decay, max_grad_norm=dp["max_grad_norm"], augment_views=dp["augment_views"],
-                       image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed)
+                       image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed,
+                       train_subset=args.train_subset)
 
 
 def default_run_name(cfg) -> str:
@@ -217,13 +226,14 @@ def _check_writable_folder(path: Path) -> None:
 
 
 def resolve_run_dir(run_dir: str | None, default_name: str, *, resume: bool, overwrite: bool,
-                    root: Path = Path("runs")) -> Path:
+                    root: Path = Path("runs"), matches: Callable[[Path], bool] = lambda folder: True) -> Path:
     """The run folder a ``dpfunc train`` invocation uses.
 
     - ``--run-dir`` given: that folder. ``--resume`` needs a checkpoint there; a folder that holds a
       run is refused unless ``--resume`` or ``--overwrite``.
     - not given: ``runs/<name>`` when free, else the next free ``runs/<name>-2``, ``-3``, …; with
-      ``--resume`` the newest of those that holds a run; with ``--overwrite``, ``runs/<name>``.
+      ``--resume`` the newest of those that holds a checkpoint and ``matches`` (same configuration);
+      with ``--overwrite``, ``runs/<name>``.
     """
     if resume and overwrite:
         raise CommandError("--resume continues a run and --overwrite replaces it; give one of them")
@@ -241,10 +251,10 @@ def resolve_run_dir(run_dir: str | None, default_name: str, *, resume: bool, ove
         return path
     candidates = [root / default_name] + [root / f"{default_name}-{k}" for k in range(2, 10_000)]
     if resume:
-        held = [c for c in candidates[: _first_free(candidates) + 1] if (c / "checkpoint.pt").is_file()]
+        held = [c for c in candidates[: _first_free(candidates) + 1] if (c / "checkpoint.pt").is_file() and matches(c)]
         if not held:
-            raise CommandError(f"--resume: no run folder {root / default_name}[-k] with a checkpoint for these flags; "
-                               f"pass --run-dir, or drop --resume to start a run")
+            raise CommandError(f"--resume: no run folder {root / default_name}[-k] holds a checkpoint of a run with these "
+                               f"flags; pass --run-dir, or drop --resume to start a run")
         path = held[-1]
     elif overwrite:
         path = candidates[0]
@@ -252,6 +262,16 @@ def resolve_run_dir(run_dir: str | None, default_name: str, *, resume: bool, ove
         path = candidates[_first_free(candidates)]
     _check_writable_folder(path)
     return path
+
+
+def _saved_config(folder: Path):
+    """The TrainConfig in ``folder/config.json``, or None when it is missing or unreadable."""
+    from dpfunc.train import TrainConfig
+
+    try:
+        return TrainConfig(**json.loads((folder / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _first_free(candidates: list[Path]) -> int:
@@ -263,13 +283,21 @@ def _first_free(candidates: list[Path]) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from dpfunc.data import _files
-    from dpfunc.train import train
+    from dpfunc.train import plan_run, train
 
     cfg = _train_config(args)
-    run_dir = resolve_run_dir(args.run_dir, default_run_name(cfg), resume=args.resume, overwrite=args.overwrite)
+    run_dir = resolve_run_dir(args.run_dir, default_run_name(cfg), resume=args.resume, overwrite=args.overwrite,
+                              matches=lambda folder: _saved_config(folder) == cfg)
     # Find (or, with --download, fetch) the data before anything is written.
     data_file = _files.locate_pneumoniamnist(args.data_dir, download=args.download, fn="dpfunc train")
     print(f"run folder: {run_dir}   data: {data_file}")
+    if args.dry_run:
+        plan = plan_run(cfg, data_file)
+        sigma = "none (non-private)" if plan.noise_multiplier is None else f"{plan.noise_multiplier:.4f}"
+        print(f"plan: n = {plan.num_examples}, q = {plan.sampling_rate:.5f}, {plan.steps_per_epoch} steps/epoch × "
+              f"{cfg.epochs} epochs = {plan.steps} steps, σ = {sigma}, model {cfg.model}, engine {cfg.engine}")
+        print("dry run: nothing trained, nothing written")
+        return 0
     result = train(cfg, data_dir=data_file, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,
                    progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap)
     _print_result(result.test, result.test_ci, result.epsilon, result.delta, result.train_seconds)
@@ -378,6 +406,7 @@ COMMANDS: dict[str, Command] = {
     "train": Command(_add_train, _run_train),
     "evaluate": Command(_add_evaluate, _run_evaluate),
     "account": Command(_add_account, _run_account),
+    "infer": Command.from_module("dpfunc.mpc.cli"),
 }
 
 
@@ -411,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    extra = os.environ.get(f"DPFUNC_{args.command.upper()}_ARGS", "").strip()
+    if extra:  # like PYTEST_ADDOPTS: flags appended to this subcommand's command line (later flags win)
+        import shlex
+
+        print(f"dpfunc {args.command}: appending ${'DPFUNC_' + args.command.upper() + '_ARGS'}: {extra}", file=sys.stderr)
+        args = parser.parse_args((sys.argv[1:] if argv is None else list(argv)) + shlex.split(extra))
     try:
         with cli_messages(), progress_enabled(False if getattr(args, "quiet", False) else None):
             return COMMANDS[args.command].run(args)

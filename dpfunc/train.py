@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,8 @@ from dpfunc.sampling import poisson_sample
 from dpfunc.step import make_step, vmap_engine
 from dpfunc.transforms import apply_updates, sgd
 
-__all__ = ["TrainConfig", "RunResult", "train", "evaluate_scores", "load_run", "evaluate_run", "RUN_FILES"]
+__all__ = ["TrainConfig", "RunResult", "RunPlan", "train", "plan_run", "load_training_set", "evaluate_scores",
+           "load_run", "evaluate_run", "RUN_FILES"]
 
 #: The files a run folder holds (``overwrite=True`` removes exactly these).
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "roc.png", "confusion.png", "training.png")
@@ -73,6 +74,9 @@ class TrainConfig:
         engine: ``"fast"`` (ghost norms / book-keeping, falls back per layer) or ``"vmap"`` (oracle).
         private: False trains the non-private baseline (same model, data, optimiser; ε = ∞).
         seed: the root of every key of the run (init, sampling, noise); 0 is valid.
+        train_subset: train on this many training examples only (a fixed random subset, the same for
+            every seed; None = all). For quick experiments and smoke tests; ε is accounted for the
+            subset (n = train_subset), whose examples are the only ones the run touches.
     """
 
     model: str = "cnn"
@@ -90,6 +94,7 @@ class TrainConfig:
     engine: str = "fast"
     private: bool = True
     seed: int = 0
+    train_subset: int | None = None
 
     def __post_init__(self) -> None:
         fn = "TrainConfig"
@@ -126,6 +131,9 @@ class TrainConfig:
             raise ValueError(f"{fn}: image_size must be 28 or 64, got {self.image_size!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{fn}: seed must be an int (0 is valid), got {self.seed!r}")
+        if self.train_subset is not None and (isinstance(self.train_subset, bool) or not isinstance(self.train_subset, int)
+                                              or self.train_subset < 2):
+            raise ValueError(f"{fn}: train_subset must be None or an int >= 2, got {self.train_subset!r}")
 
 
 @dataclass
@@ -227,6 +235,39 @@ def _mean_loss(losses: list) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+#: Seed of the fixed training subset of ``train_subset`` (public: which examples are used is not secret).
+_SUBSET_SEED = 0x5B5E7
+
+
+def load_training_set(cfg: TrainConfig, data_dir: str | Path | None = None) -> ImageDataset:
+    """The training split, or its fixed random subset of ``cfg.train_subset`` examples."""
+    train_set = pneumoniamnist("train", data_dir, size=cfg.image_size)
+    if cfg.train_subset is None:
+        return train_set
+    if cfg.train_subset > len(train_set):
+        raise ValueError(f"train: train_subset {cfg.train_subset} (--train-subset) is larger than the training "
+                         f"split (n = {len(train_set)})")
+    idx = torch.randperm(len(train_set), generator=Key(_SUBSET_SEED).generator())[: cfg.train_subset].sort().values
+    return ImageDataset(train_set.images[idx], train_set.labels[idx], train_set.classes)
+
+
+class RunPlan(NamedTuple):
+    """What a run will do, known before it trains (``dpfunc train --dry-run`` prints it)."""
+
+    num_examples: int
+    sampling_rate: float
+    steps_per_epoch: int
+    steps: int
+    noise_multiplier: float | None
+
+
+def plan_run(cfg: TrainConfig, data_dir: str | Path | None = None) -> RunPlan:
+    """n, q, steps and σ (calibrated to ``cfg.epsilon`` when that is set) of a run, without training."""
+    n = len(load_training_set(cfg, data_dir))
+    q, steps_per_epoch, total_steps = _plan(cfg, n)
+    return RunPlan(n, q, steps_per_epoch, total_steps, calibrate(cfg, q, total_steps))
+
+
 def _epsilon_spent(cfg: TrainConfig, opt_state: Any) -> float:
     """ε spent so far (PLD), a pure function of the ledger in ``opt_state``; ∞ for a non-private run."""
     if not cfg.private:
@@ -281,7 +322,7 @@ def train(
     from dpfunc.bridge import functionalize
     from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
 
-    train_set = pneumoniamnist("train", data_dir, size=cfg.image_size)
+    train_set = load_training_set(cfg, data_dir)
     val_set = pneumoniamnist("val", data_dir, size=cfg.image_size)
     n = len(train_set)
     q, steps_per_epoch, total_steps = _plan(cfg, n)
@@ -321,7 +362,7 @@ def train(
         run_path.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_checkpoint(ckpt)
-            if state["config"] != asdict(cfg):
+            if TrainConfig(**state["config"]) != cfg:  # fields added later take their defaults
                 raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
                                  f"or resume with the same flags.\n saved: {state['config']}\n given: {asdict(cfg)}")
             params, buffers, opt_state = state["params"], state["buffers"], state["opt_state"]

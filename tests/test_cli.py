@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_short_private_run_writes_the_run_folder_and_resumes(data_dir, tmp_path,
 
 
 @pytest.mark.slow
-def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, small_train_split):
+def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, capsys, small_train_split):
     """Stop after epoch 1 (its checkpoint written), resume: the result equals an uninterrupted run."""
     import torch
 
@@ -137,6 +138,9 @@ def test_interrupted_run_resumes_to_the_same_result(data_dir, tmp_path, small_tr
 
     with pytest.raises(Stop):
         train(cfg, data_dir=data_dir, run_dir=tmp_path / "cut", progress=False, log=stop_after_first_epoch, bootstrap_resamples=20)
+    # evaluate says the run is unfinished (1 of 2 epochs), not "best epoch 1 of 1 done"
+    assert main(["evaluate", str(tmp_path / "cut"), "--data-dir", str(data_dir), "--bootstrap", "20"]) == 0
+    assert "UNFINISHED: checkpoint after epoch 1 of 2" in capsys.readouterr().out
     resumed = train(cfg, data_dir=data_dir, run_dir=tmp_path / "cut", resume=True, progress=False, log=lambda s: None,
                     bootstrap_resamples=20)
     assert resumed.epsilon == full.epsilon
@@ -199,3 +203,168 @@ def test_progress_helper_resolution_order(monkeypatch):
     assert progress_is_enabled() is False  # pytest captures stderr: not a terminal
     with pytest.raises(TypeError, match="enabled must be True, False or None"):
         progress_is_enabled("yes")
+
+
+# --------------------------------------------------------------------------- failure modes (issue 12)
+
+
+def test_help_shows_each_default_once_and_never_none(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: None)" not in out and "(default: False)" not in out
+    options = out[out.index("options:"):]
+    data_help = options[options.index("--data-dir"):options.index("--download")]
+    assert data_help.count("(default") == 1 and "shared/data" in data_help
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["train", "--no-dp", "--epsilon", "1"], "--no-dp trains without privacy, so --epsilon would be ignored"),
+        (["train", "--no-dp", "--delta", "1e-6", "--engine", "vmap"], "so --delta, --engine would be ignored"),
+        (["train", "--epsilon", "1", "--noise-multiplier", "1.1"], "not both"),
+        (["train", "--resume", "--overwrite"], "give one of them"),
+    ],
+)
+def test_contradictory_flags_are_refused(argv, needle, capsys):
+    assert _exit_code(argv) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_missing_data_error_speaks_the_command_lines_flags(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DPFUNC_DATA", raising=False)
+    rc = main(["train", "--data-dir", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "--data-dir" in err and "--download" in err and "DPFUNC_DATA" in err
+    assert "data_dir=" not in err and "download=True" not in err  # Python API names stay out of the CLI
+    assert not (tmp_path / "run").exists()  # nothing written before the data is found
+
+
+def test_data_lookup_order(tmp_path, monkeypatch):
+    """--data-dir, else $DPFUNC_DATA (each alone), else the project's ../shared/data, else the cache."""
+    from dpfunc.data import _files
+
+    monkeypatch.delenv("DPFUNC_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    project = _files.project_data_dir()
+    assert project is not None and project.name == "data" and project.parent.name == "shared"  # a source checkout
+    assert [f for f, _ in _files.search_path()] == [project, tmp_path / "xdg" / "dpfunc"]
+    monkeypatch.setenv("DPFUNC_DATA", str(tmp_path / "env"))
+    assert [f for f, _ in _files.search_path()] == [tmp_path / "env"]
+    assert [f for f, _ in _files.search_path(tmp_path / "arg")] == [tmp_path / "arg"]
+    with pytest.raises(_files.DataNotFoundError) as err:
+        _files.locate_pneumoniamnist()
+    assert err.value.searched == ((tmp_path / "env", "$DPFUNC_DATA"),)
+
+
+@pytest.mark.parametrize("case", ["file", "under-a-file", "read-only"])
+def test_unusable_run_dir_is_a_message_not_a_traceback(case, tmp_path, capsys, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    run_dir = {"file": afile, "under-a-file": afile / "sub", "read-only": tmp_path / "ro" / "run"}[case]
+    if case == "read-only":
+        (tmp_path / "ro").mkdir()
+        if os.geteuid() == 0:  # root ignores permission bits: simulate what a read-only folder answers
+            import dpfunc.cli
+
+            def refuse(*args, **kwargs):
+                raise PermissionError(13, "Permission denied")
+
+            monkeypatch.setattr(dpfunc.cli.tempfile, "TemporaryFile", refuse)
+        else:
+            (tmp_path / "ro").chmod(0o500)
+    try:
+        rc = main(["train", "--run-dir", str(run_dir), "--quiet"])
+    finally:
+        (tmp_path / "ro").exists() and (tmp_path / "ro").chmod(0o700)
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    expected = {"file": "is an existing file, not a folder", "under-a-file": "is a file, so no folder can be made",
+                "read-only": "cannot write in"}[case]
+    assert expected in err and "--run-dir" in err
+
+
+def test_resume_with_a_mistyped_run_dir_is_refused(tmp_path, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "tpyo"), "--resume", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and "does not exist" in err
+    assert not (tmp_path / "tpyo").exists()
+
+
+def test_download_without_internet_fails_fast_with_the_flags_to_use(tmp_path, capsys, monkeypatch):
+    """A server that accepts the connection and never answers (what a dead proxy does): the download
+    gives up after DOWNLOAD_TIMEOUT_S and says how to proceed offline."""
+    import socket
+    import time
+
+    from dpfunc.data import _files
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    monkeypatch.setattr(_files, "PNEUMONIAMNIST_URL", f"http://127.0.0.1:{server.getsockname()[1]}/pneumoniamnist.npz")
+    monkeypatch.setattr(_files, "DOWNLOAD_TIMEOUT_S", 0.5)
+    try:
+        t0 = time.perf_counter()
+        rc = main(["train", "--download", "--data-dir", str(tmp_path / "data"), "--run-dir", str(tmp_path / "run"),
+                   "--quiet"])
+        seconds = time.perf_counter() - t0
+    finally:
+        server.close()
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err and seconds < 10
+    assert "no answer within 0.5 s" in err and "--data-dir" in err
+    assert list((tmp_path / "data").iterdir()) == []  # no partial file left behind
+
+
+def test_run_folders_new_per_run_resume_picks_the_newest_matching(tmp_path):
+    """`make train` twice: runs/<name>, then runs/<name>-2; --resume continues the newest one of the
+    same configuration; --overwrite reuses runs/<name>; an explicit --run-dir holding a run is refused."""
+    import json as _json
+    from dataclasses import asdict
+
+    from dpfunc.cli import CommandError, resolve_run_dir
+
+    root = tmp_path / "runs"
+    cfg = TrainConfig()
+    fresh = resolve_run_dir(None, "cnn-eps3.0-seed0", resume=False, overwrite=False, root=root)
+    assert fresh == root / "cnn-eps3.0-seed0"
+    with pytest.raises(CommandError, match="no run folder"):
+        resolve_run_dir(None, "cnn-eps3.0-seed0", resume=True, overwrite=False, root=root)
+    for folder, config in ((fresh, cfg), (root / "cnn-eps3.0-seed0-2", TrainConfig(epochs=2))):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(_json.dumps(asdict(config)))
+        (folder / "checkpoint.pt").write_bytes(b"")
+    assert resolve_run_dir(None, "cnn-eps3.0-seed0", resume=False, overwrite=False, root=root) == root / "cnn-eps3.0-seed0-3"
+    same = lambda folder: TrainConfig(**_json.loads((folder / "config.json").read_text())) == cfg  # noqa: E731
+    assert resolve_run_dir(None, "cnn-eps3.0-seed0", resume=True, overwrite=False, root=root, matches=same) == fresh
+    assert resolve_run_dir(None, "cnn-eps3.0-seed0", resume=True, overwrite=False, root=root) == root / "cnn-eps3.0-seed0-2"
+    assert resolve_run_dir(None, "cnn-eps3.0-seed0", resume=False, overwrite=True, root=root) == fresh
+    with pytest.raises(CommandError, match="already holds a run; pass --resume to continue it, --overwrite"):
+        resolve_run_dir(str(fresh), "x", resume=False, overwrite=False)
+
+
+def test_account_formats_huge_gdp_epsilon(capsys):
+    assert main(["account", "--noise-multiplier", "0.1", "--sampling-rate", "0.5", "--steps", "100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    gdp = next(line for line in lines if line.startswith("gdp"))
+    assert "e+" in gdp and max(len(tok) for tok in gdp.split()) < 16  # not a 45-digit number
+
+
+def test_progress_bar_text_before_the_first_validation_has_no_nan():
+    from dpfunc.train import _bar_text
+
+    assert _bar_text(0, 15, None, True) == "epoch 1/15"
+    last = {"epoch": 3, "train_loss": 0.5, "val_auc": 0.9, "val_accuracy": 0.8, "epsilon": 1.234}
+    assert _bar_text(3, 15, last, True) == "epoch 4/15 | epoch 3: loss 0.500 val AUC 0.900 acc 0.800 ε 1.23"
+    assert "ε" not in _bar_text(3, 15, {**last, "epsilon": None}, False)
+
+
+@pytest.mark.slow
+def test_batch_size_above_n_is_refused(data_dir, tmp_path, capsys):
+    rc = main(["train", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run"), "--batch-size", "10000",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size 10000 (--batch-size) is larger than the training set (n = 4708)" in err

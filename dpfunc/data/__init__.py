@@ -9,8 +9,10 @@ from dpfunc.data._files import (
     KNOWN_MD5,
     KNOWN_SHA256,
     PNEUMONIAMNIST_URL,
+    DataNotFoundError,
     download_pneumoniamnist,
     resolve_data_dir,
+    search_path,
 )
 from dpfunc.data._pneumoniamnist import (
     CLASS_NAMES,
@@ -26,6 +28,7 @@ from dpfunc.data.augment import augment, augment_views, multiplicity_loss
 
 __all__ = [
     "CLASS_NAMES",
+    "DataNotFoundError",
     "FIXED",
     "KNOWN_MD5",
     "KNOWN_SHA256",
@@ -40,5 +43,6 @@ __all__ = [
     "multiplicity_loss",
     "pneumoniamnist",
     "resolve_data_dir",
+    "search_path",
     "train_normalization",
 ]
