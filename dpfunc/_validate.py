@@ -51,15 +51,30 @@ def _fail(fn: str, name: str, what: str, value: object) -> ValueError:
     return ValueError(f"{fn}: {name} must be {what}, got {value!r}")
 
 
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def _describe(low, high, low_open, high_open, allow_inf) -> str:
+    if low is not None and high is not None:
+        return f"in {'(' if low_open else '['}{_fmt(low)}, {_fmt(high)}{')' if high_open else ']'}"
+    kind = "a number" if allow_inf else "a finite number"
+    if low is not None:
+        return f"{kind} {'>' if low_open else '>='} {_fmt(low)}"
+    if high is not None:
+        return f"{kind} {'<' if high_open else '<='} {_fmt(high)}"
+    return kind
+
+
 def check_number(fn: str, name: str, value: object, *, low: Optional[float] = None,
                  high: Optional[float] = None, low_open: bool = False, high_open: bool = False,
                  allow_inf: bool = False) -> float:
     """A real number (not bool, not NaN) in the interval given by ``low``/``high`` (closed unless
-    ``low_open``/``high_open``); ``±inf`` only with ``allow_inf``. Returns ``float(value)``."""
-    lo_s = "-inf" if low is None else repr(float(low))
-    hi_s = "inf" if high is None else repr(float(high))
-    interval = f"{'(' if low_open or low is None else '['}{lo_s}, {hi_s}{')' if high_open or high is None else ']'}"
-    what = f"a finite number in {interval}" if not allow_inf else f"a number in {interval} (inf allowed)"
+    ``low_open``/``high_open``); ``±inf`` only with ``allow_inf``. Returns ``float(value)``.
+
+    Messages read ``"{fn}: {name} must be a finite number >= 0, got -1.0"``, ``"... must be in (0, 1],
+    got 0.0"`` or, with ``allow_inf``, ``"... must be a number >= 0, got nan"``."""
+    what = _describe(low, high, low_open, high_open, allow_inf)
     if not is_number(value):
         raise _fail(fn, name, what, value)
     v = float(value)
@@ -92,7 +107,7 @@ def check_probability(fn: str, name: str, value: object, *, open_low: bool = Tru
 def check_delta(fn: str, name: str, value: object) -> float:
     """A δ of (ε, δ)-DP: a number in the open interval (0, 1)."""
     if not is_number(value) or not 0 < float(value) < 1:  # NaN fails the comparison
-        raise _fail(fn, name, "a number in (0, 1)", value)
+        raise _fail(fn, name, "a number in (0, 1)", value)  # (the words users search for)
     return float(value)
 
 
