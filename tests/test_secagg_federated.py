@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 from dpfunc import FlatClipping, Key, vmap_engine
 from dpfunc.federated import (AggregationError, InProcessSites, SitePlan, SiteUpdate, WeightedFedAvg,
                               init_server_state, init_site_state, make_aggregator, run_round_inprocess, site_key)
-from dpfunc.secagg import Stage
+from dpfunc.secagg import ProtocolError, Stage
 from dpfunc.secagg.federated import SecureAggregationFailed, SecureAggregator
 
 
@@ -182,3 +182,64 @@ def test_cli_secure_aggregation_gives_the_same_global_model(tmp_path, data_dir):
         assert json.loads((run / "config.json").read_text())["aggregator"] == ("secagg" if secure else "fedavg")
     worst = max((finals[True][k].double() - finals[False][k].double()).abs().max().item() for k in finals[False])
     assert worst <= 1e-4, worst
+
+
+# ---------------------------------------------------------------- sites in other processes (transport-neutral)
+
+def _remote_setup(n, drop_kind=None, drop=()):
+    from dpfunc.secagg.remote import site_handle, site_keep_input
+
+    g = torch.Generator().manual_seed(n)
+    ref = {"w": torch.randn(5, generator=g), "b": torch.randn(2, generator=g)}
+    ups = [SiteUpdate(s, 1, {k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in ref.items()},
+                      float(20 + s), 1, 0.3) for s in range(n)]
+    stores = {s: {} for s in range(n)}
+    for u in ups:
+        site_keep_input(u, ref, stores[u.site], aggregator=SecureAggregator(max_weight=100))
+    log = []
+
+    def channel(requests):
+        # each request is copied through the record codec's types only (what a transport would carry)
+        out = {}
+        for s, req in requests.items():
+            log.append((s, req["kind"]))
+            if req["kind"] == drop_kind and s in drop:
+                continue
+            out[s] = site_handle(dict(req), stores[s])
+        return out
+
+    # what the server receives from the sites in place of updates: ids, round, weight; no params
+    placeholders = [u._replace(params=dict(ref), loss=float("nan")) for u in ups]
+    return ref, ups, placeholders, stores, channel, log
+
+
+@pytest.mark.parametrize("drop_kind", [None, "begin", "directory", "inbox", "unmask_request"])
+def test_remote_secure_aggregation_over_a_channel(drop_kind):
+    from dpfunc.secagg.remote import RemoteSecureAggregator
+
+    ref, ups, placeholders, stores, channel, log = _remote_setup(5, drop_kind, drop=(1,))
+    agg = RemoteSecureAggregator(channel, max_weight=100)
+    out = agg.aggregate(placeholders, ref)
+    kept = [u for u in ups if drop_kind in (None, "unmask_request") or u.site != 1]
+    assert agg.last_round.included == tuple(u.site for u in kept)
+    _close_within(out, WeightedFedAvg().aggregate(kept, ref), agg.last_round.error_bound)
+    assert agg.last_round.mean_loss == pytest.approx(0.3, abs=1e-5)
+    assert [k for _, k in log[:5]] == ["begin"] * 5
+    assert all(st == {} for s, st in stores.items() if s != 1 or drop_kind is None)  # secrets forgotten after unmasking
+
+
+def test_remote_site_refuses_out_of_order_requests_and_failed_rounds_raise():
+    from dpfunc.secagg.remote import RemoteSecureAggregator, site_handle
+
+    ref, ups, placeholders, stores, channel, _ = _remote_setup(3, "inbox", drop=(0, 1))
+    with pytest.raises(ProtocolError, match="before the key advertisement"):
+        site_handle({"kind": "inbox", "from": [], "ct": []}, stores[2])
+    with pytest.raises(ProtocolError, match="the server asks for round 7"):
+        site_handle({"kind": "begin", "round": 7, "threshold": 2, "vector_length": 10, "ring_bits": 32,
+                     "neighbours": -1}, stores[2])
+    with pytest.raises(ProtocolError, match="encoding .* differs"):
+        RemoteSecureAggregator(lambda reqs: {s: site_handle(r, stores[s]) for s, r in reqs.items()}).aggregate(placeholders, ref)
+    with pytest.raises(ProtocolError, match="holds no input"):
+        site_handle({"kind": "begin"}, {})
+    with pytest.raises(SecureAggregationFailed, match="failed at stage MASKED_INPUT"):
+        RemoteSecureAggregator(channel, max_weight=100).aggregate(placeholders, ref)

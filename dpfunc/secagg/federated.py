@@ -183,15 +183,18 @@ class SecureAggregator:
             raise SecureAggregationFailed(
                 f"SecureAggregator.aggregate: round {round_id} failed at stage {e.stage.name} "
                 f"({e.available} < threshold {e.needed}); nothing is applied: {e}", e) from e
+        return self._finish(result, reference, layout, round_id, cfg.threshold, stats)
+
+    def _finish(self, result, reference, layout, round_id: int, threshold: int, stats: RoundStats) -> dict:
         mean, info = decode_sum(self, result.total, reference, layout)
         self.last_round = SecureRoundInfo(round_id, result.included, info["total_weight"], info["mean_loss"],
                                           info["sites_clipped"],
                                           self.error_bound(len(result.included), info["total_weight"]),
-                                          cfg.threshold, stats)
+                                          threshold, stats)
         if info["sites_clipped"]:
             warnings.warn(f"SecureAggregator: round {round_id}: {info['sites_clipped']} site(s) had update "
                           f"coordinates beyond delta_clip={self.update_fp.clip} (clipped); raise delta_clip",
-                          RuntimeWarning, stacklevel=2)
+                          RuntimeWarning, stacklevel=3)
         return mean
 
     def __repr__(self) -> str:
