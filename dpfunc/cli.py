@@ -407,7 +407,6 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(_add_evaluate, _run_evaluate),
     "account": Command(_add_account, _run_account),
     "infer": Command.from_module("dpfunc.mpc.cli"),
-    "infer": Command.from_module("dpfunc.mpc.cli"),
 }
 
 
