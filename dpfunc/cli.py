@@ -407,6 +407,7 @@ COMMANDS: dict[str, Command] = {
     "evaluate": Command(_add_evaluate, _run_evaluate),
     "account": Command(_add_account, _run_account),
     "infer": Command.from_module("dpfunc.mpc.cli"),
+    "federated": Command.from_module("dpfunc.federated.cli"),
 }
 
 

@@ -10,7 +10,7 @@ import torch
 
 from dpfunc.bridge.checkpoint import load_checkpoint
 from dpfunc.federated import InProcessSites, RoundFailedError
-from dpfunc.federated.cli import main
+from dpfunc.cli import main
 from dpfunc.federated.job import FederatedConfig, build, make_engine, run_federated
 from dpfunc import Key
 from dpfunc.models import build_model
@@ -42,7 +42,7 @@ def _faulty(fail_at_round: int, exc: BaseException | None, seen: dict):
 
 def test_cli_writes_run_folder_with_train_schema(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
-    argv = ["--sites", "2", "--rounds", "2", "--train-subset", "160", "--batch-size", "40", "--accountant", "rdp",
+    argv = ["federated", "--sites", "2", "--rounds", "2", "--train-subset", "160", "--batch-size", "40", "--accountant", "rdp",
             "--epsilon", "3", "--data-dir", str(data_dir), "--run-dir", str(run), "--bootstrap", "20", "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
@@ -104,6 +104,19 @@ def test_failed_round_leaves_last_checkpoint_intact(tmp_path, data_dir):
     saved = load_checkpoint(ckpt)
     assert saved["state"].round == 1 and len(saved["history"]) == 1
     assert not (tmp_path / "r" / "metrics.json").exists()
+
+
+def test_site_alone_is_a_federation_of_one(tmp_path, data_dir):
+    """``alone=s`` trains site s's shard (from the 3-site split) by itself with its own plan."""
+    base = {**TINY, "rounds": 1}
+    fed = run_federated(FederatedConfig(**base), data_dir=data_dir, progress=False, log=lambda s: None, bootstrap_resamples=10)
+    alone = run_federated(FederatedConfig(**base, alone=1), data_dir=data_dir, progress=False, log=lambda s: None,
+                          bootstrap_resamples=10)
+    assert len(alone["sites"]) == 1
+    for k in ("n", "noise_multiplier", "sampling_rate", "steps", "epsilon"):
+        assert alone["sites"][0][k] == fed["sites"][1][k], k
+    with pytest.raises(ValueError, match="in process only"):
+        FederatedConfig(**base, alone=0, engine="flower")
 
 
 def test_config_refuses_bad_values():

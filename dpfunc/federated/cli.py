@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             from dpfunc.federated.job import run_federated
 
             result = run_federated(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                                   progress=not args.quiet, bootstrap_resamples=args.bootstrap)
+                                   progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap)
     except RoundFailedError as e:
         print(f"dpfunc federated: error: {e}", file=sys.stderr)
         return 2

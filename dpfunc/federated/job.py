@@ -72,6 +72,8 @@ class FederatedConfig:
         train_subset: use only the first N training examples (quick demos and tests); None = all.
         round_timeout: seconds the server waits for a round's answers (Flower engine).
         accountant: ``"pld"`` (tight, the default) or ``"rdp"`` (faster calibration) for σ_s and the ε reports.
+        alone: train site ``alone``'s shard by itself, a federation of one (the baseline a site has
+            without federating: same shard, plan and σ as in the federated run; in process only).
         seed: root of every key (init, partition, site selection, each site's sampling and noise).
     """
 
@@ -98,6 +100,7 @@ class FederatedConfig:
     train_subset: int | None = None
     round_timeout: float = 600.0
     accountant: str = "pld"
+    alone: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -137,6 +140,10 @@ class FederatedConfig:
             raise ValueError(f"{fn}: accountant must be 'pld' or 'rdp', got {self.accountant!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{fn}: seed must be an int (0 is valid), got {self.seed!r}")
+        if self.alone is not None:
+            check_int_range(fn, "alone", self.alone, low=0, high=self.sites - 1)
+            if self.engine != "inprocess":
+                raise ValueError(f"{fn}: alone={self.alone} (one site by itself) runs in process only, got engine={self.engine!r}")
         fraction_sites = max(1, min(self.sites, int(math.floor(self.fraction * self.sites + 0.5))))
         if self.min_sites > fraction_sites:
             raise ValueError(f"{fn}: min_sites={self.min_sites} can never be met when only {fraction_sites} site(s) "
@@ -200,7 +207,11 @@ def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
 def prepare(cfg: FederatedConfig, train_labels: torch.Tensor) -> FederatedSetup:
     init_key, select_key, _, sites_key = _keys(cfg)
     indices = site_indices(cfg, train_labels)
-    return FederatedSetup(cfg, init_key, select_key, sites_key, indices, plans_for(cfg, [len(i) for i in indices]))
+    plans = plans_for(cfg, [len(i) for i in indices])
+    if cfg.alone is not None:  # a federation of one: that site's shard, plan and key only
+        indices, plans = [indices[cfg.alone]], [plans[cfg.alone]]
+        sites_key = site_key(sites_key, cfg.alone)
+    return FederatedSetup(cfg, init_key, select_key, sites_key, indices, plans)
 
 
 def build(cfg: FederatedConfig):
@@ -241,14 +252,10 @@ def _site_report(state: ServerState, plans: list[SitePlan], delta: float, method
     return out
 
 
-def _progress(total: int, initial: int, enabled: bool):
-    try:
-        from dpfunc._progress import progress
-    except ImportError:  # pragma: no cover - older trees
-        from tqdm.auto import tqdm
+def _progress(total: int, initial: int, enabled: bool | None):
+    from dpfunc._progress import progress
 
-        return tqdm(total=total, initial=initial, desc="federated rounds", unit="round", disable=not enabled)
-    return progress(total=total, initial=initial, desc="federated rounds", unit="round", enabled=enabled or None)
+    return progress(total=total, initial=initial, desc="federated rounds", unit="round", enabled=enabled)
 
 
 Executor = Callable[[ServerState, tuple[int, ...]], dict]
@@ -260,7 +267,7 @@ def run_federated(
     data_dir: str | Path | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
-    progress: bool = True,
+    progress: bool | None = None,
     log: Callable[[str], None] = print,
     executor: Callable[[FederatedSetup, Any], Executor] | None = None,
     aggregator: Aggregator | None = None,
@@ -273,7 +280,8 @@ def run_federated(
         data_dir: where ``pneumoniamnist.npz`` is.
         run_dir: the run folder; None writes nothing.
         resume: continue from ``run_dir/checkpoint.pt`` (same config required).
-        progress: show a progress bar (one step per round).
+        progress: show a progress bar (one step per round); None decides as :mod:`dpfunc._progress` does
+            (on in a terminal or notebook, off under ``--quiet``).
         log: where per-round lines go.
         executor: ``executor(setup, model) -> answers_fn`` with ``answers_fn(state, selected) -> {site: answer}``;
             default trains every site in this process. The Flower ServerApp passes one that messages the sites.
@@ -324,14 +332,14 @@ def run_federated(
 
     sig = ", ".join(f"site {s}: n={p.num_examples} q={p.sampling_rate:.4f} σ={p.noise_multiplier:.3f} "
                     f"steps/round={p.steps_per_round}" for s, p in enumerate(setup.plans))
-    log(f"federated DP-SGD: {cfg.sites} sites ({cfg.partition}{f' α={cfg.alpha}' if cfg.partition == 'dirichlet' else ''}), "
+    log(f"federated DP-SGD: {len(setup.plans)} site(s){f' (site {cfg.alone} alone)' if cfg.alone is not None else ''}, of {cfg.sites} ({cfg.partition}{f' α={cfg.alpha}' if cfg.partition == 'dirichlet' else ''}), "
         f"{cfg.rounds} rounds × {cfg.local_epochs} local epoch(s), target ε={cfg.epsilon} δ={cfg.delta} per site, "
         f"engine={cfg.engine}; {sig}")
     bar = _progress(cfg.rounds, state.round, progress)
     try:
         while state.round < cfg.rounds:
             t0 = time.perf_counter()
-            selected = select_sites(setup.select_key, state.round, cfg.sites, cfg.fraction)
+            selected = select_sites(setup.select_key, state.round, len(setup.plans), cfg.fraction)
             answers = answers_fn(state, selected)
             state, report = apply_round(state, selected, answers, plans=setup.plans, aggregator=aggregator,
                                         server_tx=server_tx, min_sites=cfg.min_sites)

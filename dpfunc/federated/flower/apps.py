@@ -10,6 +10,10 @@ nothing between rounds — Flower starts a fresh ClientApp process per message):
                                    round, sites, plan-<s> json,                       round, weight, steps, loss,
                                    state-<s> bytes)                                    state bytes)
 
+With ``aggregator="secagg"`` (issue 14) the train reply carries no ``params`` (and no loss): the site keeps its
+encoded update in ``context.state`` and the server's :class:`~dpfunc.secagg.remote.RemoteSecureAggregator`
+runs four ``query.secagg`` round trips (``ConfigRecord`` "secagg" both ways) and learns only the sum.
+
 The site state (DP optimizer state with the privacy ledger) travels as bytes of
 ``torch.save(to_plain(state))`` and is read back with ``torch.load(weights_only=True)`` (no code runs).
 """
@@ -84,10 +88,36 @@ def _train(msg: Message, context: Context) -> Message:
     if str(context.node_config.get("fault", "")) == "nan":  # test hook: a malformed (NaN) update
         name = next(iter(params))
         params[name] = torch.full_like(params[name], math.nan)
+    secure = cfg.aggregator == "secagg"
+    if secure:  # secure aggregation (issue 14): the model stays here; the server gets only the masked sum
+        from dpfunc.secagg.remote import site_keep_input
+
+        store = _secagg_store(context)
+        site_keep_input(update._replace(params=params), global_params, store)
+        context.state["secagg"] = ConfigRecord(store)
     reply = ConfigRecord({"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
-                          "steps": update.steps, "loss": float(update.loss) if math.isfinite(update.loss) else -1.0,
+                          "steps": update.steps,
+                          "loss": float(update.loss) if math.isfinite(update.loss) and not secure else -1.0,
                           "state": encode_state(new_state)})
+    if secure:
+        return Message(RecordDict({"reply": reply}), reply_to=msg)
     return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+def _secagg_store(context: Context) -> dict:
+    """This site's private secure-aggregation storage (Flower keeps ``context.state`` on the node)."""
+    return {k: bytes(v) for k, v in context.state["secagg"].items()} if "secagg" in context.state else {}
+
+
+@client_app.query("secagg")
+def _secagg(msg: Message, context: Context) -> Message:
+    """One stage of secure aggregation (:func:`dpfunc.secagg.remote.site_handle`)."""
+    from dpfunc.secagg.remote import site_handle
+
+    store = _secagg_store(context)
+    reply = site_handle(dict(msg.content["secagg"]), store)
+    context.state["secagg"] = ConfigRecord(store)
+    return Message(RecordDict({"secagg": ConfigRecord(reply)}), reply_to=msg)
 
 
 # ----------------------------------------------------------------------------------------- server side
@@ -148,7 +178,8 @@ class FlowerSites:
                 new_state = decode_state(bytes(rep["state"]))
                 if not isinstance(new_state, SiteState):
                     raise TypeError("state is not a SiteState")
-                params = r.content["params"].to_torch_state_dict()
+                # under secure aggregation the site keeps its model: the aggregator never reads params
+                params = r.content["params"].to_torch_state_dict() if "params" in r.content else dict(state.params)
                 loss = float(rep["loss"])
                 answers[site] = (SiteUpdate(site, int(rep["round"]), params, float(rep["weight"]), int(rep["steps"]),
                                             loss if loss >= 0 else math.nan), new_state)
@@ -162,6 +193,24 @@ class FlowerSites:
                 answers[s] = (f"no reply within {self.timeout:g}s (stalled or crashed)" if s in self.nodes or
                               unmapped_nodes else f"no SuperNode registered as site {s}")
         return answers
+
+
+    def secagg_channel(self, requests: dict) -> dict:
+        """Secure aggregation's transport: ``{site: record}`` out as ``query.secagg`` messages, the replies
+        back by site; a site that errs or does not answer within the timeout is left out (it dropped)."""
+        msgs = [Message(RecordDict({"secagg": ConfigRecord(req)}), dst_node_id=self.nodes[s], message_type="query.secagg")
+                for s, req in requests.items() if s in self.nodes]
+        by_node = {n: s for s, n in self.nodes.items()}
+        out = {}
+        for r in (self.grid.send_and_receive(msgs, timeout=self.timeout) if msgs else []):
+            site = by_node.get(r.metadata.src_node_id)
+            if site is None:
+                continue
+            if r.has_error():
+                self.log(f"secure aggregation: site {site} failed a stage: {r.error.reason}")
+                continue
+            out[site] = dict(r.content["secagg"])
+        return out
 
 
 def _wait_nodes(grid: Grid, sites: int, timeout: float) -> list[int]:
@@ -195,9 +244,19 @@ def _main(grid: Grid, context: Context) -> None:
     try:
         nodes = _wait_nodes(grid, cfg.sites, cfg.round_timeout)
         log(f"sites registered: {len(nodes)} SuperNode(s)")
+        executors: list[FlowerSites] = []
+
+        def executor(setup, model):
+            executors.append(FlowerSites(grid, setup, nodes, cfg.round_timeout, log, req["data_dir"]))
+            return executors[-1]
+
+        aggregator = None
+        if cfg.aggregator == "secagg":  # issue 14: four more round trips per round, to the same sites
+            from dpfunc.secagg.remote import RemoteSecureAggregator
+
+            aggregator = RemoteSecureAggregator(lambda requests: executors[-1].secagg_channel(requests))
         run_federated(cfg, data_dir=data_dir, run_dir=run_dir, resume=bool(req["resume"]), progress=False,
-                      log=log, bootstrap_resamples=int(req["bootstrap"]),
-                      executor=lambda setup, model: FlowerSites(grid, setup, nodes, cfg.round_timeout, log, req["data_dir"]))
+                      log=log, bootstrap_resamples=int(req["bootstrap"]), executor=executor, aggregator=aggregator)
         status["ok"] = True
     except RoundFailedError as e:
         status["error"] = str(e)
