@@ -1,0 +1,115 @@
+"""``dpfunc segment --task liver --data-dir DIR``: train a U-Net with patient-level DP; and the
+segmentation branch of ``dpfunc evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from dpfunc.segmentation._cli_phantoms import _int_at_least
+
+__all__ = ["add_parser", "run", "evaluate"]
+
+
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
+        return v
+
+    return parse
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "segment", help="train a GroupNorm U-Net segmenter with patient-level DP (MSD layout or phantoms)",
+        description="Patient-level DP: each patient (all of their slices) is one example for Poisson sampling and "
+                    "clipping, so (ε, δ) protects everything a patient contributes. Writes a run folder like "
+                    "`dpfunc train` (config.json, checkpoint.pt, metrics.json with test.dice, overlays.png, training.png).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--task", choices=["liver"], default="liver", help="the segmentation task (MSD Task03 layout)")
+    p.add_argument("--data-dir", required=True, help="an MSD task folder (dataset.json, imagesTr/, labelsTr/), e.g. "
+                                                     "from `dpfunc make-phantoms`")
+    p.add_argument("--epsilon", type=_positive_float("--epsilon"), default=8.0, help="target ε (σ calibrated with PLD)")
+    p.add_argument("--delta", type=_positive_float("--delta"), default=1e-5, help="target δ (< 1)")
+    p.add_argument("--noise-multiplier", type=_positive_float("--noise-multiplier"), default=None,
+                   help="train at this σ instead of calibrating to --epsilon")
+    p.add_argument("--no-dp", action="store_true", help="the non-private baseline (same model, data, optimiser)")
+    p.add_argument("--unit", choices=["patient", "slice"], default="patient",
+                   help="privacy unit: patient (all slices clipped as one) or slice (deepee's slice-level DP; weaker)")
+    p.add_argument("--engine", choices=["fast", "vmap"], default="fast", help="per-example clipping engine")
+    p.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=30, help="passes over the patients")
+    p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=8,
+                   help="EXPECTED patients (or slices with --unit slice) per step")
+    p.add_argument("--slices-per-patient", type=_int_at_least("--slices-per-patient", 1), default=4,
+                   help="slices of a sampled patient used per step (drawn without replacement)")
+    p.add_argument("--lr", type=_positive_float("--lr"), default=5e-3, help="Adam step size")
+    p.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0, help="clipping bound C")
+    p.add_argument("--image-size", type=_int_at_least("--image-size", 8), default=64, help="slice side (64/128/256)")
+    p.add_argument("--width", type=_int_at_least("--width", 1), default=8, help="U-Net channels at full resolution")
+    p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
+    p.add_argument("--selection", choices=["organ", "all"], default="organ",
+                   help="axial slices kept: organ (the organ's extent ± --margin) or all")
+    p.add_argument("--margin", type=_int_at_least("--margin", 0), default=2, help="slices beyond the organ's extent")
+    p.add_argument("--window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"), help="HU window")
+    p.add_argument("--seed", type=int, default=0, help="root of all keys (split, init, sampling, noise)")
+    p.add_argument("--run-dir", default=None, help="run folder (default: runs/<task>-<unit>-eps<ε>-seed<seed> or "
+                                                   "runs/<task>-nodp-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
+    p.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _config(args: argparse.Namespace):
+    from dpfunc.segmentation._train import SegmentationConfig
+
+    private = not args.no_dp
+    return SegmentationConfig(
+        task=args.task, image_size=args.image_size, epsilon=args.epsilon if args.noise_multiplier is None else None,
+        delta=args.delta, noise_multiplier=args.noise_multiplier, epochs=args.epochs, batch_size=args.batch_size,
+        slices_per_patient=args.slices_per_patient, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
+        unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
+        window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin)
+
+
+def _print(result) -> None:
+    ci = result.test_ci
+    print(f"test Dice (mean over {result.test['num_patients']} patients, 95% bootstrap CI over patients): "
+          f"{result.test['dice']:.4f} [{ci['dice']['lower']:.4f}, {ci['dice']['upper']:.4f}]; IoU {result.test['iou']:.4f}")
+    eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.3f}"
+    unit = result.config["unit"]
+    print(f"privacy: ε = {eps} at δ = {result.delta:g} per {unit}; training time {result.train_seconds:.0f}s")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dpfunc.segmentation._train import train_segmentation
+
+    cfg = _config(args)
+    if args.run_dir is None:
+        tag = "nodp" if not cfg.private else (f"{cfg.unit.value}-eps{cfg.epsilon}" if cfg.epsilon is not None
+                                              else f"{cfg.unit.value}-sigma{cfg.noise_multiplier}")
+        run_dir = Path("runs") / f"{cfg.task}-{tag}-seed{cfg.seed}"
+    else:
+        run_dir = Path(args.run_dir)
+    print(f"run folder: {run_dir}   data: {args.data_dir}")
+    result = train_segmentation(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
+                                bootstrap_resamples=args.bootstrap)
+    _print(result)
+    print(f"run folder: {run_dir}  (metrics.json, checkpoint.pt, overlays.png, training.png)")
+    return 0
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """``dpfunc evaluate RUN`` on a segmentation run folder (``--data-dir`` overrides the saved one)."""
+    from dpfunc.segmentation._train import evaluate_segmentation_run
+
+    result = evaluate_segmentation_run(args.run_dir, data_dir=args.data_dir, bootstrap_resamples=args.bootstrap)
+    print(f"run {args.run_dir}: task {result.config['task']}, best validation epoch {result.best_epoch}")
+    _print(result)
+    return 0

@@ -1,0 +1,96 @@
+"""Segmentation end to end on tiny phantoms: DP training, run folder, resume, evaluation, metrics schema."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("nibabel", reason="the phantom path writes NIfTI: pip install 'dpfunc[segmentation]'")
+
+from dpfunc.segmentation import SegmentationConfig, evaluate_segmentation_run, make_phantoms, train_segmentation  # noqa: E402
+from dpfunc.train import RunResult  # noqa: E402
+
+TINY = dict(accountant="rdp", image_size=32, width=4, depth=2, groups=2, batch_size=2, slices_per_patient=2, epochs=2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    return make_phantoms(tmp_path_factory.mktemp("ph") / "liver", patients=6, seed=3, size=32, slices=6, progress=False)
+
+
+def test_dp_run_folder_resume_and_evaluate(phantoms, tmp_path):
+    cfg = SegmentationConfig(epsilon=8.0, **TINY)
+    run = tmp_path / "run"
+    result = train_segmentation(cfg, data_dir=phantoms, run_dir=run, progress=False, log=lambda s: None, bootstrap_resamples=50)
+    metrics = json.loads((run / "metrics.json").read_text())
+    # the same top-level schema as a classification run, with test.dice and epsilon
+    assert set(metrics) == {f.name for f in dataclasses.fields(RunResult)}
+    assert 0.0 <= metrics["test"]["dice"] <= 1.0 and metrics["test"]["num_patients"] == 1
+    assert 0 < metrics["epsilon"] <= 8.0 * (1 + 1e-9) and metrics["steps"] == 2 * 2  # 4 train patients / 2 per step
+    assert metrics["config"]["unit"] == "patient" and math.isclose(metrics["sampling_rate"], 0.5)
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    for name in ("checkpoint.pt", "config.json", "overlays.png", "training.png"):
+        assert (run / name).is_file(), name
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train_segmentation(cfg, data_dir=phantoms, run_dir=run, progress=False, log=lambda s: None)
+    with pytest.raises(ValueError, match="another configuration"):
+        train_segmentation(dataclasses.replace(cfg, seed=1), data_dir=phantoms, run_dir=run, resume=True, progress=False,
+                           log=lambda s: None)
+    resumed = train_segmentation(cfg, data_dir=phantoms, run_dir=run, resume=True, progress=False, log=lambda s: None,
+                                 bootstrap_resamples=50)
+    assert resumed.test["dice"] == result.test["dice"] and resumed.epsilon == result.epsilon
+    again = evaluate_segmentation_run(run, bootstrap_resamples=50)
+    assert again.test["dice"] == result.test["dice"] and again.epsilon == pytest.approx(result.epsilon)
+
+
+def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(phantoms, tmp_path):
+    cfg = SegmentationConfig(epsilon=None, noise_multiplier=1.0, **TINY)  # a given σ: the same for 1 and 2 epochs
+    full = train_segmentation(cfg, data_dir=phantoms, run_dir=tmp_path / "a", progress=False, log=lambda s: None,
+                              bootstrap_resamples=20)
+    short = dataclasses.replace(cfg, epochs=1)
+    train_segmentation(short, data_dir=phantoms, run_dir=tmp_path / "b", progress=False, log=lambda s: None, bootstrap_resamples=20)
+    # turn the 1-epoch checkpoint into an interrupted 2-epoch run: same keys, so the same steps follow
+    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    state["config"] = cfg
+    save_checkpoint(tmp_path / "b" / "checkpoint.pt", state)
+    resumed = train_segmentation(cfg, data_dir=phantoms, run_dir=tmp_path / "b", resume=True, progress=False,
+                                 log=lambda s: None, bootstrap_resamples=20)
+    assert resumed.test["dice"] == full.test["dice"] and resumed.epsilon == full.epsilon
+    assert [h["val_dice"] for h in resumed.history] == [h["val_dice"] for h in full.history]
+
+
+def test_non_private_and_slice_unit_runs(phantoms):
+    nodp = train_segmentation(SegmentationConfig(private=False, **{**TINY, "epochs": 1}), data_dir=phantoms, progress=False,
+                              log=lambda s: None, bootstrap_resamples=20)
+    assert nodp.epsilon is None and nodp.noise_multiplier is None
+    sl = train_segmentation(SegmentationConfig(unit="slice", epsilon=8.0, **{**TINY, "epochs": 1, "batch_size": 4}),
+                            data_dir=phantoms, progress=False, log=lambda s: None, bootstrap_resamples=20)
+    n_slices = round(4 / sl.sampling_rate)
+    assert n_slices > 4 and sl.config["unit"] == "slice"  # accounted over slices, not patients
+
+
+def test_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="SegmentationConfig: unit must be"):
+        SegmentationConfig(unit="hospital")
+    with pytest.raises(ValueError, match="SegmentationConfig: image_size must be divisible by 2\\*\\*depth = 8"):
+        SegmentationConfig(image_size=36)
+    with pytest.raises(ValueError, match="SegmentationConfig: delta"):
+        SegmentationConfig(delta=0.0)
+    with pytest.raises(ValueError, match="SegmentationConfig: accountant must be"):
+        SegmentationConfig(accountant="gdp")
+    with pytest.raises(ValueError, match="SegmentationConfig: task must be one of"):
+        SegmentationConfig(task="brain")
