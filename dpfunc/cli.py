@@ -344,6 +344,10 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if not (path / "checkpoint.pt").is_file():
         raise CommandError(f"no checkpoint.pt in {path}; give a run folder written by `dpfunc train` "
                            f"(the default ones are under runs/)")
+    from dpfunc.segmentation._train import is_segmentation_run
+
+    if is_segmentation_run(path):  # written by `dpfunc segment`
+        return importlib.import_module("dpfunc.segmentation._cli_segment").evaluate(args)
     cfg, state = load_run(path)
     data_file = _files.locate_pneumoniamnist(args.data_dir, fn="dpfunc evaluate")
     test, ci, eps = evaluate_run(cfg, state, data_file, bootstrap_resamples=args.bootstrap,
@@ -408,6 +412,8 @@ COMMANDS: dict[str, Command] = {
     "account": Command(_add_account, _run_account),
     "infer": Command.from_module("dpfunc.mpc.cli"),
     "federated": Command.from_module("dpfunc.federated.cli"),
+    "make-phantoms": Command.from_module("dpfunc.segmentation._cli_phantoms"),
+    "segment": Command.from_module("dpfunc.segmentation._cli_segment"),
 }
 
 

@@ -42,6 +42,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-dp", action="store_true", help="the non-private baseline (same model, data, optimiser)")
     p.add_argument("--unit", choices=["patient", "slice"], default="patient",
                    help="privacy unit: patient (all slices clipped as one) or slice (deepee's slice-level DP; weaker)")
+    p.add_argument("--accountant", choices=["pld", "rdp"], default="pld",
+                   help="σ calibration and ε: pld (tight) or rdp (an upper bound; faster at large sampling rates)")
     p.add_argument("--engine", choices=["fast", "vmap"], default="fast", help="per-example clipping engine")
     p.add_argument("--epochs", type=_int_at_least("--epochs", 1), default=30, help="passes over the patients")
     p.add_argument("--batch-size", type=_int_at_least("--batch-size", 1), default=8,
@@ -75,7 +77,8 @@ def _config(args: argparse.Namespace):
         delta=args.delta, noise_multiplier=args.noise_multiplier, epochs=args.epochs, batch_size=args.batch_size,
         slices_per_patient=args.slices_per_patient, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
         unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
-        window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin)
+        window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
+        accountant=args.accountant)
 
 
 def _print(result) -> None:
