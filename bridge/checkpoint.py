@@ -18,8 +18,13 @@ Guarantees:
     ================================  ===============================================================
 
 Example:
-    >>> save_checkpoint("run/ckpt.pt", {"params": params, "opt_state": opt_state, "key": key, "step": 12})
-    >>> state = load_checkpoint("run/ckpt.pt")
+    >>> import os, tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "ckpt.pt")
+    >>> tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.1, num_examples=100, key=Key(0))
+    >>> save_checkpoint(path, {"params": {"w": torch.zeros(2)}, "opt_state": tx.init({"w": torch.zeros(2)}), "key": Key(3), "step": 12})
+    >>> state = load_checkpoint(path)
+    >>> state["step"], state["key"], privacy_ledger(state["opt_state"]).total_steps
+    (12, Key(seed=3), 0)
 """
 
 from __future__ import annotations

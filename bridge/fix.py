@@ -120,8 +120,8 @@ def fix(module: nn.Module, *, norm: Norm = Norm.GROUP, num_groups: int | Callabl
 
     Example:
         >>> net = fix(nn.Sequential(nn.Conv2d(3, 64, 3), nn.BatchNorm2d(64)))
-        >>> net[1]
-        GroupNorm(32, 64, eps=1e-05, affine=True)
+        >>> type(net[1]).__name__, net[1].num_groups, net[1].num_channels
+        ('GroupNorm', 32, 64)
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"fix: module must be an nn.Module, got {type(module).__name__}")

@@ -1,9 +1,11 @@
 """The wrapped module of :func:`~dpfunc.bridge.make_private`: records each training forward.
 
-In training mode (with autograd enabled) the user's module runs without autograd under a keyed
-global RNG (dropout masks from ``dropout_key.fold_in(forward_count)``); the output comes back as a
-fresh leaf, so ``loss.backward()`` computes only ``∂loss/∂output``. The private optimizer reads the
-recorded inputs and that output gradient.
+In training mode (with autograd enabled) the forward runs under a keyed global RNG (dropout masks
+from ``dropout_key.fold_in(forward_count)``) through the optimizer's *recorder*: with the fast engine
+that is the engine's tapped forward (:meth:`dpfunc.bridge.fast.FastPass.forward`), kept with its
+graph — the step's only forward; otherwise a plain forward without autograd. The output comes back
+as a fresh leaf, so ``loss.backward()`` computes only ``∂loss/∂output``; ``optimizer.step()`` runs
+the one backward from that output gradient through the recorded graph.
 """
 
 from __future__ import annotations
@@ -25,16 +27,27 @@ class _MicroBatch(NamedTuple):
     args: tuple[torch.Tensor, ...]  # the forward's positional inputs, detached
     outputs: tuple[torch.Tensor, ...]  # the leaves returned to the user (their .grad is c / s)
     key: Key  # the dropout key of this forward
+    recording: Any = None  # what the recorder kept for the step (the fast engine's FastPass), or None
+
+
+def _plain_forward(module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[Any, None]:
+    with torch.no_grad():
+        return module(*args), None
 
 
 class _Shared:
-    """State shared by the wrapped module and the optimizer (never exposed to the user)."""
+    """State shared by the wrapped module and the optimizer (never exposed to the user).
+
+    ``recorder(module, args) -> (output, recording)`` is set by the optimizer: it runs the training
+    forward and keeps what the optimizer's step needs.
+    """
 
     def __init__(self, dropout_key: Key, plan: LogicalBatchPlan):
         self.dropout_key = dropout_key
         self.plan = plan
         self.forward_count = 0
         self.pending: list[_MicroBatch] = []
+        self.recorder: Callable[[nn.Module, tuple[torch.Tensor, ...]], tuple[Any, Any]] = _plain_forward
 
 
 def _flatten(out: Any) -> tuple[list[torch.Tensor], Callable[[list[torch.Tensor]], Any]]:
@@ -89,9 +102,10 @@ class PrivateModule(nn.Module):
         key = s.dropout_key.fold_in(s.forward_count)
         s.forward_count += 1
         devices = {p.device for p in self._module.parameters()} | {a.device for a in args}
-        with torch.no_grad(), keyed_global_rng(key, devices):
-            out = self._module(*args)
+        args = tuple(a.detach() for a in args)
+        with keyed_global_rng(key, devices):
+            out, recording = s.recorder(self._module, args)
         flat, rebuild = _flatten(out)
         leaves = [t.detach().requires_grad_() if t.is_floating_point() else t.detach() for t in flat]
-        s.pending.append(_MicroBatch(tuple(a.detach() for a in args), tuple(leaves), key))
+        s.pending.append(_MicroBatch(args, tuple(leaves), key, recording))
         return rebuild(leaves)

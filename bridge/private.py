@@ -11,18 +11,21 @@
         optimizer.zero_grad()
     optimizer.epsilon(delta=1e-5)
 
-How it works (no hooks, no attributes on the user's parameters or modules):
+How it works (no attributes on the user's parameters or modules; hooks only during a forward):
 
-1. :class:`PrivateModule` runs the user's module without autograd in training mode, records the
-   batch, and returns the output as a fresh leaf tensor. ``loss.backward()`` therefore only computes
-   ``c = ∂loss/∂output`` (one row per example) — it never back-propagates through the network.
-2. ``optimizer.step()`` gives each example the surrogate loss ``ℓ_i(θ) = ⟨f(θ, x_i), s·c_i⟩``
-   (``s`` = batch size for a mean-reduced loss, 1 for a sum), whose gradient ``J_iᵀ s c_i`` is exactly
-   example ``i``'s gradient of the user's loss, and hands it to a core engine: :func:`dpfunc.vmap_engine`
-   or ``dpfunc.bridge.fast.fast_engine``. The engine clips; :func:`dpfunc.dp_aggregate` sums,
-   adds noise from ``noise_key.fold_in(step)`` once per logical batch, divides by the expected
-   batch size and records the step in its ledger.
-3. The private mean is written to ``p.grad`` and the user's own torch optimizer steps.
+1. :class:`PrivateModule` runs the training forward — with the fast engine, the engine's tapped
+   forward, kept with its graph — and returns the output as a fresh leaf tensor.
+   ``loss.backward()`` therefore only computes ``c = ∂loss/∂output`` (one row per example).
+2. ``optimizer.step()`` (:class:`~dpfunc.bridge.optimizer.DPOptimizer`, three named phases) runs the
+   one backward from ``s·c`` (``s`` = batch size for a mean-reduced loss, 1 for a sum) through the
+   kept graph — exactly example ``i``'s gradient of the user's loss — and clips; at the end of a
+   logical batch :func:`dpfunc.dp_aggregate` adds noise once, divides by the expected batch size and
+   records the step in its ledger; the private mean is written to ``p.grad`` and the user's own
+   torch optimizer steps. A step with the fast engine therefore costs one forward and one backward,
+   as the functional path does. (``grad_sample_mode="vmap"`` runs a second, vmapped forward.)
+
+This module prepares model, optimizer and loader (:func:`make_private`, :class:`PrivacyEngine`);
+the optimizer lives in :mod:`dpfunc.bridge.optimizer`.
 
 Formal guarantees:
     Each logical step is one Poisson-subsampled Gaussian mechanism with noise multiplier σ and
@@ -46,310 +49,26 @@ Edge cases:
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 from torch.utils.data import DataLoader
 
-from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping
 from dpfunc import accounting
+from dpfunc.clipping import Clipping, FlatClipping, PerLayerClipping
 from dpfunc.keys import Key, run_keys
-from dpfunc.private import DPAggregateState, DPConfig, dp_aggregate
-from dpfunc.step import vmap_engine
+from dpfunc.private import DPConfig
 from dpfunc.accounting.ledger import PrivacyLedger
-from dpfunc.bridge.functional import keyed_global_rng
 from dpfunc.bridge.loader import LogicalBatchPlan, poisson_loader
-from dpfunc.bridge.module import PrivateModule, _MicroBatch, _Shared
+from dpfunc.bridge.module import PrivateModule, _Shared
+from dpfunc.bridge.optimizer import DPOptimizer
 from dpfunc.bridge.validate import assert_valid
 
 __all__ = ["PrivateModule", "DPOptimizer", "make_private", "PrivacyEngine"]
 
 _REDUCTIONS = ("mean", "sum")
 _MODES = ("fast", "vmap")
-
-
-def _zero_clipped(params: dict[str, torch.Tensor], clipping: Clipping) -> ClippedSum:
-    names = list(params)
-    ref = next(iter(params.values()))
-    empty = ref.new_zeros((0,))
-    groups = clipping.group_bounds(names)
-    return ClippedSum(
-        {k: torch.zeros_like(v) for k, v in params.items()},
-        empty,
-        {g: empty for g in groups},
-        clipping.sensitivity(names),
-        torch.zeros((), dtype=torch.int64, device=ref.device),
-    )
-
-
-def _add(a: ClippedSum | None, b: ClippedSum) -> ClippedSum:
-    if a is None:
-        return b
-    return ClippedSum(
-        {k: a.grads[k] + b.grads[k] for k in a.grads},
-        torch.cat([a.norms, b.norms]),
-        {g: torch.cat([a.group_norms[g], b.group_norms[g]]) for g in a.group_norms},
-        a.sensitivity,
-        a.num_examples + b.num_examples,
-    )
-
-
-class DPOptimizer(torch.optim.Optimizer):
-    """Wraps a torch optimizer: ``step()`` replaces ``.grad`` by the private mean gradient, then steps.
-
-    ``param_groups``, ``state`` and ``defaults`` are the wrapped optimizer's, so learning-rate
-    schedulers work. Build it with :func:`make_private`.
-
-    Attributes:
-        original_optimizer: the user's optimizer.
-        config: the :class:`~dpfunc.DPConfig` (clipping, σ, q, n).
-        ledger: the :class:`~dpfunc.PrivacyLedger` of the steps taken.
-    """
-
-    def __init__(
-        self,
-        optimizer: torch.optim.Optimizer,
-        *,
-        module: PrivateModule,
-        config: DPConfig,
-        key: Key,
-        loss_reduction: str,
-        grad_sample_mode: str,
-        chunk_size: int | None,
-        sampler: Any,
-        budget: Any = None,
-        accountant: str = "pld",
-    ):
-        # torch.optim.Optimizer.__init__ is not called: the parameters and state are the inner optimizer's.
-        self.original_optimizer = optimizer
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._module = module
-        self._inner = module._module
-        self.config = config
-        self.key = key
-        self.loss_reduction = loss_reduction
-        self.grad_sample_mode = grad_sample_mode
-        self.chunk_size = chunk_size
-        self.accountant = accountant
-        self._sampler = sampler
-        self._noise_key = run_keys(key).noise
-        self._dp = dp_aggregate(config, self._noise_key, budget=budget)
-        self._named = {n: p for n, p in self._inner.named_parameters() if p.requires_grad}
-        if not self._named:
-            raise ValueError("make_private: the module has no trainable parameters (requires_grad=True)")
-        self._dp_state: DPAggregateState = self._dp.init({n: p.detach() for n, p in self._named.items()})
-        self._accum: ClippedSum | None = None
-        self._accum_generation = module._shared.plan.generation
-        self._engines: dict[int, Any] = {}
-
-    # --- the wrapped optimizer's view --------------------------------------------------------------
-    @property
-    def param_groups(self):  # type: ignore[override]
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.original_optimizer.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.original_optimizer.state = value
-
-    @property
-    def defaults(self):  # type: ignore[override]
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.original_optimizer.defaults = value
-
-    def __repr__(self) -> str:
-        return f"DPOptimizer({self.config}, inner={self.original_optimizer!r})"
-
-    # --- privacy ----------------------------------------------------------------------------------
-    @property
-    def ledger(self) -> PrivacyLedger:
-        return self._dp_state.ledger
-
-    @property
-    def steps(self) -> int:
-        """Logical (noisy) steps taken."""
-        return int(self._dp_state.count)
-
-    def epsilon(self, delta: float, *, method: str | None = None) -> float:
-        """ε of the steps so far at ``delta``, a pure function of :attr:`ledger` (``dpfunc.accounting.epsilon``)."""
-        return float(accounting.epsilon(self.ledger, delta, method=method or self.accountant))
-
-    # --- the step ---------------------------------------------------------------------------------
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.original_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def _engine(self, num_inputs: int):
-        if num_inputs in self._engines:
-            return self._engines[num_inputs]
-        inner = self._inner
-
-        def apply_fn(params, buffers, *args):
-            return functional_call(inner, (params, buffers), args, tie_weights=True, strict=False)
-
-        apply_fn.module = inner
-        engine = None
-        if self.grad_sample_mode == "fast" and num_inputs == 1:
-            try:
-                from dpfunc.bridge.fast import fast_engine
-            except ImportError:
-                fast_engine = None
-            if fast_engine is not None:
-
-                def loss_from_output(out, *cs):
-                    outs = out if isinstance(out, (tuple, list)) else (out,)
-                    return sum((o * c).reshape(o.shape[0], -1).sum(1) for o, c in zip(outs, cs))
-
-                engine = fast_engine(apply_fn, loss_from_output, self.config.clipping, fallback_chunk_size=self.chunk_size)
-        if engine is None:
-
-            def loss_fn(params, buffers, *example):
-                xs, cs = example[:num_inputs], example[num_inputs:]
-                out = apply_fn(params, buffers, *(x.unsqueeze(0) for x in xs))
-                outs = out if isinstance(out, (tuple, list)) else (out,)
-                return sum((o * c.unsqueeze(0)).sum() for o, c in zip(outs, cs))
-
-            engine = vmap_engine(loss_fn, clipping=self.config.clipping, chunk_size=self.chunk_size, randomness="different")
-        self._engines[num_inputs] = engine
-        return engine
-
-    def _clip(self, mb: _MicroBatch) -> ClippedSum | None:
-        b = mb.args[0].shape[0]
-        if b == 0:
-            return None
-        cs = []
-        for leaf in mb.outputs:
-            if not leaf.is_floating_point():
-                continue
-            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-            cs.append(g * b if self.loss_reduction == "mean" else g)
-        params = {n: p.detach() for n, p in self._named.items()}
-        consts = {n: p.detach() for n, p in self._inner.named_parameters() if not p.requires_grad}
-        consts.update({n: t.detach() for n, t in self._inner.named_buffers()})
-        devices = {p.device for p in params.values()} | {a.device for a in mb.args}
-        with keyed_global_rng(mb.key, devices):
-            out = self._engine(len(mb.args))(params, consts, (*mb.args, *cs), None)
-        return out.grads
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Clip per example, accumulate; at the end of a logical batch add noise once and step."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        shared = self._module._shared
-        pending, shared.pending = shared.pending, []
-        if shared.plan.generation != self._accum_generation:
-            self._accum, self._accum_generation = None, shared.plan.generation  # a new epoch: drop partial sums
-        if not pending:
-            raise RuntimeError(
-                "DPOptimizer.step: no training forward is pending; run model(x) in train mode and loss.backward() "
-                "before optimizer.step() (use the model returned by make_private)"
-            )
-        used = [mb for mb in pending if any(o.grad is not None for o in mb.outputs)]
-        if not used and any(mb.args[0].shape[0] > 0 for mb in pending):
-            raise RuntimeError("DPOptimizer.step: the model's output has no gradient; call loss.backward() before optimizer.step()")
-        for mb in used:
-            cs = self._clip(mb)
-            if cs is not None:
-                self._accum = _add(self._accum, cs)
-        if not shared.plan.consume():
-            return loss  # mid logical batch: accumulate only (Opacus' BatchMemoryManager skips the step)
-        params = {n: p.detach() for n, p in self._named.items()}
-        clipped = self._accum if self._accum is not None else _zero_clipped(params, self.config.clipping)
-        self._accum = None
-        noisy, self._dp_state = self._dp.update(clipped, self._dp_state, params)
-        for n, p in self._named.items():
-            p.grad = noisy[n].to(p.dtype)
-        self.original_optimizer.step()
-        return loss
-
-    # --- checkpoints ------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        """Everything needed to resume bit for bit: the torch optimizer's state, the DP state (step
-        count and ledger), the config, the key, and the data/dropout counters. Plain containers only.
-
-        Raises:
-            RuntimeError: in the middle of a logical batch (save after the step that ends it).
-        """
-        plan = self._module._shared.plan
-        if self._accum is not None or plan.mid_batch:
-            raise RuntimeError("DPOptimizer.state_dict: called in the middle of a logical batch; save after optimizer.step() ends it")
-        position = None if self._sampler is None else self._sampler.position - plan.unconsumed
-        s = self._dp_state
-        return {
-            "format": "dpfunc.bridge.DPOptimizer",
-            "inner": self.original_optimizer.state_dict(),
-            "dp_state": {"count": int(s.count), "ledger": s.ledger.to_dict()},
-            "config": _config_dict(self.config),
-            "key": self.key.seed,
-            "forward_count": self._module._shared.forward_count,
-            "sampler_position": position,
-        }
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
-        """Restore a :meth:`state_dict`. Refuses to discard privacy already spent by this optimizer."""
-        fn = "DPOptimizer.load_state_dict"
-        if not isinstance(state_dict, dict) or state_dict.get("format") != "dpfunc.bridge.DPOptimizer":
-            raise ValueError(f"{fn}: not a DPOptimizer state_dict (got keys {sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__})")
-        if self.steps or self.ledger.total_steps:
-            raise ValueError(
-                f"{fn}: this optimizer has already taken {self.steps} private steps; loading would drop them from the "
-                "privacy ledger. Load into a fresh make_private(...) instead."
-            )
-        config = state_dict["config"]
-        if config != _config_dict(self.config):
-            raise ValueError(f"{fn}: the checkpoint was made with {config}, but this optimizer has {_config_dict(self.config)}")
-        dp = state_dict["dp_state"]
-        if "ledger" not in dp:
-            raise ValueError(f"{fn}: the checkpoint has no privacy ledger; refusing to start from an empty one")
-        ledger = PrivacyLedger.from_dict(dp["ledger"])
-        self._dp_state = self._dp_state._replace(count=int(dp["count"]), ledger=ledger)
-        key = Key(int(state_dict["key"]))
-        keys = run_keys(key)
-        if key != self.key:
-            self.key, self._noise_key = key, keys.noise
-            budget = self._dp_state.budget.budget if self._dp_state.budget is not None else None
-            self._dp = dp_aggregate(self.config, self._noise_key, budget=budget)
-        self.original_optimizer.load_state_dict(state_dict["inner"])
-        self._module._shared.forward_count = int(state_dict["forward_count"])
-        self._module._shared.dropout_key = keys.dropout
-        if self._sampler is not None and state_dict.get("sampler_position") is not None:
-            self._sampler.position = int(state_dict["sampler_position"])
-            if hasattr(self._sampler, "key"):
-                self._sampler.key = keys.sampling
-
-
-def _config_dict(config: DPConfig) -> dict[str, Any]:
-    """A plain-container form of a DPConfig (for state_dict comparisons and ``weights_only`` loading)."""
-    clip = config.clipping
-    bound = clip.max_grad_norm if not isinstance(clip.max_grad_norm, tuple) else [list(kv) for kv in clip.max_grad_norm]
-    return {
-        "clipping": type(clip).__name__,
-        "max_grad_norm": bound,
-        "per_parameter": bool(getattr(clip, "per_parameter", False)),
-        "noise_multiplier": config.noise_multiplier,
-        "sampling_rate": config.sampling_rate,
-        "num_examples": config.num_examples,
-    }
 
 
 def _clipping(fn: str, clipping: Any, max_grad_norm: Any) -> Clipping:

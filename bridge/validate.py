@@ -88,7 +88,7 @@ class ModuleValidationError(ValueError):
 
 def _fast_supported(m: nn.Module) -> bool:
     try:
-        from dpfunc.bridge.fast.layers import rule_for
+        from dpfunc.bridge.fast.rules import rule_for
     except ImportError:  # the fast path is optional
         return isinstance(m, _FAST_TYPES) and type(m).forward in {t.forward for t in _FAST_TYPES}
     return rule_for(m) is not None

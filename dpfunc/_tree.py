@@ -2,20 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 import torch
 
 Params = dict[str, torch.Tensor]
-
-
-def tree_map(fn: Callable[..., torch.Tensor], tree: Mapping[str, torch.Tensor], *rest: Mapping[str, torch.Tensor]) -> Params:
-    """Apply ``fn`` leaf-wise over dicts that share ``tree``'s keys."""
-    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
-
-
-def zeros_like(tree: Mapping[str, torch.Tensor]) -> Params:
-    return {k: torch.zeros_like(v) for k, v in tree.items()}
 
 
 def global_norm(tree: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -67,16 +67,16 @@ class EmptyState(NamedTuple):
 
 
 class ScaleByScheduleState(NamedTuple):
-    count: torch.Tensor  # 0-d int64: how many updates so far
+    count: int  # how many updates so far (a Python int: reading it never waits for a device)
 
 
 class TraceState(NamedTuple):
     trace: Params  # the momentum buffer
-    count: torch.Tensor
+    count: int
 
 
 class ScaleByAdamState(NamedTuple):
-    count: torch.Tensor
+    count: int
     mu: Params  # first moment
     nu: Params  # second moment
 
@@ -97,7 +97,7 @@ def _check_schedule(fn: str, lr: Schedule) -> Schedule:
     return _check_number(fn, "learning_rate", lr, low=0)
 
 
-def _lr_at(lr: Schedule, count: torch.Tensor) -> float:
+def _lr_at(lr: Schedule, count: int) -> float:
     return float(lr(int(count))) if callable(lr) else lr
 
 
@@ -142,7 +142,7 @@ def scale_by_learning_rate(learning_rate: Schedule, *, flip_sign: bool = True) -
     sign = -1.0 if flip_sign else 1.0
 
     def init(params):
-        return ScaleByScheduleState(torch.zeros((), dtype=torch.int64))
+        return ScaleByScheduleState(0)
 
     def update(updates, state, params=None):
         f = sign * _lr_at(lr, state.count)
@@ -187,7 +187,7 @@ def trace(momentum: float, *, nesterov: bool = False, dampening: float = 0.0) ->
         raise ValueError(f"trace: nesterov needs momentum > 0 and dampening = 0, got momentum={mu}, dampening={tau}")
 
     def init(params):
-        return TraceState({k: torch.zeros_like(v) for k, v in params.items()}, torch.zeros((), dtype=torch.int64))
+        return TraceState({k: torch.zeros_like(v) for k, v in params.items()}, 0)
 
     def update(updates, state, params=None):
         first = int(state.count) == 0
@@ -206,7 +206,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8) -> Grad
 
     def init(params):
         z = {k: torch.zeros_like(v) for k, v in params.items()}
-        return ScaleByAdamState(torch.zeros((), dtype=torch.int64), z, dict(z))
+        return ScaleByAdamState(0, z, dict(z))
 
     def update(updates, state, params=None):
         t = int(state.count) + 1

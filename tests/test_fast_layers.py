@@ -8,13 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from dpfunc import FlatClipping, PerLayerClipping, vmap_engine
 from dpfunc.bridge.fast import RULES, fast_engine
-from dpfunc.bridge.fast import layers as fast_layers
+from dpfunc.bridge.fast.rules import conv as fast_layers  # GROUPED_MIN_POSITIONS lives with the conv rule
 from dpfunc.bridge.functional import functionalize
 
 RTOL, ATOL = 1e-6, 1e-9
@@ -215,7 +215,41 @@ def test_rms_norm(data, seed):
     _check_against_oracle(data, layer, x, seed)
 
 
+class _Attention(nn.Module):
+    """Self- or cross-attention (batch-first or not) with an optional key padding mask, as models use it."""
+
+    def __init__(self, mha: nn.MultiheadAttention, cross: bool, need_weights: bool, pad: int):
+        super().__init__()
+        self.mha, self.cross, self.need_weights, self.pad = mha, cross, need_weights, pad
+
+    def forward(self, x):  # x: (B, T, E)
+        seq = x if self.mha.batch_first else x.transpose(0, 1)
+        kv = torch.tanh(seq) if self.cross else seq
+        mask = None
+        if self.pad:  # the last `pad` positions of every example are padding (a per-example mask)
+            mask = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+            mask[:, x.shape[1] - self.pad:] = True
+        out, w = self.mha(seq, kv, kv, key_padding_mask=mask, need_weights=self.need_weights)
+        out = out if self.mha.batch_first else out.transpose(0, 1)
+        return out if w is None else out + w.sum(-1, keepdim=True)
+
+
+@settings(max_examples=8)  # the vmap oracle of attention is slow (no batching rule for CPU SDPA)
+@given(st.data(), seeds)
+def test_multihead_attention(data, seed):
+    """The attention rule (tapped projections) equals the vmap oracle, self- and cross-attention."""
+    heads = data.draw(st.sampled_from([1, 2]))
+    e = heads * data.draw(st.integers(1, 3))
+    mha = nn.MultiheadAttention(e, heads, bias=data.draw(st.booleans()), batch_first=data.draw(st.booleans()))
+    t = data.draw(st.integers(1, 4))
+    layer = _Attention(mha, data.draw(st.booleans()), data.draw(st.booleans()), data.draw(st.integers(0, t - 1)))
+    b = data.draw(st.integers(1, 4))  # torch's own MultiheadAttention refuses an empty batch
+    x = torch.randn((b, t, e), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _check_against_oracle(data, layer, x, seed)
+
+
 def test_every_rule_is_tested():
     """A rule added to the registry needs a test above."""
-    tested = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)}
+    tested = {nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None),
+              nn.MultiheadAttention}
     assert set(RULES) <= tested

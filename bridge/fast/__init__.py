@@ -4,7 +4,7 @@
 (the oracle) at about the cost of one non-private step, without ``B × |θ|`` memory.
 """
 
-from dpfunc.bridge.fast.engine import fast_engine
-from dpfunc.bridge.fast.layers import RULES
+from dpfunc.bridge.fast.engine import FastPass, fast_engine
+from dpfunc.bridge.fast.rules import RULES, register_rule
 
-__all__ = ["fast_engine", "RULES"]
+__all__ = ["fast_engine", "FastPass", "RULES", "register_rule"]
