@@ -175,6 +175,19 @@ def test_crashed_and_malformed_sites_are_excluded():
     assert "disk full" in rep.excluded[0] and "shape" in rep.excluded[1]
 
 
+def test_site_state_that_under_reports_its_ledger_is_refused():
+    def fault(site, rnd, ans):
+        upd, st_ = ans
+        if site == 0:  # claims a fresh ledger: would under-report ε
+            return upd, init_site_state(0, sites.plans[0], site_key(key, 0), upd.params)._replace(steps=st_.steps, rounds=1)
+        return ans
+
+    key, state, sites, plans = _setup([32, 32], fault=fault)
+    state, rep = run_round_inprocess(state, sites, key=key)
+    assert rep.applied == (1,) and "does not account for this round" in rep.excluded[0]
+    assert state.sites[0].ledger.total_steps == plans[0].steps_per_round
+
+
 def test_too_few_sites_fails_the_round_and_changes_nothing():
     key, state, sites, _ = _setup([32, 32], fault=lambda s, r, a: RuntimeError("down") if s == 0 else a)
     before = {k: v.clone() for k, v in state.params.items()}

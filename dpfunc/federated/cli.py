@@ -65,6 +65,9 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else the cache)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/federated-<partition>-s<S>-eps<ε>-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same flags)")
+    p.add_argument("--write-flower-app", action="store_true",
+                   help="only write the Flower app for this run (RUN/flower/app) and print the `flwr run` command: "
+                        "for a deployment whose SuperLink and SuperNodes run on other machines")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test intervals")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -90,6 +93,14 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or f"runs/federated-{cfg.partition}-s{cfg.sites}-eps{cfg.epsilon:g}-seed{cfg.seed}")
+    if getattr(args, "write_flower_app", False):
+        from dpfunc.federated.flower.driver import write_app
+
+        app = write_app(cfg, run_dir=run_dir, data_dir=args.data_dir, resume=args.resume,
+                        bootstrap_resamples=args.bootstrap)
+        print(f"wrote {app}/pyproject.toml; submit with:  flwr run {app} <superlink-connection> --format json\n"
+              f"results appear in {run_dir.resolve()} on the machine that runs the ServerApp (the SuperLink's)")
+        return 0
     try:
         if cfg.engine == "flower":
             from dpfunc.federated.flower.driver import run_flower

@@ -17,6 +17,7 @@ from dpfunc._validate import check_int_range, check_probability
 from dpfunc.federated.aggregate import Aggregator, WeightedFedAvg, check_update
 from dpfunc.federated.site import SitePlan, SiteState, SiteUpdate, charge_site, site_key, site_round
 from dpfunc.keys import Key
+from dpfunc.private import find_dp_state
 from dpfunc.step import GradEngine
 from dpfunc.transforms import EmptyState, GradientTransformation, apply_updates
 
@@ -137,9 +138,8 @@ def apply_round(
             reason = check_update(upd, state.params, r)
             if reason is None and upd.site != s:
                 reason = f"update claims to come from site {upd.site}"
-            if reason is None and not (isinstance(new_site, SiteState) and new_site.site == s
-                                       and new_site.steps >= state.sites[s].steps):
-                reason = "malformed site state"
+            if reason is None:
+                reason = _check_site_state(new_site, state.sites[s], plans[s], s)
             if reason is None:
                 kept.append((upd, new_site))
             else:
@@ -162,6 +162,23 @@ def apply_round(
     for s in excluded:
         sites[s] = charge_site(sites[s], plans[s])
     return ServerState(r + 1, params, opt_state, tuple(sites)), report
+
+
+def _check_site_state(new: object, old: SiteState, plan: SitePlan, site: int) -> str | None:
+    """The returned site state must account for exactly one round of the site's plan (its ledger is what
+    the run reports: a reset or short ledger would under-report ε)."""
+    if not isinstance(new, SiteState) or new.site != site:
+        return "malformed site state"
+    expected = charge_site(old, plan)
+    try:
+        same = (new.steps == expected.steps and new.rounds == old.rounds + 1 and new.ledger == expected.ledger
+                and int(find_dp_state(new.opt_state).count) == int(find_dp_state(expected.opt_state).count))
+    except (ValueError, AttributeError, TypeError):
+        same = False
+    if not same:
+        return (f"site state does not account for this round (steps {new.steps}, expected {expected.steps}; "
+                f"ledger {new.ledger if isinstance(new, SiteState) else None}, expected {expected.ledger})")
+    return None
 
 
 class InProcessSites:

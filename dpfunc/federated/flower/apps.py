@@ -70,6 +70,7 @@ def _site_id(context: Context) -> int:
 def _train(msg: Message, context: Context) -> Message:
     from dpfunc.federated.job import FederatedConfig, _keys, build, make_engine, site_data
     from dpfunc.federated.site import SitePlan, site_key, site_round
+    from dpfunc.keys import Key
 
     task = msg.content["task"]
     site = _site_id(context)
@@ -82,7 +83,12 @@ def _train(msg: Message, context: Context) -> Message:
     module, apply_fn, _, buffers = build(cfg)
     global_params = msg.content["global"].to_torch_state_dict()
     state = decode_state(bytes(task[f"state-{site}"]))
-    update, new_state = site_round(global_params, state, data, site_key(_keys(cfg)[3], site), plan=plan,
+    # The noise key must be secret from the server in a real deployment: a SuperNode started with
+    # --node-config 'key-seed=<random 63-bit int>' uses its own key. Without it the key derives from the run
+    # seed (reproducible, and equal to the in-process runner's; the server could then recompute the noise).
+    secret = context.node_config.get("key-seed")
+    key = Key(int(secret)) if secret not in (None, "") else site_key(_keys(cfg)[3], site)
+    update, new_state = site_round(global_params, state, data, key, plan=plan,
                                    engine=make_engine(cfg, module, apply_fn), round=int(task["round"]), buffers=buffers)
     params = dict(update.params)
     if str(context.node_config.get("fault", "")) == "nan":  # test hook: a malformed (NaN) update

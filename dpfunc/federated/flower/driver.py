@@ -34,7 +34,7 @@ from pathlib import Path
 from dpfunc.federated.job import FederatedConfig
 from dpfunc.federated.rounds import RoundFailedError
 
-__all__ = ["run_flower", "FlowerRunError", "flower_env", "app_pyproject"]
+__all__ = ["run_flower", "write_app", "FlowerRunError", "flower_env", "app_pyproject"]
 
 
 class FlowerRunError(RuntimeError):
@@ -80,6 +80,21 @@ clientapp = "dpfunc.federated.flower.apps:client_app"
 [tool.flwr.app.config]
 request = {json.dumps(str(request))}
 """
+
+
+def write_app(cfg: FederatedConfig, *, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False,
+              bootstrap_resamples: int = 1000) -> Path:
+    """Write the Flower app of a run (``RUN/flower/app/pyproject.toml`` and the request it points to) and
+    return its folder: what ``flwr run <folder> <superlink>`` submits, here or on a real deployment."""
+    run_path = Path(run_dir).resolve()
+    app = run_path / "flower" / "app"
+    app.mkdir(parents=True, exist_ok=True)
+    request = run_path / "flower" / "request.json"
+    request.write_text(json.dumps({"config": asdict(cfg), "run_dir": str(run_path),
+                                   "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
+                                   "resume": bool(resume), "bootstrap": int(bootstrap_resamples)}))
+    (app / "pyproject.toml").write_text(app_pyproject(request))
+    return app
 
 
 def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
@@ -179,17 +194,12 @@ def run_flower(
     """
     run_path = Path(run_dir).resolve()
     fl = run_path / "flower"
-    home, app = fl / "home", fl / "app"
-    for d in (home, app):
-        d.mkdir(parents=True, exist_ok=True)
+    home = fl / "home"
+    home.mkdir(parents=True, exist_ok=True)
     status_file = run_path / "flower_status.json"
     status_file.unlink(missing_ok=True)
     (run_path / "server.log").unlink(missing_ok=True)
-    request = fl / "request.json"
-    request.write_text(json.dumps({"config": asdict(cfg), "run_dir": str(run_path),
-                                   "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
-                                   "resume": bool(resume), "bootstrap": int(bootstrap_resamples)}))
-    (app / "pyproject.toml").write_text(app_pyproject(request))
+    app = write_app(cfg, run_dir=run_path, data_dir=data_dir, resume=resume, bootstrap_resamples=bootstrap_resamples)
     port = _free_port()
     (home / "config.toml").write_text(f'[superlink]\ndefault = "local"\n\n[superlink.local]\n'
                                       f'address = "127.0.0.1:{port}"\ninsecure = true\n')
