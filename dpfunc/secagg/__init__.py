@@ -12,6 +12,11 @@ relayed by the server, without a PKI — a server that substitutes public keys (
 of scope, as is Bonawitz' consistency-check round (signatures). No engine imports; only ``numpy`` and
 ``cryptography``.
 
+Submodules not imported here (they import torch): :mod:`dpfunc.secagg.federated` (the
+``SecureAggregator`` of the federated rounds, ``--secure-aggregation``), :mod:`dpfunc.secagg.remote` (the
+same across processes, e.g. Flower), :mod:`dpfunc.secagg.distributed_dp` (each site adds a share of the
+DP noise; an option with stated trust assumptions).
+
 Example:
     >>> import numpy as np
     >>> from dpfunc.secagg import SecAggConfig, run_round
