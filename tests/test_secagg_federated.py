@@ -229,7 +229,7 @@ def test_remote_secure_aggregation_over_a_channel(drop_kind):
 
 
 def test_remote_site_refuses_out_of_order_requests_and_failed_rounds_raise():
-    from dpfunc.secagg.remote import RemoteSecureAggregator, site_handle
+    from dpfunc.secagg.remote import RemoteSecureAggregator, site_handle, site_keep_input
 
     ref, ups, placeholders, stores, channel, _ = _remote_setup(3, "inbox", drop=(0, 1))
     with pytest.raises(ProtocolError, match="before the key advertisement"):
@@ -239,6 +239,13 @@ def test_remote_site_refuses_out_of_order_requests_and_failed_rounds_raise():
                      "neighbours": -1}, stores[2])
     with pytest.raises(ProtocolError, match="encoding .* differs"):
         RemoteSecureAggregator(lambda reqs: {s: site_handle(r, stores[s]) for s, r in reqs.items()}).aggregate(placeholders, ref)
+    fresh = {}
+    site_keep_input(ups[0], ref, fresh, aggregator=SecureAggregator(max_weight=100))
+    begin = {"kind": "begin", "round": 1, "threshold": 2, "vector_length": 10, "ring_bits": 32, "neighbours": -1,
+             "encoding": json.dumps([1.0, 26, 100, 100.0])}
+    site_handle(begin, fresh)
+    with pytest.raises(ProtocolError, match="never masked twice"):
+        site_handle(begin, fresh)
     with pytest.raises(ProtocolError, match="holds no input"):
         site_handle({"kind": "begin"}, {})
     with pytest.raises(SecureAggregationFailed, match="failed at stage MASKED_INPUT"):

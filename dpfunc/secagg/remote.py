@@ -74,6 +74,11 @@ def site_handle(request: Mapping, store: MutableMapping[str, bytes]) -> dict:
         raise ProtocolError("site_handle: this site holds no input for secure aggregation (train first)")
     meta = json.loads(bytes(store[_META]).decode())
     if kind == "begin":
+        if meta.get("begun"):
+            # A second run over the same input would let a server difference two sums with different
+            # survivor sets (x_u = sum1 − sum2): each kept input enters at most one protocol run.
+            raise ProtocolError("site_handle: this input was already offered to a secure-aggregation run; "
+                                "it is never masked twice (train again for a new round)")
         r, n = int(request["round"]), int(request["vector_length"])
         if r != meta["round"] or n != meta["length"]:
             raise ProtocolError(f"site_handle: the server asks for round {r} with {n} entries; this site "
@@ -87,6 +92,7 @@ def site_handle(request: Mapping, store: MutableMapping[str, bytes]) -> dict:
         if cfg.ring.dtype.itemsize * 8 != meta["bits"]:
             raise ProtocolError(f"site_handle: ring of {cfg.ring_bits} bits does not match the kept input")
         state, msg = site_advertise(cfg, site_id=meta["site"], round_id=r, secret=os.urandom(32))
+        store[_META] = json.dumps(dict(meta, begun=True)).encode()
     else:
         if _STATE not in store:
             raise ProtocolError(f"site_handle: {kind!r} before the key advertisement of this round")
