@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpfunc._validate import check_int_range, check_number
+from dpfunc._validate import check_enum, check_int_range, check_number
 from dpfunc.keys import Key
 
 __all__ = ["HUWindow", "SliceSelection", "PatientVolume", "read_msd", "read_nifti_slices", "split_patients", "require_nibabel"]
@@ -183,8 +183,6 @@ def read_msd(data_dir: str | Path, *, image_size: int = 64, window: HUWindow = H
         check_int_range(fn, "limit", limit, low=1)
     if not isinstance(window, HUWindow):
         raise TypeError(f"{fn}: window must be a HUWindow, got {window!r}")
-    from dpfunc._validate import check_enum
-
     selection = check_enum(fn, "selection", selection, SliceSelection)
     root = Path(data_dir)
     meta_path = root / "dataset.json"
