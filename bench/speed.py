@@ -4,13 +4,16 @@ One command regenerates everything under ``bench/results/`` (Markdown table, JSO
 
     python bench/speed.py            # full: CNN 28×28, transformer, ResNet-18-GN 64×64, each at B = 64/256/1024
     python bench/speed.py --quick    # CNN and transformer at B = 64/256, 3 repeats, no memory runs
+    python bench/speed.py --device cuda --no-memory   # on a GPU (timings synchronise the device per step)
 
 Method (figures, not a test):
     * Same model, same data, same process; the methods of one configuration run alternately, one
       step each per round, so machine noise hits all of them alike; the time is the median of
       ``--repeats`` rounds after ``--warmup`` rounds, reported as a ratio to the non-private step.
     * Every step is a full training step: gradients, clipping, noise (σ = 1, C = 1), SGD update.
-      dpfunc steps are ``make_step(…, dpsgd(…), engine=…)``; Opacus steps are ``PrivacyEngine``
+      dpfunc steps are ``make_step(…, dpsgd(…), engine=…)``; ``dpfunc_bridge_fast`` is the unchanged torch
+      loop made private with ``dpfunc.bridge.make_private(grad_sample_mode="fast")``
+      (``model(x)``, ``loss.backward()``, ``optimizer.step()``); Opacus steps are ``PrivacyEngine``
       with ``grad_sample_mode`` ``hooks`` / ``functorch`` / ``ghost`` (flat clipping, no Poisson
       sampling so that every step sees the same batch).
     * Peak memory: each (configuration, method) runs alone in a fresh subprocess, which reports the
@@ -54,7 +57,7 @@ try:
 except ImportError:  # pragma: no cover - the models package is written concurrently
     SmallCNN = resnet18_gn = None
 
-METHODS = ["nonprivate", "dpfunc_vmap", "dpfunc_fast", "opacus_hooks", "opacus_functorch", "opacus_ghost"]
+METHODS = ["nonprivate", "dpfunc_vmap", "dpfunc_fast", "dpfunc_bridge_fast", "opacus_hooks", "opacus_functorch", "opacus_ghost"]
 OPACUS_MODES = {"opacus_hooks": "hooks", "opacus_functorch": "functorch", "opacus_ghost": "ghost"}
 RESULTS = Path(__file__).resolve().parent / "results"
 SIGMA, CLIP, LR = 1.0, 1.0, 0.05
@@ -140,9 +143,25 @@ def per_example_ce(out, y):
 
 
 def make_method(method: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
-    """A zero-argument callable doing one full training step (state kept inside)."""
+    """A zero-argument callable doing one full training step (state kept inside); model and data on one device."""
     b = x.shape[0]
     model = copy.deepcopy(model)
+    if method == "dpfunc_bridge_fast":
+        from dpfunc.bridge import make_private
+
+        opt = torch.optim.SGD(model.parameters(), lr=LR)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=b)
+        # the same batch every step (as the other rows): the loop calls the private model on (x, y) itself
+        dp_model, dp_opt, _ = make_private(model, opt, loader, key=Key(1), noise_multiplier=SIGMA, max_grad_norm=CLIP,
+                                           poisson_sampling=False, grad_sample_mode="fast", validate=False)
+
+        def step():
+            dp_opt.zero_grad(set_to_none=True)
+            F.cross_entropy(dp_model(x), y).backward()
+            dp_opt.step()
+
+        step.release = lambda: dp_opt.zero_grad(set_to_none=True)
+        return step
     if method == "nonprivate":
         opt = torch.optim.SGD(model.parameters(), lr=LR)
 
@@ -222,15 +241,23 @@ def fits(name: str, batch: int, method: str) -> bool:
     return batch <= (256 if method == "opacus_ghost" else 64)
 
 
-def time_config(name, batch, methods, warmup, repeats):
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu")):
     model, x, y = build(name, batch)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     steps = {m: make_method(m, model, x, y) for m in methods}
     times = {m: [] for m in methods}
     for r in range(warmup + repeats):
         for m in methods:
             gc.collect()
+            _sync(device)
             t0 = time.perf_counter()
             steps[m]()
+            _sync(device)
             dt = time.perf_counter() - t0
             if r >= warmup:
                 times[m].append(dt)
@@ -290,13 +317,31 @@ def memory_config(name, batch, method, timeout):
 # ------------------------------------------------------------------------------------------ report
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device_name(device: str) -> str:
+    d = torch.device(device)
+    if d.type == "cuda":
+        return f"GPU {torch.cuda.get_device_name(d)}"
+    return "CPU"
+
+
 def write_report(results, notes, args, show=True):
     RESULTS.mkdir(parents=True, exist_ok=True)
-    suffix = "_quick" if args.quick else ""
+    suffix = args.output_suffix if args.output_suffix is not None else ("_quick" if args.quick else "")
     meta = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-        "machine": platform.processor() or platform.machine(), "repeats": args.repeats, "warmup": args.warmup,
-        "command": "python bench/speed.py" + (" --quick" if args.quick else ""),
+        "machine": _cpu_model(), "device": _device_name(args.device), "repeats": args.repeats, "warmup": args.warmup,
+        "command": "python bench/speed.py" + (" " + " ".join(args.argv) if args.argv else ""),
     }
     try:
         import opacus
@@ -309,7 +354,8 @@ def write_report(results, notes, args, show=True):
     lines = [
         f"# One DP-SGD step: time ÷ non-private step (median of {args.repeats}), peak memory growth (MiB)",
         "",
-        f"`{meta['command']}` — torch {meta['torch']}, {meta['threads']} threads, opacus {meta['opacus']}; "
+        f"`{meta['command']}` — {meta['device']}, CPU {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, "
+        f"opacus {meta['opacus']}; "
         "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step "
         "(the warm-up step's leftovers, `.grad` / `.grad_sample`, released).",
         "",
@@ -375,8 +421,14 @@ def main(argv=None):
     parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--memory-only", action="store_true", help="redo only the memory column of the last JSON")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown table and plot from the last JSON")
+    parser.add_argument("--device", default="cpu", help="torch device of model and data, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--output-suffix", default=None, help="results/speed<SUFFIX>.{json,md,png} (default '' or '_quick')")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available on this machine")
     if args._memory:
         name, batch, method = args._memory
         return memory_child(name, int(batch), method)
@@ -421,17 +473,17 @@ def main(argv=None):
         configs = [(m, b) for m, b in configs if b in args.batch_sizes] or [(m, b) for m in {m for m, _ in configs} for b in args.batch_sizes]
     notes.append(
         "The transformer is written with Linear/LayerNorm/Embedding and F.scaled_dot_product_attention, not "
-        "nn.MultiheadAttention, whose fused forward reads its projection weights directly (no per-layer hooks; "
-        "dpfunc's fast engine would route them to its vmap fallback)."
+        "nn.MultiheadAttention, whose fused forward reads its projection weights directly, so that every method "
+        "sees the same Linear layers (dpfunc's fast engine has a MultiheadAttention rule; Opacus swaps the module)."
     )
     results = []
     for name, batch in configs:
         run = methods if args.methods else [m for m in methods if fits(name, batch, m)]
         print(f"== {name} B={batch}: timing {run}", flush=True)
-        med, raw = time_config(name, batch, run, args.warmup, args.repeats)
+        med, raw = time_config(name, batch, run, args.warmup, args.repeats, device)
         row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw}
         print("   " + ", ".join(f"{m} {t:.3f}s ({t / med['nonprivate']:.2f}×)" for m, t in med.items()), flush=True)
-        if not (args.quick or args.no_memory):
+        if not (args.quick or args.no_memory or device.type != "cpu"):  # memory is the CPU RSS
             row["peak_mib"] = {}
             reps = args.memory_repeats if med["nonprivate"] < 3 else 1  # RSS peaks vary run to run: median
             for m in run:
