@@ -15,14 +15,15 @@ open                          1       W
 mul / matmul / conv2d         1       W·(|x| + |y|) (the masked inputs e, f)
 square                        1       W·|x|
 truncation (local)            0       0
-ltz (A2B + B2A)               8       7·2·2W (AND words) + 1 byte = 225
-relu                          9       ltz + 2W
+ltz (A2B + B2A)               8       54 (AND openings) + 1 = 55
+relu                          9       ltz + 2W = 71
 ============================  ======  =============================================
 
 Comparison is CrypTen's arithmetic→binary conversion (Knott et al. 2021, §C): party 0's share and
-party 1's share are XOR-shared as two 64-bit addends and added by a Kogge–Stone parallel-prefix adder
-(Kogge & Stone 1973) whose AND gates use dealer AND triples (Beaver 1991 over GF(2)); only the
-sign bit is kept, then converted back to an additive share with one dealer bit. We pick it over
+party 1's share are XOR-shared as two 64-bit addends whose carry into the sign bit is computed by a
+logarithmic carry tree (the generate/propagate reduction of parallel-prefix adders, Brent & Kung
+1982) whose AND gates use dealer AND triples (Beaver 1991 over GF(2)); the sign bit is then
+converted back to an additive share with one dealer bit. We pick it over
 function secret sharing (AriaNN, Ryffel et al. 2022; one round) because it needs only AND triples
 that the dealer makes with a few torch ops, no PRG-tree key generation (which would need a
 vectorised AES we would have to hand-write), and its cost is easy to state exactly; on localhost
@@ -54,6 +55,7 @@ __all__ = [
     "conv2d",
     "and_words",
     "msb_xor",
+    "bit_reverse",
     "b2a_bit",
     "ltz",
     "ge_public",
@@ -203,15 +205,38 @@ def conv2d(ctx: Context, x: torch.Tensor, weight: torch.Tensor, stride=1, paddin
     return truncate(ctx, beaver(ctx, x, weight, Bilinear.CONV2D, params))
 
 
-def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Bitwise AND of XOR-shared 64-bit words, several pairs in one round (AND triples)."""
+def _narrow(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """The low ``bits`` bits of int64 words in the smallest dtype that holds them (for the wire)."""
+    if bits <= 8:
+        return x.to(torch.uint8)
+    if bits <= 16:
+        return x.to(torch.int16)
+    if bits <= 32:
+        return x.to(torch.int32)
+    return x
+
+
+def _widen(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return x.to(torch.int64) & ((1 << bits) - 1) if bits < 64 else x
+
+
+def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits: int = 64) -> list[torch.Tensor]:
+    """Bitwise AND of XOR-shared words, several pairs in one round (dealer AND triples).
+
+    Only the low ``bits`` bits of the inputs are used and returned; the openings are sent in the
+    narrowest dtype holding ``bits`` bits (uint8/int16/int32/int64).
+    """
     x = torch.cat([t.reshape(-1) for t in xs])
     y = torch.cat([t.reshape(-1) for t in ys])
     a, b, c = ctx.draw(Request(Kind.AND, tuple(x.shape)))
-    e, f = open_xor(ctx, x ^ a, y ^ b)
+    flat = _narrow(torch.cat([x ^ a, y ^ b]), bits)
+    opened = _widen(flat ^ ctx.exchange(flat), bits)
+    e, f = opened[: x.numel()], opened[x.numel() :]
     z = c ^ (e & b) ^ (f & a)
     if local_rank(ctx) == 0:
         z = z ^ (e & f)
+    if bits < 64:
+        z = z & ((1 << bits) - 1)
     out, i = [], 0
     for t in xs:
         out.append(z[i : i + t.numel()].view(t.shape))
@@ -219,29 +244,58 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor]) -> l
     return out
 
 
+def _index_swap(k: int, l: int) -> tuple[int, int]:
+    """Delta-swap (distance, mask) exchanging bit positions whose index bits k and l differ."""
+    mask = sum(1 << p for p in range(64) if (p >> k) & 1 and not (p >> l) & 1)
+    return (1 << l) - (1 << k), mask
+
+
+_INDEX_SWAPS = [_index_swap(0, 5), _index_swap(1, 4), _index_swap(2, 3)]
+_BIT63 = -(2**63)  # the int64 word with only bit 63 set
+
+
+def bit_reverse(x: torch.Tensor) -> torch.Tensor:
+    """Permute the 64 bits of each int64 word by bit-reversal of their 6-bit index (bit i ↦ bit
+    rev6(i)); linear over XOR. Then bits 2j and 2j+1 sit 32 apart, pairs of pairs 16 apart, …"""
+    for d, mask in _INDEX_SWAPS:
+        t = (x ^ (x >> d)) & mask
+        x = x ^ t ^ (t << d)
+    return x
+
+
 def msb_xor(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """XOR shares (0/1 in each party's int64) of the sign bit of the shared ``x``; 7 rounds.
 
-    The two additive shares are the addends: as XOR sharings, party 0's addend is ``(x0, 0)`` and
-    party 1's is ``(0, x1)``. Kogge–Stone prefix over generate ``G = x0 & x1`` and propagate
-    ``P = x0 ^ x1`` (G and P are disjoint, so ``|`` is ``^``); the sign is ``P_63 ^ carry_63``.
+    CrypTen's A2B idea with a carry tree instead of a full adder: the two additive shares are the
+    addends ``a = (x0, 0)`` and ``b = (0, x1)`` as XOR sharings; the sign is ``P_63 ^ c_63`` with
+    ``P = a ^ b`` and ``c_63`` the carry into bit 63, i.e. the group generate of bits 0…62
+    (Brent–Kung style reduction of ``(G, P)`` pairs, ``(G, P) ∘ (G', P') = (G ^ P·G', P·P')``; bit 63
+    is made neutral with ``(G, P) = (0, 1)``). The inputs are bit-reversed first so that every
+    level pairs the high half of a word with its low half: level widths 32, 16, 8, 4, 2, 1 bits.
+    Bytes sent per element: 16 (the first AND) + 16 + 8 + 4 + 4 + 4 + 2 = 54.
     """
-    zero = torch.zeros_like(x)
-    a, b = (x, zero) if local_rank(ctx) == 0 else (zero, x)
+    xr = bit_reverse(x)
+    zero = torch.zeros_like(xr)
+    a, b = (xr, zero) if local_rank(ctx) == 0 else (zero, xr)
     p = a ^ b
     (g,) = and_words(ctx, [a], [b])
-    p0 = p
-    shift = 1
-    while shift < _WORD_BITS:
-        if shift * 2 < _WORD_BITS:
-            gg, pp = and_words(ctx, [p, p], [g << shift, p << shift])
-            p = pp
+    sign_p = (p >> 63) & 1  # rev6(63) = 63
+    not63 = 2**63 - 1
+    g = g & not63
+    p = (p & not63) | (_BIT63 if local_rank(ctx) == 0 else 0)  # the neutral (G, P) = (0, 1)
+    width = 64
+    while width > 1:
+        half = width // 2
+        mask = (1 << half) - 1
+        g_hi, g_lo = (g >> half) & mask, g & mask
+        p_hi, p_lo = (p >> half) & mask, p & mask
+        if half > 1:
+            gg, p = and_words(ctx, [p_hi, p_hi], [g_lo, p_lo], bits=half)
         else:
-            (gg,) = and_words(ctx, [p], [g << shift])
-        g = g ^ gg
-        shift *= 2
-    total = p0 ^ (g << 1)
-    return (total >> (_WORD_BITS - 1)) & 1
+            (gg,) = and_words(ctx, [p_hi], [g_lo], bits=1)
+        g = g_hi ^ gg
+        width = half
+    return sign_p ^ g
 
 
 def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
