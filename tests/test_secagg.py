@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from dpfunc.secagg import (
-    FixedPoint, KeyDirectory, ProtocolError, Ring, RoundFailedError, SecAggConfig, Stage, UnmaskRequest,
+    FixedPoint, ProtocolError, Ring, RoundFailedError, SecAggConfig, Stage, UnmaskRequest,
     check_sum_fits, run_round, server_advertise, server_init, server_masked_input, server_share_keys,
     site_advertise, site_masked_input, site_share_keys, site_unmask, shamir,
 )

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -66,6 +64,16 @@ def test_dropouts_inside_the_protocol(stage):
     kept = ups if stage == Stage.UNMASK else [u for u in ups if u.site not in (1, 3)]
     assert agg.last_round.included == tuple(u.site for u in kept)
     _close_within(secure, WeightedFedAvg().aggregate(kept, ref), agg.last_round.error_bound)
+
+
+def test_secagg_plus_in_the_federated_mean():
+    g = torch.Generator().manual_seed(5)
+    ref = {"w": torch.randn(9, generator=g)}
+    ups = [SiteUpdate(s, 0, {"w": ref["w"] + 0.1 * torch.randn(9, generator=g)}, float(5 + s), 1, 0.0) for s in range(12)]
+    agg = SecureAggregator(max_weight=100, neighbours=4, dropouts={0: {Stage.MASKED_INPUT: [3]}})
+    out = agg.aggregate(ups, ref)
+    assert agg.last_round.threshold == 3 and agg.last_round.included == tuple(s for s in range(12) if s != 3)
+    _close_within(out, WeightedFedAvg().aggregate([u for u in ups if u.site != 3], ref), agg.last_round.error_bound)
 
 
 def test_too_many_dropouts_fail_the_round_loudly():

@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple, Optional
@@ -106,7 +105,8 @@ class SecureAggregator:
             ``[1, max_weight]``. Keep it close to the largest site: the bound grows with
             ``max_weight / Σ w_s``.
         loss_clip: range of the (weighted) training loss aggregated alongside.
-        threshold: ``t``; default a strict majority of the round's sites (``n // 2 + 1``, at least 2).
+        threshold: ``t``; default a strict majority of a neighbourhood (``n // 2 + 1`` on the complete
+            graph of ``n`` sites, ``(neighbours + 1) // 2 + 1`` with SecAgg+; at least 2).
         neighbours: SecAgg+ degree (even) or ``None`` for the complete graph.
         dropouts: test/simulation hook ``{round: {Stage: sites}}``: those sites stop answering from that
             stage of that round on.
@@ -150,7 +150,8 @@ class SecureAggregator:
         return n_sites * self.update_fp.scale / 2 * self.max_weight / total_weight
 
     def config_for(self, n_sites: int, vector_length: int) -> SecAggConfig:
-        t = self.threshold if self.threshold is not None else max(2, n_sites // 2 + 1)
+        group = n_sites if self.neighbours is None else min(n_sites, self.neighbours + 1)
+        t = self.threshold if self.threshold is not None else max(2, group // 2 + 1)
         return SecAggConfig(threshold=t, vector_length=vector_length, ring_bits=self.ring.bits,
                             neighbours=self.neighbours)
 

@@ -15,7 +15,7 @@ Bell et al., "Secure Single-Server Aggregation with (Poly)Logarithmic Overhead",
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple, Optional, Sequence
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
