@@ -4,11 +4,15 @@
   degree-``degree`` Chebyshev least-squares fit of tanh in the local variable ``u = x − centre``
   (``|u| ≤ half-width``, so monomial coefficients stay small in fixed point); outside, ±1. The
   interval is selected without revealing it: with steps ``s_k = [x ≥ t_k]`` at the ``pieces + 1``
-  breakpoints, ``tanh(x) ≈ −1 + Σ_k s_k (v_{k+1}(x) − v_k(x))`` (a telescoping sum: ring arithmetic
-  is exact, so the polynomials of the other intervals cancel even where they overflow).
+  breakpoints, the selected interval's centre and coefficients are ``row_0 + Σ_k s_k (row_{k+1} −
+  row_k)`` of a public table (local: shared integers times public constants; the two outer rows are
+  the constants ∓1 with zero higher coefficients), then one set of powers of ``u = x − centre`` and
+  one batched product with the shared coefficients. Outside ``[−L, L]`` the higher coefficients are
+  exactly 0 in the ring, so overflowing powers of a large ``u`` contribute exactly nothing.
   Default ``L = 5, pieces = 5, degree = 7``: maximum error of the approximation 9.1e-5 (the ±1
   saturation beyond 5) and about 1e-4 with 16-bit fixed point (measured in the tests).
-  Cost: ``pieces + 1`` comparisons (batched, 8 rounds) + 3 rounds of powers + 1 selection round.
+  Cost: ``pieces + 1`` comparisons (batched, 8 rounds) + 3 rounds of powers + 1 product round;
+  bytes per element and party ≈ (pieces + 1)·55 + 16·(degree − 1) + 16·degree ≈ 540.
 * **rsqrt** (``1/√v``, ``v > 0``): initial guess from comparisons with powers of two
   ``[v ≥ 2^k]`` for ``k = low_exp … high_exp`` (within a factor ``2^±1/4`` of the truth), then
   Newton's iteration ``y ← y (3 − (v·y)·y) / 2`` (relative error ``e ↦ ≈ 1.5 e²``; 4 iterations
@@ -107,18 +111,20 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> to
     enc = lambda v: int(round(v * fp.scale))  # noqa: E731
     t = approx.breakpoints
     stacked = torch.stack([add_public(ctx, x, -enc(tk)) for tk in t])
-    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # (P+1, *x): [x >= t_k]
-    u = torch.stack([add_public(ctx, x, -enc(c)) for c in approx.centres])  # (P, *x)
-    pw = _powers(ctx, u, approx.degree)
-    coef = torch.tensor([[enc(a) for a in row] for row in approx.coefficients], dtype=torch.int64)
-    shape = (approx.pieces,) + (1,) * x.dim()
-    acc = sum(pw[i - 1] * coef[:, i].view(shape) for i in range(1, approx.degree + 1))
-    poly = add_public(ctx, truncate(ctx, acc), coef[:, 0].view(shape))  # (P, *x)
-    one = enc(1.0)
-    lo = add_public(ctx, poly[:1], one)  # v_1 − v_0, v_0 = −1
-    hi = add_public(ctx, -poly[-1:], one)  # v_{P+1} − v_P, v_{P+1} = +1
-    diffs = torch.cat([lo, poly[1:] - poly[:-1], hi])  # (P+1, *x)
-    return add_public(ctx, mul_int(ctx, diffs, steps).sum(0), -one)
+    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # (P+1, *x): [x >= t_k], shared integers
+    # piece 0 (x < −L) is the constant −1, pieces 1…P the polynomials, piece P+1 the constant +1
+    d = approx.degree
+    centres = [0.0] + list(approx.centres) + [0.0]
+    coefs = [(-1.0,) + (0.0,) * d] + [tuple(c) for c in approx.coefficients] + [(1.0,) + (0.0,) * d]
+    table = torch.tensor([[enc(c)] + [enc(a) for a in row] for c, row in zip(centres, coefs)], dtype=torch.int64)
+    deltas = table[1:] - table[:-1]  # (P+1, d+2): what crossing breakpoint k adds
+    # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
+    shape = (len(t),) + (1,) * x.dim()
+    sel = [add_public(ctx, (steps * deltas[:, j].view(shape)).sum(0), int(table[0, j])) for j in range(d + 2)]
+    u = x - sel[0]  # |u| ≤ half-width inside [−L, L]; outside, the coefficients are exactly 0
+    pw = torch.stack(_powers(ctx, u, d))  # (d, *x)
+    acc = beaver(ctx, torch.stack(sel[2:]), pw, Bilinear.MUL).sum(0)
+    return truncate(ctx, acc) + sel[1]
 
 
 def sigmoid(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> torch.Tensor:

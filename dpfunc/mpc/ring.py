@@ -94,12 +94,9 @@ def decode(ring: torch.Tensor, fp: FixedPoint = FixedPoint()) -> torch.Tensor:
 
 
 def uniform_ring(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
-    """Exactly uniform elements of Z_2^64 (8 uniform bytes each, viewed as int64)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    raw = torch.empty(n * 8, dtype=torch.uint8).random_(generator=generator)  # uniform on [0, 255]
-    return raw.view(torch.int64).reshape(tuple(shape))
+    """Uniform elements of Z_2^64: ``random_`` over the full int64 range ``[−2^63, 2^63)`` (torch draws
+    64 random bits per element for this range; the byte-level uniformity is tested)."""
+    return torch.empty(tuple(shape), dtype=torch.int64).random_(-(2**63), None, generator=generator)
 
 
 def uniform_bits(shape: tuple[int, ...] | torch.Size, generator: torch.Generator) -> torch.Tensor:
