@@ -16,7 +16,7 @@ their own module when they are more than a few lines) and add one line to :data:
 raises :class:`CommandError` (or ``ValueError``/``OSError``) for user errors: :func:`main` prints
 them as ``dpfunc <command>: error: …`` without a traceback and exits 2 (``DPFUNC_DEBUG=1`` re-raises).
 A ``--quiet`` flag on a subcommand turns every :mod:`dpfunc._progress` bar off for that command.
-``$DPFUNC_<COMMAND>_ARGS`` (e.g. ``DPFUNC_TRAIN_ARGS="--epochs 1"``) is appended to that subcommand's
+``$DPFUNC_<COMMAND>_ARGS`` (``-`` read as ``_``; e.g. ``DPFUNC_TRAIN_ARGS="--epochs 1"``) is appended to that subcommand's
 command line, as ``PYTEST_ADDOPTS`` is for pytest: later flags win, so it shrinks any documented
 command to a smoke test (the README test does this), and a note on stderr says it happened.
 """
@@ -417,8 +417,14 @@ COMMANDS: dict[str, Command] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``dpfunc`` parser. Given the command line ``argv``, only the chosen subcommand is declared in
+    full (the others by name only), so ``dpfunc train`` does not import every other subcommand's module;
+    without it (or for ``dpfunc --help``) every subcommand is declared."""
     from dpfunc._version import __version__
+
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    chosen = chosen if chosen in COMMANDS else None
 
     p = argparse.ArgumentParser(
         prog="dpfunc",
@@ -428,8 +434,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"dpfunc {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
-    for command in COMMANDS.values():
-        command.add_parser(sub)
+    for name, command in COMMANDS.items():
+        if chosen is None or name == chosen:
+            command.add_parser(sub)
+        else:
+            sub.add_parser(name)
     return p
 
 
@@ -445,14 +454,16 @@ def main(argv: list[str] | None = None) -> int:
     from dpfunc._progress import progress_enabled
     from dpfunc.data._files import cli_messages
 
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
-    extra = os.environ.get(f"DPFUNC_{args.command.upper()}_ARGS", "").strip()
+    env_name = f"DPFUNC_{args.command.upper().replace('-', '_')}_ARGS"
+    extra = os.environ.get(env_name, "").strip()
     if extra:  # like PYTEST_ADDOPTS: flags appended to this subcommand's command line (later flags win)
         import shlex
 
-        print(f"dpfunc {args.command}: appending ${'DPFUNC_' + args.command.upper() + '_ARGS'}: {extra}", file=sys.stderr)
-        args = parser.parse_args((sys.argv[1:] if argv is None else list(argv)) + shlex.split(extra))
+        print(f"dpfunc {args.command}: appending ${env_name}: {extra}", file=sys.stderr)
+        args = parser.parse_args(argv + shlex.split(extra))
     try:
         with cli_messages(), progress_enabled(False if getattr(args, "quiet", False) else None):
             return COMMANDS[args.command].run(args)

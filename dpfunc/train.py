@@ -435,15 +435,16 @@ def train(
 
     # The test split is read here, once, with the parameters chosen on validation.
     test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
-    result = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps, eps_spent,
-                           elapsed, history, bootstrap_resamples, progress)
+    result, test_scores = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps,
+                                        eps_spent, elapsed, history, bootstrap_resamples, progress)
     if run_path is not None:
-        _write_outputs(run_path, result, apply_fn, best["params"], buffers, test_set)
+        _write_outputs(run_path, result, test_scores, test_set)
     return result
 
 
 def _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, steps, eps, elapsed, history, resamples,
-                  progress=None) -> RunResult:
+                  progress=None) -> tuple[RunResult, torch.Tensor]:
+    """The run's result and the test scores of the selected parameters (computed once, reused for the plots)."""
     val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
     scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
     test = binary_metrics(test_set.labels, scores)
@@ -453,14 +454,13 @@ def _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, ste
         epsilon=eps if cfg.private else None, delta=cfg.delta, best_epoch=best["epoch"],
         val=val.to_dict(), test=test.to_dict(), test_ci={k: v.to_dict() for k, v in ci.items()},
         train_seconds=elapsed, history=history,
-    )
+    ), scores
 
 
-def _write_outputs(run_path: Path, result: RunResult, apply_fn, params, buffers, test_set) -> None:
+def _write_outputs(run_path: Path, result: RunResult, scores: torch.Tensor, test_set) -> None:
     from dpfunc.plots import plot_confusion_matrix, plot_roc, plot_training_curves
 
     _write_json(run_path / "metrics.json", asdict(result))
-    scores = evaluate_scores(apply_fn, params, buffers, test_set)
     plot_roc(test_set.labels, scores, run_path / "roc.png", name="DP-SGD" if result.config["private"] else "non-private")
     plot_confusion_matrix(confusion_matrix(test_set.labels, (scores >= 0.5).long()), run_path / "confusion.png")
     plot_training_curves(result.history, run_path / "training.png", metric="val_auc",

@@ -368,3 +368,21 @@ def test_batch_size_above_n_is_refused(data_dir, tmp_path, capsys):
                "--quiet"])
     err = capsys.readouterr().err
     assert rc == 2 and "batch_size 10000 (--batch-size) is larger than the training set (n = 4708)" in err
+
+
+def test_env_args_are_appended_and_announced(monkeypatch, capsys):
+    """$DPFUNC_<COMMAND>_ARGS is appended to that command's line (later flags win) and said on stderr."""
+    monkeypatch.setenv("DPFUNC_ACCOUNT_ARGS", "--json --steps 10")
+    assert main(["account", "--noise-multiplier", "1.0", "--sampling-rate", "0.01", "--steps", "300"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["steps"] == 10
+    assert "appending $DPFUNC_ACCOUNT_ARGS: --json --steps 10" in captured.err
+
+
+def test_parser_for_one_command_does_not_build_the_others():
+    """`dpfunc train` declares train in full and the other subcommands by name only (no imports)."""
+    parser = build_parser(["train", "--epochs", "2"])
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert "--engine" in sub.choices["train"].format_help()
+    assert sub.choices["account"].format_help().count("--") <= 1  # just -h/--help
+    assert "--noise-multiplier" in build_parser()._actions[-1].choices["account"].format_help()

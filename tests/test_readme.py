@@ -141,7 +141,7 @@ def test_readme_main_job_commands_run_as_written(tmp_path, data_dir):
     extra = {"DPFUNC_TRAIN_ARGS": SMOKE_TRAIN_ARGS, "DPFUNC_EVALUATE_ARGS": "--bootstrap 20 --quiet"}
     if not (_files.project_data_dir() / _files.PNEUMONIAMNIST_FILENAME).is_file():
         extra["DPFUNC_DATA"] = str(data_dir)  # the data lives elsewhere on this machine: say where, as a user would
-    departures, cpu = [], {}
+    departures, cpu = [], []
     for command in commands:
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         argv = shlex.split(command)
@@ -162,9 +162,9 @@ def test_readme_main_job_commands_run_as_written(tmp_path, data_dir):
             eps = re.findall(r"privacy: ε = (\S+)", result.stdout)
             assert eps and (eps[-1] == "∞" or float(eps[-1]) > 0), (command, result.stdout)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu[command] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        cpu.append((command, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime))
     runs = sorted(p.name for p in (tmp_path / "runs").iterdir())
     assert "cnn-eps3.0-seed0" in runs and "cnn-eps3.0-seed0-2" in runs, runs  # a second `dpfunc train`: a new folder
     print("README main-job commands run with DPFUNC_TRAIN_ARGS=" + repr(SMOKE_TRAIN_ARGS) + "; departures:\n  "
           + "\n  ".join(departures) + "\nCPU seconds per command (user + sys, load-independent):\n  "
-          + "\n  ".join(f"{v:6.1f}  {k}" for k, v in cpu.items()))
+          + "\n  ".join(f"{v:6.1f}  {k}" for k, v in cpu) + f"\n  {sum(v for _, v in cpu):6.1f}  in all")
