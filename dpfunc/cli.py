@@ -6,7 +6,7 @@ Examples::
     dpfunc train --no-dp                           # the non-private baseline
     dpfunc train --resume                          # continue the newest run with these flags
     dpfunc evaluate runs/cnn-eps3.0-seed0          # test metrics and ε from the checkpoint
-    dpfunc account --noise-multiplier 1.1 --sampling-rate 0.004267 --steps 14062 --delta 1e-5
+    dpfunc account --noise-multiplier 1.1 --sampling-rate 0.0042667 --steps 14062 --delta 1e-5
 
 The data file is found with --data-dir, else $DPFUNC_DATA, else ../shared/data beside a source
 checkout, else ~/.cache/dpfunc (--download fetches it there).

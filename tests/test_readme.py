@@ -168,3 +168,29 @@ def test_readme_main_job_commands_run_as_written(tmp_path, data_dir):
     print("README main-job commands run with DPFUNC_TRAIN_ARGS=" + repr(SMOKE_TRAIN_ARGS) + "; departures:\n  "
           + "\n  ".join(departures) + "\nCPU seconds per command (user + sys, load-independent):\n  "
           + "\n  ".join(f"{v:6.1f}  {k}" for k, v in cpu) + f"\n  {sum(v for _, v in cpu):6.1f}  in all")
+
+
+def test_help_examples_are_among_the_executed_readme_commands():
+    """`dpfunc --help` shows examples; each must be a README main-job command (run by the test above)."""
+    import dpfunc.cli
+
+    examples = dpfunc.cli.__doc__.split("Examples::", 1)[1].split("\n\n", 2)[1]
+    lines = [line.split(" #", 1)[0].strip() for line in examples.splitlines() if line.strip()]
+    assert lines and set(lines) <= set(main_job_commands(README.read_text())), lines
+
+
+def test_make_private_says_to_build_the_optimizer_after_fix():
+    """The README's bridge snippet once built the optimizer before `model = fix(model)`: make_private
+    must then say what to do, not only that a parameter is foreign."""
+    import torch
+
+    from dpfunc import Key
+    from dpfunc.bridge import fix, make_private
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # built BEFORE fix: holds the old module's parameters
+    model = fix(model)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8).long()))
+    with pytest.raises(ValueError, match="fix returns a NEW module, so build the optimizer after it"):
+        make_private(model, optimizer, loader, key=Key(0), noise_multiplier=1.0, max_grad_norm=1.0)
