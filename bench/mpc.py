@@ -86,7 +86,7 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
         "dealer_s_per_image": dealer_s / batch,
         "plain_s_per_image": plain_s / batch,
         "bytes_per_image": (stats.bytes_sent + stats.bytes_received) / batch,
-        "dealer_bytes_per_image": 8 * sum(res.dealer_words) / batch,
+        "dealer_bytes_per_image": sum(res.dealer_bytes) / batch,
         "rounds": stats.rounds,
         "max_abs_logit_error": float((decode(out.logits) - ref).abs().max()),
         "agreement": float((out.onehot.argmax(-1) == ref.argmax(-1)).double().mean()),

@@ -146,6 +146,8 @@ def test_dealer_material_is_correct_and_each_share_uniform(seed):
         Request(Kind.TRIPLE, (1, 2, 5, 5), (3, 2, 3, 3), Bilinear.CONV2D, ((1, 1), (1, 1), (1, 1), 1)),
         Request(Kind.SQUARE, (7,)),
         Request(Kind.AND, (7,)),
+        Request(Kind.AND, (7,), params=(8,)),
+        Request(Kind.AND, (7,), params=(16,)),
         Request(Kind.BIT, (7,)),
     ):
         s0, s1 = deal(req, Key(seed))
@@ -160,7 +162,7 @@ def test_dealer_material_is_correct_and_each_share_uniform(seed):
             a, b, c = (u ^ v for u, v in zip(s0, s1))
             assert torch.equal(c, a & b)
         else:
-            r = s0[0] ^ s1[0]
+            r = (s0[0] ^ s1[0]).long()
             assert set(r.tolist()) <= {0, 1} and torch.equal(s0[1] + s1[1], r)
 
 

@@ -40,7 +40,8 @@ __all__ = [
     "Context",
     "DealerSource",
     "MaterialStream",
-    "material_numel",
+    "material_nbytes",
+    "word_dtype",
 ]
 
 MODEL_OWNER, DATA_OWNER, DEALER = 0, 1, 2
@@ -101,15 +102,30 @@ def _material_shapes(req: Request) -> list[tuple[int, ...]]:
     return [req.shape_x, req.shape_x]
 
 
-def material_numel(req: Request) -> int:
-    """int64 words of one party's share of the material for ``req``."""
-    total = 0
-    for s in _material_shapes(req):
-        n = 1
-        for d in s:
-            n *= d
-        total += n
-    return total
+def word_dtype(bits: int) -> torch.dtype:
+    """The narrowest dtype holding ``bits``-bit words (uint8, int16, int32, int64)."""
+    return torch.uint8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32 if bits <= 32 else torch.int64
+
+
+def _material_dtypes(req: Request) -> list[torch.dtype]:
+    if req.kind is Kind.AND:
+        return [word_dtype(req.params[0] if req.params else 64)] * 3
+    if req.kind is Kind.BIT:
+        return [torch.uint8, torch.int64]
+    return [torch.int64] * len(_material_shapes(req))
+
+
+def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    return -(-nbytes // 8) * 8  # segments start at multiples of 8 bytes (aligned views)
+
+
+def material_nbytes(req: Request) -> int:
+    """Bytes of one party's share of the material for ``req`` in the dealer's stream."""
+    return sum(_padded_nbytes(s, d) for s, d in zip(_material_shapes(req), _material_dtypes(req)))
 
 
 def deal(req: Request, key: Key) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -126,13 +142,16 @@ def deal(req: Request, key: Key) -> tuple[list[torch.Tensor], list[torch.Tensor]
         a = uniform_ring(req.shape_x, g)
         values, xor = [a, a * a], False
     elif req.kind is Kind.AND:
-        a, b = uniform_ring(req.shape_x, g), uniform_ring(req.shape_x, g)
-        values, xor = [a, b, a & b], True
+        # only the low `bits` bits are used: send them in the narrowest dtype (uniform low bits)
+        dtype = word_dtype(req.params[0] if req.params else 64)
+        a, b = uniform_ring(req.shape_x, g).to(dtype), uniform_ring(req.shape_x, g).to(dtype)
+        s0 = [uniform_ring(req.shape_x, g).to(dtype) for _ in range(3)]
+        return s0, [v ^ t for v, t in zip([a, b, a & b], s0)]
     else:
         r = uniform_bits(req.shape_x, g)
         r0 = uniform_bits(req.shape_x, g)
         m = uniform_ring(req.shape_x, g)
-        return [r0, m], [r ^ r0, r - m]
+        return [r0.to(torch.uint8), m], [(r ^ r0).to(torch.uint8), r - m]
     s0 = [uniform_ring(v.shape, g) for v in values]
     s1 = [v ^ s if xor else v - s for v, s in zip(values, s0)]
     return s0, s1
@@ -226,32 +245,39 @@ class DealerSource:
         return s0
 
     def flat(self, rank: int) -> torch.Tensor:
-        """Everything party ``rank`` receives from the dealer, as one int64 vector."""
-        parts = [t.reshape(-1) for t in self.shares[rank]]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+        """Everything party ``rank`` receives from the dealer, as one uint8 byte vector (each
+        tensor's bytes padded to a multiple of 8)."""
+        parts = []
+        for t in self.shares[rank]:
+            raw = t.contiguous().reshape(-1).view(torch.uint8)
+            pad = -raw.numel() % 8
+            parts.append(raw if not pad else torch.cat([raw, raw.new_zeros(pad)]))
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.uint8)
 
 
 class MaterialStream:
-    """A party's side: consumes the dealer's flat vector in request order, checking the layout."""
+    """A party's side: consumes the dealer's byte vector in request order, checking the layout."""
 
     def __init__(self, flat: torch.Tensor):
-        if flat.dtype != torch.int64 or flat.dim() != 1:
-            raise TypeError(f"MaterialStream: flat must be a 1-D int64 tensor, got {flat.dtype} {tuple(flat.shape)}")
+        if flat.dtype != torch.uint8 or flat.dim() != 1:
+            raise TypeError(f"MaterialStream: flat must be a 1-D uint8 tensor, got {flat.dtype} {tuple(flat.shape)}")
         self.flat, self.offset = flat, 0
 
     def draw(self, req: Request) -> list[torch.Tensor]:
         out = []
-        for s in _material_shapes(req):
-            n = 1
-            for d in s:
-                n *= d
-            if self.offset + n > self.flat.numel():
+        for s, dtype in zip(_material_shapes(req), _material_dtypes(req)):
+            nbytes = _padded_nbytes(s, dtype)
+            if self.offset + nbytes > self.flat.numel():
                 raise RuntimeError(
                     f"MaterialStream.draw: the dealer's material ran out at {req.kind.value} of shape "
                     f"{req.shape_x} (dealer and parties ran different programs or shapes)"
                 )
-            out.append(self.flat[self.offset : self.offset + n].view(s))
-            self.offset += n
+            n = 1
+            for d in s:
+                n *= d
+            size = n * torch.empty((), dtype=dtype).element_size()
+            out.append(self.flat[self.offset : self.offset + size].view(dtype).view(s))
+            self.offset += nbytes
         return out
 
     @property

@@ -133,9 +133,9 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
                 continue
             n = torch.zeros(1, dtype=torch.int64)
             dist.recv(n, DEALER)
-            flat = torch.empty(int(n), dtype=torch.int64)
+            flat = torch.empty(int(n), dtype=torch.uint8)
             dist.recv(flat, DEALER)
-            offline_bytes += flat.numel() * 8
+            offline_bytes += flat.numel()
             ctx = Context(rank, DistChannel(1 - rank), MaterialStream(flat), fp, stats)
             img = None
             if rank == DATA_OWNER:

@@ -228,7 +228,7 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits
     """
     x = torch.cat([t.reshape(-1) for t in xs])
     y = torch.cat([t.reshape(-1) for t in ys])
-    a, b, c = ctx.draw(Request(Kind.AND, tuple(x.shape)))
+    a, b, c = (_widen(t, bits) for t in ctx.draw(Request(Kind.AND, tuple(x.shape), params=(bits,))))
     flat = _narrow(torch.cat([x ^ a, y ^ b]), bits)
     opened = _widen(flat ^ ctx.exchange(flat), bits)
     e, f = opened[: x.numel()], opened[x.numel() :]
@@ -304,7 +304,7 @@ def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
     Open ``c = b ^ r`` (one byte per element); then ``b = c + r − 2cr`` with ``c`` public.
     """
     r_xor, r_add = ctx.draw(Request(Kind.BIT, tuple(bit.shape)))
-    flat = (bit ^ r_xor).to(torch.uint8).reshape(-1)
+    flat = (bit.to(torch.uint8) ^ r_xor).reshape(-1)
     c = (flat ^ ctx.exchange(flat)).to(torch.int64).view(bit.shape)
     out = r_add - 2 * c * r_add
     if local_rank(ctx) == 0:

@@ -41,13 +41,13 @@ class SimulationResult(NamedTuple):
     Attributes:
         outputs: what ``program`` returned on party 0 and on party 1.
         stats: each party's :class:`CommStats` (online phase).
-        dealer_words: int64 words the dealer sent to party 0 and to party 1 (offline phase).
+        dealer_bytes: bytes the dealer sent to party 0 and to party 1 (offline phase).
         transcripts: each party's received tensors, in order (if ``record``).
     """
 
     outputs: tuple[Any, Any]
     stats: tuple[CommStats, CommStats]
-    dealer_words: tuple[int, int]
+    dealer_bytes: tuple[int, int]
     transcripts: tuple[list, list] | None
 
 
@@ -112,6 +112,6 @@ def simulate(
     return SimulationResult(
         outputs=(results[0], results[1]),
         stats=(ctxs[0].stats, ctxs[1].stats),
-        dealer_words=(flats[0].numel(), flats[1].numel()),
+        dealer_bytes=(flats[0].numel(), flats[1].numel()),
         transcripts=(ctxs[0].transcript, ctxs[1].transcript) if record else None,
     )
