@@ -147,6 +147,18 @@ def test_overflow_check_refuses_exactly_the_sums_that_could_wrap(bits, ring_bits
         assert ring.to_signed(acc).tolist() == [n * extreme] * 3
 
 
+@given(ring_bits=st.integers(2, 64), length=st.integers(0, 300), seed=st.integers(0, 2**32 - 1))
+def test_ring_packing_round_trips_at_k_bits_per_entry(ring_bits, length, seed):
+    ring = Ring(ring_bits)
+    a = ring.reduce(np.random.default_rng(seed).integers(0, 2**63, length, dtype=np.uint64).astype(ring.dtype))
+    data = ring.pack(a)
+    assert len(data) == (length * ring_bits + 7) // 8
+    b = ring.unpack(data, length)
+    assert b.dtype == ring.dtype and b.tolist() == a.tolist()
+    with pytest.raises(ValueError, match="Ring.unpack: expected"):
+        ring.unpack(data + b"x", length)
+
+
 def test_fixed_point_and_ring_bad_input():
     with pytest.raises(ValueError, match="FixedPoint: clip must be a finite number"):
         FixedPoint(clip=float("nan"), bits=8)
@@ -472,7 +484,9 @@ def test_a_round_through_the_codec_equals_the_plain_sum(n, drop, seed):
         if u == drop:
             continue
         s, m = site_masked_input(codec.site_state_from_bytes(kept[u]), codec.decode_inbox(codec.encode_inbox(inboxes[u])), inputs[u])
-        kept[u], msgs[u] = codec.site_state_to_bytes(s), codec.decode(codec.encode(m))
+        record = codec.encode(m, ring_bits=cfg.ring_bits)
+        assert len(record["vector"]) == (7 * 20 + 7) // 8     # packed at 20 bits, not 32
+        kept[u], msgs[u] = codec.site_state_to_bytes(s), codec.decode(record)
     srv, request = server_masked_input(srv, msgs)
     wire = codec.encode(request)
     msgs = {}

@@ -20,6 +20,7 @@ import numpy as np
 
 from dpfunc.secagg.types import (AdvertiseKeys, KeyDirectory, MaskedInput, ProtocolError, SecAggConfig, ShareKeys,
                                  Stage, UnmaskRequest, UnmaskShares)
+from dpfunc.secagg.ring import Ring
 from dpfunc.secagg.site import SiteState
 from dpfunc.secagg import shamir
 
@@ -31,8 +32,9 @@ def _shares_out(d) -> tuple[list, list]:
     return owners, [shamir.share_to_bytes(d[o]) for o in owners]
 
 
-def encode(msg: Any) -> dict:
-    """A protocol message as a flat record with a ``"kind"`` entry."""
+def encode(msg: Any, *, ring_bits: int | None = None) -> dict:
+    """A protocol message as a flat record with a ``"kind"`` entry. A masked vector is packed at
+    ``ring_bits`` bits per entry (:meth:`Ring.pack`; default: its container width)."""
     if isinstance(msg, AdvertiseKeys):
         return {"kind": "advertise", "site": msg.site_id, "cipher_pk": msg.cipher_public, "mask_pk": msg.mask_public}
     if isinstance(msg, KeyDirectory):
@@ -44,8 +46,11 @@ def encode(msg: Any) -> dict:
         return {"kind": "share_keys", "site": msg.site_id, "to": to, "ct": [msg.ciphertexts[v] for v in to]}
     if isinstance(msg, MaskedInput):
         v = np.ascontiguousarray(msg.vector)
-        return {"kind": "masked", "site": msg.site_id, "bits": v.dtype.itemsize * 8,
-                "vector": v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()}
+        ring = Ring(ring_bits if ring_bits is not None else v.dtype.itemsize * 8)
+        if ring.dtype != v.dtype:
+            raise ValueError(f"codec.encode: ring_bits={ring_bits} does not match a {v.dtype} vector")
+        return {"kind": "masked", "site": msg.site_id, "ring_bits": ring.bits, "length": int(v.size),
+                "vector": ring.pack(v)}
     if isinstance(msg, UnmaskRequest):
         return {"kind": "unmask_request", "round": msg.round_id, "survivors": list(msg.survivors)}
     if isinstance(msg, UnmaskShares):
@@ -69,8 +74,8 @@ def decode(record: dict) -> Any:
         if kind == "share_keys":
             return ShareKeys(int(record["site"]), {int(v): bytes(c) for v, c in zip(record["to"], record["ct"], strict=True)})
         if kind == "masked":
-            dt = np.dtype(f"<u{int(record['bits']) // 8}")
-            return MaskedInput(int(record["site"]), np.frombuffer(bytes(record["vector"]), dtype=dt).astype(dt.newbyteorder("=")))
+            ring = Ring(int(record["ring_bits"]))
+            return MaskedInput(int(record["site"]), ring.unpack(bytes(record["vector"]), int(record["length"])))
         if kind == "unmask_request":
             return UnmaskRequest(int(record["round"]), tuple(int(s) for s in record["survivors"]))
         if kind == "unmask":

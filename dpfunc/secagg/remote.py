@@ -110,7 +110,7 @@ def site_handle(request: Mapping, store: MutableMapping[str, bytes]) -> dict:
     if kind == "unmask_request":   # the round is over for this site: forget its secrets and input
         for k in (_STATE, _INPUT, _META):
             store.pop(k, None)
-    return codec.encode(msg)
+    return codec.encode(msg, ring_bits=state.config.ring_bits)
 
 
 def _record_bytes(rec: Mapping) -> int:

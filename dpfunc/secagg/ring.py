@@ -129,6 +129,33 @@ class Ring:
     def zeros(self, length: int) -> np.ndarray:
         return np.zeros(length, dtype=self.dtype)
 
+    def packed_size(self, length: int) -> int:
+        """Bytes of ``length`` ring elements packed at ``k`` bits each: ``ceil(length · k / 8)``."""
+        return (length * self.bits + 7) // 8
+
+    def pack(self, a: np.ndarray) -> bytes:
+        """The wire format: each element's low ``k`` bits, concatenated little-endian (no container padding)."""
+        a = np.ascontiguousarray(a, dtype=self.dtype)
+        width = self.dtype.itemsize * 8
+        if self.bits == width:
+            return a.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
+        bits = np.unpackbits(a.astype(self.dtype.newbyteorder("<"), copy=False).view(np.uint8), bitorder="little")
+        return np.packbits(bits.reshape(-1, width)[:, :self.bits], bitorder="little").tobytes()
+
+    def unpack(self, data: bytes, length: int) -> np.ndarray:
+        """Inverse of :meth:`pack` (``ValueError`` if ``data`` is not ``packed_size(length)`` bytes)."""
+        if len(data) != self.packed_size(length):
+            raise ValueError(f"Ring.unpack: expected {self.packed_size(length)} bytes for {length} elements of "
+                             f"{self.bits} bits, got {len(data)}")
+        width = self.dtype.itemsize * 8
+        le = self.dtype.newbyteorder("<")
+        if self.bits == width:
+            return np.frombuffer(data, dtype=le).astype(self.dtype)
+        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=length * self.bits)
+        full = np.zeros((length, width), dtype=np.uint8)
+        full[:, :self.bits] = bits.reshape(length, self.bits)
+        return np.packbits(full, axis=None, bitorder="little").view(le).astype(self.dtype)
+
 
 def check_sum_fits(encodings: Iterable[FixedPoint], *, max_sites: int, ring: Ring) -> None:
     """Refuse a configuration whose sum over ``max_sites`` sites could wrap around ``2**k``.

@@ -70,7 +70,7 @@ def run_round(config: SecAggConfig, inputs: Mapping[int, np.ndarray], *, round_i
         t0 = time.process_time()
         out = f(*args, **kwargs)
         clock[u] += time.process_time() - t0
-        sent[u] += wire_bytes(out[1])
+        sent[u] += wire_bytes(out[1], ring_bits=config.ring_bits)
         return out
 
     def server(f: Callable, *args, **kwargs):

@@ -2,7 +2,7 @@
 
 Messages are immutable values holding only bytes, ints and numpy arrays, so any transport (a function
 call, a Flower ``RecordDict``) can carry them; :func:`wire_bytes` gives the payload size of each (ids as
-8 bytes, keys 32, share values 66, ciphertexts as they are, vectors at the ring's container width;
+8 bytes, keys 32, share values 66, ciphertexts as they are, masked vectors packed at ``k`` bits per entry;
 transport framing not counted).
 """
 
@@ -141,8 +141,10 @@ class UnmaskShares(NamedTuple):
     key_shares: Mapping[int, int]
 
 
-def wire_bytes(message: object) -> int:
-    """Payload bytes of a message (or of an inbox ``{sender: ciphertext}``)."""
+def wire_bytes(message: object, *, ring_bits: Optional[int] = None) -> int:
+    """Payload bytes of a message (or of an inbox ``{sender: ciphertext}``). A masked vector counts
+    ``ceil(length · ring_bits / 8)`` bytes (:meth:`Ring.pack`, what :mod:`.codec` sends) when
+    ``ring_bits`` is given, else its container width."""
     from dpfunc.secagg.shamir import SHARE_BYTES
 
     if isinstance(message, AdvertiseKeys):
@@ -152,6 +154,8 @@ def wire_bytes(message: object) -> int:
     if isinstance(message, ShareKeys):
         return ID_BYTES + sum(ID_BYTES + len(c) for c in message.ciphertexts.values())
     if isinstance(message, MaskedInput):
+        if ring_bits is not None:
+            return ID_BYTES + Ring(ring_bits).packed_size(len(message.vector))
         return ID_BYTES + message.vector.nbytes
     if isinstance(message, UnmaskRequest):
         return ID_BYTES + ID_BYTES * len(message.survivors)
