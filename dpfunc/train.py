@@ -352,11 +352,12 @@ def train(
     if run_path is not None:
         ckpt = run_path / "checkpoint.pt"
         if resume and not ckpt.is_file():
-            raise FileNotFoundError(f"train: nothing to resume: no checkpoint at {ckpt} (check run_dir / --run-dir)")
+            raise FileNotFoundError(f"train: nothing to resume: no checkpoint at {ckpt} (check run_dir / --run-dir, "
+                                    f"or start the run without resume)")
         if not resume and (ckpt.exists() or (run_path / "config.json").exists()):
             if not overwrite:
-                raise FileExistsError(f"train: {run_path} already holds a run; pass --resume to continue it, "
-                                      f"--overwrite to replace it, or choose a new --run-dir")
+                raise FileExistsError(f"train: {run_path} already holds a run; pass resume=True (--resume) to continue "
+                                      f"it, overwrite=True (--overwrite) to replace it, or choose another run_dir")
             for name in RUN_FILES:
                 (run_path / name).unlink(missing_ok=True)
         run_path.mkdir(parents=True, exist_ok=True)

@@ -181,6 +181,13 @@ def test_resume_of_a_finished_run_reports_the_ledgers_epsilon(data_dir, tmp_path
     assert again["epsilon"] == ledger_eps
     assert again["history"] == first["history"] and again["test"] == first["test"]
 
+    # --overwrite starts the run afresh in the same folder; the same seed reproduces it exactly.
+    assert main(common + ["--overwrite"]) == 0
+    capsys.readouterr()
+    redone = json.loads((run / "metrics.json").read_text())
+    assert redone["epsilon"] == ledger_eps and redone["test"] == first["test"]
+    assert [h["val_auc"] for h in redone["history"]] == [h["val_auc"] for h in first["history"]]
+
 
 def test_progress_helper_resolution_order(monkeypatch):
     """dpfunc._progress: argument > progress_enabled context > $DPFUNC_PROGRESS > terminal check."""
