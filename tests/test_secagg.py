@@ -159,6 +159,14 @@ def test_ring_packing_round_trips_at_k_bits_per_entry(ring_bits, length, seed):
         ring.unpack(data + b"x", length)
 
 
+@pytest.mark.parametrize("ring_bits", [18, 41])
+def test_ring_packing_across_chunks(ring_bits):
+    ring = Ring(ring_bits)
+    n = (1 << 18) + 13   # crosses the packing chunk boundary
+    a = ring.reduce(np.random.default_rng(ring_bits).integers(0, 2**63, n, dtype=np.uint64).astype(ring.dtype))
+    assert np.array_equal(ring.unpack(ring.pack(a), n), a)
+
+
 def test_fixed_point_and_ring_bad_input():
     with pytest.raises(ValueError, match="FixedPoint: clip must be a finite number"):
         FixedPoint(clip=float("nan"), bits=8)

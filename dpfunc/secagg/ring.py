@@ -30,6 +30,8 @@ from dpfunc._validate import check_int_range, check_positive_finite
 
 __all__ = ["FixedPoint", "Ring", "check_sum_fits"]
 
+_PACK_CHUNK = 1 << 18   # entries per packing chunk (a multiple of 8), bounds the bit array to 16 MiB
+
 
 @dataclass(frozen=True)
 class FixedPoint:
@@ -139,8 +141,12 @@ class Ring:
         width = self.dtype.itemsize * 8
         if self.bits == width:
             return a.astype(self.dtype.newbyteorder("<"), copy=False).tobytes()
-        bits = np.unpackbits(a.astype(self.dtype.newbyteorder("<"), copy=False).view(np.uint8), bitorder="little")
-        return np.packbits(bits.reshape(-1, width)[:, :self.bits], bitorder="little").tobytes()
+        le = a.astype(self.dtype.newbyteorder("<"), copy=False)
+        out = []
+        for start in range(0, len(le), _PACK_CHUNK):   # chunks of a multiple of 8 entries: byte-aligned output
+            bits = np.unpackbits(le[start:start + _PACK_CHUNK].view(np.uint8), bitorder="little")
+            out.append(np.packbits(bits.reshape(-1, width)[:, :self.bits], bitorder="little").tobytes())
+        return b"".join(out)
 
     def unpack(self, data: bytes, length: int) -> np.ndarray:
         """Inverse of :meth:`pack` (``ValueError`` if ``data`` is not ``packed_size(length)`` bytes)."""
@@ -151,10 +157,16 @@ class Ring:
         le = self.dtype.newbyteorder("<")
         if self.bits == width:
             return np.frombuffer(data, dtype=le).astype(self.dtype)
-        bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little", count=length * self.bits)
-        full = np.zeros((length, width), dtype=np.uint8)
-        full[:, :self.bits] = bits.reshape(length, self.bits)
-        return np.packbits(full, axis=None, bitorder="little").view(le).astype(self.dtype)
+        raw = np.frombuffer(data, dtype=np.uint8)
+        out = np.empty(length, dtype=self.dtype)
+        chunk_bytes = _PACK_CHUNK * self.bits // 8
+        for i, start in enumerate(range(0, length, _PACK_CHUNK)):
+            n = min(_PACK_CHUNK, length - start)
+            bits = np.unpackbits(raw[i * chunk_bytes:i * chunk_bytes + chunk_bytes], bitorder="little", count=n * self.bits)
+            full = np.zeros((n, width), dtype=np.uint8)
+            full[:, :self.bits] = bits.reshape(n, self.bits)
+            out[start:start + n] = np.packbits(full, axis=None, bitorder="little").view(le)
+        return out
 
 
 def check_sum_fits(encodings: Iterable[FixedPoint], *, max_sites: int, ring: Ring) -> None:
