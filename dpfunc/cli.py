@@ -289,7 +289,7 @@ def _run_train(args: argparse.Namespace) -> int:
     run_dir = resolve_run_dir(args.run_dir, default_run_name(cfg), resume=args.resume, overwrite=args.overwrite,
                               matches=lambda folder: _saved_config(folder) == cfg)
     # Find (or, with --download, fetch) the data before anything is written.
-    data_file = _files.locate_pneumoniamnist(args.data_dir, download=args.download, fn="dpfunc train")
+    data_file = _files.locate_pneumoniamnist(args.data_dir, download=args.download, fn="")
     print(f"run folder: {run_dir}   data: {data_file}")
     if args.dry_run:
         plan = plan_run(cfg, data_file)
@@ -349,7 +349,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if is_segmentation_run(path):  # written by `dpfunc segment`
         return importlib.import_module("dpfunc.segmentation._cli_segment").evaluate(args)
     cfg, state = load_run(path)
-    data_file = _files.locate_pneumoniamnist(args.data_dir, fn="dpfunc evaluate")
+    data_file = _files.locate_pneumoniamnist(args.data_dir, fn="")
     test, ci, eps = evaluate_run(cfg, state, data_file, bootstrap_resamples=args.bootstrap,
                                  progress=False if args.quiet else None)
     done = state["epoch"]

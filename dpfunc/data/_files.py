@@ -159,7 +159,8 @@ def locate_pneumoniamnist(data_dir: str | os.PathLike | None = None, *, download
                           fn: str = "pneumoniamnist") -> Path:
     """The path of ``pneumoniamnist.npz``: ``data_dir`` itself when it is a file, else the first
     folder of :func:`search_path` holding it, else (``download=True``) a fresh download into
-    :func:`resolve_data_dir`. The checksum is not checked here (the loader does it).
+    :func:`resolve_data_dir`. The checksum is not checked here (the loader does it). ``fn`` prefixes
+    the error message ("" for none).
 
     Raises:
         DataNotFoundError: not found and ``download`` is False; the message lists every folder
@@ -174,7 +175,8 @@ def locate_pneumoniamnist(data_dir: str | os.PathLike | None = None, *, download
     if download:
         return download_pneumoniamnist(data_dir)
     where = "; ".join(f"{folder} ({why})" for folder, why in searched)
-    raise DataNotFoundError(f"{fn}: {PNEUMONIAMNIST_FILENAME} not found; looked in {where}. {how_to_get()}", searched)
+    prefix = f"{fn}: " if fn else ""
+    raise DataNotFoundError(f"{prefix}{PNEUMONIAMNIST_FILENAME} not found; looked in {where}. {how_to_get()}", searched)
 
 
 def _hash_stream(stream: BinaryIO) -> tuple[str, str]:
@@ -285,7 +287,8 @@ def download_pneumoniamnist(
                         f"folder and pass --data-dir FOLDER (or set {_ENV_VAR}=FOLDER)."
                         if _CLI_MESSAGES.get() else
                         f"Check the connection, or download it by hand and set {_ENV_VAR}.")
-                raise OSError(f"download_pneumoniamnist: could not fetch {url} into {folder}: {reason}. {hint}") from err
+                who = "--download" if _CLI_MESSAGES.get() else "download_pneumoniamnist"
+                raise OSError(f"{who}: could not fetch {url} into {folder}: {reason}. {hint}") from err
             out.flush()
             os.fsync(out.fileno())
         md5, sha = file_digests(tmp)
