@@ -2,13 +2,16 @@
 
 Every function is a pure function of an event (or a :class:`PrivacyLedger`) and numbers. Methods:
 
-=========  ====================================================================  =================
-method     what it computes                                                       guarantee
-=========  ====================================================================  =================
-``pld``    connect-the-dots privacy-loss distribution, FFT composition (default)  upper bound (tight)
-``rdp``    Rényi DP over an order grid, Balle et al. 2020 conversion               upper bound
-``gdp``    central-limit μ-GDP                                                    approximation (warns)
-=========  ====================================================================  =================
+=================  ============================================================  =====================
+method             what it computes                                              guarantee
+=================  ============================================================  =====================
+``PLD()``/"pld"    connect-the-dots privacy-loss distribution, FFT (default)     upper bound (tight)
+``RDP()``/"rdp"    Rényi DP over an order grid, Balle et al. 2020 conversion     upper bound
+``GDP()``/"gdp"    central-limit μ-GDP                                           approximation (warns)
+=================  ============================================================  =====================
+
+``method`` is an option object (:mod:`dpfunc.accounting.methods`), a :class:`Method`, or the legacy
+string with keyword options (``method="rdp", orders=...``); all resolve to one option object.
 
 Formal guarantees:
     For ``pld`` and ``rdp`` the returned ε is an upper bound: the composition is (ε, δ)-DP under
@@ -18,8 +21,9 @@ Formal guarantees:
 
 Example:
     >>> ledger = PrivacyLedger().step(1.1, 256 / 60000, steps=14062)
-    >>> round(epsilon(ledger, 1e-5, method="rdp", conversion="classic",
-    ...               orders=TF_PRIVACY_ORDERS), 2)
+    >>> round(epsilon(ledger, 1e-5, RDP(orders=TF_PRIVACY_ORDERS, conversion="classic")), 2)
+    3.01
+    >>> round(epsilon(ledger, 1e-5, method="rdp", conversion="classic", orders=TF_PRIVACY_ORDERS), 2)
     3.01
 """
 
@@ -30,6 +34,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from dpfunc._validate import check_delta, check_int_range, check_nonnegative, check_probability
 from dpfunc.accounting import gdp as _gdp
 from dpfunc.accounting import pld as _pld
 from dpfunc.accounting import rdp as _rdp
@@ -43,12 +48,12 @@ from dpfunc.accounting.events import (
     atoms,
 )
 from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event
+from dpfunc.accounting.methods import GDP, METHODS, PLD, RDP, Accountant, Method, resolve_method
 from dpfunc.accounting.rdp import DEFAULT_ORDERS, TF_PRIVACY_ORDERS  # noqa: F401  (doctest)
 
 __all__ = ["EpsilonReport", "METHODS", "as_event", "epsilon", "epsilon_report", "delta", "dpsgd_epsilon"]
 
-METHODS = ("pld", "rdp", "gdp")
-_OPTIONS = {"pld": {"value_discretization_interval"}, "rdp": {"orders", "conversion"}, "gdp": set()}
+MethodLike = Union[str, Method, PLD, RDP, GDP]
 
 
 @dataclass(frozen=True)
@@ -88,19 +93,11 @@ def as_event(obj: Union[Event, PrivacyLedger, Phase]) -> Event:
 
 
 def _check_delta(fn: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
-        raise ValueError(f"{fn}: delta must be a number in (0, 1), got {value!r}")
-    return float(value)
+    return check_delta(fn, "delta", value)
 
 
-def _check_method(fn: str, method: str, options: dict) -> None:
-    if method not in METHODS:
-        raise ValueError(f"{fn}: method must be one of {METHODS}, got {method!r}")
-    unknown = set(options) - _OPTIONS[method]
-    if unknown:
-        raise ValueError(
-            f"{fn}: unknown option(s) {sorted(unknown)} for method={method!r}; allowed: {sorted(_OPTIONS[method])}"
-        )
+def _check_method(fn: str, method: MethodLike, options: dict) -> Accountant:
+    return resolve_method(fn, method, options)
 
 
 def _check_neighboring(fn: str, neighboring: Neighboring) -> None:
@@ -108,56 +105,58 @@ def _check_neighboring(fn: str, neighboring: Neighboring) -> None:
         raise ValueError(f"{fn}: neighboring must be a Neighboring, got {neighboring!r}")
 
 
-def _orders(fn: str, options: dict) -> tuple:
-    orders = tuple(float(a) for a in options.get("orders", DEFAULT_ORDERS))
-    if not orders or any(not a > 1 for a in orders):
-        raise ValueError(f"{fn}: orders must be a non-empty sequence of numbers > 1, got {options.get('orders')!r}")
-    return orders
+def _no_loss(key: tuple) -> bool:
+    return all(a.count == 0 or math.isinf(a.noise_multiplier) for a in key)
 
 
-def epsilon_report(event_or_ledger, delta: float, method: str = "pld", *,
+def epsilon_report(event_or_ledger, delta: float, method: MethodLike = "pld", *,
                    neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> EpsilonReport:
     """ε at ``delta`` for an event or ledger, with bounds and provenance (see module docstring).
 
     Args:
         event_or_ledger: a privacy event or a :class:`PrivacyLedger`.
         delta: δ in (0, 1).
-        method: "pld" (default), "rdp" or "gdp".
+        method: ``PLD(...)`` (default), ``RDP(...)``, ``GDP()``, a :class:`Method`, or "pld"/"rdp"/"gdp".
         neighboring: the neighbouring relation (default add-or-remove-one).
-        **options: pld: ``value_discretization_interval`` (grid step h, default 1e-4; coarsened
-            automatically when the composed window would exceed ~2^20 points). rdp: ``orders``
-            (default ``DEFAULT_ORDERS``), ``conversion`` ("balle2020" default, or "classic").
+        **options: with a string method only (legacy): pld: ``value_discretization_interval``;
+            rdp: ``orders``, ``conversion`` (see :class:`PLD`, :class:`RDP`).
 
     Raises:
         ValueError: bad δ, unknown method or option, or an event the method cannot account.
     """
     fn = "epsilon_report"
     delta = _check_delta(fn, delta)
-    _check_method(fn, method, options)
+    acc = _check_method(fn, method, options)
     _check_neighboring(fn, neighboring)
     key = atoms(as_event(event_or_ledger))
-    steps = sum(a[-1] for a in key)
-    if all(a[-1] == 0 or math.isinf(a[1]) for a in key):  # nothing was released: no privacy loss
-        return EpsilonReport(0.0, 0.0, delta, method, None, 0.0 if method == "pld" else None, None, steps)
-    if method == "pld":
+    steps = sum(a.count for a in key)
+    name = acc.method.value
+    if _no_loss(key):  # nothing was released: no privacy loss
+        return EpsilonReport(0.0, 0.0, delta, name, None, 0.0 if name == "pld" else None, None, steps)
+    if isinstance(acc, PLD):
         b = _pld.pld_epsilon(key, delta, neighboring=neighboring,
-                             value_discretization_interval=options.get("value_discretization_interval"))
+                             value_discretization_interval=acc.value_discretization_interval)
         err = b.upper - b.lower if math.isfinite(b.upper) else math.nan
         return EpsilonReport(b.upper, b.lower, delta, "pld", None, err, b.value_discretization_interval, steps)
-    if method == "rdp":
-        orders = _orders(fn, options)
-        curve = _rdp.rdp_of_atoms(key, orders, neighboring)
-        conv = _rdp.rdp_to_epsilon(curve, orders, delta, options.get("conversion", "balle2020"))
+    if isinstance(acc, RDP):
+        curve = _rdp.rdp_of_atoms(key, acc.orders, neighboring)
+        conv = _rdp.rdp_to_epsilon(curve, acc.orders, delta, acc.conversion.value)
         return EpsilonReport(conv.epsilon, None, delta, "rdp", conv.order, None, None, steps)
     mu = _gdp.gdp_mu(key, neighboring)
     warnings.warn(_gdp.GDP_WARNING, UserWarning, stacklevel=2)
     return EpsilonReport(_gdp.gdp_epsilon(mu, delta, warn=False), None, delta, "gdp", None, None, None, steps)
 
 
-def epsilon(event_or_ledger, delta: float, method: str = "pld", *,
+def epsilon(event_or_ledger, delta: float, method: MethodLike = "pld", *,
             neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> float:
-    """ε at ``delta`` (a float; ``math.inf`` when no finite ε exists). See :func:`epsilon_report`."""
-    if method == "gdp":  # warn from the caller's frame
+    """ε at ``delta`` (a float; ``math.inf`` when no finite ε exists). See :func:`epsilon_report`.
+
+    Example:
+        >>> ledger = PrivacyLedger().step(1.0, 1.0).step(1.0, 0.5)   # q = 1 and q < 1 phases mixed
+        >>> round(epsilon(ledger, 1e-5), 3), round(epsilon(ledger, 1e-5, PLD(1e-3)), 2)
+        (5.713, 5.71)
+    """
+    if isinstance(method, GDP) or method in ("gdp", Method.GDP):  # warn from the caller's frame
         warnings.warn(_gdp.GDP_WARNING, UserWarning, stacklevel=2)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
@@ -165,46 +164,46 @@ def epsilon(event_or_ledger, delta: float, method: str = "pld", *,
     return epsilon_report(event_or_ledger, delta, method, neighboring=neighboring, **options).epsilon
 
 
-def delta(event_or_ledger, epsilon: float, method: str = "pld", *,
+def delta(event_or_ledger, epsilon: float, method: MethodLike = "pld", *,
           neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> float:
     """Smallest δ (an upper bound for pld/rdp) such that the composition is (ε, δ)-DP.
 
+    ``rdp`` uses the same conversion as :func:`epsilon` (Balle et al. 2020, Thm. 21, by default),
+    inverted exactly, so ``epsilon(e, delta(e, ε)) ≈ ε`` for every method.
+
     Raises:
-        ValueError: ``epsilon`` not a number ≥ 0, unknown method or option.
+        ValueError: ``epsilon`` not a number ≥ 0 (``math.inf`` allowed), unknown method or option.
     """
     fn = "delta"
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or math.isnan(epsilon) or epsilon < 0:
-        raise ValueError(f"{fn}: epsilon must be a number >= 0, got {epsilon!r}")
-    _check_method(fn, method, options)
+    eps = check_nonnegative(fn, "epsilon", epsilon, allow_inf=True)
+    acc = _check_method(fn, method, options)
     _check_neighboring(fn, neighboring)
     key = atoms(as_event(event_or_ledger))
-    if math.isinf(epsilon) or all(a[-1] == 0 or math.isinf(a[1]) for a in key):
+    if math.isinf(eps) or _no_loss(key):
         return 0.0
-    if method == "pld":
-        return _pld.pld_delta(key, float(epsilon), neighboring=neighboring,
-                              value_discretization_interval=options.get("value_discretization_interval")).upper
-    if method == "rdp":
-        orders = _orders(fn, options)
-        curve = _rdp.rdp_of_atoms(key, orders, neighboring)
-        return _rdp.rdp_to_delta(curve, orders, float(epsilon), options.get("conversion", "balle2020")).epsilon
+    if isinstance(acc, PLD):
+        return _pld.pld_delta(key, eps, neighboring=neighboring,
+                              value_discretization_interval=acc.value_discretization_interval).upper
+    if isinstance(acc, RDP):
+        curve = _rdp.rdp_of_atoms(key, acc.orders, neighboring)
+        return _rdp.rdp_to_delta(curve, acc.orders, eps, acc.conversion.value).epsilon
     warnings.warn(_gdp.GDP_WARNING, UserWarning, stacklevel=2)
-    return _gdp.gdp_delta(_gdp.gdp_mu(key, neighboring), float(epsilon), warn=False)
+    return _gdp.gdp_delta(_gdp.gdp_mu(key, neighboring), eps, warn=False)
 
 
 def dpsgd_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
-                  method: str = "pld", **options) -> float:
+                  method: MethodLike = "pld", **options) -> float:
     """ε of ``steps`` DP-SGD steps with Poisson sampling (add-or-remove-one adjacency).
 
     Example:
         >>> round(dpsgd_epsilon(1.0, 0.01, 300, 1e-5, method="rdp", orders=[2, 5, 10, 20, 100]), 2)
         2.39
+        >>> round(dpsgd_epsilon(1.1, 256 / 60000, 14062, 1e-8), 3)   # small δ, many steps: finite, tight
+        3.251
     """
     fn = "dpsgd_epsilon"
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"{fn}: steps must be an int >= 0, got {steps!r}")
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, (int, float)) or not noise_multiplier >= 0:
-        raise ValueError(f"{fn}: noise_multiplier must be a number >= 0, got {noise_multiplier!r}")
-    if isinstance(sampling_rate, bool) or not isinstance(sampling_rate, (int, float)) or not 0 < sampling_rate <= 1:
-        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {sampling_rate!r}")
-    event = SelfComposedEvent(PoissonSampledEvent(float(sampling_rate), GaussianEvent(float(noise_multiplier))), steps)
+    steps = check_int_range(fn, "steps", steps, low=0)
+    sigma = check_nonnegative(fn, "noise_multiplier", noise_multiplier, allow_inf=True)
+    q = check_probability(fn, "sampling_rate", sampling_rate)
+    event = SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(sigma)), steps)
     return epsilon(event, delta, method, **options)

@@ -26,10 +26,11 @@ Example:
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
+from dpfunc._validate import check_positive_finite
 from dpfunc.accounting.api import _check_delta, _check_method, epsilon as _epsilon
+from dpfunc.accounting.methods import PLD
 from dpfunc.accounting.calibration import largest_feasible
 from dpfunc.accounting.events import ComposedEvent, GaussianEvent, Neighboring, PoissonSampledEvent, SelfComposedEvent
 from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event
@@ -69,7 +70,7 @@ def _max_last_steps(eps: float, delta: float, method: str, neighboring: Neighbor
         event = ComposedEvent(tuple(_phase_event(p) for p in prefix) + (_phase_event(Phase(sigma, q, t)),))
         return _epsilon(event, delta, method, neighboring=neighboring)
 
-    if method == "pld":
+    if isinstance(_check_method("PrivacyBudget", method, {}), PLD):
         lo = _max_last_steps(eps, delta, "rdp", neighboring, prefix, sigma, q)
         if lo < 1 or eps_of(lo) > eps:  # defensive: never trust the guess
             lo = 0
@@ -91,21 +92,19 @@ class PrivacyBudget:
     Attributes:
         epsilon: allowed ε (> 0).
         delta: δ in (0, 1).
-        method: "pld" (default), "rdp" or "gdp".
+        method: "pld" (default), "rdp" or "gdp", a :class:`Method`, or an option object.
         neighboring: the neighbouring relation (default add-or-remove-one).
     """
 
     epsilon: float
     delta: float
-    method: str = "pld"
+    method: object = "pld"  # "pld"/"rdp"/"gdp", a Method, or PLD(...)/RDP(...)/GDP()
     neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE
 
     def __post_init__(self) -> None:
-        e = self.epsilon
-        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (0 < e < math.inf):
-            raise ValueError(f"PrivacyBudget: epsilon must be a finite number > 0, got {e!r}")
+        check_positive_finite("PrivacyBudget", "epsilon", self.epsilon)
         _check_delta("PrivacyBudget", self.delta)
-        _check_method("PrivacyBudget", self.method, {})
+        _check_method("PrivacyBudget", self.method, {})  # a string, a Method or an option object
         if not isinstance(self.neighboring, Neighboring):
             raise ValueError(f"PrivacyBudget: neighboring must be a Neighboring, got {self.neighboring!r}")
 
@@ -129,7 +128,8 @@ class PrivacyBudget:
         last = ledger.phases[-1]
         prefix, sigma, q = ledger.phases[:-1], last.noise_multiplier, last.sampling_rate
         # Fast path: within the (cheap, cached) RDP boundary, PLD is within budget too.
-        if self.method == "pld" and last.steps <= self._max_steps(prefix, sigma, q, "rdp"):
+        is_pld = isinstance(_check_method("PrivacyBudget", self.method, {}), PLD)
+        if is_pld and last.steps <= self._max_steps(prefix, sigma, q, "rdp"):
             return
         if last.steps <= self._max_steps(prefix, sigma, q):
             return

@@ -11,6 +11,12 @@ Formal guarantees:
 
     RDP brackets PLD (RDP's ε is never below PLD's), so PLD searches start from the cheap RDP answer.
 
+    When no configuration has ε in ``[0.99·target, target]`` — ε jumps over that band (e.g. from T to
+    T + 1 steps at small T, or from q < 1 to q = 1) — the feasible answer is still returned and a
+    :class:`CalibrationWarning` says that the target is not reachable within 1% and gives the ε reached.
+    With PLD the ε curve has no ``inf`` wall any more (see :mod:`dpfunc.accounting.pld`), so bisection
+    cannot settle on a σ whose ε is far below the target.
+
 Raises:
     ValueError: the target is unreachable (e.g. one step already exceeds it), or bad inputs.
 """
@@ -18,12 +24,28 @@ Raises:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable
 
+from dpfunc._validate import check_int_range, check_positive_finite, check_probability
 from dpfunc.accounting.api import _check_delta, _check_method, epsilon
 from dpfunc.accounting.events import GaussianEvent, Neighboring, PoissonSampledEvent, SelfComposedEvent
+from dpfunc.accounting.methods import PLD, RDP
 
-__all__ = ["noise_multiplier_for", "steps_for", "sampling_rate_for"]
+__all__ = ["noise_multiplier_for", "steps_for", "sampling_rate_for", "CalibrationWarning"]
+
+
+class CalibrationWarning(UserWarning):
+    """The target ε is not reachable within 1%: the returned configuration's ε is below 0.99·target."""
+
+
+def _warn_if_loose(fn: str, target: float, achieved: float, what: str) -> None:
+    if achieved < 0.99 * target:
+        warnings.warn(
+            f"{fn}: target_epsilon={target!r} is not reachable within 1%: {what} gives ε={achieved:.6g} "
+            f"({achieved / target:.1%} of the target) and the next configuration exceeds the target",
+            CalibrationWarning, stacklevel=3,
+        )
 
 _MAX_STEPS = 2**40
 
@@ -32,20 +54,12 @@ def _event(sigma: float, q: float, steps: int):
     return SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(sigma)), steps)
 
 
-def _check_target(fn: str, target_epsilon: float) -> float:
-    if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, (int, float)) or not (
-        0 < target_epsilon < math.inf
-    ):
-        raise ValueError(f"{fn}: target_epsilon must be a finite number > 0, got {target_epsilon!r}")
-    return float(target_epsilon)
-
-
 def _check_common(fn: str, target_epsilon, delta, method, options):
-    _check_method(fn, method, options)
-    return _check_target(fn, target_epsilon), _check_delta(fn, delta)
+    acc = _check_method(fn, method, options)
+    return check_positive_finite(fn, "target_epsilon", target_epsilon), _check_delta(fn, delta), acc
 
 
-def _bisect_log(eps_of: Callable[[float], float], target: float, lo: float, hi: float, increasing: bool) -> float:
+def _bisect_log(eps_of: Callable[[float], float], target: float, lo: float, hi: float, increasing: bool) -> tuple:
     """Feasible endpoint of a bracket [lo, hi] (ε(feasible) ≤ target < ε(infeasible)), refined until the
     ratio is ≤ 1.01 and the feasible ε is ≥ 0.99·target (or the ratio is ≤ 1 + 1e-9)."""
     feasible, infeasible = (lo, hi) if increasing else (hi, lo)
@@ -60,27 +74,33 @@ def _bisect_log(eps_of: Callable[[float], float], target: float, lo: float, hi: 
             feasible, eps_feasible = mid, e
         else:
             infeasible = mid
-    return feasible
+    return feasible, eps_feasible
 
 
 def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: float, steps: int,
-                         method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
+                         method="pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
                          **options) -> float:
     """Smallest σ (within 1%) such that ``steps`` Poisson-sampled steps at ``sampling_rate`` are
-    (target_epsilon, delta)-DP by ``method``."""
+    (target_epsilon, delta)-DP by ``method``; its ε is in ``[0.99·target, target]``.
+
+    Example:
+        >>> from dpfunc.accounting import dpsgd_epsilon
+        >>> sigma = noise_multiplier_for(0.577, 2.7e-10, sampling_rate=6.3e-4, steps=591)
+        >>> 0.99 * 0.577 <= dpsgd_epsilon(sigma, 6.3e-4, 591, 2.7e-10) <= 0.577
+        True
+    """
     fn = "noise_multiplier_for"
-    target, delta = _check_common(fn, target_epsilon, delta, method, options)
-    if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
-        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {sampling_rate!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
-    q = float(sampling_rate)
+    target, delta, acc = _check_common(fn, target_epsilon, delta, method, options)
+    q = check_probability(fn, "sampling_rate", sampling_rate)
+    steps = check_int_range(fn, "steps", steps, low=1)
 
-    def eps_of(sigma: float, m: str = method, opts: dict = options) -> float:
-        return epsilon(_event(sigma, q, steps), delta, m, neighboring=neighboring, **opts)
+    def eps_of(sigma: float, m=acc) -> float:
+        return epsilon(_event(sigma, q, steps), delta, m, neighboring=neighboring)
 
-    if method == "pld":  # RDP is an upper bound on PLD's ε: its σ is feasible for PLD
-        hi = noise_multiplier_for(target, delta, q, steps, "rdp", neighboring=neighboring)
+    if isinstance(acc, PLD):  # RDP is an upper bound on PLD's ε: its σ is feasible for PLD
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            hi = noise_multiplier_for(target, delta, q, steps, RDP(), neighboring=neighboring)
     else:
         hi = 1.0
     while eps_of(hi) > target:  # make sure the upper end of the bracket is feasible
@@ -95,25 +115,27 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: flo
         hi = lo
         if lo < 1e-6:
             return hi
-    return _bisect_log(eps_of, target, lo, hi, increasing=False)
+    sigma, eps = _bisect_log(eps_of, target, lo, hi, increasing=False)
+    _warn_if_loose(fn, target, eps, f"σ={sigma:.6g}")
+    return sigma
 
 
 def steps_for(target_epsilon: float, delta: float, noise_multiplier: float, sampling_rate: float,
-              method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> int:
+              method="pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> int:
     """The largest number of steps whose ε is ≤ ``target_epsilon`` (exact integer search)."""
     fn = "steps_for"
-    target, delta = _check_common(fn, target_epsilon, delta, method, options)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"{fn}: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    if not (isinstance(sampling_rate, (int, float)) and 0 < sampling_rate <= 1):
-        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {sampling_rate!r}")
-    sigma, q = float(noise_multiplier), float(sampling_rate)
+    target, delta, acc = _check_common(fn, target_epsilon, delta, method, options)
+    sigma = check_positive_finite(fn, "noise_multiplier", noise_multiplier)
+    q = check_probability(fn, "sampling_rate", sampling_rate)
 
-    def eps_of(t: int, m: str = method, opts: dict = options) -> float:
-        return epsilon(_event(sigma, q, t), delta, m, neighboring=neighboring, **opts)
+    def eps_of(t: int, m=acc) -> float:
+        return epsilon(_event(sigma, q, t), delta, m, neighboring=neighboring)
 
-    return _max_steps(fn, eps_of, target, start=1 if method != "pld" else None,
-                      rdp_guess=lambda: steps_for(target, delta, sigma, q, "rdp", neighboring=neighboring))
+    t = _max_steps(fn, eps_of, target, start=1 if not isinstance(acc, PLD) else None,
+                   rdp_guess=lambda: _quiet(steps_for, target, delta, sigma, q, RDP(), neighboring=neighboring))
+    if t < _MAX_STEPS:
+        _warn_if_loose(fn, target, eps_of(t), f"T={t}")
+    return t
 
 
 def _max_steps(fn: str, eps_of: Callable[[int], float], target: float, start, rdp_guess) -> int:
@@ -143,25 +165,24 @@ def largest_feasible(eps_of: Callable[[int], float], target: float, lo: int, hi:
 
 
 def sampling_rate_for(target_epsilon: float, delta: float, noise_multiplier: float, steps: int,
-                      method: str = "pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
+                      method="pld", *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
                       **options) -> float:
     """The largest sampling rate (within 1%) whose ε is ≤ ``target_epsilon``; 1.0 if q = 1 fits."""
     fn = "sampling_rate_for"
-    target, delta = _check_common(fn, target_epsilon, delta, method, options)
-    if not (isinstance(noise_multiplier, (int, float)) and noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"{fn}: noise_multiplier must be a finite number > 0, got {noise_multiplier!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"{fn}: steps must be an int >= 1, got {steps!r}")
-    sigma = float(noise_multiplier)
+    target, delta, acc = _check_common(fn, target_epsilon, delta, method, options)
+    sigma = check_positive_finite(fn, "noise_multiplier", noise_multiplier)
+    steps = check_int_range(fn, "steps", steps, low=1)
 
     def eps_of(q: float) -> float:
-        return epsilon(_event(sigma, min(1.0, q), steps), delta, method, neighboring=neighboring, **options)
+        return epsilon(_event(sigma, min(1.0, q), steps), delta, acc, neighboring=neighboring)
 
     if eps_of(1.0) <= target:
         return 1.0
     hi, lo = 1.0, 0.5
-    if method == "pld":  # the RDP answer is feasible for PLD (RDP's ε is above PLD's): bracket upwards
-        q_rdp = sampling_rate_for(target, delta, sigma, steps, "rdp", neighboring=neighboring)
+    if isinstance(acc, PLD):  # the RDP answer is feasible for PLD (RDP's ε is above PLD's): bracket upwards
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CalibrationWarning)
+            q_rdp = sampling_rate_for(target, delta, sigma, steps, RDP(), neighboring=neighboring)
         if eps_of(q_rdp) <= target:
             lo, hi = q_rdp, min(1.0, q_rdp * 1.25)
             while hi < 1.0 and eps_of(hi) <= target:
@@ -172,4 +193,13 @@ def sampling_rate_for(target_epsilon: float, delta: float, noise_multiplier: flo
             raise ValueError(
                 f"{fn}: target_epsilon={target!r} unreachable at delta={delta!r} with σ={sigma!r}, steps={steps!r}"
             )
-    return _bisect_log(eps_of, target, lo, hi, increasing=True)
+    q, eps = _bisect_log(eps_of, target, lo, hi, increasing=True)
+    _warn_if_loose(fn, target, eps, f"q={q:.6g}")
+    return q
+
+
+def _quiet(fn, *args, **kwargs):
+    """Call a calibration function for an internal bracket, without its CalibrationWarning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        return fn(*args, **kwargs)

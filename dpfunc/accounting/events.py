@@ -25,9 +25,10 @@ References:
 from __future__ import annotations
 
 import enum
-import math
 from dataclasses import dataclass
-from typing import Union
+from typing import NamedTuple, Union
+
+from dpfunc._validate import check_int_range, check_nonnegative, check_probability
 
 __all__ = [
     "Neighboring",
@@ -37,6 +38,10 @@ __all__ = [
     "SelfComposedEvent",
     "ComposedEvent",
     "Event",
+    "PoissonAtom",
+    "WorAtom",
+    "Atom",
+    "atoms",
 ]
 
 
@@ -75,10 +80,6 @@ def _check_gaussian_inner(owner: str, event: object) -> None:
         raise ValueError(f"{owner}: only a GaussianEvent can be sampled, got {type(event).__name__}")
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 @dataclass(frozen=True)
 class GaussianEvent:
     """One application of the Gaussian mechanism with noise multiplier ``σ / C``.
@@ -89,11 +90,7 @@ class GaussianEvent:
     noise_multiplier: float
 
     def __post_init__(self) -> None:
-        v = self.noise_multiplier
-        if not (_is_number(v) and not math.isnan(v) and v >= 0):
-            raise ValueError(
-                f"GaussianEvent: noise_multiplier must be a number >= 0 (math.inf allowed), got {v!r}"
-            )
+        check_nonnegative("GaussianEvent", "noise_multiplier", self.noise_multiplier, allow_inf=True)
 
 
 @dataclass(frozen=True)
@@ -105,9 +102,7 @@ class PoissonSampledEvent:
     event: "Event"
 
     def __post_init__(self) -> None:
-        q = self.sampling_rate
-        if not (_is_number(q) and 0 < q <= 1):
-            raise ValueError(f"PoissonSampledEvent: sampling_rate must be in (0, 1], got {q!r}")
+        check_probability("PoissonSampledEvent", "sampling_rate", self.sampling_rate)
         _check_gaussian_inner("PoissonSampledEvent", self.event)
 
 
@@ -123,8 +118,7 @@ class SampledWithoutReplacementEvent:
     def __post_init__(self) -> None:
         m, n = self.sample_size, self.population_size
         for name, v in (("sample_size", m), ("population_size", n)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"SampledWithoutReplacementEvent: {name} must be an int >= 1, got {v!r}")
+            check_int_range("SampledWithoutReplacementEvent", name, v, low=1)
         if m > n:
             raise ValueError(
                 f"SampledWithoutReplacementEvent: sample_size must be <= population_size, got {m!r} > {n!r}"
@@ -140,9 +134,7 @@ class SelfComposedEvent:
     count: int
 
     def __post_init__(self) -> None:
-        c = self.count
-        if isinstance(c, bool) or not isinstance(c, int) or c < 0:
-            raise ValueError(f"SelfComposedEvent: count must be an int >= 0, got {c!r}")
+        check_int_range("SelfComposedEvent", "count", self.count, low=0)
         if not isinstance(self.event, _EVENT_TYPES):
             raise ValueError(f"SelfComposedEvent: event must be an event, got {type(self.event).__name__}")
 
@@ -166,12 +158,34 @@ _EVENT_TYPES = (GaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEve
 
 
 # --- canonical form used by the accountants -------------------------------------------------------
-# An atom is ("poisson", σ, q, count) (a plain Gaussian is q = 1) or ("wor", σ, m, n, count).
 # Composition is commutative, so atoms are merged and sorted: equal compositions get equal keys.
+# Atoms are NamedTuples (read by field name); they still compare and hash as plain tuples.
+
+
+class PoissonAtom(NamedTuple):
+    """``count`` Poisson-subsampled Gaussian steps (a plain Gaussian is ``sampling_rate = 1``)."""
+
+    kind: str  # "poisson"
+    noise_multiplier: float
+    sampling_rate: float
+    count: int
+
+
+class WorAtom(NamedTuple):
+    """``count`` Gaussian steps on samples of ``sample_size`` out of ``population_size`` without replacement."""
+
+    kind: str  # "wor"
+    noise_multiplier: float
+    sample_size: int
+    population_size: int
+    count: int
+
+
+Atom = Union[PoissonAtom, WorAtom]
 
 
 def atoms(event: Event) -> tuple:
-    """The canonical, hashable multiset of mechanisms in ``event`` (merged and sorted)."""
+    """The canonical, hashable multiset of mechanisms in ``event`` (merged and sorted :data:`Atom` s)."""
     counts: dict = {}
 
     def walk(e: Event, mult: int) -> None:
@@ -182,7 +196,7 @@ def atoms(event: Event) -> tuple:
         elif isinstance(e, PoissonSampledEvent):
             key = ("poisson", float(e.event.noise_multiplier), float(e.sampling_rate))
         elif isinstance(e, SampledWithoutReplacementEvent):
-            key = ("wor", float(e.event.noise_multiplier), e.sample_size, e.population_size)
+            key = ("wor", float(e.event.noise_multiplier), int(e.sample_size), int(e.population_size))
         elif isinstance(e, SelfComposedEvent):
             walk(e.event, mult * e.count)
             return
@@ -195,4 +209,16 @@ def atoms(event: Event) -> tuple:
         counts[key] = counts.get(key, 0) + mult
 
     walk(event, 1)
-    return tuple(sorted(k + (c,) for k, c in counts.items()))
+    out = [PoissonAtom(*k, c) if k[0] == "poisson" else WorAtom(*k, c) for k, c in counts.items()]
+    return tuple(sorted(out))
+
+
+def as_atom(atom: tuple) -> Atom:
+    """An :data:`Atom` from a plain tuple ``("poisson", σ, q, count)`` or ``("wor", σ, m, n, count)``."""
+    if isinstance(atom, (PoissonAtom, WorAtom)):
+        return atom
+    if atom and atom[0] == "poisson" and len(atom) == 4:
+        return PoissonAtom(*atom)
+    if atom and atom[0] == "wor" and len(atom) == 5:
+        return WorAtom(*atom)
+    raise ValueError(f"as_atom: expected ('poisson', σ, q, count) or ('wor', σ, m, n, count), got {atom!r}")

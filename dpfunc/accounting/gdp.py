@@ -29,7 +29,7 @@ import math
 import warnings
 
 from dpfunc.accounting._special import log_ndtr_scalar
-from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
+from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = ["gdp_mu", "gdp_delta", "gdp_epsilon", "GDP_WARNING"]
 
@@ -46,17 +46,16 @@ def _phi(x: float) -> float:
 def gdp_mu(atoms: tuple, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE) -> float:
     """The (CLT) μ of a composition given as canonical atoms; ``math.inf`` if some σ = 0."""
     total = 0.0
-    for atom in atoms:
-        count = atom[-1]
-        sigma = atom[1]
+    for atom in map(as_atom, atoms):
+        count, sigma = atom.count, atom.noise_multiplier
         if count == 0 or math.isinf(sigma):
             continue
         if neighboring is Neighboring.REPLACE_ONE:
             sigma = sigma / 2.0
         if sigma == 0:
             return math.inf
-        if atom[0] == "poisson":
-            q = atom[2]
+        if isinstance(atom, PoissonAtom):
+            q = atom.sampling_rate
             if q == 1.0:
                 total += count / sigma**2
                 continue
@@ -64,7 +63,7 @@ def gdp_mu(atoms: tuple, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ON
             inner = math.expm1(min(1 / sigma**2, 700.0))
         else:
             check_sampling_neighboring("gdp", "wor", neighboring)
-            q = atom[2] / atom[3]
+            q = atom.sample_size / atom.population_size
             inner = 2 * (math.exp(min(1 / sigma**2, 700.0)) * _phi(1.5 / sigma) + 3 * _phi(-0.5 / sigma) - 2)
         total += q * q * count * inner
     return math.sqrt(total)

@@ -8,8 +8,9 @@ run) is recorded exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
+
+from dpfunc._validate import check_int_range, check_nonnegative, check_probability
 
 __all__ = ["Phase", "PrivacyLedger", "ledger_to_event"]
 
@@ -29,20 +30,9 @@ class Phase:
     steps: int
 
     def __post_init__(self) -> None:
-        _check_noise_multiplier("Phase", self.noise_multiplier)
-        _check_sampling_rate("Phase", self.sampling_rate)
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"Phase: steps must be an int >= 0, got {self.steps!r}")
-
-
-def _check_noise_multiplier(fn: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
-        raise ValueError(f"{fn}: noise_multiplier must be a finite number >= 0, got {value!r}")
-
-
-def _check_sampling_rate(fn: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {value!r}")
+        check_nonnegative("Phase", "noise_multiplier", self.noise_multiplier)
+        check_probability("Phase", "sampling_rate", self.sampling_rate)
+        check_int_range("Phase", "steps", self.steps, low=0)
 
 
 @dataclass(frozen=True)
@@ -61,10 +51,10 @@ class PrivacyLedger:
 
     def step(self, noise_multiplier: float, sampling_rate: float, steps: int = 1) -> PrivacyLedger:
         """Return a new ledger with ``steps`` more steps at ``(noise_multiplier, sampling_rate)``."""
-        _check_noise_multiplier("PrivacyLedger.step", noise_multiplier)
-        _check_sampling_rate("PrivacyLedger.step", sampling_rate)
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"PrivacyLedger.step: steps must be an int >= 0, got {steps!r}")
+        fn = "PrivacyLedger.step"
+        check_nonnegative(fn, "noise_multiplier", noise_multiplier)  # finite: a ledger records real steps
+        check_probability(fn, "sampling_rate", sampling_rate)
+        steps = check_int_range(fn, "steps", steps, low=0)
         if steps == 0:
             return self
         sigma, q = float(noise_multiplier), float(sampling_rate)
@@ -88,10 +78,17 @@ class PrivacyLedger:
     @classmethod
     def from_dict(cls, data: dict) -> PrivacyLedger:
         try:
-            phases = tuple(Phase(float(s), float(q), int(t)) for s, q, t in data["phases"])
+            phases = tuple(Phase(float(s), float(q), _as_int(t)) for s, q, t in data["phases"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"PrivacyLedger.from_dict: malformed ledger {data!r}: {e}") from e
         return cls(phases)
+
+
+def _as_int(value) -> int:
+    """An integral step count from JSON (``3`` or ``3.0``); anything else is refused, never truncated."""
+    if isinstance(value, bool) or float(value) != int(value):
+        raise ValueError(f"steps must be an integer, got {value!r}")
+    return int(value)
 
 
 def ledger_to_event(ledger: PrivacyLedger):

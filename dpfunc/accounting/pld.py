@@ -6,34 +6,81 @@ The privacy loss of one step is ``L = log(P(x)/Q(x))`` for the dominating pair
 * add:    ``P = N(0,σ²)``,                  ``Q = (1-q)N(0,σ²) + qN(1,σ²)``;
 
 and ``δ(ε) = E_P[(1 - e^{ε-L})_+] + P(L = ∞)``. Under add-or-remove-one adjacency both directions are
-composed separately (the direction is fixed for a pair of datasets) and the larger ε is reported.
+composed separately (the direction is fixed for a pair of datasets) and the larger ε is reported. A
+phase with q = 1 is the plain Gaussian, whose loss has the same law in both directions.
 
 Discretisation ("connect the dots", Doroshenko et al. 2022): the loss axis is cut at ``g_k = k·h``;
 the P-mass ``p`` of each cell ``(g_k, g_k+1]`` is split between the two endpoints so that both its
 P-mass and its Q-mass ``r`` are kept (exact, from normal CDFs in log space). Because the hockey-stick
 divergence is convex in ``e^ε``, this pair *dominates* the true pair, so every (ε, δ) it gives is a
-valid guarantee, and it stays exact at the grid points. Mass below the grid is moved up to the first
-point, mass above it to ``+∞`` (both pessimistic). T-fold composition is repeated squaring with numpy
-FFT; after each product the tails with mass ≤ ``tail_mass`` are moved in the pessimistic direction
-and the FFT round-off bound is added to δ.
+valid guarantee, and it stays exact at the grid points. Mass below the per-step grid is moved up to
+its first point, mass above it to ``+∞`` (both pessimistic). T-fold composition is repeated squaring
+with numpy FFT convolutions.
+
+Round-off: exponential tilting and a weighted error norm.
+    A plain float64 FFT convolution has an *absolute* error of about ``eps·log n`` per entry, the same
+    at every loss value. The δ that matters at small δ lives in the far upper tail (masses ~1e-12 and
+    below), so an absolute error bound charged to δ at every squaring swamps δ after enough steps
+    (the old accountant's ε became ``inf`` at δ ≤ 1e-8 and T ≥ 1e4). Instead every distribution is
+    stored *tilted*: ``m_i = ã_i·exp(s - λ·g_i)`` with a fixed ``λ > 0`` for the whole composition, a
+    log-scale ``s`` and ``max ã = 1``. Tilting commutes with convolution because the grid is additive:
+    ``(a·e^{λg}) ⊛ (b·e^{λg}) = (a ⊛ b)·e^{λg}``. So the FFT runs on ``ã``, whose upper tail is of the
+    same order as its bulk, and the round-off is small *relative to the tilted mass*.
+
+    Let ``‖v‖_λ = Σ_i |v_i|·e^{λ g_i}`` (a weighted ℓ1 norm). It is submultiplicative under
+    convolution on the grid: ``‖a ⊛ b‖_λ ≤ ‖a‖_λ‖b‖_λ`` (because ``g_{i+j} = g_i + g_j``). Write each
+    computed distribution as ``x̂ = x + e`` where ``x`` is what exact arithmetic would give from the same
+    (pessimistic) operations. We carry a bound ``E ≥ ‖e‖_λ`` (stored as ``err = E·e^{-s}``) through:
+
+    * convolution: ``x̂⊛ŷ − x⊛y = e_x⊛ŷ + x̂⊛e_y − e_x⊛e_y``, so
+      ``E_{xy} ≤ E_x‖ŷ‖_λ + ‖x̂‖_λ E_y + E_x E_y + R`` where ``R`` bounds the fresh round-off (below);
+    * clipping a negative computed entry to 0 (the exact entry is ≥ 0) does not increase ``|e_i|``;
+      dropping an entry ``i`` of the tilted vector (tails of relative tilted mass ≤ ``tail_mass``,
+      entries below 1e-250) adds at most ``|x̂_i|·e^{λ g_i}`` to ``E``: it is charged, not hidden;
+    * moving the upper tail beyond ``g_c`` to ``+∞`` (where that tail's real mass is ≤ 1e-21) adds the
+      computed mass plus ``E·e^{-λ g_c}`` (a bound on the exact mass minus the computed one) to
+      ``P(L = ∞)``; this is pessimistic (mass moved up) and keeps the window small.
+
+    The δ of a computed distribution at ε is linear with weights ``w(g) = (1 - e^{ε-g})_+ ≤ 1`` that
+    vanish for ``g ≤ ε``, so ``|δ̂(ε) − δ(ε)| ≤ Σ_{g_i>ε} |e_i| ≤ e^{-λ g_j}·E`` where ``g_j`` is the
+    first grid point above ε. This *charge* ``C(ε) = E·e^{-λ g_j}`` is added to the upper bound and
+    subtracted in the lower bound. ``E/‖x‖_λ`` grows only with the number of convolutions
+    (``~2·log2 T``, each adding ~1e-13), and ``e^{-λε}‖x‖_λ = e^{-λε}·E[e^{λL}]`` is the Chernoff
+    (RDP-style) bound on δ(ε), so the charge is ~1e-11 times a bound on δ, not an absolute 1e-12 per
+    squaring. ``λ`` is the order − 1 that minimises the RDP bound at the query (δ for ε queries, ε for δ
+    queries), which centres the tilted distribution where δ is decided; any λ > 0 gives a valid bound.
+
+    Fresh round-off of one FFT convolution of ``a, b`` (lengths summing to ``n + 1``, transform length
+    ``N``): for a radix-2 FFT with accurately computed twiddles, ``‖fl(Fx) − Fx‖_2 ≤ κ‖Fx‖_2`` with
+    ``κ ≈ log2 N·(μ + γ_4(√2 + μ))`` (Higham, *Accuracy and Stability of Numerical Algorithms*, 2nd ed.,
+    Thm. 24.2; ``μ`` twiddle error, ``γ_4 = 4u/(1-4u)``, ``u = eps/2``), i.e. ``κ ≈ 3.9·eps·log2 N``. We
+    use ``κ = 8·eps·(log2 N + 2)`` (2× margin; the +2 covers the real-FFT pre/post-processing pass).
+    Following the error through forward transforms (``‖Fa‖_2 = √N‖a‖_2``, ``‖Fb‖_∞ ≤ ‖b‖_1``), the
+    pointwise product (relative error ≤ 2·eps) and the scaled inverse gives
+    ``‖ĉ − c‖_2 ≤ 1.01·(2κ + 3·eps)·(‖a‖_2‖b‖_1 + ‖a‖_1‖b‖_2)`` and ``R ≤ √n`` times that (ℓ1 over n
+    entries, in tilted units). Short convolutions use direct summation:
+    ``R ≤ m·eps·‖a‖_1‖b‖_1`` with ``m`` the shorter length. ``tests/test_accounting_pld_numerics.py``
+    checks that measured errors stay far below these bounds.
 
 Formal guarantees:
-    ``upper`` is an upper bound on the ε of the composition at δ (up to floating-point error, whose
-    FFT part is bounded and charged to δ). ``lower`` is a lower bound: the connect-the-dots coupling
-    moves each step's loss by a conditionally bounded amount (range h, mean in [0, h²/8]), so by
-    Hoeffding ``δ_true(ε) ≥ δ_grid(ε + η) - β - (moved tail mass)`` with
-    ``η = T·h²/8 + h·sqrt(T·log(1/β)/2)``, ``β = δ/100``. ``upper - lower`` is the discretisation
-    error (it is dominated by the Hoeffding term; the upper bound itself is much tighter).
+    ``upper`` is an upper bound on the ε (or δ) of the composition, including the FFT round-off (by the
+    bound above; the per-step CDF evaluations are accurate to ~1e-15 relative and are not charged).
+    ``lower`` is a lower bound: the connect-the-dots coupling moves each step's loss by a conditionally
+    bounded amount (range h, mean in [0, h²/8]), so by Hoeffding
+    ``δ_true(ε) ≥ δ_grid(ε + η) - β - (moved tail mass)`` with
+    ``η = T·h²/8 + h·sqrt(T·log(1/β)/2)``, ``β = δ/100``; ``δ_grid`` is taken minus the charge.
 
 Edge cases: σ = 0 → ε = ∞ (conservative: the true ε is ∞ only for δ < 1 - (1-q)^T); σ = ∞ → no loss;
-q = 1 → the plain Gaussian, symmetric, one direction. Never raises on large ε or many steps: the grid
-is coarsened so that the composed window stays below ~2^20 points (still a valid upper bound).
+q = 1 → the plain Gaussian, symmetric, one direction (also inside a ledger that mixes q = 1 and q < 1
+phases). Never raises on large ε or many steps: the grid is coarsened so that the composed window stays
+below ~2^20 points (still a valid upper bound).
 
 References:
     A. Koskela, J. Jälkö, A. Honkela. Computing tight DP guarantees using FFT, AISTATS 2020.
     S. Gopi, Y.T. Lee, L. Wutschitz. Numerical composition of differential privacy, NeurIPS 2021.
     V. Doroshenko, B. Ghazi, P. Kamath, R. Kumar, P. Manurangsi. Connect the dots: tighter discrete
     approximations of privacy loss distributions, PETS 2022.
+    N. J. Higham. Accuracy and Stability of Numerical Algorithms, 2nd ed., SIAM 2002, §24 (FFT error).
 """
 
 from __future__ import annotations
@@ -45,16 +92,19 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from dpfunc.accounting._special import log_interval_masses, log_ndtr_pair
-from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
+from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = ["PldBounds", "pld_epsilon", "pld_delta", "DEFAULT_VALUE_DISCRETIZATION_INTERVAL"]
 
 DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-4
 _TAIL_Z = 10.0  # per-step grid covers ±10 standard deviations (tails ~ 1e-23, pessimistically placed)
-_TAIL_MASS = 1e-18  # composed tails of at most this mass are moved pessimistically after each product
+_TAIL_MASS = 1e-15  # relative *tilted* mass cut from each side after every product (charged, see above)
 _MAX_WINDOW = 2**20
+_MIN_WINDOW = 2**14
 _MAX_STEP_POINTS = 2**22
-_EPS64 = np.finfo(float).eps
+_EPS64 = float(np.finfo(float).eps)
+_ABS_TAIL = 1e-21  # upper tails of at most this real mass are moved to +∞ after every product
+_TINY = 1e-250  # tilted entries below this (relative to the max, 1) are dropped and charged
 
 
 class PldBounds(NamedTuple):
@@ -67,11 +117,15 @@ class PldBounds(NamedTuple):
 
 
 class _Dist(NamedTuple):
-    offset: int  # grid index of masses[0]; the loss of masses[i] is (offset + i)·h
-    masses: np.ndarray
-    inf_mass: float  # P(L = +∞), charged to δ
-    moved: float  # mass outside the coupling (tails moved, out-of-grid mass), for the lower bound
-    fft_error: float  # bound on the l1 round-off of the FFT products, charged to δ
+    """A discrete PLD in tilted form: the mass at loss ``g_i = (offset + i)·h`` is
+    ``tilted[i]·exp(log_scale - lam·g_i)``."""
+
+    offset: int
+    tilted: np.ndarray  # ≥ 0, max 1 (or all zero)
+    log_scale: float
+    inf_mass: float  # P(L = +∞) (an upper bound on the exact pipeline's), charged to δ
+    moved: float  # mass outside the coupling (tails moved to ∞, out-of-grid mass), for the lower bound
+    err: float  # bound on the weighted ℓ1 round-off ‖e‖_λ, in units of exp(log_scale)
 
 
 # --- one step ------------------------------------------------------------------------------------
@@ -102,8 +156,11 @@ def _mix(w: float, comp0: np.ndarray, comp1: np.ndarray) -> np.ndarray:
     return np.logaddexp(math.log1p(-w) + comp0, math.log(w) + comp1)
 
 
-def _single_step(sigma: float, q: float, direction: str, h: float) -> _Dist:
-    """Connect-the-dots PLD of one Poisson-subsampled Gaussian step (sensitivity 1)."""
+def _single_step_masses(sigma: float, q: float, direction: str, h: float) -> tuple:
+    """Connect-the-dots PLD of one Poisson-subsampled Gaussian step (sensitivity 1), untilted:
+    ``(k_lo, masses, inf_mass, moved)``; the mass ``masses[i]`` sits at loss ``(k_lo + i)·h``."""
+    if q == 1.0:
+        direction = "remove"  # the plain Gaussian's loss has the same law in both directions
     log_q = math.log(q)
     s_of = lambda x: (2 * x - 1) / (2 * sigma**2)  # noqa: E731
     if q < 1:
@@ -152,78 +209,133 @@ def _single_step(sigma: float, q: float, direction: str, h: float) -> _Dist:
     tiny = masses < 1e-200
     tiny_mass = float(masses[tiny].sum())
     masses[tiny] = 0.0
-    return _Dist(int(k_lo), masses, above + tiny_mass, below + above + tiny_mass, 0.0)
+    return int(k_lo), masses, above + tiny_mass, below + above + tiny_mass
 
 
-# --- composition ---------------------------------------------------------------------------------
+def _tilt(offset: int, masses: np.ndarray, lam: float, h: float, inf_mass: float, moved: float) -> _Dist:
+    """Tilt an exact (untilted) distribution: ``tilted ∝ masses·e^{λ g}``, max 1, no round-off charged."""
+    g = (offset + np.arange(len(masses))) * h
+    with np.errstate(divide="ignore"):
+        t = np.where(masses > 0, np.log(np.where(masses > 0, masses, 1.0)) + lam * g, -np.inf)
+    top = float(t.max()) if masses.size and np.isfinite(t).any() else 0.0
+    tilted = np.exp(t - top)
+    tilted[tilted < _TINY] = 0.0  # (their real mass is < 1e-250·e^{top - λg}: charged as error)
+    err = float(np.exp(t - top)[np.exp(t - top) < _TINY].sum()) if masses.size else 0.0
+    return _trim(_Dist(offset, tilted, top, inf_mass, moved, err))
 
 
-def _truncate(d: _Dist, tail_mass: float) -> _Dist:
-    m = d.masses
-    nz = np.flatnonzero(m)
+def _union(a: float, b: float) -> float:
+    """``1 - (1-a)(1-b)`` without losing masses below 1e-16 (``a + b - ab``), capped at 1."""
+    return min(1.0, a + b - a * b)
+
+
+def _trim(d: _Dist) -> _Dist:
+    """Drop exact zeros at both ends (no charge)."""
+    nz = np.flatnonzero(d.tilted)
     if nz.size == 0:
-        return _Dist(0, np.zeros(1), d.inf_mass, d.moved, d.fft_error)
-    m = m[nz[0] : nz[-1] + 1]
-    offset = d.offset + int(nz[0])
-    lo = int(np.searchsorted(np.cumsum(m), tail_mass, side="right"))  # m[:lo] has mass <= tail
-    hi_cut = int(np.searchsorted(np.cumsum(m[::-1]), tail_mass, side="right"))
+        return d._replace(tilted=np.zeros(1))
+    return d._replace(offset=d.offset + int(nz[0]), tilted=d.tilted[nz[0] : nz[-1] + 1])
+
+
+def _normalise(d: _Dist) -> _Dist:
+    """Rescale so that ``max(tilted) = 1`` (exact up to one rounding per entry, charged)."""
+    top = float(d.tilted.max())
+    if top <= 0:
+        return d
+    shift = math.log(top)
+    tilted = d.tilted / top
+    return d._replace(tilted=tilted, log_scale=d.log_scale + shift, err=d.err / top + _EPS64 * float(tilted.sum()))
+
+
+def _truncate(d: _Dist, lam: float, h: float, tail_mass: float) -> _Dist:
+    """Cut both tails. Entries whose tilted mass is ≤ ``tail_mass`` of the total (from either end)
+    are dropped and charged to ``err``; in addition the upper tail is moved to ``+∞`` from the first
+    point where its real mass, plus the round-off it may hide (``err·e^{s-λ g_c}``), is ≤ ``_ABS_TAIL``."""
+    d = _trim(d)
+    m = d.tilted
+    total = float(m.sum())
+    if total <= 0 or len(m) < 3:
+        return d
+    budget = tail_mass * total
+    lo = int(np.searchsorted(np.cumsum(m), budget, side="right"))  # m[:lo] has tilted mass <= budget
+    hi = len(m) - int(np.searchsorted(np.cumsum(m[::-1]), budget, side="right"))
     lo = min(lo, len(m) - 1)
-    hi = max(len(m) - hi_cut, lo + 1)
-    low_mass, high_mass = float(m[:lo].sum()), float(m[hi:].sum())
-    kept = m[lo:hi].copy()
-    kept[0] += low_mass
-    return _Dist(offset + lo, kept, d.inf_mass + high_mass, d.moved + low_mass + high_mass, d.fft_error)
+    hi = max(hi, lo + 1)
+    err = d.err + (float(m[:lo].sum()) + float(m[hi:].sum())) * (1 + _EPS64 * len(m))
+    inf_mass, moved = d.inf_mass, d.moved
+    # real-mass cut of the upper tail (moved to +∞, pessimistic)
+    g = (d.offset + np.arange(lo, hi)) * h
+    with np.errstate(divide="ignore"):
+        log_real = np.log(m[lo:hi]) + d.log_scale - lam * g
+    real_tail = np.cumsum(np.exp(np.minimum(log_real, 0.0))[::-1])[::-1]  # mass of [i, hi)
+    log_hidden = math.log(max(d.err, 1e-320)) + d.log_scale - lam * g
+    total_tail = real_tail * (1 + _EPS64 * len(g)) + np.exp(np.minimum(log_hidden, 0.0))
+    ok = np.flatnonzero(total_tail > _ABS_TAIL)
+    cut = int(ok[-1]) + 1 if ok.size else 0  # first index (relative to lo) whose tail is ≤ _ABS_TAIL
+    if lo + cut < hi and cut > 0:
+        high = float(total_tail[cut])
+        inf_mass = _union(inf_mass, min(1.0, high))
+        moved += high
+        hi = lo + cut
+    return _Dist(d.offset + lo, m[lo:hi].copy(), d.log_scale, inf_mass, moved, err)
 
 
-def _convolve(a: _Dist, b: _Dist, tail_mass: float) -> _Dist:
-    n = len(a.masses) + len(b.masses) - 1
-    if min(len(a.masses), len(b.masses)) <= 32:
-        out = np.convolve(a.masses, b.masses)
-        err = 0.0
+def _fft_roundoff(a: np.ndarray, b: np.ndarray, n: int, nfft: int) -> float:
+    """ℓ1 bound on the fresh round-off of ``irfft(rfft(a)·rfft(b))[:n]`` (module docstring)."""
+    a1, b1 = float(a.sum()), float(b.sum())
+    a2, b2 = math.sqrt(float((a * a).sum())), math.sqrt(float((b * b).sum()))  # (not np.dot: BLAS threads)
+    kappa = 8 * _EPS64 * (math.log2(nfft) + 2)
+    return math.sqrt(n) * 1.01 * (2 * kappa + 3 * _EPS64) * (a2 * b1 + a1 * b2)
+
+
+def _convolve(a: _Dist, b: _Dist, lam: float, h: float, tail_mass: float) -> _Dist:
+    x, y = a.tilted, b.tilted
+    n = len(x) + len(y) - 1
+    m = min(len(x), len(y))
+    if m <= 32:
+        out = np.convolve(x, y)
+        fresh = 1.01 * m * _EPS64 * float(x.sum()) * float(y.sum())
     else:
         nfft = 1 << (n - 1).bit_length()
-        out = np.fft.irfft(np.fft.rfft(a.masses, nfft) * np.fft.rfft(b.masses, nfft), nfft)[:n]
-        # l1 round-off bound of an FFT product: n · c·log2(nfft)·eps · ||a||_2 ||b||_2
-        # Round-off of an FFT product (DFT unitary up to scale, O(eps·log n) relative error per stage):
-        # ||err||_2 <= c·eps·log2(nfft)·min(|a|_1 |b|_2, |a|_2 |b|_1), and ||err||_1 <= sqrt(n)·||err||_2.
-        # Entries below ||err||_2 (>= ||err||_inf) are noise: zeroed, their total charged to δ too.
-        a1, b1 = float(a.masses.sum()), float(b.masses.sum())
-        a2, b2 = math.sqrt(float((a.masses * a.masses).sum())), math.sqrt(float((b.masses * b.masses).sum()))
-        floor = 4 * math.log2(nfft) * _EPS64 * min(a1 * b2, a2 * b1)
-        noise = out < floor
-        err = math.sqrt(n) * floor + float(out[noise & (out > 0)].sum())
-        out = np.where(noise, 0.0, out)
-    inf_mass = 1.0 - (1.0 - a.inf_mass) * (1.0 - b.inf_mass)
-    fft_error = a.fft_error + b.fft_error + err
-    d = _Dist(a.offset + b.offset, out, inf_mass, a.moved + b.moved, fft_error)
-    return _truncate(d, tail_mass)
+        out = np.fft.irfft(np.fft.rfft(x, nfft) * np.fft.rfft(y, nfft), nfft)[:n]
+        fresh = _fft_roundoff(x, y, n, nfft)
+    out = np.maximum(out, 0.0)  # the exact entries are ≥ 0: clipping never increases |error|
+    x1, y1 = float(x.sum()), float(y.sum())
+    err = a.err * y1 + x1 * b.err + a.err * b.err + fresh
+    inf_mass = _union(a.inf_mass, b.inf_mass)
+    d = _Dist(a.offset + b.offset, out, a.log_scale + b.log_scale, inf_mass, a.moved + b.moved, err)
+    d = _normalise(d)
+    small = (d.tilted < _TINY) & (d.tilted > 0)
+    if small.any():
+        d = d._replace(tilted=np.where(small, 0.0, d.tilted), err=d.err + float(d.tilted[small].sum()))
+    return _truncate(d, lam, h, tail_mass)
 
 
-def _self_compose(d: _Dist, count: int, tail_mass: float) -> Optional[_Dist]:
+def _self_compose(d: _Dist, count: int, lam: float, h: float, tail_mass: float) -> Optional[_Dist]:
     result: Optional[_Dist] = None
-    power = _truncate(d, tail_mass)
+    power = _truncate(d, lam, h, tail_mass)
     while count:
         if count & 1:
-            result = power if result is None else _convolve(result, power, tail_mass)
+            result = power if result is None else _convolve(result, power, lam, h, tail_mass)
         count >>= 1
         if count:
-            power = _convolve(power, power, tail_mass)
+            power = _convolve(power, power, lam, h, tail_mass)
     return result
 
 
-# --- grid choice and the composed distributions ---------------------------------------------------
+# --- grid choice, tilt choice and the composed distributions ----------------------------------------
 
 
 def _effective(atoms: tuple, neighboring: Neighboring) -> tuple:
     """(σ, q, count) triples at sensitivity 1; raises for what PLD does not account."""
     out = []
-    for atom in atoms:
-        if atom[0] != "poisson":
+    for atom in map(as_atom, atoms):
+        if not isinstance(atom, PoissonAtom):
             raise ValueError(
                 "pld: SampledWithoutReplacementEvent is not supported by method='pld'; use method='rdp' "
                 "(Wang-Balle-Kasiviswanathan bound) with neighboring=Neighboring.REPLACE_ONE"
             )
-        _, sigma, q, count = atom
+        sigma, q, count = atom.noise_multiplier, atom.sampling_rate, atom.count
         check_sampling_neighboring("pld", "poisson", neighboring, q)
         if neighboring is Neighboring.REPLACE_ONE:
             sigma = sigma / 2.0
@@ -232,7 +344,9 @@ def _effective(atoms: tuple, neighboring: Neighboring) -> tuple:
     return tuple(out)
 
 
-def _choose_h(triples: tuple, h: float) -> float:
+def _choose_h(triples: tuple, h: float, refine: bool = False) -> float:
+    """The grid step: ``h``, coarsened so the composed window stays ≤ 2^20 points, or (``refine``, the
+    default grid only) refined up to 100× when the window would have fewer than 2^14 points."""
     var, step_range = 0.0, 0.0
     for sigma, q, count in triples:
         this_range = (1 + 2 * _TAIL_Z * sigma) / (2 * sigma**2) + _TAIL_Z / sigma
@@ -241,52 +355,161 @@ def _choose_h(triples: tuple, h: float) -> float:
         var += count * min(step_var, this_range**2)
         step_range = max(step_range, this_range)
     window = 2 * 12 * math.sqrt(var) + 2 * step_range
+    if refine and window / h < _MIN_WINDOW:  # tiny per-step losses: a finer grid is cheap and much tighter
+        h = max(h / 100, window / _MIN_WINDOW)
     return max(h, window / _MAX_WINDOW, step_range / _MAX_STEP_POINTS)
 
 
-@functools.lru_cache(maxsize=8)
-def _composed(triples: tuple, direction: str, h: float, tail_mass: float) -> _Dist:
-    total: Optional[_Dist] = None
+_LAMBDAS = np.geomspace(2.0**-10, 2.0**20, 164)  # candidate tilts (ratio ~1.14 between neighbours)
+
+
+@functools.lru_cache(maxsize=32)
+def _single_step_cached(sigma: float, q: float, direction: str, h: float) -> tuple:
+    out = _single_step_masses(sigma, q, direction, h)
+    out[1].setflags(write=False)
+    return out
+
+
+@functools.lru_cache(maxsize=32)
+def _log_mgf(triples: tuple, direction: str, h: float) -> np.ndarray:
+    """``log E[e^{λL}]`` of the discretised composition (finite part) at every λ in ``_LAMBDAS``: the sum
+    over phases of ``count·log Σ_i m_i e^{λ g_i}``, on the single-step masses pooled into ≤ 2048 blocks
+    (each at its centre). It only *chooses* the tilt, so this approximation affects tightness, never
+    validity."""
+    total = np.zeros(len(_LAMBDAS))
     for sigma, q, count in triples:
-        part = _self_compose(_single_step(sigma, q, direction, h), count, tail_mass)
-        total = part if total is None else _convolve(total, part, tail_mass)
+        k_lo, masses, _, _ = _single_step_cached(sigma, q, direction, h)
+        block = max(1, -(-len(masses) // 2048))
+        pad = (-len(masses)) % block
+        pooled = np.concatenate([masses, np.zeros(pad)]).reshape(-1, block).sum(axis=1)
+        keep = pooled > 0
+        g = (k_lo + (np.flatnonzero(keep) + 0.5) * block - 0.5) * h
+        t = np.log(pooled[keep])[None, :] + _LAMBDAS[:, None] * g[None, :]
+        top = t.max(axis=1)
+        total += count * (top + np.log(np.exp(t - top[:, None]).sum(axis=1)))
+    total.setflags(write=False)
     return total
 
 
-def _delta_at(d: _Dist, h: float, eps: float) -> float:
-    g = (d.offset + np.arange(len(d.masses))) * h
-    sel = g > eps
-    return float((d.masses[sel] * -np.expm1(eps - g[sel])).sum()) + d.inf_mass  # (not np.dot: BLAS threads)
+def _tilt_for_epsilon(triples: tuple, direction: str, h: float, epsilon: float) -> float:
+    """The λ minimising the Chernoff bound ``e^{-λε}E[e^{λL}] ≥ δ(ε)`` of the discretised composition:
+    the tilt that centres the tilted distribution where δ(ε) is decided."""
+    return float(_LAMBDAS[int(np.argmin(_log_mgf(triples, direction, h) - _LAMBDAS * epsilon))])
 
 
-def _epsilon_at(d: _Dist, h: float, delta: float) -> float:
-    """Smallest ε ≥ 0 with δ_d(ε) ≤ δ (exact on the discrete distribution; ∞ if unreachable)."""
-    if d.inf_mass >= delta:
+def _tilt_for_delta(triples: tuple, direction: str, h: float, delta: float) -> float:
+    """The λ minimising the Chernoff ε bound ``(log E[e^{λL}] + log(1/δ))/λ`` at ``delta``."""
+    return float(_LAMBDAS[int(np.argmin((_log_mgf(triples, direction, h) + math.log(1 / delta)) / _LAMBDAS))])
+
+
+@functools.lru_cache(maxsize=8)
+def _composed(triples: tuple, direction: str, h: float, tail_mass: float, lam: float) -> _Dist:
+    total: Optional[_Dist] = None
+    for sigma, q, count in triples:
+        k_lo, masses, inf_mass, moved = _single_step_cached(sigma, q, direction, h)
+        one = _tilt(k_lo, masses, lam, h, inf_mass, moved)
+        part = _self_compose(one, count, lam, h, tail_mass)
+        total = part if total is None else _convolve(total, part, lam, h, tail_mass)
+    return total
+
+
+# --- δ(ε) and ε(δ) of a composed distribution -----------------------------------------------------
+# Round-off charge at ε: every error entry sits on a grid point g > ε for the entries δ(ε) weighs, so
+# Σ_{g_i>ε}|e_i| ≤ e^{-λε}·‖e‖_λ = C(ε), whether or not g_i is inside the stored window (dropped tails
+# are errors too). C is continuous and decreasing, so δ̂(ε) + C(ε) is decreasing in ε.
+
+
+class _View(NamedTuple):
+    g: np.ndarray  # grid losses of the stored entries
+    m: np.ndarray  # their real masses (capped at 1)
+    inf_mass: float
+    log_e: float  # log ‖e‖_λ (−inf when no round-off)
+    lam: float
+
+
+def _view(d: _Dist, lam: float, h: float) -> _View:
+    g = (d.offset + np.arange(len(d.tilted))) * h
+    with np.errstate(divide="ignore", over="ignore"):
+        m = np.exp(np.minimum(np.log(d.tilted) + d.log_scale - lam * g, 0.0))
+    # capping a computed mass at 1 never increases its error: exact masses are ≤ 1
+    log_e = math.log(d.err) + d.log_scale if d.err > 0 else -math.inf
+    return _View(g, m, d.inf_mass, log_e, lam)
+
+
+def _charge(v: _View, eps: float) -> float:
+    return math.exp(min(0.0, v.log_e - v.lam * eps)) if v.log_e > -math.inf else 0.0
+
+
+def _grid_delta(v: _View, eps: float) -> float:
+    """Σ_{g_i > ε} m_i (1 - e^{ε - g_i}) (not np.dot: BLAS threads)."""
+    j = int(np.searchsorted(v.g, eps, side="right"))
+    return float((v.m[j:] * -np.expm1(eps - v.g[j:])).sum())
+
+
+def _delta_at(d: _Dist, lam: float, h: float, eps: float, sign: int = 1) -> float:
+    """δ̂(ε) + inf mass, plus (sign=+1) or minus (sign=-1) the round-off charge C(ε)."""
+    v = _view(d, lam, h)
+    return _grid_delta(v, eps) + v.inf_mass + sign * _charge(v, eps)
+
+
+def _epsilon_at(d: _Dist, lam: float, h: float, delta: float) -> float:
+    """Smallest ε ≥ 0 (to within 1e-9·h, rounded up) with δ̂(ε) + inf + C(ε) ≤ δ; ∞ if none."""
+    v = _view(d, lam, h)
+    if v.inf_mass >= delta:
         return math.inf
-    m = d.masses
-    n = len(m)
-    tail_p = np.concatenate([np.cumsum(m[::-1])[::-1], [0.0]])  # tail_p[j] = Σ_{i ≥ j} m_i
 
-    def delta_grid(j: int) -> float:  # δ at ε = g_j
-        return _delta_at(d, h, (d.offset + j) * h)
+    def up(eps: float) -> float:
+        return _grid_delta(v, eps) + v.inf_mass + _charge(v, eps)
 
-    if delta_grid(0) <= delta:  # ε at or below the first grid point: all mass counts
-        j = 0
-    else:
-        lo, hi = 0, n - 1  # δ(g_lo) > delta >= δ(g_hi) (δ(g_{n-1}) = inf_mass < delta)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            if delta_grid(mid) > delta:
-                lo = mid
-            else:
-                hi = mid
-        j = hi  # ε in [g_lo, g_hi): the masses at indices >= hi count
-    a = tail_p[j] + d.inf_mass
-    w = float((m[j:] * np.exp(-np.arange(n - j) * h)).sum())  # Σ_{i ≥ j} m_i e^{g_j - g_i}
-    if w <= 0 or a <= delta:
-        return max(0.0, (d.offset + j - 1) * h)
-    eps = (d.offset + j) * h + math.log((a - delta) / w)
-    return max(0.0, eps)
+    if up(0.0) <= delta:
+        return 0.0
+    hi = max(float(v.g[-1]), 0.0)
+    if v.log_e > -math.inf:  # beyond the window only inf mass and the charge remain
+        hi = max(hi, (v.log_e - math.log(delta - v.inf_mass)) / lam)
+    hi += h
+    lo = 0.0
+    # bisection on grid points first (δ̂ is piecewise smooth between them), then within the cell
+    klo, khi = 0, max(1, math.ceil(hi / h))
+    while up(khi * h) > delta:  # (cannot loop long: up → inf_mass < δ)
+        klo, khi = khi, 2 * khi
+    while khi - klo > 1:
+        mid = (klo + khi) // 2
+        if up(mid * h) > delta:
+            klo = mid
+        else:
+            khi = mid
+    lo, hi = klo * h, khi * h
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if up(mid) > delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * h:
+            break
+    return hi
+
+
+def _epsilon_lower(d: _Dist, lam: float, h: float, target: float) -> float:
+    """An ε with δ̂(ε) + inf − C(ε) > target (so the exact pipeline's δ(ε) > target), the largest
+    found by bisection on grid points; 0 if none. Any such ε is valid, so the search need not be exact."""
+    v = _view(d, lam, h)
+
+    def low(eps: float) -> float:
+        return _grid_delta(v, eps) + v.inf_mass - _charge(v, eps)
+
+    if not low(0.0) > target:
+        return 0.0
+    if v.inf_mass > target:
+        return math.inf
+    klo, khi = 0, max(1, math.ceil(max(float(v.g[-1]), 0.0) / h) + 1)
+    while khi - klo > 1:
+        mid = (klo + khi) // 2
+        if low(mid * h) > target:
+            klo = mid
+        else:
+            khi = mid
+    return klo * h
 
 
 def _directions(triples: tuple) -> tuple:
@@ -298,10 +521,35 @@ def _prepare(atoms: tuple, neighboring: Neighboring, value_discretization_interv
     if any(s == 0 for s, _, _ in triples):
         return triples, None, 0
     h0 = DEFAULT_VALUE_DISCRETIZATION_INTERVAL if value_discretization_interval is None else value_discretization_interval
-    if not (isinstance(h0, (int, float)) and 0 < h0 <= 1):
-        raise ValueError(f"pld: value_discretization_interval must be in (0, 1], got {h0!r}")
-    h = _choose_h(triples, float(h0)) if triples else float(h0)
+    if isinstance(h0, bool) or not (isinstance(h0, (int, float)) and 0 < h0 <= 1):
+        raise ValueError(f"pld: value_discretization_interval must be a number in (0, 1], got {h0!r}")
+    h = _choose_h(triples, float(h0), refine=value_discretization_interval is None) if triples else float(h0)
     return triples, h, sum(c for _, _, c in triples)
+
+
+def _upper_epsilon(triples: tuple, h: float, tail_mass: float, delta: float) -> tuple:
+    """(ε upper bound, [(direction, λ, composed distribution)]): per direction, tilt for δ, and re-tilt
+    for the ε found if the round-off charge there is not negligible; the smallest upper bound wins."""
+    best, used = 0.0, []
+    for direction in _directions(triples):
+        lam = _tilt_for_delta(triples, direction, h, delta)
+        d = _composed(triples, direction, h, tail_mass, lam)
+        e = _epsilon_at(d, lam, h, delta)
+        # re-tilt only when the round-off charge is not negligible (> 1% of δ: ≲ 0.01/λ on ε) or ε = ∞
+        tries = [_tilt_for_epsilon(triples, direction, h, e)] if math.isfinite(e) else []
+        for lam2 in tries + [lam / 4, lam / 16, lam * 4]:
+            charge = _charge(_view(d, lam, h), e) if math.isfinite(e) else math.inf
+            if charge <= 1e-2 * delta or (lam2 not in tries and charge <= 0.1 * delta):
+                break
+            if lam2 == lam:
+                continue
+            d2 = _composed(triples, direction, h, tail_mass, lam2)
+            e2 = _epsilon_at(d2, lam2, h, delta)
+            if e2 < e:
+                e, lam, d = e2, lam2, d2
+        best = max(best, e)
+        used.append((direction, lam, d))
+    return best, used
 
 
 def pld_epsilon(atoms: tuple, delta: float, *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
@@ -312,21 +560,20 @@ def pld_epsilon(atoms: tuple, delta: float, *, neighboring: Neighboring = Neighb
         return PldBounds(math.inf, math.inf, math.nan, steps)
     if not triples:
         return PldBounds(0.0, 0.0, h, 0)
+    upper, used = _upper_epsilon(triples, h, tail_mass, delta)
     beta = delta / 100.0
     eta = steps * h * h / 8 + h * math.sqrt(steps * math.log(1 / beta) / 2)
-    upper, lower = 0.0, 0.0
-    for direction in _directions(triples):
-        d = _composed(triples, direction, h, tail_mass)
-        upper = max(upper, _epsilon_at(d, h, delta - d.fft_error))
-        low = _epsilon_at(d, h, delta + beta + d.moved + d.fft_error)
-        lower = max(lower, max(0.0, low - eta))
+    lower = 0.0
+    for _, lam, d in used:
+        x = _epsilon_lower(d, lam, h, delta + beta + d.moved)
+        lower = max(lower, max(0.0, x - eta))
     return PldBounds(upper, min(lower, upper), h, steps)
 
 
 def pld_delta(atoms: tuple, epsilon: float, *, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE,
               value_discretization_interval: Optional[float] = None, tail_mass: float = _TAIL_MASS) -> PldBounds:
     """Upper and lower bounds on δ at ``epsilon`` (lower: the Hoeffding coupling of the module
-    docstring, ``δ_grid(ε + η) - β - moved mass - round-off`` with ``β = δ_grid(ε)/1000``)."""
+    docstring, ``δ_grid(ε + η) - charge - β - moved mass`` with ``β = δ_grid(ε)/1000``)."""
     triples, h, steps = _prepare(atoms, neighboring, value_discretization_interval)
     if h is None:
         return PldBounds(1.0, 1.0, math.nan, steps)
@@ -334,11 +581,12 @@ def pld_delta(atoms: tuple, epsilon: float, *, neighboring: Neighboring = Neighb
         return PldBounds(0.0, 0.0, h, 0)
     upper, lower = 0.0, 0.0
     for direction in _directions(triples):
-        d = _composed(triples, direction, h, tail_mass)
-        value = _delta_at(d, h, epsilon)
-        upper = max(upper, min(1.0, value + d.fft_error))
+        lam = _tilt_for_epsilon(triples, direction, h, epsilon)
+        d = _composed(triples, direction, h, tail_mass, lam)
+        value = _delta_at(d, lam, h, epsilon)
+        upper = max(upper, min(1.0, value))
         beta = max(value / 1000.0, 1e-300)
         eta = steps * h * h / 8 + h * math.sqrt(steps * math.log(1 / beta) / 2)
-        low = _delta_at(d, h, epsilon + eta) - beta - d.moved - d.fft_error
+        low = _delta_at(d, lam, h, epsilon + eta, sign=-1) - beta - d.moved
         lower = max(lower, max(0.0, low))
     return PldBounds(upper, min(lower, upper), h, steps)

@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from dpfunc.accounting._special import log_ndtr, log_sub
-from dpfunc.accounting.events import Neighboring, check_sampling_neighboring
+from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -185,20 +185,19 @@ def rdp_wor_gaussian(noise_multiplier: float, sample_size: int, population_size:
 def rdp_of_atoms(atoms: tuple, orders: Sequence[float], neighboring: Neighboring) -> np.ndarray:
     """RDP curve (one value per order) of a composition given as canonical atoms (see ``events``)."""
     total = np.zeros(len(orders))
-    for atom in atoms:
-        count = atom[-1]
+    for atom in map(as_atom, atoms):
+        count = atom.count
         if count == 0:
             continue
-        if atom[0] == "poisson":
-            _, sigma, q, _ = atom
+        if isinstance(atom, PoissonAtom):
+            sigma, q = atom.noise_multiplier, atom.sampling_rate
             check_sampling_neighboring("rdp", "poisson", neighboring, q)
             if neighboring is Neighboring.REPLACE_ONE:
                 sigma = sigma / 2.0  # replace-one sensitivity 2C
             curve = [rdp_poisson_gaussian(sigma, q, a) for a in orders]
         else:
-            _, sigma, m, n, _ = atom
             check_sampling_neighboring("rdp", "wor", neighboring)
-            curve = [rdp_wor_gaussian(sigma, m, n, a) for a in orders]
+            curve = [rdp_wor_gaussian(atom.noise_multiplier, atom.sample_size, atom.population_size, a) for a in orders]
         with np.errstate(invalid="ignore"):
             total = total + count * np.asarray(curve)
     return total
