@@ -167,3 +167,31 @@ def test_bridge_fast_step_reads_nothing_back():
         F.cross_entropy(model(x), y).backward()
         opt.step()
     assert reads.count == 0 and opt.steps == 2
+
+
+@pytest.mark.parametrize("engine_kind", ["fast", "vmap"])
+def test_non_finite_still_raises_without_a_counted_host_read(engine_kind):
+    """Invariant 6 with the non-blocking check: on CPU the step itself raises, naming the example, and the
+    flags are read from memory (no ``_local_scalar_dense``); masked rows never raise."""
+    model = nn.Sequential(nn.Linear(2, 2))
+    apply_fn, params, buffers = functionalize(model)
+
+    def log_loss(out, y):  # with zero bias, an input of zeros gives log(0): inf loss, nan gradient
+        return -torch.log(out.abs().sum(1)) + 0 * y
+
+    if engine_kind == "fast":
+        engine = fast_engine(apply_fn, log_loss, FlatClipping(1.0))
+    else:
+        engine = vmap_engine(lambda p, b, xi, yi: log_loss(apply_fn(p, b, xi[None]), yi[None])[0], clipping=FlatClipping(1.0))
+    tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.5, num_examples=8, key=Key(0))
+    step = make_step(None, tx, engine=engine)
+    with torch.no_grad():
+        model[0].bias.zero_()
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    x = torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 1.0]])
+    y = torch.zeros(3)
+    with HostReads() as reads, pytest.raises(ValueError, match=r"non-finite per-example gradients for examples \[1\]"):
+        step(params, tx.init(params), (x, y), buffers=buffers)
+    assert reads.count == 0
+    new, _, _ = step(params, tx.init(params), (x, y), mask=torch.tensor([True, False, True]), buffers=buffers)
+    assert all(torch.isfinite(v).all() for v in new.values())
