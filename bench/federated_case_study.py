@@ -7,8 +7,9 @@ label skew) it runs, in process (``dpfunc federated --engine inprocess`` semanti
 * each site alone: the same shard, plan and σ, trained by itself (``FederatedConfig(alone=s)``) —
   what a hospital gets without federating;
 
-and compares with centralised DP-SGD on the pooled data (the README's main table, ε = 3:
-``bench/results/case_study.json``; all data in one place, which federation avoids).
+and compares with centralised DP-SGD on the pooled data (all data in one place, which federation avoids):
+``dpfunc train --epochs R·E`` at ε = 3 for the same compute (run here), and the README's main table
+(15 epochs, ``bench/results/case_study.json``).
 
     nice python bench/federated_case_study.py --data-dir ../shared/data                 # seeds 0 1 2
     nice python bench/federated_case_study.py --data-dir ../shared/data --seeds 0 --partitions iid
@@ -48,6 +49,20 @@ def _run(cfg, data_dir, run_dir: Path) -> dict:
     return m
 
 
+def _central(seed: int, epochs: int, data_dir, runs: Path) -> dict:
+    import subprocess
+
+    run_dir = runs / f"central-e{epochs}-seed{seed}"
+    if not (run_dir / "metrics.json").exists():
+        cmd = [sys.executable, "-m", "dpfunc", "train", "--epochs", str(epochs), "--seed", str(seed), "--epsilon", "3",
+               "--run-dir", str(run_dir), "--quiet", *(["--data-dir", str(data_dir)] if data_dir else [])]
+        subprocess.run(cmd, check=True)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    return {"kind": f"centralised ({epochs} epochs)", "seed": seed, "partition": "pooled", "test_auc": m["test"]["roc_auc"],
+            "test_accuracy": m["test"]["accuracy"], "epsilon": [m["epsilon"]], "n": [4708], "pneumonia_fraction": None,
+            "best_round": m["best_epoch"], "train_seconds": m["train_seconds"]}
+
+
 def _row(kind: str, seed: int, partition: str, m: dict) -> dict:
     return {"kind": kind, "seed": seed, "partition": partition, "test_auc": m["test"]["roc_auc"],
             "test_accuracy": m["test"]["accuracy"], "epsilon": [s["epsilon"] for s in m["sites"]],
@@ -80,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     out_json = RESULTS / "federated_case_study.json"
     rows: list[dict] = []
     for seed in args.seeds:
+        if not args.no_alone:
+            rows.append(_central(seed, args.rounds * args.local_epochs, args.data_dir, Path(args.runs)))
         for part in args.partitions:
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
                         alpha=0.5, batch_size=args.batch_size, seed=seed)
@@ -114,15 +131,17 @@ def _report(rows: list[dict], args) -> None:
     lines = [f"# Federated DP, PneumoniaMNIST, 3 sites, ε = 3 per site (δ = 1e-5), seeds {args.seeds}",
              "", f"{args.rounds} rounds × {args.local_epochs} local epoch, per-site expected batch {args.batch_size}; "
              "test ROC-AUC of the round selected on validation.", "",
-             "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | centralised DP (pooled) |",
-             "|---|---|---|---|---|---|"]
+             "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | "
+             f"centralised, same {args.rounds * args.local_epochs} epochs | centralised, 15 epochs (README) |",
+             "|---|---|---|---|---|---|---|"]
+    same = [r["test_auc"] for r in rows if r["kind"].startswith("centralised")]
     for part in args.partitions:
         cells = []
         for kind in ("federated", "site 0 alone", "site 1 alone", "site 2 alone"):
             v = [r["test_auc"] for r in rows if r["partition"] == part and r["kind"] == kind]
             cells.append(_ms(v) if v else "–")
         label = "IID" if part == "iid" else "Dirichlet α = 0.5"
-        lines.append(f"| {label} | {' | '.join(cells)} | {_ms(c_auc) if c_auc else '–'} |")
+        lines.append(f"| {label} | {' | '.join(cells)} | {_ms(same) if same else '–'} | {_ms(c_auc) if c_auc else '–'} |")
     (RESULTS / "federated_case_study.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, args, c_auc)
@@ -143,8 +162,12 @@ def _plot(rows, args, c_auc) -> None:
             errs.append(statistics.stdev(v) if len(v) > 1 else 0.0)
         xs = [i + (j - (len(args.partitions) - 1) / 2) * width for i in range(len(kinds))]
         ax.bar(xs, means, width, yerr=errs, capsize=3, label="IID" if part == "iid" else "Dirichlet α=0.5")
+    same = [r["test_auc"] for r in rows if r["kind"].startswith("centralised")]
+    if same:
+        ax.axhline(statistics.mean(same), color="grey", ls=":", lw=1.2,
+                   label=f"centralised DP, same {args.rounds * args.local_epochs} epochs")
     if c_auc:
-        ax.axhline(statistics.mean(c_auc), color="black", ls="--", lw=1, label="centralised DP (pooled)")
+        ax.axhline(statistics.mean(c_auc), color="black", ls="--", lw=1, label="centralised DP, 15 epochs (README)")
     ax.set_xticks(range(len(kinds)), kinds)
     ax.set_ylim(0.5, 1.0)
     ax.set_ylabel("test ROC-AUC")

@@ -19,6 +19,7 @@ from dpfunc.federated import (
     SiteUpdate,
     WeightedFedAvg,
     apply_round,
+    charge_site,
     check_update,
     fedadam,
     fedavgm,
@@ -253,3 +254,35 @@ def test_bad_arguments_are_refused():
     key, state, sites, plans = _setup([32])
     with pytest.raises(ValueError, match="site_round: site 0 has 32 examples but its plan says num_examples=10"):
         site_round(state.params, state.sites[0], sites.data[0], key, plan=SitePlan(10, 5, 1, 1.0), engine=ENGINE, round=0)
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), num_sites=st.integers(1, 5), fraction=st.floats(0.2, 1.0),
+       fail=st.lists(st.booleans(), min_size=20, max_size=20), rounds=st.integers(1, 4))
+def test_ledgers_count_every_round_a_site_was_asked(seed, num_sites, fraction, fail, rounds):
+    """Property: whatever the participation and failures, a site's ledger holds exactly its plan's steps for
+    every round it was asked to train (answered or not), and nothing for the others."""
+    key = Key(seed)
+    params = {"w": torch.zeros(2)}
+    plans = [SitePlan(10 + 5 * s, 5, 1, 1.0 + s) for s in range(num_sites)]
+    state = init_server_state(params, [init_site_state(s, p, site_key(key, s), params) for s, p in enumerate(plans)], None)
+    asked = [0] * num_sites
+    for r in range(rounds):
+        sel = select_sites(key, r, num_sites, fraction)
+        answers = {}
+        for s in sel:
+            asked[s] += 1
+            if fail[(r * 5 + s) % 20]:
+                answers[s] = RuntimeError("down")
+            else:
+                new = charge_site(state.sites[s], plans[s])._replace(rounds=state.sites[s].rounds + 1)
+                answers[s] = (SiteUpdate(s, r, {"w": torch.full((2,), float(s))}, float(plans[s].num_examples), 2, 0.0), new)
+        try:
+            state, rep = apply_round(state, sel, answers, plans=plans)
+        except RoundFailedError:
+            for s in sel:
+                asked[s] -= 1  # a failed round changes nothing, ledgers included
+    for s, plan in enumerate(plans):
+        led = state.sites[s].ledger
+        assert led.total_steps == asked[s] * plan.steps_per_round
+        assert all(p.noise_multiplier == plan.noise_multiplier and p.sampling_rate == plan.sampling_rate for p in led.phases)

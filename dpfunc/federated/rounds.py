@@ -54,7 +54,12 @@ class RoundReport(NamedTuple):
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than ``min_sites`` usable answers: nothing of the round is applied."""
+    """Fewer than ``min_sites`` usable answers: nothing of the round is applied, ledgers included.
+
+    The sites that answered did release that round's outputs to the server. Retrying the round from the
+    same state recomputes them exactly (same keys, same data), so the retry's ledger entry covers both;
+    a run abandoned here under-reports each asked site's ledger by one round.
+    """
 
     def __init__(self, report: RoundReport | None, min_sites: int = 0, *, message: str | None = None):
         self.report = report
