@@ -50,9 +50,9 @@ def _alive(pid: int, wait: float = 10.0) -> bool:
 
 def test_flower_equals_inprocess_bit_for_bit(tmp_path, data_dir):
     started = {}
-    cfg = FederatedConfig(**TINY, engine="flower", round_timeout=150)
+    cfg = FederatedConfig(**TINY, engine="flower", round_timeout=300)
     fl = run_flower(cfg, data_dir=data_dir, run_dir=tmp_path / "flower", bootstrap_resamples=10, log=lambda s: None,
-                    on_registered=started.update, run_timeout=280)
+                    on_registered=started.update, run_timeout=600)
     ref = run_federated(FederatedConfig(**TINY), data_dir=data_dir, run_dir=tmp_path / "inproc", progress=False,
                         log=lambda s: None, bootstrap_resamples=10)
     a = load_checkpoint(tmp_path / "flower" / "checkpoint.pt")["state"]
@@ -74,9 +74,9 @@ def test_flower_killed_site_and_nan_update_are_excluded(tmp_path, data_dir):
         started.update(sites)
         os.killpg(sites[2].pid, signal.SIGKILL)
 
-    cfg = FederatedConfig(**TINY, engine="flower", round_timeout=60, min_sites=1)
+    cfg = FederatedConfig(**TINY, engine="flower", round_timeout=90, min_sites=1)
     m = run_flower(cfg, data_dir=data_dir, run_dir=tmp_path / "run", bootstrap_resamples=10, log=lambda s: None,
-                   site_node_config={1: {"fault": "nan"}}, on_registered=kill_site_2, run_timeout=280)
+                   site_node_config={1: {"fault": "nan"}}, on_registered=kill_site_2, run_timeout=600)
     h = m["history"][0]
     assert h["sites_answered"] == [0]
     assert "non-finite" in h["excluded"]["1"] and "no reply" in h["excluded"]["2"]
