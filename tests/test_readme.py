@@ -194,3 +194,14 @@ def test_make_private_says_to_build_the_optimizer_after_fix():
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 1, 8, 8), torch.zeros(8).long()))
     with pytest.raises(ValueError, match="fix returns a NEW module, so build the optimizer after it"):
         make_private(model, optimizer, loader, key=Key(0), noise_multiplier=1.0, max_grad_norm=1.0)
+
+
+def test_make_train_runs_dpfunc_train_with_the_data_lookup(tmp_path):
+    """`make train` (README top) is `dpfunc train` plus ARGS; DATA_DIR only when given (else dpfunc's lookup).
+    Checked with `make -n`: a real `make train` builds a fresh venv."""
+    plain = _run(["make", "-n", "-C", str(REPO), "train"], cwd=tmp_path, env=_env(), timeout=60)
+    given = _run(["make", "-n", "-C", str(REPO), "train", "DATA_DIR=/data", "ARGS=--resume"], cwd=tmp_path,
+                 env=_env(), timeout=60)
+    assert plain.returncode == 0 and given.returncode == 0, (plain.stderr, given.stderr)
+    assert re.search(r"dpfunc train\s*$", plain.stdout, re.M), plain.stdout
+    assert "dpfunc train --data-dir /data --resume" in given.stdout, given.stdout
