@@ -84,14 +84,15 @@ def test_bridge_step_equals_functional_core_on_same_keys(reduction):
             torch.testing.assert_close(bridge_grad[k], core_grad[k], rtol=1e-6, atol=1e-7)
 
 
-def test_microbatches_add_noise_once_per_logical_batch():
+@pytest.mark.parametrize("mode", ["vmap", "fast"])
+def test_microbatches_add_noise_once_per_logical_batch(mode):
     X, Y = _data(n=48)
     results = []
     for phys in (None, 3):
         net = build(_mlp, 1)
         model, opt, loader = make_private(
             net, torch.optim.SGD(net.parameters(), lr=0.2), DataLoader(TensorDataset(X, Y), batch_size=8), key=Key(3),
-            noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=phys, grad_sample_mode="vmap",
+            noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=phys, grad_sample_mode=mode,
         )
         sizes = []
         for x, y in loader:
@@ -182,7 +183,8 @@ def test_frozen_and_tied_parameters():
     torch.testing.assert_close(net.emb.weight.grad, ref.emb.weight.grad)
 
 
-def test_dropout_uses_keys_and_leaves_global_rng_alone():
+@pytest.mark.parametrize("mode", ["vmap", "fast"])
+def test_dropout_uses_keys_and_leaves_global_rng_alone(mode):
     X, Y = _data(n=32)
     runs = []
     state = torch.get_rng_state()
@@ -190,7 +192,7 @@ def test_dropout_uses_keys_and_leaves_global_rng_alone():
         net = build(lambda: nn.Sequential(nn.Linear(5, 16), nn.ReLU(), nn.Dropout(0.5), nn.Linear(16, 3)), 3)
         model, opt, loader = make_private(
             net, torch.optim.SGD(net.parameters(), lr=0.3), DataLoader(TensorDataset(X, Y), batch_size=8), key=Key(9),
-            noise_multiplier=0.0, max_grad_norm=1e6, criterion=nn.CrossEntropyLoss(reduction="sum"), grad_sample_mode="vmap",
+            noise_multiplier=0.0, max_grad_norm=1e6, criterion=nn.CrossEntropyLoss(reduction="sum"), grad_sample_mode=mode,
         )
         x, y = next(iter(loader))
         ref = copy.deepcopy(net)
