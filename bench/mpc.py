@@ -4,6 +4,9 @@ Both parties run in one process (two threads, the same code as the three-process
 in-process channels), after the dealer's run; the figures are:
 
 * ``online_s_per_image``: wall time of the two parties' online phase / batch size;
+* ``online_cpu_s_per_image``: CPU time of both parties' threads in that phase / batch size (less
+  sensitive to other jobs on the machine than wall time; on an idle 2-core machine the wall time
+  lies between half of it and all of it);
 * ``dealer_s_per_image``: the dealer's generation of the batch's material / batch size (CrypTen's
   TTP does this during the online phase, in its own process on the same cores);
 * ``bytes_per_image``: bytes one party sends plus receives from the other (online), / batch size;
@@ -66,13 +69,14 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
                                    image=image if ctx.rank == 1 else None,
                                    weights=weights if ctx.rank == 0 else None)
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     run_dealer(party, Key(seed).fold_in(9))
-    dealer_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    dealer_s, dealer_cpu = time.perf_counter() - t0, time.process_time() - c0
+    t0, c0 = time.perf_counter(), time.process_time()
     res = simulate(party, dealer_key=Key(seed).fold_in(9))
-    total_s = time.perf_counter() - t0  # includes a second dealer run
+    total_s, total_cpu = time.perf_counter() - t0, time.process_time() - c0  # includes a second dealer run
     online_s = max(total_s - dealer_s, 1e-9)
+    online_cpu = max(total_cpu - dealer_cpu, 1e-9)
     with torch.no_grad():
         model(x)
         t0 = time.perf_counter()
@@ -84,6 +88,8 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
         "model": name, "image": size, "batch": batch,
         "online_s_per_image": online_s / batch,
         "dealer_s_per_image": dealer_s / batch,
+        "online_cpu_s_per_image": online_cpu / batch,
+        "dealer_cpu_s_per_image": dealer_cpu / batch,
         "plain_s_per_image": plain_s / batch,
         "bytes_per_image": (stats.bytes_sent + stats.bytes_received) / batch,
         "dealer_bytes_per_image": sum(res.dealer_bytes) / batch,
@@ -117,6 +123,8 @@ def main(argv=None) -> int:
            "threads": torch.get_num_threads(), "python": platform.python_version(),
            "loadavg_at_start": os.getloadavg(),
            "mode": "two parties as threads of one process + dealer run before (see docstring)"}
+    # warm-up (thread pools, allocator, lazy imports), discarded
+    measure("warm-up", SmallCNN(key=Key(1), widths=(4, 8), groups=2), 12, 2)
     results = []
     for model_name, size, batch in rows:
         model = cnn if model_name == "cnn" else resnet18_gn(key=Key(0), input_size=size)
@@ -127,10 +135,10 @@ def main(argv=None) -> int:
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
         os.replace(tmp, OUT)
-    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'online s/img':>13}{'dealer s/img':>13}{'plain s/img':>12}"
+    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'online s/img':>13}{'CPU s/img':>10}{'dealer s/img':>13}{'plain s/img':>12}"
           f"{'MB/img':>9}{'dealer MB/img':>14}{'rounds':>7}{'max|Δlogit|':>12}")
     for r in results:
-        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['online_s_per_image']:>13.3f}{r['dealer_s_per_image']:>13.3f}"
+        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['online_s_per_image']:>13.3f}{r['online_cpu_s_per_image']:>10.3f}{r['dealer_s_per_image']:>13.3f}"
               f"{r['plain_s_per_image']:>12.5f}{r['bytes_per_image'] / 1e6:>9.1f}{r['dealer_bytes_per_image'] / 1e6:>14.1f}"
               f"{r['rounds']:>7}{r['max_abs_logit_error']:>12.2e}")
     print(f"\n{env}\nload average now: {os.getloadavg()}")

@@ -198,8 +198,10 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
         while any(p.poll() is None for p in procs.values()):
             failed = [r for r, p in procs.items() if p.poll() not in (None, 0)]
             if failed:
-                err = procs[failed[0]].stderr.read().decode(errors="replace")[-2000:]
-                raise RuntimeError(f"launch_parties: the {failed[0]} process failed:\n{err}")
+                p = procs[failed[0]]
+                err = p.stderr.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(f"launch_parties: the {failed[0]} process failed with exit code "
+                                   f"{p.returncode} (negative: killed by that signal, e.g. -9 by the OOM killer):\n{err}")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"launch_parties: the parties did not finish within {timeout}s")
             time.sleep(0.05)
