@@ -148,7 +148,14 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
     Args:
         path: target file; its directory must exist.
         state: see the module docstring.
+
+    Raises:
+        ValueError: a non-finite gradient check still in flight on a GPU failed (checked first, see
+            :func:`dpfunc.clipping.flush_nonfinite_checks`): nothing is written.
     """
+    from dpfunc.clipping import flush_nonfinite_checks
+
+    flush_nonfinite_checks()  # a model that a pending check would refuse is never saved
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     payload = {"format": _FORMAT, "version": FORMAT_VERSION, "torch": str(torch.__version__), "state": to_plain(state)}
