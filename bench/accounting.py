@@ -3,6 +3,11 @@
 Run: ``python bench/accounting.py``. Prints a table and writes ``bench/results/accounting.json``.
 Targets (issue): PLD ε for q=256/60000, σ=1.1, 14062 steps at δ=1e-5 ≤ 1 s; RDP ≤ 20 ms;
 calibration to a target ε with PLD ≤ 10 s. Timings are cold (caches cleared) unless noted.
+
+Small-δ rows (issue 10): δ = 1e-8 and 1e-10 with T = 1e4 and 1e5, dpfunc's PLD next to Google's
+dp_accounting PLD (value_discretization_interval 1e-4) when it is installed (``pip install .[test]``):
+value and time of each, in the same process. Targets: every row finite and within 2% of the reference;
+PLD ≤ 1 s per call for T ≤ 1e5; calibration ≤ 5 s. The header names CPU model, torch version, threads.
 """
 
 from __future__ import annotations
@@ -19,6 +24,68 @@ from dpfunc.accounting import dpsgd_epsilon, epsilon_report, noise_multiplier_fo
 from dpfunc.accounting import pld as _pld
 from dpfunc.accounting import rdp as _rdp
 from dpfunc.accounting.events import GaussianEvent, PoissonSampledEvent, SelfComposedEvent
+
+SMALL_DELTA_CASES = [  # (name, σ, q, T, δ)
+    ("σ1.0 q.01 T1e4 δ1e-8", 1.0, 0.01, 10_000, 1e-8),
+    ("σ1.0 q.01 T1e4 δ1e-10", 1.0, 0.01, 10_000, 1e-10),
+    ("σ1.0 q.01 T1e5 δ1e-8", 1.0, 0.01, 100_000, 1e-8),
+    ("σ1.0 q.01 T1e5 δ1e-10", 1.0, 0.01, 100_000, 1e-10),
+    ("mnist σ1.1 T1e4 δ1e-8", 1.1, 256 / 60000, 10_000, 1e-8),
+    ("mnist σ1.1 T1e5 δ1e-10", 1.1, 256 / 60000, 100_000, 1e-10),
+]
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "platform": platform.platform(), "python": platform.python_version(), "load_1min": load}
+
+
+def _reference(sigma: float, q: float, steps: int, delta: float):
+    try:
+        import dp_accounting
+        from dp_accounting.pld import pld_privacy_accountant
+    except ImportError:
+        return None, None
+    t0 = time.perf_counter()
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-4)
+    acc.compose(dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps)
+    value = acc.get_epsilon(delta)
+    return value, time.perf_counter() - t0
+
+
+def small_delta_rows() -> tuple:
+    rows = []
+    for name, sigma, q, steps, delta in SMALL_DELTA_CASES:
+        _clear()
+        t0 = time.perf_counter()
+        ours = dpsgd_epsilon(sigma, q, steps, delta)
+        t_ours = time.perf_counter() - t0
+        ref, t_ref = _reference(sigma, q, steps, delta)
+        rows.append({"case": name, "sigma": sigma, "q": q, "steps": steps, "delta": delta,
+                     "dpfunc_pld": ours, "dpfunc_seconds": t_ours, "dp_accounting": ref, "dp_accounting_seconds": t_ref,
+                     "ratio": ours / ref if ref else None})
+    _clear()
+    t0 = time.perf_counter()
+    sigma = noise_multiplier_for(1.0, 1e-10, 0.01, 10_000)
+    cal = {"noise_multiplier_for(1.0, 1e-10, 0.01, 10000)": sigma,
+           "its_epsilon": dpsgd_epsilon(sigma, 0.01, 10_000, 1e-10), "seconds": time.perf_counter() - t0}
+    _clear()
+    t0 = time.perf_counter()
+    sigma2 = noise_multiplier_for(0.577, 2.7e-10, 6.3e-4, 591)
+    cal2 = {"noise_multiplier_for(0.577, 2.7e-10, 6.3e-4, 591)": sigma2,
+            "its_epsilon": dpsgd_epsilon(sigma2, 6.3e-4, 591, 2.7e-10), "seconds": time.perf_counter() - t0}
+    return rows, [cal, cal2]
 
 Q = 256 / 60000
 CASES = [
@@ -48,6 +115,18 @@ def _timed(fn, repeats: int) -> tuple:
 
 
 def main() -> None:
+    machine = _machine()
+    print(f"CPU: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
+          f"{machine['threads']} threads, load {machine['load_1min']:.1f} (1 min)")
+    small, small_cal = small_delta_rows()
+    head = f"{'small-δ case':24s} {'dpfunc':>9s} {'t':>7s} {'dp_acc':>9s} {'t':>7s} {'ratio':>7s}"
+    print(head)
+    print("-" * len(head))
+    for r in small:
+        ref = f"{r['dp_accounting']:9.4f} {r['dp_accounting_seconds']:6.2f}s {r['ratio']:7.4f}" if r["dp_accounting"] else "   (dp_accounting not installed)"
+        print(f"{r['case']:24s} {r['dpfunc_pld']:9.4f} {r['dpfunc_seconds']:6.2f}s {ref}")
+    for c in small_cal:
+        print("calibration:", ", ".join(f"{k} = {v:.4g}" for k, v in c.items()))
     rows = []
     for name, sigma, q, steps, delta in CASES:
         event = SelfComposedEvent(PoissonSampledEvent(q, GaussianEvent(sigma)), steps)
@@ -87,8 +166,9 @@ def main() -> None:
           f"steps_for → {t_max} in {t_steps:.2f}s")
     out = Path(__file__).parent / "results" / "accounting.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": platform.platform(), "python": platform.python_version(),
-                               "rows": rows, "calibration": calibration}, indent=2,
+    out.write_text(json.dumps({"machine": machine, "python": platform.python_version(),
+                               "rows": rows, "calibration": calibration,
+                               "small_delta_rows": small, "small_delta_calibration": small_cal}, indent=2,
                               default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     print(f"wrote {out}")
 
