@@ -85,7 +85,7 @@ class _CallRecord:
 
 
 class _Layer:
-    """A supported module of a plan: its rule and which of its parameters take the fast path."""
+    """A supported module of a routing: its rule and which of its parameters take the fast path."""
 
     __slots__ = ("module", "rule", "names", "attrs", "clone_output")
 
@@ -96,10 +96,10 @@ class _Layer:
         self.clone_output = True  # until a forward has shown that nothing edits the output in place
 
 
-class _Plan:
-    """Which parameters take which path, computed once per (module, params keys).
+class _Routing:
+    """Which parameters take which path (a layer rule or vmap), computed once per (module, params keys).
 
-    The first forward of a plan *verifies* it: a ``TorchFunctionMode`` finds fast-path parameters
+    The first forward of a routing *verifies* it: a ``TorchFunctionMode`` finds fast-path parameters
     read outside their own layer's forward (they move to the vmap path, and that forward is run
     again), and every tap output is a copy whose version counter shows whether the model modifies
     it in place. Layers whose output is never modified in place get a zero-copy view from then on.
@@ -181,8 +181,8 @@ class FastPass:
     — and :meth:`finish` in ``optimizer.step()`` with the output gradient as the target.
     """
 
-    def __init__(self, plan: _Plan, apply_fn, loss_from_output, clipping: Clipping, settings: _Settings, params, buffers):
-        self.plan, self.apply_fn, self.loss_from_output = plan, apply_fn, loss_from_output
+    def __init__(self, routing: _Routing, apply_fn, loss_from_output, clipping: Clipping, settings: _Settings, params, buffers):
+        self.routing, self.apply_fn, self.loss_from_output = routing, apply_fn, loss_from_output
         self.clipping, self.settings = clipping, settings
         self.params = {k: v.detach() for k, v in params.items()}
         self.buffers = buffers
@@ -203,7 +203,7 @@ class FastPass:
                 self.output = self.apply_fn(self.params, self.buffers, x)
             return self.output
         while True:
-            verifying = not self.plan.verified
+            verifying = not self.routing.verified
             out = self._tapped_forward(x, verifying)
             if out is not None:
                 self.output = out
@@ -211,8 +211,8 @@ class FastPass:
 
     def _tapped_forward(self, x: torch.Tensor, verifying: bool) -> Any:
         """One forward with hooks; None when verification moved parameters and it must be repeated."""
-        plan = self.plan
-        layers = plan.active
+        routing = self.routing
+        layers = routing.active
         self.records = {layer: [] for layer in layers}
         self.results = {}
         watch, handles, taps = None, [], []
@@ -232,11 +232,11 @@ class FastPass:
             for h in handles:
                 h.remove()
         if verifying:
-            plan.verified = True
+            routing.verified = True
             for layer, tapped in taps:  # explicit in-place detection: did anything modify the copy?
                 layer.clone_output = layer.clone_output and tapped._version > 0
             if watch.foreign:
-                plan.demote(watch.foreign)
+                routing.demote(watch.foreign)
                 return None
         return out
 
@@ -317,8 +317,8 @@ class FastPass:
                 name = layer.names[attr]
                 sq[name] = sq[name] + s if name in sq else s
         fallback_pe = {}
-        if self.plan.fallback:
-            fallback_pe = _vmap_grads(self.plan.fallback, self.apply_fn, self.loss_from_output, self.params, self.buffers,
+        if self.routing.fallback:
+            fallback_pe = _vmap_grads(self.routing.fallback, self.apply_fn, self.loss_from_output, self.params, self.buffers,
                                       self.x, targets, self.settings)
             for name, pe in fallback_pe.items():
                 sq[name] = pe.reshape(n, -1).square().sum(1)
@@ -427,7 +427,7 @@ def fast_engine(
     detected on the first call (a ``TorchFunctionMode`` watches that forward) and moved to the vmap
     path. A model that modifies a layer's output in place is detected on the first call too (by the
     version counter of a copied output) and that layer's output stays a copy. An engine caches its
-    plan per parameter-name set and is not meant to be called from several threads at once.
+    routing per parameter-name set and is not meant to be called from several threads at once.
 
     Raises:
         ValueError: non-finite per-example gradient norms of real examples (as the core does, see
@@ -465,21 +465,21 @@ def fast_engine(
     if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1):
         raise ValueError(f"{_FN}: views_per_example must be None or an int >= 1, got {views!r}")
     settings = _Settings(ghost_norm, fallback_chunk_size, views)
-    plans: dict[tuple[str, ...], _Plan] = {}
+    routings: dict[tuple[str, ...], _Routing] = {}
 
     def begin(params, buffers, x) -> FastPass:
         names = tuple(params)
         if not names:
             raise ValueError(f"{_FN}: params is empty; pass the dict of parameters to differentiate")
-        if names not in plans:
-            plans[names] = _Plan(module, names)
-        fast_pass = FastPass(plans[names], apply_fn, loss_from_output, clipping, settings, params, buffers)
+        if names not in routings:
+            routings[names] = _Routing(module, names)
+        fast_pass = FastPass(routings[names], apply_fn, loss_from_output, clipping, settings, params, buffers)
         fast_pass.forward(x)
         return fast_pass
 
     @torch.no_grad()  # outputs carry no graph; the one backward inside enables grad for itself
     def clip(fast_pass: FastPass, targets, mask=None, keep=None, b=None) -> EngineOutput:
-        names = fast_pass.plan.names
+        names = fast_pass.routing.names
         ref = next(iter(fast_pass.params.values()))
         n = fast_pass.x.shape[0]
         b = n if b is None else b

@@ -79,9 +79,9 @@ def _float_mask(mask, dtype):
 
 
 class AttentionTaps:
-    """Context of one engine forward: decomposes the calls of the plan's attention layers.
+    """Context of one engine forward: decomposes the calls of the routing's attention layers.
 
-    ``handles(layer)`` says whether a plan layer is an attention layer (it then gets no ordinary
+    ``handles(layer)`` says whether a routed layer is an attention layer (it then gets no ordinary
     hook). Entering installs, on each such module, a pre-hook that activates a ``TorchFunctionMode``
     for the duration of that module's forward only, so the rest of the model runs without it.
     """
