@@ -147,7 +147,8 @@ class ReconstructionScores(NamedTuple):
             out[name] = vals
             finite = v[torch.isfinite(v)]
             out[f"{name}_mean"] = float(finite.mean()) if finite.numel() else None
-            out[f"{name}_median"] = float(v.median()) if v.numel() else None
+            med = float(v.median()) if v.numel() else math.nan
+            out[f"{name}_median"] = med if math.isfinite(med) else None
         return out
 
 
