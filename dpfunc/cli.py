@@ -167,6 +167,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--dry-run", action="store_true",
                    help="print the plan (run folder, data file, n, q, steps, σ) and exit: nothing is trained or written")
+    t.add_argument("--nproc", type=_int_at_least("--nproc", 1), default=1,
+                   help="data-parallel DP-SGD on N local processes (same result as one; see README 'Scaling out'); "
+                        "for several machines use torchrun -m dpfunc train --run-dir DIR ...")
     return t
 
 
@@ -291,6 +294,12 @@ def _run_train(args: argparse.Namespace) -> int:
     # Find (or, with --download, fetch) the data before anything is written.
     data_file = _files.locate_pneumoniamnist(args.data_dir, download=args.download, fn="")
     print(f"run folder: {run_dir}   data: {data_file}")
+    if args.nproc > 1 and not args.dry_run:
+        from dpfunc.distributed import launch_train_ranks
+
+        return launch_train_ranks(args, _add_train, run_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and args.run_dir is None:
+        raise CommandError("under torchrun every rank must use the same run folder: pass --run-dir")
     if args.dry_run:
         plan = plan_run(cfg, data_file)
         sigma = "none (non-private)" if plan.noise_multiplier is None else f"{plan.noise_multiplier:.4f}"

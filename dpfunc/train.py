@@ -294,6 +294,7 @@ def train(
     progress: bool | None = None,
     log: Callable[[str], None] = print,
     bootstrap_resamples: int = 1000,
+    world: Any = None,
 ) -> RunResult:
     """Train, select on validation, evaluate on test, write the run folder.
 
@@ -310,6 +311,10 @@ def train(
             terminal (see :mod:`dpfunc._progress`).
         log: where per-epoch lines go.
         bootstrap_resamples: resamples for the test metrics' confidence intervals.
+        world: a :class:`dpfunc.distributed.World` for data-parallel DP-SGD (each rank computes the
+            clipped sum of its slice of the shared Poisson batch; see :mod:`dpfunc.distributed`);
+            None joins the group a launcher (``torchrun``, ``dpfunc train --nproc``) set up, if any.
+            Only rank 0 logs and writes the run folder; every rank returns the same result.
 
     Raises:
         ValueError: a batch size above the number of training examples, a checkpoint from another
@@ -320,8 +325,15 @@ def train(
     if resume and overwrite:
         raise ValueError("train: resume continues a run and overwrite replaces it; pass one of them")
     from dpfunc.bridge import functionalize
-    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+    from dpfunc.bridge.checkpoint import load_checkpoint
+    from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, sync
 
+    world = init_world("cpu") if world is None else world
+    if world.size > 1 and not cfg.private:
+        raise ValueError(f"train: data-parallel training (world size {world.size}) is for DP-SGD runs; train the "
+                         f"non-private baseline in one process")
+    if not world.is_main:
+        log, progress = (lambda *_: None), False
     train_set = load_training_set(cfg, data_dir)
     val_set = pneumoniamnist("val", data_dir, size=cfg.image_size)
     n = len(train_set)
@@ -337,7 +349,7 @@ def train(
         tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
                    num_examples=n, key=noise_key, momentum=cfg.momentum)
         engine = _make_engine(cfg, module, apply_fn, FlatClipping(cfg.max_grad_norm))
-        step_fn = make_step(None, tx, engine=engine)
+        step_fn = make_step(None, tx, engine=engine) if world.size == 1 else make_distributed_step(None, tx, world=world, engine=engine)
     else:
         tx = sgd(cfg.learning_rate, cfg.momentum)
         mean_loss = lambda p, b, x, y: F.cross_entropy(apply_fn(p, b, x), y)  # noqa: E731
@@ -358,8 +370,10 @@ def train(
             if not overwrite:
                 raise FileExistsError(f"train: {run_path} already holds a run; pass resume=True (--resume) to continue "
                                       f"it, overwrite=True (--overwrite) to replace it, or choose another run_dir")
+            sync(world)  # every rank has checked the folder before rank 0 empties it
             for name in RUN_FILES:
-                (run_path / name).unlink(missing_ok=True)
+                if world.is_main:
+                    (run_path / name).unlink(missing_ok=True)
         run_path.mkdir(parents=True, exist_ok=True)
         if resume:
             state = load_checkpoint(ckpt)
@@ -374,7 +388,9 @@ def train(
                 log(f"{ckpt}: the run finished all {cfg.epochs} epochs; nothing to train, re-evaluating it")
             else:
                 log(f"resumed {ckpt} at epoch {start_epoch}/{cfg.epochs}")
-        _write_json(run_path / "config.json", asdict(cfg))
+        sync(world)  # every rank has read the folder before rank 0 writes to it
+        if world.is_main:
+            _write_json(run_path / "config.json", asdict(cfg))
 
     if cfg.private:
         log(f"DP-SGD: n={n} q={q:.5f} (expected batch {cfg.batch_size}) steps={total_steps} σ={sigma:.4f} C={cfg.max_grad_norm} "
@@ -394,7 +410,8 @@ def train(
         for i in range(steps_per_epoch):
             t = epoch * steps_per_epoch + i
             if cfg.private:
-                idx = poisson_sample(sample_key.fold_in(t), n, q)
+                idx = poisson_sample(sample_key.fold_in(t), n, q)  # the same batch on every rank
+                idx = rank_slice(idx, world.rank, world.size)  # this rank reads its slice only
                 x, y = train_set.images[idx], train_set.labels[idx]
                 if cfg.augment_views:
                     x = augment_views(aug_key.fold_in(t), x, cfg.augment_views)
@@ -423,12 +440,12 @@ def train(
         if vm.roc_auc > best["val_auc"]:
             best = {"epoch": epoch + 1, "val_auc": vm.roc_auc, "params": average}
         if run_path is not None:
-            save_checkpoint(run_path / "checkpoint.pt", {
+            save_on_rank0(run_path / "checkpoint.pt", {
                 "config": asdict(cfg), "params": params, "average": average, "buffers": buffers, "opt_state": opt_state,
                 "history": history, "epoch": epoch + 1, "elapsed": elapsed, "best_epoch": best["epoch"],
                 "best_val_auc": best["val_auc"], "best_params": best["params"], "noise_multiplier": sigma,
                 "sampling_rate": q, "steps_done": (epoch + 1) * steps_per_epoch,
-            })
+            }, world)
         with bar.external_write_mode():
             log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val AUC {vm.roc_auc:.4f}  "
                 f"val acc {vm.accuracy:.4f}  ε {eps_spent:.3f}  ({elapsed:.0f}s)")
@@ -438,8 +455,9 @@ def train(
     test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
     result, test_scores = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps,
                                         eps_spent, elapsed, history, bootstrap_resamples, progress)
-    if run_path is not None:
+    if run_path is not None and world.is_main:
         _write_outputs(run_path, result, test_scores, test_set)
+    sync(world)
     return result
 
 

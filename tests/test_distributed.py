@@ -201,3 +201,37 @@ def test_a_crashed_rank_makes_the_others_fail_not_hang(tmp_path):
     assert codes[0] > 0, (codes, _logs(tmp_path))
     err = (tmp_path / "logs" / "rank0.err").read_text()
     assert "RuntimeError: dpfunc.distributed: rank 0 of 2 could not all-reduce" in err, err[-2000:]
+
+
+# --------------------------------------------------------------------------- dpfunc train --nproc
+
+
+def test_train_nproc_relaunches_the_same_flags_on_every_rank(monkeypatch, tmp_path, capsys):
+    """`dpfunc train --nproc 3` starts 3 ranks whose command line parses to the parent's flags, with
+    the parent's resolved run folder and without --nproc (no process is started here)."""
+    import dpfunc.distributed as distributed
+    from dpfunc.cli import _add_train, build_parser
+    from dpfunc.distributed import launch_train_ranks
+
+    flags = ["train", "--nproc", "3", "--epsilon", "2.5", "--delta", "1e-06", "--epochs", "2", "--batch-size", "16",
+             "--max-grad-norm", "0.7", "--engine", "vmap", "--train-subset", "64", "--quiet", "--seed", "0",
+             "--momentum", "0.5", "--lr", "0.3", "--overwrite"]
+    parent = build_parser(flags).parse_args(flags)
+    seen = {}
+
+    def fake_launch(nproc, argv, **kwargs):
+        seen.update(nproc=nproc, argv=argv, kwargs=kwargs)
+        return [0, 0, 0]
+
+    monkeypatch.setattr(distributed, "launch_local", fake_launch)
+    assert launch_train_ranks(parent, _add_train, tmp_path / "run") == 0
+    assert seen["nproc"] == 3 and seen["argv"][:4] == [sys.executable, "-m", "dpfunc", "train"]
+    child_flags = seen["argv"][3:]
+    assert "--nproc" not in child_flags
+    child = build_parser(child_flags).parse_args(child_flags)
+    assert child.run_dir == str(tmp_path / "run")
+    for name, value in vars(parent).items():
+        if name not in ("nproc", "run_dir"):
+            assert getattr(child, name) == value, name
+    monkeypatch.setattr(distributed, "launch_local", lambda nproc, argv, **kw: [0, 7, -9])
+    assert launch_train_ranks(parent, _add_train, tmp_path / "run") == 7  # a failed rank fails the command
