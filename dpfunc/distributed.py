@@ -400,7 +400,8 @@ def launch_local(
     Each process gets ``RANK``/``LOCAL_RANK``, ``WORLD_SIZE``/``LOCAL_WORLD_SIZE``, ``MASTER_ADDR=127.0.0.1``
     and a free ``MASTER_PORT``; each runs in its own session (process group), which is killed on the
     way out, whatever happens. When a rank fails, the others get ``grace_s`` seconds to fail on their
-    own (their next collective raises) before they are killed.
+    own (their next collective raises) before they are killed. Unless ``OMP_NUM_THREADS`` is set, each
+    rank gets ``cpu_count // nproc`` threads (torchrun gives 1), so the ranks do not oversubscribe the cores.
 
     Args:
         nproc: number of ranks (>= 1).
@@ -425,7 +426,9 @@ def launch_local(
     files = []
     try:
         for r in range(nproc):
-            e = dict(os.environ, **(env or {}), RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+            e = dict(os.environ, **(env or {}))
+            e.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # the cores, shared out
+            e.update(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
                      LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
             out = subprocess.DEVNULL if quiet_ranks and r > 0 else None
             err = None
