@@ -395,15 +395,34 @@ def _log_mgf(triples: tuple, direction: str, h: float) -> np.ndarray:
     return total
 
 
+@functools.lru_cache(maxsize=32)
+def _lambda_cap(triples: tuple, direction: str, h: float) -> float:
+    """``12 / sd`` of the discretised composition's finite part: a larger tilt would move the tilted
+    centre more than ~12 standard deviations (e.g. the Chernoff optimum is λ → ∞ when the loss is bounded
+    above, as in the "add" direction), dropping the mass where δ is decided."""
+    var = 0.0
+    for sigma, q, count in triples:
+        k_lo, masses, _, _ = _single_step_cached(sigma, q, direction, h)
+        total = float(masses.sum())
+        if total <= 0:
+            continue
+        g = (k_lo + np.arange(len(masses))) * h
+        mean = float((masses * g).sum()) / total
+        var += count * float((masses * (g - mean) ** 2).sum()) / total
+    return 12.0 / math.sqrt(var) if var > 0 else float(_LAMBDAS[-1])
+
+
 def _tilt_for_epsilon(triples: tuple, direction: str, h: float, epsilon: float) -> float:
-    """The λ minimising the Chernoff bound ``e^{-λε}E[e^{λL}] ≥ δ(ε)`` of the discretised composition:
-    the tilt that centres the tilted distribution where δ(ε) is decided."""
-    return float(_LAMBDAS[int(np.argmin(_log_mgf(triples, direction, h) - _LAMBDAS * epsilon))])
+    """The λ minimising the Chernoff bound ``e^{-λε}E[e^{λL}] ≥ δ(ε)`` of the discretised composition
+    (capped by :func:`_lambda_cap`): the tilt that centres the tilted distribution where δ(ε) is decided."""
+    lam = float(_LAMBDAS[int(np.argmin(_log_mgf(triples, direction, h) - _LAMBDAS * epsilon))])
+    return min(lam, _lambda_cap(triples, direction, h))
 
 
 def _tilt_for_delta(triples: tuple, direction: str, h: float, delta: float) -> float:
-    """The λ minimising the Chernoff ε bound ``(log E[e^{λL}] + log(1/δ))/λ`` at ``delta``."""
-    return float(_LAMBDAS[int(np.argmin((_log_mgf(triples, direction, h) + math.log(1 / delta)) / _LAMBDAS))])
+    """The λ minimising the Chernoff ε bound ``(log E[e^{λL}] + log(1/δ))/λ`` at ``delta`` (capped)."""
+    lam = float(_LAMBDAS[int(np.argmin((_log_mgf(triples, direction, h) + math.log(1 / delta)) / _LAMBDAS))])
+    return min(lam, _lambda_cap(triples, direction, h))
 
 
 @functools.lru_cache(maxsize=8)
