@@ -50,8 +50,9 @@ Round-off: exponential tilting and a weighted error norm.
     ~1e-12·T *times a bound on δ*, where the old absolute charge was ~1e-12·T in absolute terms and
     reached δ = 1e-8 near T = 1e4. ``λ`` minimises that Chernoff bound for the discretised distribution
     at the query (ε for δ queries; the ε-optimal tilt at δ for ε queries, re-tilted once if the charge
-    exceeds 1% of δ), which centres the tilted distribution where δ is decided; any λ > 0 gives a valid
-    bound, only the tightness depends on it.
+    exceeds 1% of δ), which centres the tilted distribution where δ is decided, capped at 12/sd of the
+    composition (a bounded loss, as in the "add" direction, has its Chernoff optimum at λ → ∞). Any
+    λ > 0 gives a valid bound; only the tightness depends on it.
 
     Fresh round-off of one FFT convolution of ``a, b`` (lengths summing to ``n + 1``, transform length
     ``N``): for a radix-2 FFT with accurately computed twiddles, ``‖fl(Fx) − Fx‖_2 ≤ κ‖Fx‖_2`` with
