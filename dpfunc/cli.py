@@ -152,6 +152,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--engine", choices=["fast", "vmap"], default=None,
                    help="per-example clipping (default: fast): fast (ghost norms / book-keeping) or vmap (oracle)")
     t.add_argument("--no-dp", action="store_true", help="train the non-private baseline (same model and data)")
+    t.add_argument("--secure-noise", action="store_true",
+                   help="secure mode: grid-rounded sums + exact discrete Gaussian noise from OS entropy (ChaCha20); "
+                        "the noise is NOT reproducible from --seed; ε from the discrete-Gaussian bound (README 'Secure mode')")
     t.add_argument("--seed", type=int, default=0, help="root of all keys (init, sampling, noise)")
     t.add_argument("--train-subset", type=_int_at_least("--train-subset", 2), default=None, metavar="N",
                    help="train on a fixed random subset of N training examples (quick experiments; ε is accounted "
@@ -180,6 +183,9 @@ def _train_config(args: argparse.Namespace):
     if args.no_dp and given:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
         raise CommandError(f"--no-dp trains without privacy, so {flags} would be ignored; drop {flags} or drop --no-dp")
+    if args.secure_noise and (args.no_dp or getattr(args, "nproc", 1) > 1):
+        raise CommandError("--secure-noise needs DP training in one process (not --no-dp; not --nproc > 1: every rank "
+                           "would draw its own unreproducible noise)")
     if args.epsilon is not None and args.noise_multiplier is not None:
         raise CommandError("give --epsilon (σ calibrated to that ε) or --noise-multiplier (a fixed σ), not both")
     for flag, value in (("--momentum", args.momentum), ("--ema-decay", args.ema_decay)):
@@ -192,7 +198,7 @@ def _train_config(args: argparse.Namespace):
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
                        ema_decay=args.ema_decay, max_grad_norm=dp["max_grad_norm"], augment_views=dp["augment_views"],
                        image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed,
-                       train_subset=args.train_subset)
+                       train_subset=args.train_subset, secure_noise=args.secure_noise)
 
 
 def default_run_name(cfg) -> str:

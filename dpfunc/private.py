@@ -40,6 +40,7 @@ from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound
 from dpfunc.keys import Key
 from dpfunc.noise import check_noise_multiplier, privatize
 from dpfunc.sampling import check_sampling_rate
+from dpfunc.secure_noise import secure_privatize
 from dpfunc.transforms import GradientTransformation, Schedule, adam, chain, sgd
 
 __all__ = ["DPConfig", "DPAggregateState", "BudgetGuard", "check_budget", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
@@ -152,7 +153,7 @@ def noise_key(key: Key, step: int) -> Key:
     return key.fold_in(_NOISE_DOMAIN).fold_in(step)
 
 
-def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientTransformation:
+def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool = False) -> GradientTransformation:
     """Add Gaussian noise to a clipped sum and divide by the expected batch size.
 
     ``update(clipped, state, params)`` takes the :class:`~dpfunc.ClippedSum` that an engine
@@ -168,6 +169,11 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientT
         key: the noise key of the run.
         budget: optional :class:`~dpfunc.accounting.PrivacyBudget`; a step that would exceed it raises
             before any noise is drawn.
+        secure: True draws the noise with :func:`dpfunc.secure_noise.secure_privatize` instead: the sum
+            rounded to a grid 2^-k, exact discrete Gaussian noise from a CSPRNG keyed by OS entropy
+            (``key`` is then unused for noise; NOT reproducible). Account for it with
+            :func:`dpfunc.accounting.discrete_gaussian.discrete_gaussian_epsilon` — the ledger records
+            σ and q only, and ``epsilon(ledger)`` gives the continuous-Gaussian ε, which is smaller.
 
     Example:
         >>> tx = dp_aggregate(DPConfig(1.0, 0.0, 0.5, 4), Key(0))
@@ -181,6 +187,8 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientT
     if not isinstance(key, Key):
         raise TypeError(f"dp_aggregate: key must be a dpfunc.Key, got {type(key).__name__}")
     sigma, q = config.noise_multiplier, config.sampling_rate
+    if not isinstance(secure, bool) or (secure and sigma == 0):
+        raise ValueError(f"dp_aggregate: secure must be a bool, and secure=True needs noise_multiplier > 0; got secure={secure!r}, σ={sigma}")
     guard = BudgetGuard(budget, sigma, q) if budget is not None else None
 
     def init(params):
@@ -200,6 +208,10 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None) -> GradientT
                 f"clipping {config.clipping} has sensitivity {expected}; build the engine with the same clipping"
             )
         count = int(state.count)  # a Python int (an old checkpoint may hold a 0-d CPU tensor)
+        if secure:
+            noisy, _ = secure_privatize(updates.grads, noise_multiplier=sigma, sensitivity=updates.sensitivity,
+                                        expected_batch_size=config.expected_batch_size)
+            return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q))
         noisy = privatize(
             updates.grads,
             noise_key(key, count),
@@ -224,6 +236,7 @@ def dpsgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     budget: Any = None,
+    secure: bool = False,
 ) -> GradientTransformation:
     """DP-SGD (Abadi et al. 2016): ``chain(dp_aggregate(...), sgd(...))``.
 
@@ -233,7 +246,7 @@ def dpsgd(
         0
     """
     cfg = _make_config("dpsgd", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
-    return chain(dp_aggregate(cfg, key, budget=budget), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
+    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
 
 
 def dpadam(
@@ -248,10 +261,11 @@ def dpadam(
     b2: float = 0.999,
     eps: float = 1e-8,
     budget: Any = None,
+    secure: bool = False,
 ) -> GradientTransformation:
     """DP-Adam: ``chain(dp_aggregate(...), adam(...))``; Adam only post-processes the private mean."""
     cfg = _make_config("dpadam", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
-    return chain(dp_aggregate(cfg, key, budget=budget), adam(learning_rate, b1, b2, eps))
+    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure), adam(learning_rate, b1, b2, eps))
 
 
 def find_dp_state(opt_state: Any) -> DPAggregateState | None:

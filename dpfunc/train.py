@@ -77,6 +77,12 @@ class TrainConfig:
         train_subset: train on this many training examples only (a fixed random subset, the same for
             every seed; None = all). For quick experiments and smoke tests; ε is accounted for the
             subset (n = train_subset), whose examples are the only ones the run touches.
+        secure_noise: secure mode (:mod:`dpfunc.secure_noise`): the clipped sum rounded to a grid 2^-k,
+            exact discrete Gaussian noise from a ChaCha20 stream keyed by OS entropy, ε from the
+            discrete-Gaussian bound (:mod:`dpfunc.accounting.discrete_gaussian`). The noise is NOT
+            derived from ``seed``: such a run cannot be reproduced.
+        noise_reproducible: recorded, not chosen: ``not secure_noise`` (None fills it in; a
+            contradicting value is refused), so that config.json says whether the noise can be replayed.
     """
 
     model: str = "cnn"
@@ -95,6 +101,8 @@ class TrainConfig:
     private: bool = True
     seed: int = 0
     train_subset: int | None = None
+    secure_noise: bool = False
+    noise_reproducible: bool | None = None
 
     def __post_init__(self) -> None:
         fn = "TrainConfig"
@@ -134,6 +142,13 @@ class TrainConfig:
         if self.train_subset is not None and (isinstance(self.train_subset, bool) or not isinstance(self.train_subset, int)
                                               or self.train_subset < 2):
             raise ValueError(f"{fn}: train_subset must be None or an int >= 2, got {self.train_subset!r}")
+        if not isinstance(self.secure_noise, bool) or (self.secure_noise and not self.private):
+            raise ValueError(f"{fn}: secure_noise must be a bool and needs private=True, got {self.secure_noise!r}")
+        if self.noise_reproducible is None:
+            object.__setattr__(self, "noise_reproducible", not self.secure_noise)
+        if self.noise_reproducible is not (not self.secure_noise):
+            raise ValueError(f"{fn}: noise_reproducible is {not self.secure_noise} when secure_noise={self.secure_noise}, "
+                             f"got {self.noise_reproducible!r}")
 
 
 @dataclass
@@ -272,6 +287,9 @@ def _epsilon_spent(cfg: TrainConfig, opt_state: Any) -> float:
     """ε spent so far (PLD), a pure function of the ledger in ``opt_state``; ∞ for a non-private run."""
     if not cfg.private:
         return math.inf
+    if cfg.secure_noise:  # the discrete Gaussian's own bound, from the ledger's σ, q and steps
+        from dpfunc.accounting.discrete_gaussian import ledger_epsilon
+        return ledger_epsilon(privacy_ledger(opt_state), cfg.delta)
     return accounting.epsilon(privacy_ledger(opt_state), cfg.delta, method="pld")
 
 
@@ -281,6 +299,9 @@ def calibrate(cfg: TrainConfig, sampling_rate: float, steps: int) -> float | Non
         return None
     if cfg.epsilon is None:
         return cfg.noise_multiplier
+    if cfg.secure_noise:
+        from dpfunc.accounting.discrete_gaussian import discrete_gaussian_noise_multiplier_for
+        return discrete_gaussian_noise_multiplier_for(cfg.epsilon, cfg.delta, sampling_rate, steps)
     return accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, sampling_rate, steps, method="pld")
 
 
@@ -347,7 +368,7 @@ def train(
 
     if cfg.private:
         tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
-                   num_examples=n, key=noise_key, momentum=cfg.momentum)
+                   num_examples=n, key=noise_key, momentum=cfg.momentum, secure=cfg.secure_noise)
         engine = _make_engine(cfg, module, apply_fn, FlatClipping(cfg.max_grad_norm))
         step_fn = make_step(None, tx, engine=engine) if world.size == 1 else make_distributed_step(None, tx, world=world, engine=engine)
     else:
