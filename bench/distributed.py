@@ -8,7 +8,7 @@ communication per step next to the model size.
 
     .venv/bin/python bench/distributed.py [--nprocs 1 2] [--train-subset 2048] [--epochs 1]
 
-Writes bench/results/distributed.json and .md.
+Writes bench/results/distributed.json and .md (``--tag`` appends to the file name).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--engine", default="fast")
+    ap.add_argument("--tag", default="")
     ap.add_argument("--data-dir", default=os.environ.get("DPFUNC_DATA", str(ROOT.parent / "shared" / "data")))
     a = ap.parse_args()
 
@@ -56,7 +57,7 @@ def main() -> int:
     _, params, _ = functionalize(build_model("cnn", key=Key(0)))
     numel = sum(p.numel() for p in params.values())
     grad_bytes = 4 * numel
-    rows, ref = [], None
+    rows, params_of = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         for nproc in a.nprocs:
             run = Path(tmp) / f"n{nproc}"
@@ -68,32 +69,35 @@ def main() -> int:
             wall = time.perf_counter() - t0
             metrics = json.loads((run / "metrics.json").read_text())
             ckpt = load_checkpoint(run / "checkpoint.pt")
-            if ref is None:
-                ref = ckpt["params"]
-            diff = max(float((ckpt["params"][k] - ref[k]).abs().max()) for k in ref)
+            params_of[len(rows)] = ckpt["params"]
             examples = metrics["steps"] * a.batch_size
             # ring all-reduce: each rank sends 2 (W-1)/W of the buffer; + the count (8 B) and 4 metric sums (32 B)
             sent = 0 if nproc == 1 else 2 * (nproc - 1) / nproc * (grad_bytes + 8 + 32)
             rows.append({"nproc": nproc, "steps": metrics["steps"], "train_seconds": metrics["train_seconds"],
                          "examples_per_s": examples / metrics["train_seconds"], "wall_seconds_with_startup": wall,
-                         "max_param_diff_vs_first": diff, "bytes_sent_per_rank_per_step": sent})
-    base = rows[0]["examples_per_s"]
+                         "bytes_sent_per_rank_per_step": sent,
+                         "omp_num_threads": os.environ.get("OMP_NUM_THREADS", f"unset (torch default; --nproc N>1: {os.cpu_count()}//N)")})
+    first = next(i for i, r in enumerate(rows) if r["nproc"] == 1) if any(r["nproc"] == 1 for r in rows) else 0
+    for i, r in enumerate(rows):
+        ref = params_of[first]
+        r["max_param_diff_vs_first"] = max(float((params_of[i][k] - ref[k]).abs().max()) for k in ref)
+    base = rows[first]["examples_per_s"]
     header = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "threads_per_process": torch.get_num_threads(),
               "load_average": os.getloadavg(), "model": "cnn", "model_parameters": numel, "model_bytes_float32": grad_bytes,
               "train_subset": a.train_subset, "batch_size": a.batch_size, "engine": a.engine}
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "distributed.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+    (out / f"distributed{a.tag}.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
     lines = [f"# dpfunc train --nproc N ({header['cpu']}, {header['cores']} cores, torch {header['torch']}, "
              f"load average {', '.join(f'{x:.1f}' for x in header['load_average'])})", "",
              f"CNN, {numel} parameters ({grad_bytes} B float32); subset {a.train_subset}, expected batch {a.batch_size}, "
              f"engine {a.engine}", "",
-             "| processes | steps | train s | examples/s | × N=1 | max param diff vs N=1 | bytes sent per rank per step |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| processes | OMP threads per process | steps | train s | examples/s | × N=1 | max param diff vs N=1 | bytes sent per rank per step |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['nproc']} | {r['steps']} | {r['train_seconds']:.1f} | {r['examples_per_s']:.1f} | "
+        lines.append(f"| {r['nproc']} | {r['omp_num_threads']} | {r['steps']} | {r['train_seconds']:.1f} | {r['examples_per_s']:.1f} | "
                      f"{r['examples_per_s'] / base:.2f} | {r['max_param_diff_vs_first']:.2e} | {r['bytes_sent_per_rank_per_step']:.0f} |")
-    (out / "distributed.md").write_text("\n".join(lines) + "\n")
+    (out / f"distributed{a.tag}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

@@ -315,8 +315,9 @@ def _run_train(args: argparse.Namespace) -> int:
         return 0
     result = train(cfg, data_dir=data_file, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,
                    progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap)
-    _print_result(result.test, result.test_ci, result.epsilon, result.delta, result.train_seconds)
-    print(f"run folder: {run_dir}  (metrics.json, checkpoint.pt, roc.png, confusion.png, training.png)")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports (every rank has the same result)
+        _print_result(result.test, result.test_ci, result.epsilon, result.delta, result.train_seconds)
+        print(f"run folder: {run_dir}  (metrics.json, checkpoint.pt, roc.png, confusion.png, training.png)")
     return 0
 
 

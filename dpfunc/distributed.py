@@ -242,7 +242,8 @@ def all_reduce_clipped_sum(clipped: ClippedSum, world: World) -> ClippedSum:
             numel = clipped.grads[k].numel()
             out[k] = flat[offset : offset + numel].view_as(clipped.grads[k])
             offset += numel
-    count = clipped.num_examples.detach().to(torch.int64).clone().reshape(())
+    device = next(iter(clipped.grads.values())).device if clipped.grads else None
+    count = torch.as_tensor(clipped.num_examples, device=device).detach().to(torch.int64).clone().reshape(())
     _all_reduce_sum(count, world, "the example count")
     return clipped._replace(grads={k: out[k] for k in names}, num_examples=count)
 

@@ -105,6 +105,17 @@ def test_one_process_world_is_make_step_bit_for_bit(seed):
         assert float(a) == pytest.approx(float(b), rel=1e-5)
 
 
+def test_an_empty_slice_releases_pure_noise_like_make_step():
+    """A rank whose slice is empty (batch smaller than the world) contributes an exact zero."""
+    params, tx = worker.init_params(), worker.make_tx()
+    empty = (torch.zeros(0, 5), torch.zeros(0))
+    ref = make_step(worker.loss_fn, tx)(params, tx.init(params), empty)
+    ours = make_distributed_step(worker.loss_fn, tx, world=single_process())(params, tx.init(params), empty)
+    assert all(torch.equal(ref[0][k], ours[0][k]) for k in params)
+    assert not all(torch.equal(ours[0][k], params[k]) for k in params)  # σ > 0: the noise moved them
+    assert int(ours[2].batch_size) == 0 and math.isnan(float(ours[2].loss))
+
+
 # --------------------------------------------------------------------------- real process groups
 
 
