@@ -70,7 +70,7 @@ from dpfunc.transforms import GradientTransformation, apply_updates
 
 __all__ = [
     "World", "backend_for", "init_world", "single_process", "slice_bounds", "rank_slice", "rank_batch_size",
-    "all_reduce_clipped_sum", "make_distributed_step", "sync", "save_on_rank0", "launch_local", "free_port",
+    "all_reduce_clipped_sum", "check_replicas", "make_distributed_step", "sync", "save_on_rank0", "launch_local", "free_port",
 ]
 
 
@@ -266,6 +266,32 @@ def _metric_sums(out: EngineOutput, mask: torch.Tensor | None, world: World) -> 
     return StepMetrics(sums[0] / n, n.to(torch.int64), frac, sums[3] / n)
 
 
+def check_replicas(updates: Params, world: World) -> None:
+    """Raise if the ranks' updates differ (one 2-element all-reduce and one host read).
+
+    The updates are a deterministic function of the all-reduced sum and the shared key, so they are
+    equal bit for bit on every rank; they differ only when the noise was NOT drawn from the shared
+    key (e.g. ``dp_aggregate(..., secure=True)``, whose noise comes from ``os.urandom`` on each rank:
+    the ranks would release different noisy gradients and drift apart).
+    """
+    if world.size == 1:
+        return
+    ref = next(iter(updates.values())) if updates else torch.zeros(())
+    s = sum((u.detach().to(torch.float64) * (1.0 + i)).sum() for i, u in enumerate(updates.values())) if updates else ref.new_zeros((), dtype=torch.float64)
+    s = torch.nan_to_num(torch.as_tensor(s, dtype=torch.float64, device=ref.device), nan=0.0)
+    both = torch.stack([s, -s])
+    try:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=world.group)
+    except RuntimeError as e:
+        raise RuntimeError(f"dpfunc.distributed: rank {world.rank} of {world.size} could not compare the replicas: another "
+                           f"rank crashed, stopped or timed out (see its log). Cause: {e}") from e
+    if bool(both[0] != -both[1]):
+        raise RuntimeError(
+            f"make_distributed_step: the ranks' updates differ (rank {world.rank} of {world.size}); the noise must be drawn "
+            f"from the shared key (dp_aggregate's default). Noise from os.urandom (secure=True) differs per rank: train "
+            f"secure mode in one process")
+
+
 def make_distributed_step(
     loss_fn: Callable[..., torch.Tensor] | None,
     tx: GradientTransformation,
@@ -273,6 +299,7 @@ def make_distributed_step(
     world: World,
     engine: GradEngine | None = None,
     chunk_size: int | None = None,
+    check: bool = True,
 ) -> Callable[..., tuple[Params, Any, StepMetrics]]:
     """:func:`~dpfunc.make_step` for data-parallel training: each rank passes ITS slice of the shared batch.
 
@@ -282,6 +309,9 @@ def make_distributed_step(
             on every rank — :func:`~dpfunc.run_keys` of the shared seed).
         world: from :func:`init_world` (a one-process world gives :func:`~dpfunc.make_step`'s results).
         engine: computes the clipped sum of the slice (``vmap_engine`` or the bridge's ``fast_engine``).
+        check: compare the ranks' updates at every step (:func:`check_replicas`: one tiny all-reduce and
+            one host read per step) and raise if they differ. False skips it (no host read: a GPU
+            pipeline never waits), for a ``tx`` known to draw its noise from the shared key.
 
     Returns:
         ``step(params, opt_state, batch, mask=None, buffers=None) -> (params, opt_state, metrics)``
@@ -325,6 +355,8 @@ def make_distributed_step(
         with torch.no_grad():
             total = all_reduce_clipped_sum(out.grads, world)
             updates, opt_state = tx.update(total, opt_state, params)  # the noise: after the reduction, once
+            if check:
+                check_replicas(updates, world)
             new_params = apply_updates(params, updates)
         return new_params, opt_state, metrics
 

@@ -353,6 +353,9 @@ def train(
     if world.size > 1 and not cfg.private:
         raise ValueError(f"train: data-parallel training (world size {world.size}) is for DP-SGD runs; train the "
                          f"non-private baseline in one process")
+    if world.size > 1 and cfg.secure_noise:
+        raise ValueError(f"train: secure_noise draws the noise from os.urandom on each rank, so {world.size} ranks would "
+                         f"release different noise; train secure mode in one process (data-parallel needs the shared key)")
     if not world.is_main:
         log, progress = (lambda *_: None), False
     train_set = load_training_set(cfg, data_dir)

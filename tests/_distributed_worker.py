@@ -41,15 +41,16 @@ def loss_fn(p, b, x, y):
     return (h @ p["w2"] - y) ** 2
 
 
-def make_tx():
+def make_tx(secure: bool = False):
     return dpsgd(LR, noise_multiplier=SIGMA, max_grad_norm=C, sampling_rate=Q, num_examples=N,
-                 key=run_keys(Key(SEED)).noise, momentum=0.9)
+                 key=run_keys(Key(SEED)).noise, momentum=0.9, **({"secure": True} if secure else {}))
 
 
-def train(world: World, first: int, last: int, params=None, opt_state=None, crash_rank: int | None = None):
+def train(world: World, first: int, last: int, params=None, opt_state=None, crash_rank: int | None = None,
+          secure: bool = False):
     """Steps ``first..last-1``; returns ``(params, opt_state, metrics per step)``."""
     x, y = data()
-    tx = make_tx()
+    tx = make_tx(secure)
     if params is None:
         params = init_params()
         opt_state = tx.init(params)
@@ -87,6 +88,7 @@ def main() -> int:
     ap.add_argument("--resume")
     ap.add_argument("--crash-rank", type=int)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--secure", action="store_true", help="noise from os.urandom (must be refused)")
     a = ap.parse_args()
     torch.set_default_dtype(getattr(torch, a.dtype))
     torch.set_num_threads(1)
@@ -97,7 +99,7 @@ def main() -> int:
 
         state = load_checkpoint(a.resume)
         params, opt_state = state["params"], state["opt_state"]
-    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank)
+    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank, a.secure)
     torch.save({"params": params, "ledger": privacy_ledger(opt_state), "metrics": metrics, "probe": noise_probe(world),
                 "world_size": world.size}, os.path.join(a.out, f"rank{world.rank}.pt"))
     save_on_rank0(os.path.join(a.out, "ckpt.pt"), {"params": params, "opt_state": opt_state}, world)

@@ -246,3 +246,11 @@ def test_train_nproc_relaunches_the_same_flags_on_every_rank(monkeypatch, tmp_pa
             assert getattr(child, name) == value, name
     monkeypatch.setattr(distributed, "launch_local", lambda nproc, argv, **kw: [0, 7, -9])
     assert launch_train_ranks(parent, _add_train, tmp_path / "run") == 7  # a failed rank fails the command
+
+
+def test_noise_that_differs_between_ranks_is_caught_not_released(tmp_path):
+    """secure=True draws its noise from os.urandom on each rank; the replica check refuses the step."""
+    codes = _launch(tmp_path, 2, "--last", "1", "--secure")
+    assert codes[0] > 0 and codes[1] > 0, (codes, _logs(tmp_path))
+    for r in range(2):
+        assert "the ranks' updates differ" in (tmp_path / "logs" / f"rank{r}.err").read_text(), _logs(tmp_path)
