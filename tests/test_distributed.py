@@ -78,6 +78,27 @@ def test_bad_arguments_are_refused_with_the_function_name():
         launch_local(0, ["true"])
 
 
+def test_init_world_reads_the_launcher_environment(monkeypatch):
+    from dpfunc.distributed import init_world
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert init_world() == single_process()  # no launcher: one process, no process group
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_world("cpu") == single_process()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="init_world: the environment variable RANK is not set; launch with torchrun"):
+        init_world("cpu")
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match=r"init_world: RANK must be in \[0, 2\), got 2"):
+        init_world("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(ValueError, match="init_world: WORLD_SIZE must be an integer, got 'two'"):
+        init_world("cpu")
+    with pytest.raises(ValueError, match="init_world: timeout_s must be a finite number > 0"):
+        init_world("cpu", timeout_s=0)
+
+
 def test_backend_is_chosen_from_the_device():
     assert backend_for("cpu") == "gloo" and backend_for(None) == "gloo"
     assert backend_for(torch.device("cuda", 1)) == "nccl" and backend_for("cuda") == "nccl"
