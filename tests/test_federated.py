@@ -12,6 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from dpfunc import FlatClipping, Key, accounting, dpsgd, make_step, poisson_sample, privacy_ledger, vmap_engine
 from dpfunc.federated import (
+    AggregationError,
     InProcessSites,
     Partition,
     RoundFailedError,
@@ -195,6 +196,21 @@ def test_too_few_sites_fails_the_round_and_changes_nothing():
     with pytest.raises(RoundFailedError, match=r"at least 2 needed.*site 0: failed: RuntimeError: down"):
         run_round_inprocess(state, sites, key=key, min_sites=2)
     assert state.round == 0 and all(torch.equal(state.params[k], before[k]) for k in before)
+
+
+def test_failed_aggregation_fails_the_round_and_changes_nothing():
+    # an aggregator that cannot produce the sum (a secure round below its threshold raises this)
+    # must fail the round like too few answers do, not escape as another exception type
+    class Broken(WeightedFedAvg):
+        def aggregate(self, updates, reference):
+            raise AggregationError("only 1 of 2 shares")
+
+    key, state, sites, _ = _setup([32, 32])
+    before = {k: v.clone() for k, v in state.params.items()}
+    with pytest.raises(RoundFailedError, match=r"round 0 failed in aggregation \(AggregationError: only 1 of 2"):
+        run_round_inprocess(state, sites, key=key, aggregator=Broken())
+    assert state.round == 0 and all(torch.equal(state.params[k], before[k]) for k in before)
+    assert all(s.ledger.total_steps == 0 for s in state.sites)
 
 
 def test_update_is_never_applied_twice():

@@ -14,7 +14,7 @@ import torch
 
 from dpfunc._tree import Params
 from dpfunc._validate import check_int_range, check_probability
-from dpfunc.federated.aggregate import Aggregator, WeightedFedAvg, check_update
+from dpfunc.federated.aggregate import AggregationError, Aggregator, WeightedFedAvg, check_update
 from dpfunc.federated.site import SitePlan, SiteState, SiteUpdate, charge_site, site_key, site_round
 from dpfunc.keys import Key
 from dpfunc.private import find_dp_state
@@ -124,7 +124,8 @@ def apply_round(
         the round's steps (:func:`~dpfunc.federated.charge_site`): it may have trained before failing.
 
     Raises:
-        RoundFailedError: fewer than ``min_sites`` usable answers (nothing is applied).
+        RoundFailedError: fewer than ``min_sites`` usable answers, or the aggregator raised
+            :class:`AggregationError` (e.g. a secure round lost too many sites); nothing is applied.
     """
     aggregator = aggregator if aggregator is not None else WeightedFedAvg()
     r = state.round
@@ -154,7 +155,12 @@ def apply_round(
                          sum(losses) / len(losses) if losses else math.nan)
     if len(kept) < min_sites:
         raise RoundFailedError(report, min_sites)
-    mean = aggregator.aggregate([u for u, _ in kept], state.params)
+    try:
+        mean = aggregator.aggregate([u for u, _ in kept], state.params)
+    except AggregationError as e:  # e.g. a secure round with fewer than t survivors: fail it, apply nothing
+        raise RoundFailedError(report, min_sites, message=(
+            f"round {r} failed in aggregation ({type(e).__name__}: {e}). Nothing was applied; the last "
+            f"checkpoint is unchanged.")) from e
     if server_tx is None:
         params, opt_state = {k: v.to(state.params[k].dtype) for k, v in mean.items()}, state.opt_state
     else:
