@@ -347,7 +347,7 @@ def train(
         raise ValueError("train: resume continues a run and overwrite replaces it; pass one of them")
     from dpfunc.bridge import functionalize
     from dpfunc.bridge.checkpoint import load_checkpoint
-    from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, sync
+    from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, slice_bounds, sync
 
     world = init_world("cpu") if world is None else world
     if world.size > 1 and not cfg.private:
@@ -435,10 +435,13 @@ def train(
             t = epoch * steps_per_epoch + i
             if cfg.private:
                 idx = poisson_sample(sample_key.fold_in(t), n, q)  # the same batch on every rank
-                idx = rank_slice(idx, world.rank, world.size)  # this rank reads its slice only
-                x, y = train_set.images[idx], train_set.labels[idx]
-                if cfg.augment_views:
-                    x = augment_views(aug_key.fold_in(t), x, cfg.augment_views)
+                if cfg.augment_views:  # the whole batch's views, then this rank's rows: the one-process views
+                    x = augment_views(aug_key.fold_in(t), train_set.images[idx], cfg.augment_views)
+                    lo, hi = slice_bounds(len(idx), world.size)[world.rank]
+                    x, y = x[lo:hi], train_set.labels[idx[lo:hi]]
+                else:
+                    idx = rank_slice(idx, world.rank, world.size)  # this rank reads its slice only
+                    x, y = train_set.images[idx], train_set.labels[idx]
                 params, opt_state, m = step_fn(params, opt_state, (x, y), buffers=buffers)
                 losses.append((m.loss, m.batch_size))
             else:
