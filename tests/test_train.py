@@ -25,11 +25,17 @@ def test_ema_first_step_is_mostly_the_new_iterate():
     assert out["w"].item() == pytest.approx(0.9)  # d = 1/10 at step 0
 
 
-@pytest.mark.parametrize("n, batch, epochs, steps_per_epoch", [(4708, 256, 15, 18), (4708, 512, 1, 9), (100, 256, 2, 1)])
+@pytest.mark.parametrize("n, batch, epochs, steps_per_epoch", [(4708, 256, 15, 18), (4708, 512, 1, 9), (100, 100, 2, 1)])
 def test_plan_uses_the_expected_batch_size(n, batch, epochs, steps_per_epoch):
     q, spe, total = _plan(TrainConfig(batch_size=batch, epochs=epochs), n)
-    assert q == pytest.approx(min(1.0, batch / n))
+    assert q == pytest.approx(batch / n)
     assert (spe, total) == (steps_per_epoch, steps_per_epoch * epochs)
+
+
+def test_plan_refuses_a_batch_larger_than_the_data():
+    # issue 12: --batch-size above n used to become q = 1 without a word
+    with pytest.raises(ValueError, match=r"batch_size 256 \(--batch-size\) is larger than the training set \(n = 100\)"):
+        _plan(TrainConfig(batch_size=256, epochs=2), 100)
 
 
 @pytest.mark.parametrize("field, value", [("ema_decay", 1.0), ("ema_decay", -0.1), ("momentum", 1.0), ("delta", 0.0), ("image_size", 32)])
