@@ -92,6 +92,19 @@ class SecureRandom:
 
     def below(self, m) -> np.ndarray:
         """Uniform integers in ``[0, m)``; ``m`` is an int ≥ 1 or an int64 array of them (elementwise)."""
+        if isinstance(m, tuple):  # (n, scalar m): n draws below one bound, the common case, without per-element division
+            n, bound = m
+            if bound < 1:
+                raise ValueError(f"SecureRandom.below: m must be >= 1, got {bound}")
+            lim = (_INT63 // bound) * bound
+            out = self.words(n)
+            bad = np.flatnonzero(out >= lim)
+            while bad.size:
+                w = self.words(bad.size)
+                ok = w < lim
+                out[bad[ok]] = w[ok]
+                bad = bad[~ok]
+            return out % bound
         m = np.asarray(m, dtype=np.int64)
         shape = m.shape
         m = m.reshape(-1)
@@ -123,8 +136,23 @@ class SecureRandom:
 # ---------------------------------------------------------------- the vectorised sampler (int64)
 
 def _bern_frac(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
-    """Bernoulli(num/den) elementwise, 0 ≤ num ≤ den."""
+    """Bernoulli(num/den) elementwise, 0 ≤ num ≤ den (``den`` an int or an array)."""
+    if isinstance(den, (int, np.integer)):
+        return rng.below((num.size, int(den))).reshape(num.shape) < num
     return rng.below(np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)) < num
+
+
+def _bern_exp_minus_one(rng: SecureRandom, n: int) -> np.ndarray:
+    """``n`` Bernoulli(e⁻¹): CKS Algorithm 1 at γ = 1, where Bernoulli(γ/K) = Bernoulli(1/K) (K = 1 is certain)."""
+    out = np.empty(n, dtype=bool)
+    active = np.arange(n)
+    k = 2
+    while active.size:
+        a = rng.below((active.size, k)) == 0
+        out[active[~a]] = k % 2 == 1
+        active = active[a]
+        k += 1
+    return out
 
 
 def _bern_exp_unit(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
@@ -134,14 +162,15 @@ def _bern_exp_unit(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
     is drawn as Bernoulli(γ) ∧ Bernoulli(1/K) (independent), so no product ``den·K`` can overflow.
     """
     num = np.asarray(num, dtype=np.int64)
-    den = np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)
+    scalar = isinstance(den, (int, np.integer))
+    den = int(den) if scalar else np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)
     out = np.empty(num.shape, dtype=bool)
     active = np.arange(num.size)
     k = 1
     while active.size:
-        a = _bern_frac(rng, num[active], den[active])
+        a = _bern_frac(rng, num[active], den if scalar else den[active])
         if k > 1:
-            a &= rng.below(np.full(active.size, k, dtype=np.int64)) == 0
+            a &= rng.below((active.size, k)) == 0
         stopped = active[~a]
         out[stopped] = k % 2 == 1
         active = active[a]
@@ -152,36 +181,37 @@ def _bern_exp_unit(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
 def _bern_exp(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
     """Bernoulli(exp(−num/den)) for any ``num/den ≥ 0``: ⌊γ⌋ Bernoulli(e⁻¹) trials, then one of the rest."""
     num = np.asarray(num, dtype=np.int64)
-    den = np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)
+    scalar = isinstance(den, (int, np.integer))
+    den = int(den) if scalar else np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)
     whole = num // den
     frac = num - whole * den
     out = np.ones(num.shape, dtype=bool)
     rem = whole.copy()
     idx = np.flatnonzero(rem > 0)
     while idx.size:
-        b = _bern_exp_unit(rng, np.ones(idx.size, dtype=np.int64), 1)
+        b = _bern_exp_minus_one(rng, idx.size)
         out[idx[~b]] = False
         rem[idx] -= 1
         idx = idx[b & (rem[idx] > 0)]
     live = np.flatnonzero(out)
-    out[live] = _bern_exp_unit(rng, frac[live], den[live])
+    out[live] = _bern_exp_unit(rng, frac[live], den if scalar else den[live])
     return out
 
 
 def _discrete_laplace(rng: SecureRandom, n: int, t: int) -> tuple[np.ndarray, np.ndarray]:
     """``n`` candidates of CKS Algorithm 2 (scale t): ``(values, accepted)``; rejected ones are discarded."""
-    u = rng.below(np.full(n, t, dtype=np.int64))
+    u = rng.below((n, t))
     ok = _bern_exp(rng, u, t)
     v = np.zeros(n, dtype=np.int64)
     idx = np.flatnonzero(ok)
     while idx.size:  # V = number of Bernoulli(e⁻¹) successes before the first failure
-        a = _bern_exp_unit(rng, np.ones(idx.size, dtype=np.int64), 1)
+        a = _bern_exp_minus_one(rng, idx.size)
         v[idx[a]] += 1
         idx = idx[a]
     if t > 1 and v.max(initial=0) > (_INT63 - t) // t:
         raise OverflowError("discrete Laplace: t·V beyond int64")  # probability < e^-(2^62/t), never seen
     x = u + t * v
-    sign = rng.below(np.full(n, 2, dtype=np.int64))
+    sign = rng.below((n, 2))
     ok &= ~((sign == 1) & (x == 0))
     return np.where(sign == 1, -x, x), ok
 
