@@ -40,7 +40,6 @@ from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound
 from dpfunc.keys import Key
 from dpfunc.noise import check_noise_multiplier, privatize
 from dpfunc.sampling import check_sampling_rate
-from dpfunc.secure_noise import secure_privatize
 from dpfunc.transforms import GradientTransformation, Schedule, adam, chain, sgd
 
 __all__ = ["DPConfig", "DPAggregateState", "BudgetGuard", "check_budget", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
@@ -209,6 +208,8 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
             )
         count = int(state.count)  # a Python int (an old checkpoint may hold a 0-d CPU tensor)
         if secure:
+            from dpfunc.secure_noise import secure_privatize  # needs `cryptography` (pip install dpfunc[secure])
+
             noisy, _ = secure_privatize(updates.grads, noise_multiplier=sigma, sensitivity=updates.sensitivity,
                                         expected_batch_size=config.expected_batch_size)
             return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q))

@@ -54,7 +54,6 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 __all__ = [
     "SecureRandom",
@@ -82,6 +81,10 @@ class SecureRandom:
     """
 
     def __init__(self) -> None:
+        try:
+            from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+        except ImportError as e:  # an optional dependency: say how to get it
+            raise ImportError("SecureRandom: secure mode needs the `cryptography` package: pip install 'dpfunc[secure]'") from e
         cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
         self._enc = cipher.encryptor()
 

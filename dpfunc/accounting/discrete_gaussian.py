@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from scipy.special import gammaln, logsumexp
 
 from dpfunc.accounting.rdp import rdp_poisson_gaussian, rdp_to_epsilon
 
@@ -63,11 +62,13 @@ def rdp_poisson_discrete_gaussian(noise_multiplier: float, sampling_rate: float,
     lq, l1q = math.log(q), math.log1p(-q)
     terms = [(a - 1) * l1q + math.log1p((a - 1) * q)]  # (1−q)^(α−1) (αq − q + 1)
     ls = np.arange(2, a + 1)
-    log_binom = gammaln(a + 1) - gammaln(ls + 1) - gammaln(a - ls + 1)
+    log_binom = np.array([math.lgamma(a + 1) - math.lgamma(l + 1) - math.lgamma(a - l + 1) for l in range(2, a + 1)])
     body = log_binom + ls * lq + (a - ls) * l1q + (ls - 1) * rdp_discrete_gaussian(noise_multiplier, ls.astype(float))
     body[1:] += math.log(3.0)  # the factor 3 on the l ≥ 3 terms
     terms.extend(body.tolist())
-    return float(logsumexp(terms)) / (a - 1)
+    terms = np.asarray(terms)
+    top = terms.max()
+    return float(top + math.log(np.exp(terms - top).sum())) / (a - 1)
 
 
 def discrete_gaussian_epsilon(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:
