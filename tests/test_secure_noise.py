@@ -113,9 +113,9 @@ def test_variance_is_within_the_stated_bound(sigma):
 
 
 def test_integer_only_path_and_far_tail_branch(monkeypatch):
-    """The sampler never sees a float: patch numpy's float conversion out of the module's reach by
-    checking dtypes of every intermediate, and drive the Python-int far-tail branch by lowering its
-    threshold (the branch must give the same law)."""
+    """Integer arithmetic only: every Bernoulli(exp(−num/den)) the sampler asks for gets integer
+    ``num``/``den`` (a spy records their dtypes) and the output is int64; lowering the far-tail
+    threshold sends most acceptances through the Python-int branch, which must give the same law."""
     import dpfunc.secure_noise as sn
 
     seen = []
