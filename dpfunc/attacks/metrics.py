@@ -6,7 +6,7 @@ pixels live in [-1, 1]; 1 for images in [0, 1]); PSNR and SSIM are invariant to 
 
 Example:
     >>> x = torch.zeros(2, 1, 16, 16); y = x + 0.1
-    >>> psnr(x, y, data_range=1.0)
+    >>> psnr(x, y, data_range=1.0).round(decimals=4)   # 10·log10(1 / 0.1²), up to float32 rounding of 0.1
     tensor([20., 20.], dtype=torch.float64)
 """
 
