@@ -110,7 +110,14 @@ def from_plain(obj: Any) -> Any:
             if tag == "enum" and issubclass(cls, enum.Enum):
                 return cls(from_plain(obj["value"]))
             if tag == "namedtuple" and issubclass(cls, tuple) and hasattr(cls, "_fields"):
-                return cls(**{k: from_plain(v) for k, v in obj["fields"].items()})
+                fields = {k: from_plain(v) for k, v in obj["fields"].items()}
+                required = {k for k in cls._fields if k not in cls._field_defaults}
+                if not required <= set(fields) <= set(cls._fields):
+                    raise CheckpointError(
+                        f"load_checkpoint: fields of {obj['type']} changed: stored {sorted(fields)}, this dpfunc "
+                        f"has {list(cls._fields)}. The file was written by another dpfunc version (its privacy "
+                        f"ledger is intact in it); resume it with that version.")
+                return cls(**fields)
             if tag == "dataclass" and dataclasses.is_dataclass(cls):
                 fields = {k: from_plain(v) for k, v in obj["fields"].items()}
                 if set(fields) != {f.name for f in dataclasses.fields(cls)}:

@@ -159,3 +159,16 @@ def test_bridge_resume_is_bit_for_bit_and_keeps_the_ledger(tmp_path):
     _, other, _ = make_private(net, torch.optim.SGD(net.parameters(), lr=0.2, momentum=0.9), DataLoader(TensorDataset(X, Y), batch_size=6), key=Key(21), noise_multiplier=2.0, max_grad_norm=0.7)
     with pytest.raises(ValueError, match="was made with"):
         other.load_state_dict(state["optimizer"])
+
+
+def test_state_written_by_an_older_dpfunc_gives_a_clear_error(tmp_path):
+    # dp_aggregate's state lost noise_multiplier / sampling_rate (they live in the closure since the
+    # one-data-path change): a run folder from before must say so, not fail inside a constructor
+    from dpfunc.private import DPAggregateState
+
+    old = {"__dpfunc__": "namedtuple", "type": f"{DPAggregateState.__module__}:{DPAggregateState.__qualname__}",
+           "fields": {"count": torch.tensor(3), "ledger": ckpt.to_plain(PrivacyLedger().step(1.0, 0.1, 3)),
+                      "noise_multiplier": 1.0, "sampling_rate": 0.1, "budget": None}}
+    torch.save({"format": "dpfunc-checkpoint", "version": 1, "state": old}, tmp_path / "old.pt")
+    with pytest.raises(CheckpointError, match=r"fields of .*DPAggregateState changed.*another dpfunc version"):
+        load_checkpoint(tmp_path / "old.pt")
