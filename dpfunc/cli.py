@@ -35,6 +35,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
+
 __all__ = ["main", "build_parser", "Command", "CommandError", "COMMANDS"]
 
 
@@ -64,49 +66,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         if action.default in (None, False) or "default" in text or action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
-
-
-# --------------------------------------------------------------------------- argument types
-
-
-def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
-        return v
-
-    return parse
-
-
-def _unit_interval(name: str, *, closed_right: bool = False):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        ok = 0 < v <= 1 if closed_right else 0 < v < 1
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{name} must be in (0, 1{']' if closed_right else ')'}, got {text!r}")
-        return v
-
-    return parse
-
-
-def _int_at_least(name: str, low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {text!r}")
-        return v
-
-    return parse
 
 
 _DATA_HELP = ("folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else ../shared/data beside a source "

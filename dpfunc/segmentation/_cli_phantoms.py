@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from dpfunc._argtypes import int_at_least as _int_at_least
+
 __all__ = ["add_parser", "run"]
-
-
-def _int_at_least(name: str, low: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {text!r}") from None
-        if v < low:
-            raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {text!r}")
-        return v
-
-    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:

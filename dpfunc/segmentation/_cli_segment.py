@@ -4,25 +4,12 @@ segmentation branch of ``dpfunc evaluate``."""
 from __future__ import annotations
 
 import argparse
-import math
 from pathlib import Path
 
-from dpfunc.segmentation._cli_phantoms import _int_at_least
+
+from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float
 
 __all__ = ["add_parser", "run", "evaluate"]
-
-
-def _positive_float(name: str):
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name} must be a number, got {text!r}") from None
-        if not (v > 0 and math.isfinite(v)):
-            raise argparse.ArgumentTypeError(f"{name} must be a finite number > 0, got {text!r}")
-        return v
-
-    return parse
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
