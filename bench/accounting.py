@@ -24,6 +24,7 @@ from dpfunc.accounting import dpsgd_epsilon, epsilon_report, noise_multiplier_fo
 from dpfunc.accounting import pld as _pld
 from dpfunc.accounting import rdp as _rdp
 from dpfunc.accounting.events import GaussianEvent, PoissonSampledEvent, SelfComposedEvent
+from _machine import cpu_model  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 SMALL_DELTA_CASES = [  # (name, σ, q, T, δ)
     ("σ1.0 q.01 T1e4 δ1e-8", 1.0, 0.01, 10_000, 1e-8),
@@ -40,12 +41,7 @@ def _machine() -> dict:
 
     import torch
 
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = cpu_model()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "platform": platform.platform(), "python": platform.python_version(), "load_1min": load}

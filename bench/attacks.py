@@ -18,7 +18,6 @@ Writes bench/results/attacks.json (every cell), attacks.md (the table) and attac
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys

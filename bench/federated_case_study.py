@@ -23,13 +23,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from _machine import cpu_model  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -116,11 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
             "note": "timings taken on a shared, loaded machine"}
 

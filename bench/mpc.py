@@ -48,14 +48,7 @@ from dpfunc.mpc import decode, encode, run_dealer, simulate  # noqa: E402
 OUT = Path(__file__).resolve().parent / "results" / "mpc.json"
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _machine import cpu_model as _cpu_model  # noqa: E402
 
 
 def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int = 0) -> dict:

@@ -47,14 +47,7 @@ CASE_STUDY_PARAMS = 23_650          # dpfunc.models.SmallCNN (the case study's C
 CASE_STUDY_EPOCH_IDLE_S = 3.0       # one local epoch of the case study, idle 2-core machine (README)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from _machine import cpu_model as _cpu_model  # noqa: E402
 
 
 def _measure(n: int, size: int, *, bits: int, neighbours, drop_frac: float, repeats: int, seed: int) -> dict:

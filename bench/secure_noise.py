@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,17 +19,11 @@ from pathlib import Path
 import torch
 
 from dpfunc.secure_noise import SecureRandom, discrete_gaussian_params, grid_exponent_for, sample_discrete_gaussian
+from _machine import cpu_model  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 
 def _machine() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_1min": os.getloadavg()[0]}
 

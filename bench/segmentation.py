@@ -42,19 +42,13 @@ from dpfunc.segmentation import (PackedSegmenter, SegmentationConfig, make_phant
                                  segmentation_engine, train_segmentation)
 from dpfunc.segmentation._msd import PatientVolume
 from dpfunc.transforms import adam, apply_updates
+from _machine import cpu_model  # noqa: E402  (bench/ is on sys.path when a bench runs)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def machine() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "load_average": os.getloadavg()[0], "python": platform.python_version()}
 
