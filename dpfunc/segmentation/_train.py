@@ -33,6 +33,7 @@ from dpfunc.segmentation._metrics import dice_score, iou_score, mean_ci, predict
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, split_patients
 from dpfunc.segmentation._patient import Engine, PackedSegmenter, PrivacyUnit, packed_losses, patient_batch, segmentation_engine, slice_batch
 from dpfunc.step import make_step
+from dpfunc.train import RunResult
 from dpfunc.transforms import adam, apply_updates
 
 __all__ = ["SegmentationConfig", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
@@ -127,22 +128,9 @@ class SegmentationConfig:
         return {k: (v.value if hasattr(v, "value") else v) for k, v in dataclasses.asdict(self).items()}
 
 
-@dataclass
-class SegmentationResult:
-    """What a finished run reports (``metrics.json``; the same top-level keys as a classification run)."""
-
-    config: dict
-    noise_multiplier: float | None
-    sampling_rate: float
-    steps: int
-    epsilon: float | None
-    delta: float
-    best_epoch: int
-    val: dict
-    test: dict
-    test_ci: dict
-    train_seconds: float
-    history: list = dataclasses.field(default_factory=list)
+SegmentationResult = RunResult
+"""What a finished segmentation run reports (``metrics.json``): the classification run's
+:class:`~dpfunc.train.RunResult`, so both kinds of run folder share one schema (``test.dice`` here)."""
 
 
 def _write_json(path: Path, obj: Any) -> None:
