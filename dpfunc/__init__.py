@@ -14,6 +14,7 @@ from dpfunc.accounting import (
     noise_multiplier_for,
 )
 from dpfunc.accounting.ledger import Phase, PrivacyLedger
+from dpfunc.adaptive_clipping import AdaptiveClipping, AdaptiveClippingState, adaptive_dpadam, adaptive_dpsgd, adaptive_dp_aggregate
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping, clip_and_sum
 from dpfunc.keys import Key, RunKeys, run_keys
 from dpfunc.noise import gaussian_noise, privatize
@@ -51,6 +52,11 @@ __all__ = [
     "Clipping",
     "ClippedSum",
     "clip_and_sum",
+    "AdaptiveClipping",
+    "AdaptiveClippingState",
+    "adaptive_dp_aggregate",
+    "adaptive_dpsgd",
+    "adaptive_dpadam",
     # noise and the DP transform
     "gaussian_noise",
     "privatize",

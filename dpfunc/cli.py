@@ -76,7 +76,10 @@ _DATA_HELP = ("folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else ..
 
 #: DP-only flags: refused with --no-dp instead of being silently ignored. name -> TrainConfig default.
 _DP_FLAGS = {"epsilon": 3.0, "noise_multiplier": None, "delta": 1e-5, "max_grad_norm": 1.0, "engine": "fast",
-             "augment_views": 0}
+             "augment_views": 0, "clipping": "flat", "target_quantile": 0.5, "clip_learning_rate": 0.2,
+             "count_noise_multiplier": None}
+#: Flags that only mean something with --clipping adaptive.
+_ADAPTIVE_FLAGS = ("target_quantile", "clip_learning_rate", "count_noise_multiplier")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -105,6 +108,15 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="evaluate an exponential moving average of the iterates (free post-processing); 0 = last iterate")
     t.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=None,
                    help="per-example clipping bound C (default: 1.0)")
+    t.add_argument("--clipping", choices=["flat", "adaptive"], default=None,
+                   help="flat (default: clip at --max-grad-norm) or adaptive (Andrew et al. 2021: --max-grad-norm is "
+                        "the initial bound, which follows a private quantile of the gradient norms; README 'Adaptive clipping')")
+    t.add_argument("--target-quantile", type=_unit_interval("--target-quantile", closed_right=True), default=None,
+                   help="adaptive: fraction of examples left unclipped (default: 0.5)")
+    t.add_argument("--clip-lr", dest="clip_learning_rate", type=_positive_float("--clip-lr"), default=None,
+                   help="adaptive: step size of log C per step (default: 0.2)")
+    t.add_argument("--count-noise-multiplier", type=_positive_float("--count-noise-multiplier"), default=None,
+                   help="adaptive: noise std of each step's count, in examples (default: batch size / 20)")
     t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=None,
                    help="augmentation multiplicity K (default: 0 = off): K views per example, clipped as one")
     t.add_argument("--image-size", type=int, choices=[28, 64], default=28, help="input side length (64 = upsampled)")
@@ -151,13 +163,19 @@ def _train_config(args: argparse.Namespace):
         if not 0 <= value < 1:
             raise CommandError(f"{flag} must be in [0, 1), got {value}")
     dp = {name: _DP_FLAGS[name] if getattr(args, name) is None else getattr(args, name) for name in _DP_FLAGS}
+    stray = [n for n in _ADAPTIVE_FLAGS if getattr(args, n) is not None]
+    if stray and dp["clipping"] != "adaptive":
+        flags = ", ".join("--" + ("clip-lr" if n == "clip_learning_rate" else n.replace("_", "-")) for n in stray)
+        raise CommandError(f"{flags} only apply with --clipping adaptive; add --clipping adaptive or drop {flags}")
     if dp["noise_multiplier"] is not None or args.no_dp:
         dp["epsilon"] = None if dp["noise_multiplier"] is not None else dp["epsilon"]
     return TrainConfig(model=args.model, epsilon=dp["epsilon"], delta=dp["delta"], noise_multiplier=dp["noise_multiplier"],
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
                        ema_decay=args.ema_decay, max_grad_norm=dp["max_grad_norm"], augment_views=dp["augment_views"],
                        image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed,
-                       train_subset=args.train_subset, secure_noise=args.secure_noise)
+                       train_subset=args.train_subset, secure_noise=args.secure_noise, clipping=dp["clipping"],
+                       target_quantile=dp["target_quantile"], clip_learning_rate=dp["clip_learning_rate"],
+                       count_noise_multiplier=dp["count_noise_multiplier"])
 
 
 def default_run_name(cfg) -> str:

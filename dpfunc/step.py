@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 import torch
 
 from dpfunc._tree import Params
+from dpfunc.adaptive_clipping import AdaptiveClipping, call_clipping, find_adaptive_state
 from dpfunc.clipping import ClippedSum, Clipping, clip_and_sum, zero_rows
 from dpfunc.per_example import per_example_grads_and_losses
 from dpfunc.private import check_budget, find_dp_state
@@ -68,7 +69,9 @@ def vmap_engine(
     Args:
         loss_fn: ``loss_fn(params, buffers, *example) -> 0-d tensor``, the loss of ONE example.
         clipping: :class:`~dpfunc.FlatClipping` or :class:`~dpfunc.PerLayerClipping` (required: every
-            engine returns a clipped sum; ``make_step(loss_fn, tx)`` passes the transform's own).
+            engine returns a clipped sum; ``make_step(loss_fn, tx)`` passes the transform's own); or an
+            :class:`~dpfunc.AdaptiveClipping`, and then each call passes the current bound as
+            ``engine(..., clipping=...)`` (``make_step`` does; a per-call ``clipping=`` overrides a fixed one too).
         chunk_size: vmap chunking, to bound memory.
         randomness: vmap's ``randomness`` (``"different"`` for dropout; see :func:`~dpfunc.per_example_grads`).
 
@@ -82,18 +85,22 @@ def vmap_engine(
         >>> out.grads.grads["w"], out.grads.norms
         (tensor([0.9000, 1.2000]), tensor([5.0000, 0.5000]))
     """
-    if clipping is None or not hasattr(clipping, "group_bounds"):
-        raise TypeError(f"vmap_engine: clipping must be a FlatClipping or PerLayerClipping (engines return clipped sums), got {clipping!r}")
+    if clipping is None or not (hasattr(clipping, "group_bounds") or isinstance(clipping, AdaptiveClipping)):
+        raise TypeError(f"vmap_engine: clipping must be a FlatClipping, PerLayerClipping or AdaptiveClipping (engines return "
+                        f"clipped sums), got {clipping!r}")
+    own = clipping  # the call's clipping= (adaptive: the current bound) takes precedence
 
-    def engine(params, buffers, batch, mask):
+    def engine(params, buffers, batch, mask, *, clipping=None):
         batch = tuple(batch)
+        current = call_clipping("vmap_engine", own, clipping)
         grads, losses = per_example_grads_and_losses(
             loss_fn, params, buffers, *batch, in_dims=(None,) + (0,) * len(batch), chunk_size=chunk_size, randomness=randomness
         )
         if mask is not None:
             losses = zero_rows(losses, mask.to(torch.bool))
-        return EngineOutput(clip_and_sum(grads, clipping, mask), losses)
+        return EngineOutput(clip_and_sum(grads, current, mask), losses)
 
+    engine.per_call_clipping = True
     return engine
 
 
@@ -179,8 +186,16 @@ def make_step(
             raise ValueError(f"make_step: batch must be a non-empty tuple of tensors, got {type(batch).__name__}")
         if mask is not None and tuple(mask.shape) != (batch[0].shape[0],):
             raise ValueError(f"make_step: mask must have shape ({batch[0].shape[0]},), got {tuple(mask.shape)}")
-        run = engine if engine is not None else default(dp_state.clipping)
-        out = run(params, buffers if buffers is not None else {}, tuple(batch), mask)
+        adaptive = find_adaptive_state(opt_state)
+        if adaptive is None:
+            run = engine if engine is not None else default(dp_state.clipping)
+            out = run(params, buffers if buffers is not None else {}, tuple(batch), mask)
+        else:  # the clip norm moves: the engine clips at the state's current bound
+            run = engine if engine is not None else default(adaptive.rule)
+            if not getattr(run, "per_call_clipping", False):
+                raise TypeError("make_step: adaptive clipping needs an engine that takes the current clipping per call "
+                                "(vmap_engine or fast_engine); this engine does not")
+            out = run(params, buffers if buffers is not None else {}, tuple(batch), mask, clipping=dp_state.clipping)
         with torch.no_grad():  # no autograd graph may link one step's params to the next (it would grow without end)
             updates, opt_state = tx.update(out.grads, opt_state, params)
             new_params = apply_updates(params, updates)

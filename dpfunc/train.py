@@ -48,6 +48,7 @@ __all__ = ["TrainConfig", "RunResult", "RunPlan", "train", "plan_run", "load_tra
 RUN_FILES = ("config.json", "checkpoint.pt", "metrics.json", "roc.png", "confusion.png", "training.png")
 
 ENGINES = ("fast", "vmap")
+CLIPPINGS = ("flat", "adaptive")
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,13 @@ class TrainConfig:
             derived from ``seed``: such a run cannot be reproduced.
         noise_reproducible: recorded, not chosen: ``not secure_noise`` (None fills it in; a
             contradicting value is refused), so that config.json says whether the noise can be replayed.
+        clipping: ``"flat"`` (clip at ``max_grad_norm``) or ``"adaptive"`` (Andrew et al. 2021, see
+            :mod:`dpfunc.adaptive_clipping`: ``max_grad_norm`` is the initial bound, which then follows
+            the ``target_quantile`` of the gradient norms; σ is still calibrated to ``epsilon``).
+        target_quantile: adaptive: the fraction of examples left unclipped (γ, default the median).
+        clip_learning_rate: adaptive: η, the step size of ``log C`` per step.
+        count_noise_multiplier: adaptive: σ_b, the noise std of each step's count (in examples);
+            None = ``batch_size / 20`` (the paper's choice).
     """
 
     model: str = "cnn"
@@ -103,6 +111,10 @@ class TrainConfig:
     train_subset: int | None = None
     secure_noise: bool = False
     noise_reproducible: bool | None = None
+    clipping: str = "flat"
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_noise_multiplier: float | None = None
 
     def __post_init__(self) -> None:
         fn = "TrainConfig"
@@ -149,6 +161,23 @@ class TrainConfig:
         if self.noise_reproducible is not (not self.secure_noise):
             raise ValueError(f"{fn}: noise_reproducible is {not self.secure_noise} when secure_noise={self.secure_noise}, "
                              f"got {self.noise_reproducible!r}")
+        if self.clipping not in CLIPPINGS:
+            raise ValueError(f"{fn}: clipping must be one of {CLIPPINGS}, got {self.clipping!r}")
+        if self.clipping == "adaptive":
+            if self.secure_noise:
+                raise ValueError(f"{fn}: clipping='adaptive' with secure_noise is not supported (the count would need "
+                                 f"discrete noise too); use flat clipping in secure mode")
+            if self.count_noise_multiplier is None:
+                object.__setattr__(self, "count_noise_multiplier", self.batch_size / 20)
+            self.adaptive_rule()  # validates γ, η, σ_b
+
+    def adaptive_rule(self):
+        """The :class:`~dpfunc.AdaptiveClipping` of an adaptive run (None for flat clipping)."""
+        if self.clipping != "adaptive":
+            return None
+        from dpfunc.adaptive_clipping import AdaptiveClipping
+
+        return AdaptiveClipping(self.max_grad_norm, self.target_quantile, self.clip_learning_rate, self.count_noise_multiplier)
 
 
 @dataclass
@@ -242,6 +271,12 @@ def _bar_text(epoch: int, epochs: int, last: dict | None, private: bool) -> str:
         text += f" | epoch {last['epoch']}: loss {last['train_loss']:.3f} val AUC {last['val_auc']:.3f}"
         text += f" acc {last['val_accuracy']:.3f}" + (f" ε {last['epsilon']:.2f}" if private else "")
     return text
+
+
+def _clip_state(opt_state: Any):
+    from dpfunc.adaptive_clipping import find_adaptive_state
+
+    return find_adaptive_state(opt_state)
 
 
 def _mean_loss(losses: list) -> float:
@@ -369,7 +404,16 @@ def train(
     module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
     apply_fn, params, buffers = functionalize(module)
 
-    if cfg.private:
+    if cfg.private and cfg.clipping == "adaptive":
+        if world.size > 1:
+            raise ValueError(f"train: adaptive clipping runs in one process (the count of unclipped examples is not "
+                             f"summed over {world.size} ranks); use --clipping flat for data-parallel training")
+        from dpfunc.adaptive_clipping import adaptive_dpsgd
+
+        tx = adaptive_dpsgd(cfg.learning_rate, noise_multiplier=sigma, clipping=cfg.adaptive_rule(), sampling_rate=q,
+                            num_examples=n, key=noise_key, momentum=cfg.momentum)
+        step_fn = make_step(None, tx, engine=_make_engine(cfg, module, apply_fn, cfg.adaptive_rule()))
+    elif cfg.private:
         tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
                    num_examples=n, key=noise_key, momentum=cfg.momentum, secure=cfg.secure_noise)
         engine = _make_engine(cfg, module, apply_fn, FlatClipping(cfg.max_grad_norm))
@@ -405,6 +449,9 @@ def train(
                 raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
                                  f"or resume with the same flags.\n saved: {state['config']}\n given: {asdict(cfg)}")
             params, buffers, opt_state = state["params"], state["buffers"], state["opt_state"]
+            if cfg.private and (cfg.clipping == "adaptive") != (_clip_state(opt_state) is not None):
+                raise ValueError(f"train: {ckpt} holds {'no' if cfg.clipping == 'adaptive' else 'an'} adaptive clip norm, "
+                                 f"but the run is configured with clipping={cfg.clipping!r}; start a new run folder")
             average = state["average"]
             history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
             best = {"epoch": state["best_epoch"], "val_auc": state["best_val_auc"], "params": state["best_params"]}
@@ -417,7 +464,9 @@ def train(
             _write_json(run_path / "config.json", asdict(cfg))
 
     if cfg.private:
-        log(f"DP-SGD: n={n} q={q:.5f} (expected batch {cfg.batch_size}) steps={total_steps} σ={sigma:.4f} C={cfg.max_grad_norm} "
+        clip_text = (f"C={cfg.max_grad_norm}" if cfg.clipping == "flat" else
+                     f"adaptive C₀={cfg.max_grad_norm} γ={cfg.target_quantile} η={cfg.clip_learning_rate} σ_b={cfg.count_noise_multiplier:g}")
+        log(f"DP-SGD: n={n} q={q:.5f} (expected batch {cfg.batch_size}) steps={total_steps} σ={sigma:.4f} {clip_text} "
             f"target ε={cfg.epsilon} δ={cfg.delta} engine={cfg.engine}")
     else:
         log(f"non-private SGD: n={n} batch={cfg.batch_size} steps={total_steps} (ε = ∞)")
@@ -462,6 +511,8 @@ def train(
         vm = binary_metrics(val_set.labels, val_scores)
         record = {"epoch": epoch + 1, "train_loss": _mean_loss(losses), "val_auc": vm.roc_auc,
                   "val_accuracy": vm.accuracy, "epsilon": eps_spent if cfg.private else None, "seconds": elapsed}
+        if cfg.private and cfg.clipping == "adaptive":
+            record["max_grad_norm"] = _clip_state(opt_state).max_grad_norm  # public: a function of released counts
         history.append(record)
         last_val = record
         if vm.roc_auc > best["val_auc"]:

@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
+from dpfunc.adaptive_clipping import AdaptiveClipping, call_clipping
 from dpfunc.clipping import ClippedSum, Clipping, check_finite_norms, clip_factors, group_norms
 from dpfunc.step import EngineOutput, GradEngine
 
@@ -399,7 +400,9 @@ def fast_engine(
         loss_from_output: ``loss_from_output(output, *targets) -> (B,)`` per-example losses, e.g.
             ``lambda out, y: F.cross_entropy(out, y, reduction="none")``. Row ``i`` must depend on
             example ``i`` only (no batch statistics: no BatchNorm in training mode).
-        clipping: :class:`~dpfunc.FlatClipping` or :class:`~dpfunc.PerLayerClipping`.
+        clipping: :class:`~dpfunc.FlatClipping` or :class:`~dpfunc.PerLayerClipping`; or an
+            :class:`~dpfunc.AdaptiveClipping`, and then every call passes the current bound as
+            ``clipping=`` (:func:`~dpfunc.make_step` does; a per-call ``clipping=`` overrides a fixed one too).
         ghost_norm: per Linear-on-sequences / conv / Embedding layer, ``None`` chooses ghost norm or
             instantiation by a cost model (ghost iff ``T·(d_in + d_out) < d_in·d_out``, see
             :mod:`dpfunc.bridge.fast.rules.linear`); ``True`` / ``False`` force one (for tests and tuning).
@@ -457,8 +460,9 @@ def fast_engine(
         )
     if not callable(loss_from_output):
         raise TypeError(f"{_FN}: loss_from_output must be callable (output, *targets) -> (B,), got {loss_from_output!r}")
-    if not (hasattr(clipping, "group_bounds") and hasattr(clipping, "group_of")):
-        raise TypeError(f"{_FN}: clipping must be FlatClipping or PerLayerClipping, got {clipping!r}")
+    if not (hasattr(clipping, "group_bounds") and hasattr(clipping, "group_of")) and not isinstance(clipping, AdaptiveClipping):
+        raise TypeError(f"{_FN}: clipping must be FlatClipping, PerLayerClipping or AdaptiveClipping, got {clipping!r}")
+    own = clipping
     if ghost_norm not in (None, True, False):
         raise ValueError(f"{_FN}: ghost_norm must be None (cost model), True or False, got {ghost_norm!r}")
     views = views_per_example
@@ -478,7 +482,8 @@ def fast_engine(
         return fast_pass
 
     @torch.no_grad()  # outputs carry no graph; the one backward inside enables grad for itself
-    def clip(fast_pass: FastPass, targets, mask=None, keep=None, b=None) -> EngineOutput:
+    def clip(fast_pass: FastPass, targets, mask=None, keep=None, b=None, *, clipping=None) -> EngineOutput:
+        clipping = call_clipping(_FN, own, clipping)  # adaptive clipping: the current bound, given per call
         names = fast_pass.routing.names
         ref = next(iter(fast_pass.params.values()))
         n = fast_pass.x.shape[0]
@@ -500,8 +505,9 @@ def fast_engine(
         return EngineOutput(out, full(losses.to(like.dtype) if not losses.is_floating_point() else losses))
 
     @torch.no_grad()
-    def engine(params, buffers, batch, mask):
+    def engine(params, buffers, batch, mask, *, clipping=None):
         batch = tuple(batch)
+        call_clipping(_FN, own, clipping)  # refuse a missing adaptive bound before any work
         if not batch or not isinstance(batch[0], torch.Tensor):
             raise ValueError(f"{_FN}: batch must be a non-empty tuple (x, *targets) of tensors")
         b = batch[0].shape[0]
@@ -517,8 +523,9 @@ def fast_engine(
             keep = torch.nonzero(mask.to(torch.bool)).flatten()
             batch = tuple(t.index_select(0, keep) if isinstance(t, torch.Tensor) else t for t in batch)
         fast_pass = begin(params, buffers, batch[0])
-        return clip(fast_pass, batch[1:], mask, keep, b)
+        return clip(fast_pass, batch[1:], mask, keep, b, clipping=clipping)
 
     engine.begin = begin
     engine.clip = clip
+    engine.per_call_clipping = True
     return engine
