@@ -120,8 +120,12 @@ def from_plain(obj: Any) -> Any:
                 return cls(**fields)
             if tag == "dataclass" and dataclasses.is_dataclass(cls):
                 fields = {k: from_plain(v) for k, v in obj["fields"].items()}
-                if set(fields) != {f.name for f in dataclasses.fields(cls)}:
+                known = {f.name: f for f in dataclasses.fields(cls)}
+                # A field added later with a default (e.g. Phase.mechanism) takes it; anything else is refused.
+                missing = {k for k in known if k not in fields}
+                if set(fields) - set(known) or any(known[k].default is dataclasses.MISSING for k in missing):
                     raise CheckpointError(f"load_checkpoint: fields of {obj['type']} changed: stored {sorted(fields)}")
+                fields.update({k: known[k].default for k in missing})
                 # Set the stored (already validated) field values; __post_init__ normalisations are not re-run.
                 inst = cls.__new__(cls)
                 for k, v in fields.items():

@@ -101,7 +101,8 @@ class DPOptimizer(torch.optim.Optimizer):
         chunk_size: int | None,
         sampler: Any,
         budget: Any = None,
-        accountant: str = "pld",
+        accountant: str | None = None,
+        secure: bool = False,
     ):
         # torch.optim.Optimizer.__init__ is not called: the parameters and state are the inner optimizer's.
         self.original_optimizer = optimizer
@@ -119,9 +120,10 @@ class DPOptimizer(torch.optim.Optimizer):
         self.grad_sample_mode = grad_sample_mode
         self.chunk_size = chunk_size
         self.accountant = accountant
+        self.secure = secure
         self._sampler = sampler
         self._noise_key = run_keys(key).noise
-        self._dp = dp_aggregate(config, self._noise_key, budget=budget)
+        self._dp = dp_aggregate(config, self._noise_key, budget=budget, secure=secure)
         self._named = {n: p for n, p in self._inner.named_parameters() if p.requires_grad}
         if not self._named:
             raise ValueError("make_private: the module has no trainable parameters (requires_grad=True)")
@@ -302,7 +304,7 @@ class DPOptimizer(torch.optim.Optimizer):
             "format": "dpfunc.bridge.DPOptimizer",
             "inner": self.original_optimizer.state_dict(),
             "dp_state": {"count": int(s.count), "ledger": s.ledger.to_dict()},
-            "config": _config_dict(self.config),
+            "config": _config_dict(self.config, self.secure),
             "key": self.key.seed,
             "forward_count": self._module._shared.forward_count,
             "sampler_position": position,
@@ -319,8 +321,8 @@ class DPOptimizer(torch.optim.Optimizer):
                 "privacy ledger. Load into a fresh make_private(...) instead."
             )
         config = state_dict["config"]
-        if config != _config_dict(self.config):
-            raise ValueError(f"{fn}: the checkpoint was made with {config}, but this optimizer has {_config_dict(self.config)}")
+        if config != _config_dict(self.config, self.secure):
+            raise ValueError(f"{fn}: the checkpoint was made with {config}, but this optimizer has {_config_dict(self.config, self.secure)}")
         dp = state_dict["dp_state"]
         if "ledger" not in dp:
             raise ValueError(f"{fn}: the checkpoint has no privacy ledger; refusing to start from an empty one")
@@ -331,7 +333,7 @@ class DPOptimizer(torch.optim.Optimizer):
         if key != self.key:
             self.key, self._noise_key = key, keys.noise
             budget = self._dp_state.budget.budget if self._dp_state.budget is not None else None
-            self._dp = dp_aggregate(self.config, self._noise_key, budget=budget)
+            self._dp = dp_aggregate(self.config, self._noise_key, budget=budget, secure=self.secure)
         self.original_optimizer.load_state_dict(state_dict["inner"])
         self._module._shared.forward_count = int(state_dict["forward_count"])
         self._module._shared.dropout_key = keys.dropout
@@ -341,11 +343,12 @@ class DPOptimizer(torch.optim.Optimizer):
                 self._sampler.key = keys.sampling
 
 
-def _config_dict(config: DPConfig) -> dict[str, Any]:
-    """A plain-container form of a DPConfig (for state_dict comparisons and ``weights_only`` loading)."""
+def _config_dict(config: DPConfig, secure: bool = False) -> dict[str, Any]:
+    """A plain-container form of a DPConfig (for state_dict comparisons and ``weights_only`` loading);
+    ``"secure": True`` only for secure mode, so state_dicts of earlier versions still compare equal."""
     clip = config.clipping
     bound = clip.max_grad_norm if not isinstance(clip.max_grad_norm, tuple) else [list(kv) for kv in clip.max_grad_norm]
-    return {
+    return ({"secure": True} if secure else {}) | {
         "clipping": type(clip).__name__,
         "max_grad_norm": bound,
         "per_parameter": bool(getattr(clip, "per_parameter", False)),

@@ -99,9 +99,10 @@ def make_private(
     grad_sample_mode: str = "fast",
     max_physical_batch_size: int | None = None,
     chunk_size: int | None = None,
-    accountant: str = "pld",
+    accountant: str | None = None,
     budget: Any = None,
     validate: bool = True,
+    secure: bool = False,
 ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
     """Make an ordinary torch training setup differentially private (see the module docstring).
 
@@ -123,9 +124,14 @@ def make_private(
             is added once per logical batch.
         chunk_size: vmap chunking (memory bound of the vmap path). With dropout, chunked draws no
             longer replay the forward's masks (the gradient is still clipped, so privacy holds).
-        accountant: method of ``dpfunc.accounting`` for ``epsilon`` and calibration (``"pld"``, ``"rdp"``).
+        accountant: method of ``dpfunc.accounting`` for ``epsilon`` and calibration (``"pld"``, ``"rdp"``);
+            None (default): PLD, or the discrete Gaussian's RDP bound with ``secure=True``.
         budget: optional ``dpfunc.accounting.PrivacyBudget`` enforced before each step.
         validate: run :func:`~dpfunc.bridge.assert_valid` on the module (refuses BatchNorm etc.).
+        secure: secure mode (:mod:`dpfunc.secure_noise`, needs ``cryptography``): discrete Gaussian noise
+            on a grid from a CSPRNG keyed by OS entropy — NOT reproducible from ``key`` — recorded in the
+            ledger as such, so ``optimizer.epsilon(δ)`` is the discrete Gaussian's bound; with
+            ``target_epsilon`` σ is calibrated with that bound. Only the RDP accountant applies.
 
     Returns:
         ``(module, optimizer, data_loader)``: a :class:`PrivateModule`, a :class:`DPOptimizer` (with
@@ -161,6 +167,11 @@ def make_private(
     if validate:
         assert_valid(module)
     clip = _clipping(fn, clipping, max_grad_norm)
+    if not isinstance(secure, bool):
+        raise TypeError(f"{fn}: secure must be a bool, got {secure!r}")
+    if secure and accountant not in (None, "rdp"):
+        raise ValueError(f"{fn}: secure=True draws discrete Gaussian noise, which only the RDP accountant bounds; "
+                         f"pass accountant='rdp' or leave it out (got accountant={accountant!r})")
 
     keys = run_keys(key)
     sample_key, dropout_key = keys.sampling, keys.dropout
@@ -175,7 +186,13 @@ def make_private(
             raise ValueError(f"{fn}: target_epsilon needs target_delta and epochs")
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"{fn}: epochs must be an int >= 1, got {epochs!r}")
-        noise_multiplier = float(accounting.noise_multiplier_for(target_epsilon, target_delta, q, epochs * steps_per_epoch, method=accountant))
+        if secure:
+            from dpfunc.accounting.discrete_gaussian import discrete_gaussian_noise_multiplier_for
+
+            noise_multiplier = float(discrete_gaussian_noise_multiplier_for(target_epsilon, target_delta, q, epochs * steps_per_epoch))
+        else:
+            noise_multiplier = float(accounting.noise_multiplier_for(target_epsilon, target_delta, q, epochs * steps_per_epoch,
+                                                                     method=accountant or "pld"))
     config = DPConfig(clip, noise_multiplier, q, len(data_loader.dataset))
     shared = _Shared(dropout_key, plan)
     private_module = PrivateModule(module, shared)
@@ -191,6 +208,7 @@ def make_private(
         sampler=loader.batch_sampler if poisson_sampling else None,
         budget=budget,
         accountant=accountant,
+        secure=secure,
     )
     return private_module, dp_optimizer, loader
 
@@ -200,10 +218,10 @@ class PrivacyEngine:
 
     Args:
         key: the run's secret key (required: dpfunc never draws a hidden seed).
-        accountant: ``"pld"`` (default) or ``"rdp"``.
+        accountant: ``"pld"``, ``"rdp"``, or None (default: PLD, or RDP for ``secure=True``).
     """
 
-    def __init__(self, *, key: Key, accountant: str = "pld"):
+    def __init__(self, *, key: Key, accountant: str | None = None):
         if not isinstance(key, Key):
             raise TypeError(f"PrivacyEngine: key must be a dpfunc.Key, got {type(key).__name__}")
         self.key = key

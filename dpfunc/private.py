@@ -29,13 +29,14 @@ Edge cases:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional
 
 import torch
 
-from dpfunc.accounting.ledger import PrivacyLedger
+from dpfunc.accounting.ledger import Mechanism, PrivacyLedger
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound
 from dpfunc.keys import Key
 from dpfunc.noise import check_noise_multiplier, privatize
@@ -109,9 +110,10 @@ class BudgetGuard:
     budget: Any
     noise_multiplier: float
     sampling_rate: float
+    mechanism: Mechanism = Mechanism.GAUSSIAN
 
     def check(self, ledger: PrivacyLedger) -> None:
-        self.budget.check(ledger.step(self.noise_multiplier, self.sampling_rate))
+        self.budget.check(ledger.step(self.noise_multiplier, self.sampling_rate, mechanism=self.mechanism))
 
 
 class DPAggregateState(NamedTuple):
@@ -170,9 +172,9 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
             before any noise is drawn.
         secure: True draws the noise with :func:`dpfunc.secure_noise.secure_privatize` instead: the sum
             rounded to a grid 2^-k, exact discrete Gaussian noise from a CSPRNG keyed by OS entropy
-            (``key`` is then unused for noise; NOT reproducible). Account for it with
-            :func:`dpfunc.accounting.discrete_gaussian.discrete_gaussian_epsilon` — the ledger records
-            σ and q only, and ``epsilon(ledger)`` gives the continuous-Gaussian ε, which is smaller.
+            (``key`` is then unused for noise; NOT reproducible). The ledger records these steps as
+            ``Mechanism.DISCRETE_GAUSSIAN``, so ``epsilon(ledger, δ)`` gives the discrete Gaussian's
+            bound (:mod:`dpfunc.accounting.discrete_gaussian`), never the smaller continuous ε.
 
     Example:
         >>> tx = dp_aggregate(DPConfig(1.0, 0.0, 0.5, 4), Key(0))
@@ -188,7 +190,8 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
     sigma, q = config.noise_multiplier, config.sampling_rate
     if not isinstance(secure, bool) or (secure and sigma == 0):
         raise ValueError(f"dp_aggregate: secure must be a bool, and secure=True needs noise_multiplier > 0; got secure={secure!r}, σ={sigma}")
-    guard = BudgetGuard(budget, sigma, q) if budget is not None else None
+    mechanism = Mechanism.DISCRETE_GAUSSIAN if secure else Mechanism.GAUSSIAN
+    guard = BudgetGuard(budget, sigma, q, mechanism) if budget is not None else None
 
     def init(params):
         return DPAggregateState(0, PrivacyLedger(), config.clipping, guard)
@@ -212,7 +215,7 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
 
             noisy, _ = secure_privatize(updates.grads, noise_multiplier=sigma, sensitivity=updates.sensitivity,
                                         expected_batch_size=config.expected_batch_size)
-            return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q))
+            return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q, mechanism=mechanism))
         noisy = privatize(
             updates.grads,
             noise_key(key, count),
@@ -279,6 +282,26 @@ def find_dp_state(opt_state: Any) -> DPAggregateState | None:
             if found is not None:
                 return found
     return None
+
+
+def with_discrete_gaussian_ledger(opt_state: Any) -> Any:
+    """``opt_state`` with every :class:`DPAggregateState`'s ledger (and budget guard) marked as discrete Gaussian.
+
+    For optimizer states of secure-mode runs saved before ledger phases recorded their mechanism: their
+    phases say "Gaussian", and ``epsilon`` would account them with the continuous Gaussian's smaller ε.
+    A secure transform only ever records discrete-Gaussian steps, so re-marking all phases is exact.
+    """
+    if isinstance(opt_state, DPAggregateState):
+        guard = opt_state.budget
+        if guard is not None:
+            guard = dataclasses.replace(guard, mechanism=Mechanism.DISCRETE_GAUSSIAN)
+        return opt_state._replace(ledger=opt_state.ledger.with_mechanism(Mechanism.DISCRETE_GAUSSIAN), budget=guard)
+    if isinstance(opt_state, tuple):
+        items = [with_discrete_gaussian_ledger(s) for s in opt_state]
+        return type(opt_state)(*items) if hasattr(opt_state, "_fields") else tuple(items)
+    if isinstance(opt_state, list):
+        return [with_discrete_gaussian_ledger(s) for s in opt_state]
+    return opt_state
 
 
 def privacy_ledger(opt_state: Any) -> PrivacyLedger:

@@ -36,7 +36,7 @@ from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
 from dpfunc.keys import Key, run_keys
 from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
-from dpfunc.private import dpsgd, privacy_ledger
+from dpfunc.private import dpsgd, privacy_ledger, with_discrete_gaussian_ledger
 from dpfunc.sampling import poisson_sample
 from dpfunc.step import make_step, vmap_engine
 from dpfunc.transforms import apply_updates, sgd
@@ -318,14 +318,24 @@ def plan_run(cfg: TrainConfig, data_dir: str | Path | None = None) -> RunPlan:
     return RunPlan(n, q, steps_per_epoch, total_steps, calibrate(cfg, q, total_steps))
 
 
+def _load_run_checkpoint(path: Path) -> dict:
+    """A run's checkpoint; a secure-mode run's ledger is marked discrete Gaussian (checkpoints written before
+    ledgers recorded the mechanism would otherwise be accounted as the continuous Gaussian, a smaller ε)."""
+    from dpfunc.bridge.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    if isinstance(state, dict) and isinstance(state.get("config"), dict) and state["config"].get("secure_noise"):
+        state["opt_state"] = with_discrete_gaussian_ledger(state["opt_state"])
+    return state
+
+
 def _epsilon_spent(cfg: TrainConfig, opt_state: Any) -> float:
-    """ε spent so far (PLD), a pure function of the ledger in ``opt_state``; ∞ for a non-private run."""
+    """ε spent so far, a pure function of the ledger in ``opt_state``; ∞ for a non-private run."""
     if not cfg.private:
         return math.inf
-    if cfg.secure_noise:  # the discrete Gaussian's own bound, from the ledger's σ, q and steps
-        from dpfunc.accounting.discrete_gaussian import ledger_epsilon
-        return ledger_epsilon(privacy_ledger(opt_state), cfg.delta)
-    return accounting.epsilon(privacy_ledger(opt_state), cfg.delta, method="pld")
+    # The ledger names each phase's mechanism: PLD for the Gaussian, the discrete Gaussian's RDP bound
+    # (dpfunc.accounting.discrete_gaussian) for secure-mode phases.
+    return accounting.epsilon(privacy_ledger(opt_state), cfg.delta)
 
 
 def calibrate(cfg: TrainConfig, sampling_rate: float, steps: int) -> float | None:
@@ -381,7 +391,6 @@ def train(
     if resume and overwrite:
         raise ValueError("train: resume continues a run and overwrite replaces it; pass one of them")
     from dpfunc.bridge import functionalize
-    from dpfunc.bridge.checkpoint import load_checkpoint
     from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, slice_bounds, sync
 
     world = init_world("cpu") if world is None else world
@@ -444,7 +453,7 @@ def train(
                     (run_path / name).unlink(missing_ok=True)
         run_path.mkdir(parents=True, exist_ok=True)
         if resume:
-            state = load_checkpoint(ckpt)
+            state = _load_run_checkpoint(ckpt)
             if TrainConfig(**state["config"]) != cfg:  # fields added later take their defaults
                 raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
                                  f"or resume with the same flags.\n saved: {state['config']}\n given: {asdict(cfg)}")
@@ -583,11 +592,9 @@ def evaluate_run(cfg: TrainConfig, state: dict, data_dir: str | Path | None = No
 
 def load_run(run_dir: str | Path) -> tuple[TrainConfig, dict]:
     """The config and checkpoint of a run folder (for ``dpfunc evaluate``)."""
-    from dpfunc.bridge.checkpoint import load_checkpoint
-
     run_path = Path(run_dir)
     ckpt = run_path / "checkpoint.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"load_run: no checkpoint at {ckpt}; is {run_path} a folder written by `dpfunc train --run-dir`?")
-    state = load_checkpoint(ckpt)
+    state = _load_run_checkpoint(ckpt)
     return TrainConfig(**state["config"]), state

@@ -18,8 +18,11 @@ from dpfunc.accounting.budget import PrivacyBudget, PrivacyBudgetExceededError
 from dpfunc.accounting.calibration import CalibrationWarning, noise_multiplier_for, sampling_rate_for, steps_for
 from dpfunc.accounting.events import (
     ComposedEvent,
+    DiscreteGaussianAtom,
+    DiscreteGaussianEvent,
     Event,
     GaussianEvent,
+    Mechanism,
     Neighboring,
     PoissonSampledEvent,
     SampledWithoutReplacementEvent,
@@ -46,9 +49,11 @@ __all__ = [
     "Phase",
     "PrivacyLedger",
     "ledger_to_event",
+    "Mechanism",
     "Neighboring",
     "Event",
     "GaussianEvent",
+    "DiscreteGaussianEvent",
     "PoissonSampledEvent",
     "SampledWithoutReplacementEvent",
     "SelfComposedEvent",
@@ -56,6 +61,7 @@ __all__ = [
     "as_event",
     "Atom",
     "PoissonAtom",
+    "DiscreteGaussianAtom",
     "WorAtom",
     # accountant options (typed; the strings "pld"/"rdp"/"gdp" still work)
     "PLD",

@@ -11,7 +11,10 @@ method             what it computes                                             
 =================  ============================================================  =====================
 
 ``method`` is an option object (:mod:`dpfunc.accounting.methods`), a :class:`Method`, or the legacy
-string with keyword options (``method="rdp", orders=...``); all resolve to one option object.
+string with keyword options (``method="rdp", orders=...``); all resolve to one option object. Left
+out (``None``), it is PLD — unless the ledger holds discrete-Gaussian (secure mode) phases, which only
+the RDP accountant bounds: then it is ``RDP(orders=DG_ORDERS)`` (see
+:mod:`dpfunc.accounting.discrete_gaussian`), and an explicit PLD or GDP is refused.
 
 Formal guarantees:
     For ``pld`` and ``rdp`` the returned ε is an upper bound: the composition is (ε, δ)-DP under
@@ -40,6 +43,7 @@ from dpfunc.accounting import pld as _pld
 from dpfunc.accounting import rdp as _rdp
 from dpfunc.accounting.events import (
     _EVENT_TYPES,
+    DiscreteGaussianAtom,
     Event,
     GaussianEvent,
     Neighboring,
@@ -47,13 +51,13 @@ from dpfunc.accounting.events import (
     SelfComposedEvent,
     atoms,
 )
-from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event
+from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event, phase_event
 from dpfunc.accounting.methods import GDP, METHODS, PLD, RDP, Accountant, Method, resolve_method
 from dpfunc.accounting.rdp import DEFAULT_ORDERS, TF_PRIVACY_ORDERS  # noqa: F401  (doctest)
 
 __all__ = ["EpsilonReport", "METHODS", "as_event", "epsilon", "epsilon_report", "delta", "dpsgd_epsilon"]
 
-MethodLike = Union[str, Method, PLD, RDP, GDP]
+MethodLike = Union[None, str, Method, PLD, RDP, GDP]
 
 
 @dataclass(frozen=True)
@@ -86,7 +90,7 @@ def as_event(obj: Union[Event, PrivacyLedger, Phase]) -> Event:
     if isinstance(obj, PrivacyLedger):
         return ledger_to_event(obj)
     if isinstance(obj, Phase):
-        return SelfComposedEvent(PoissonSampledEvent(obj.sampling_rate, GaussianEvent(obj.noise_multiplier)), obj.steps)
+        return phase_event(obj)
     if isinstance(obj, _EVENT_TYPES):
         return obj
     raise ValueError(f"as_event: expected a privacy event or a PrivacyLedger, got {type(obj).__name__}: {obj!r}")
@@ -97,7 +101,33 @@ def _check_delta(fn: str, value: float) -> float:
 
 
 def _check_method(fn: str, method: MethodLike, options: dict) -> Accountant:
-    return resolve_method(fn, method, options)
+    return resolve_method(fn, "pld" if method is None else method, options)
+
+
+def _has_discrete(key: tuple) -> bool:
+    return any(isinstance(a, DiscreteGaussianAtom) and a.count > 0 for a in key)
+
+
+def _accountant_for(fn: str, method: MethodLike, options: dict, key: tuple) -> Accountant:
+    """The accountant for ``key``: ``method`` resolved, or (``None``) PLD / RDP for discrete-Gaussian phases.
+
+    Raises:
+        ValueError: PLD or GDP asked for a composition with discrete-Gaussian phases (neither bounds them).
+    """
+    if not _has_discrete(key):
+        return _check_method(fn, method, options)
+    if method is None and not options:
+        from dpfunc.accounting.discrete_gaussian import DG_ORDERS
+
+        return RDP(orders=DG_ORDERS)
+    acc = _check_method(fn, method, options)
+    if not isinstance(acc, RDP):
+        raise ValueError(
+            f"{fn}: method={acc.method.value!r} cannot account the discrete-Gaussian (secure mode) phases of this "
+            "ledger: only the RDP accountant has a proven bound for them (dpfunc.accounting.discrete_gaussian); "
+            "pass method=RDP() or leave method out"
+        )
+    return acc
 
 
 def _check_neighboring(fn: str, neighboring: Neighboring) -> None:
@@ -109,14 +139,15 @@ def _no_loss(key: tuple) -> bool:
     return all(a.count == 0 or math.isinf(a.noise_multiplier) for a in key)
 
 
-def epsilon_report(event_or_ledger, delta: float, method: MethodLike = "pld", *,
+def epsilon_report(event_or_ledger, delta: float, method: MethodLike = None, *,
                    neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> EpsilonReport:
     """ε at ``delta`` for an event or ledger, with bounds and provenance (see module docstring).
 
     Args:
         event_or_ledger: a privacy event or a :class:`PrivacyLedger`.
         delta: δ in (0, 1).
-        method: ``PLD(...)`` (default), ``RDP(...)``, ``GDP()``, a :class:`Method`, or "pld"/"rdp"/"gdp".
+        method: ``PLD(...)``, ``RDP(...)``, ``GDP()``, a :class:`Method`, or "pld"/"rdp"/"gdp"; ``None``
+            (default): PLD, or ``RDP(orders=DG_ORDERS)`` when the ledger holds discrete-Gaussian phases.
         neighboring: the neighbouring relation (default add-or-remove-one).
         **options: with a string method only (legacy): pld: ``value_discretization_interval``;
             rdp: ``orders``, ``conversion`` (see :class:`PLD`, :class:`RDP`).
@@ -126,9 +157,10 @@ def epsilon_report(event_or_ledger, delta: float, method: MethodLike = "pld", *,
     """
     fn = "epsilon_report"
     delta = _check_delta(fn, delta)
-    acc = _check_method(fn, method, options)
+    _check_method(fn, method, options)
     _check_neighboring(fn, neighboring)
     key = atoms(as_event(event_or_ledger))
+    acc = _accountant_for(fn, method, options, key)
     steps = sum(a.count for a in key)
     name = acc.method.value
     if _no_loss(key):  # nothing was released: no privacy loss
@@ -147,7 +179,7 @@ def epsilon_report(event_or_ledger, delta: float, method: MethodLike = "pld", *,
     return EpsilonReport(_gdp.gdp_epsilon(mu, delta, warn=False), None, delta, "gdp", None, None, None, steps)
 
 
-def epsilon(event_or_ledger, delta: float, method: MethodLike = "pld", *,
+def epsilon(event_or_ledger, delta: float, method: MethodLike = None, *,
             neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> float:
     """ε at ``delta`` (a float; ``math.inf`` when no finite ε exists). See :func:`epsilon_report`.
 
@@ -164,7 +196,7 @@ def epsilon(event_or_ledger, delta: float, method: MethodLike = "pld", *,
     return epsilon_report(event_or_ledger, delta, method, neighboring=neighboring, **options).epsilon
 
 
-def delta(event_or_ledger, epsilon: float, method: MethodLike = "pld", *,
+def delta(event_or_ledger, epsilon: float, method: MethodLike = None, *,
           neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> float:
     """Smallest δ (an upper bound for pld/rdp) such that the composition is (ε, δ)-DP.
 
@@ -176,9 +208,10 @@ def delta(event_or_ledger, epsilon: float, method: MethodLike = "pld", *,
     """
     fn = "delta"
     eps = check_nonnegative(fn, "epsilon", epsilon, allow_inf=True)
-    acc = _check_method(fn, method, options)
+    _check_method(fn, method, options)
     _check_neighboring(fn, neighboring)
     key = atoms(as_event(event_or_ledger))
+    acc = _accountant_for(fn, method, options, key)
     if math.isinf(eps) or _no_loss(key):
         return 0.0
     if isinstance(acc, PLD):

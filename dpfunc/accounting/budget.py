@@ -32,8 +32,8 @@ from dpfunc._validate import check_positive_finite
 from dpfunc.accounting.api import _check_delta, _check_method, epsilon as _epsilon
 from dpfunc.accounting.methods import PLD
 from dpfunc.accounting.calibration import largest_feasible
-from dpfunc.accounting.events import ComposedEvent, GaussianEvent, Neighboring, PoissonSampledEvent, SelfComposedEvent
-from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event
+from dpfunc.accounting.events import ComposedEvent, Mechanism, Neighboring
+from dpfunc.accounting.ledger import Phase, PrivacyLedger, ledger_to_event, phase_event
 
 __all__ = ["PrivacyBudget", "PrivacyBudgetExceededError"]
 
@@ -55,23 +55,26 @@ class PrivacyBudgetExceededError(RuntimeError):
         )
 
 
-def _phase_event(p: Phase):
-    return SelfComposedEvent(PoissonSampledEvent(p.sampling_rate, GaussianEvent(p.noise_multiplier)), p.steps)
+def _uses_pld(method: object, prefix: tuple, mechanism: Mechanism) -> bool:
+    """Whether ``method`` accounts this ledger with PLD (a discrete-Gaussian phase makes the default RDP)."""
+    discrete = mechanism is Mechanism.DISCRETE_GAUSSIAN or any(p.mechanism is Mechanism.DISCRETE_GAUSSIAN for p in prefix)
+    return not discrete and isinstance(_check_method("PrivacyBudget", method, {}), PLD)
 
 
 @functools.lru_cache(maxsize=256)
-def _max_last_steps(eps: float, delta: float, method: str, neighboring: Neighboring, prefix: tuple,
-                    sigma: float, q: float) -> int:
-    """Largest T with ε(prefix + T steps at (σ, q)) ≤ eps by ``method``; -1 if even T = 0 exceeds it.
+def _max_last_steps(eps: float, delta: float, method: object, neighboring: Neighboring, prefix: tuple,
+                    sigma: float, q: float, mechanism: Mechanism = Mechanism.GAUSSIAN) -> int:
+    """Largest T with ε(prefix + T steps at (σ, q) of ``mechanism``) ≤ eps by ``method``; -1 if even T = 0
+    exceeds it.
 
     For PLD the search starts from the RDP answer (RDP's ε is above PLD's, so it is feasible)."""
 
     def eps_of(t: int) -> float:
-        event = ComposedEvent(tuple(_phase_event(p) for p in prefix) + (_phase_event(Phase(sigma, q, t)),))
+        event = ComposedEvent(tuple(phase_event(p) for p in prefix) + (phase_event(Phase(sigma, q, t, mechanism)),))
         return _epsilon(event, delta, method, neighboring=neighboring)
 
-    if isinstance(_check_method("PrivacyBudget", method, {}), PLD):
-        lo = _max_last_steps(eps, delta, "rdp", neighboring, prefix, sigma, q)
+    if _uses_pld(method, prefix, mechanism):
+        lo = _max_last_steps(eps, delta, "rdp", neighboring, prefix, sigma, q, mechanism)
         if lo < 1 or eps_of(lo) > eps:  # defensive: never trust the guess
             lo = 0
     else:
@@ -92,13 +95,14 @@ class PrivacyBudget:
     Attributes:
         epsilon: allowed ε (> 0).
         delta: δ in (0, 1).
-        method: "pld" (default), "rdp" or "gdp", a :class:`Method`, or an option object.
+        method: "pld", "rdp" or "gdp", a :class:`Method`, or an option object; ``None`` (default): PLD, or
+            RDP for a ledger with discrete-Gaussian (secure mode) phases (see :func:`dpfunc.epsilon`).
         neighboring: the neighbouring relation (default add-or-remove-one).
     """
 
     epsilon: float
     delta: float
-    method: object = "pld"  # "pld"/"rdp"/"gdp", a Method, or PLD(...)/RDP(...)/GDP()
+    method: object = None  # None (auto), "pld"/"rdp"/"gdp", a Method, or PLD(...)/RDP(...)/GDP()
     neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE
 
     def __post_init__(self) -> None:
@@ -108,9 +112,10 @@ class PrivacyBudget:
         if not isinstance(self.neighboring, Neighboring):
             raise ValueError(f"PrivacyBudget: neighboring must be a Neighboring, got {self.neighboring!r}")
 
-    def _max_steps(self, prefix: tuple, sigma: float, q: float, method: str = "") -> int:
+    def _max_steps(self, prefix: tuple, sigma: float, q: float, method: str = "",
+                   mechanism: Mechanism = Mechanism.GAUSSIAN) -> int:
         return _max_last_steps(float(self.epsilon), float(self.delta), method or self.method, self.neighboring,
-                               prefix, float(sigma), float(q))
+                               prefix, float(sigma), float(q), mechanism)
 
     def spent(self, ledger: PrivacyLedger) -> float:
         """ε of ``ledger`` by the budget's method at the budget's δ (exact, not cached)."""
@@ -126,20 +131,20 @@ class PrivacyBudget:
         if not ledger.phases:
             return
         last = ledger.phases[-1]
-        prefix, sigma, q = ledger.phases[:-1], last.noise_multiplier, last.sampling_rate
+        prefix, sigma, q, mech = ledger.phases[:-1], last.noise_multiplier, last.sampling_rate, last.mechanism
         # Fast path: within the (cheap, cached) RDP boundary, PLD is within budget too.
-        is_pld = isinstance(_check_method("PrivacyBudget", self.method, {}), PLD)
-        if is_pld and last.steps <= self._max_steps(prefix, sigma, q, "rdp"):
+        if _uses_pld(self.method, prefix, mech) and last.steps <= self._max_steps(prefix, sigma, q, "rdp", mech):
             return
-        if last.steps <= self._max_steps(prefix, sigma, q):
+        if last.steps <= self._max_steps(prefix, sigma, q, "", mech):
             return
         raise PrivacyBudgetExceededError(self.spent(ledger), float(self.epsilon), float(self.delta),
                                          self.method, ledger.total_steps)
 
-    def remaining_steps(self, ledger: PrivacyLedger, noise_multiplier: float, sampling_rate: float) -> int:
-        """How many more steps at ``(noise_multiplier, sampling_rate)`` fit in the budget (≥ 0)."""
-        probe = ledger.step(noise_multiplier, sampling_rate, 1)  # validates σ and q, merges phases
+    def remaining_steps(self, ledger: PrivacyLedger, noise_multiplier: float, sampling_rate: float, *,
+                        mechanism: Mechanism = Mechanism.GAUSSIAN) -> int:
+        """How many more steps at ``(noise_multiplier, sampling_rate)`` of ``mechanism`` fit in the budget (≥ 0)."""
+        probe = ledger.step(noise_multiplier, sampling_rate, 1, mechanism=mechanism)  # validates, merges phases
         last = probe.phases[-1]
-        allowed = self._max_steps(probe.phases[:-1], last.noise_multiplier, last.sampling_rate)
+        allowed = self._max_steps(probe.phases[:-1], last.noise_multiplier, last.sampling_rate, "", last.mechanism)
         already = last.steps - 1
         return max(0, allowed - already)

@@ -25,13 +25,15 @@ lists it at the σ used by ``dpfunc train --secure-noise``.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from dpfunc.accounting.rdp import rdp_poisson_gaussian, rdp_to_epsilon
 
-__all__ = ["DG_ORDERS", "rdp_discrete_gaussian", "rdp_poisson_discrete_gaussian", "discrete_gaussian_epsilon",
+__all__ = ["DG_ORDERS", "rdp_discrete_gaussian", "rdp_poisson_discrete_gaussian", "rdp_poisson_discrete_gaussian_at",
+           "discrete_gaussian_epsilon",
            "discrete_gaussian_noise_multiplier_for", "continuous_ratio", "ledger_epsilon"]
 
 DG_ORDERS: tuple = tuple(range(2, 257))
@@ -51,12 +53,43 @@ def rdp_discrete_gaussian(noise_multiplier: float, order: float) -> float:
 
 
 def rdp_poisson_discrete_gaussian(noise_multiplier: float, sampling_rate: float, order: int) -> float:
-    """Zhu & Wang 2019 Thm. 6 applied to ``rdp_discrete_gaussian``, at an integer order ≥ 2 (log-space)."""
+    """Zhu & Wang 2019 Thm. 6 applied to ``rdp_discrete_gaussian``, at an integer order ≥ 2 (log-space).
+
+    Transcription check (tested): with the factor 3 replaced by 1 and ``ε(l) = l/(2σ²)``, the sum is
+    ``Σ_l C(α,l) q^l (1−q)^(α−l) e^{l(l−1)/(2σ²)}``, the exact subsampled-Gaussian RDP of Mironov et al.
+    2019 at integer α (its l = 0 and l = 1 terms are the first term here); so the bound differs from the
+    continuous Gaussian's exact value only by the generic factor 3 on the l ≥ 3 terms.
+    """
     fn = "rdp_poisson_discrete_gaussian"
     _check(fn, noise_multiplier, sampling_rate)
     if isinstance(order, bool) or not isinstance(order, (int, np.integer)) or order < 2:
         raise ValueError(f"{fn}: order must be an int >= 2, got {order!r}")
-    a, q = int(order), float(sampling_rate)
+    return _zhu_wang(float(noise_multiplier), float(sampling_rate), int(order))
+
+
+def rdp_poisson_discrete_gaussian_at(noise_multiplier: float, sampling_rate: float, order: float) -> float:
+    """An upper bound on the subsampled discrete Gaussian's RDP at ANY order α > 1 (for the RDP accountant).
+
+    ``q = 1``: exactly ``α/(2σ²)``. ``q < 1``: Zhu & Wang's bound at the integer order ``max(2, ⌈α⌉)``,
+    valid because Rényi divergence is non-decreasing in its order (van Erven & Harremoës 2014, Thm. 3).
+    σ = 0 gives ∞ (no privacy), σ = ∞ gives 0 (nothing released).
+    """
+    sigma, q, a = float(noise_multiplier), float(sampling_rate), float(order)
+    if not a > 1:
+        raise ValueError(f"rdp_poisson_discrete_gaussian_at: order must be > 1, got {order!r}")
+    if sigma == 0:
+        return math.inf
+    if math.isinf(sigma):
+        return 0.0
+    if q == 1.0:
+        return rdp_discrete_gaussian(sigma, a)
+    return _zhu_wang(sigma, q, max(2, math.ceil(a)))
+
+
+@functools.lru_cache(maxsize=65536)
+def _zhu_wang(noise_multiplier: float, sampling_rate: float, a: int, factor: float = 3.0) -> float:
+    """The bound at integer order ``a``; ``factor`` is Thm. 6's 3 (other values only for the transcription test)."""
+    q = sampling_rate
     if q == 1.0:
         return rdp_discrete_gaussian(noise_multiplier, a)
     lq, l1q = math.log(q), math.log1p(-q)
@@ -64,7 +97,7 @@ def rdp_poisson_discrete_gaussian(noise_multiplier: float, sampling_rate: float,
     ls = np.arange(2, a + 1)
     log_binom = np.array([math.lgamma(a + 1) - math.lgamma(l + 1) - math.lgamma(a - l + 1) for l in range(2, a + 1)])
     body = log_binom + ls * lq + (a - ls) * l1q + (ls - 1) * rdp_discrete_gaussian(noise_multiplier, ls.astype(float))
-    body[1:] += math.log(3.0)  # the factor 3 on the l ≥ 3 terms
+    body[1:] += math.log(factor)  # the factor 3 on the l ≥ 3 terms
     terms.extend(body.tolist())
     terms = np.asarray(terms)
     top = terms.max()
@@ -91,14 +124,19 @@ def discrete_gaussian_epsilon(noise_multiplier: float, sampling_rate: float, ste
 
 
 def ledger_epsilon(ledger, delta: float) -> float:
-    """ε of a :class:`~dpfunc.PrivacyLedger` whose every phase used the discrete Gaussian (RDP summed over phases)."""
+    """ε of a :class:`~dpfunc.PrivacyLedger` read as if EVERY phase used the discrete Gaussian.
+
+    Ledgers now record each phase's mechanism and ``dpfunc.epsilon(ledger, δ)`` accounts for it; this
+    function is for ledgers of secure runs written before that (whose phases say "Gaussian"). It equals
+    ``epsilon(ledger.with_mechanism(Mechanism.DISCRETE_GAUSSIAN), δ, RDP(orders=DG_ORDERS))``.
+    """
+    from dpfunc.accounting.api import epsilon
+    from dpfunc.accounting.events import Mechanism
+    from dpfunc.accounting.methods import RDP
+
     if not 0 < delta < 1:
         raise ValueError(f"ledger_epsilon: delta must be in (0, 1), got {delta!r}")
-    rdp = np.zeros(len(DG_ORDERS))
-    for p in ledger.phases:
-        if p.steps:
-            rdp += p.steps * np.array([rdp_poisson_discrete_gaussian(p.noise_multiplier, p.sampling_rate, a) for a in DG_ORDERS])
-    return rdp_to_epsilon(rdp, DG_ORDERS, delta).epsilon if rdp.any() else 0.0
+    return epsilon(ledger.with_mechanism(Mechanism.DISCRETE_GAUSSIAN), delta, RDP(orders=DG_ORDERS))
 
 
 def continuous_ratio(noise_multiplier: float, sampling_rate: float, steps: int, delta: float) -> float:

@@ -32,13 +32,16 @@ from dpfunc._validate import check_int_range, check_nonnegative, check_probabili
 
 __all__ = [
     "Neighboring",
+    "Mechanism",
     "GaussianEvent",
+    "DiscreteGaussianEvent",
     "PoissonSampledEvent",
     "SampledWithoutReplacementEvent",
     "SelfComposedEvent",
     "ComposedEvent",
     "Event",
     "PoissonAtom",
+    "DiscreteGaussianAtom",
     "WorAtom",
     "Atom",
     "atoms",
@@ -75,9 +78,24 @@ def check_sampling_neighboring(method: str, scheme: str, neighboring: Neighborin
         )
 
 
-def _check_gaussian_inner(owner: str, event: object) -> None:
-    if not isinstance(event, GaussianEvent):
-        raise ValueError(f"{owner}: only a GaussianEvent can be sampled, got {type(event).__name__}")
+class Mechanism(enum.Enum):
+    """The noise distribution a step used; a ledger phase records it so that ε is computed for it.
+
+    ``GAUSSIAN``: the continuous Gaussian ``N(0, σ²C²)`` (the default path).
+    ``DISCRETE_GAUSSIAN``: the discrete Gaussian on a grid (secure mode, :mod:`dpfunc.secure_noise`),
+    accounted by :mod:`dpfunc.accounting.discrete_gaussian` (RDP only; never assumed equal to the
+    continuous one).
+    """
+
+    GAUSSIAN = "gaussian"
+    DISCRETE_GAUSSIAN = "discrete_gaussian"
+
+
+def _check_gaussian_inner(owner: str, event: object, *, discrete_ok: bool = True) -> None:
+    allowed = (GaussianEvent, DiscreteGaussianEvent) if discrete_ok else (GaussianEvent,)
+    if not isinstance(event, allowed):
+        names = " or ".join(c.__name__ for c in allowed)
+        raise ValueError(f"{owner}: only a {names} can be sampled, got {type(event).__name__}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,23 @@ class GaussianEvent:
 
     def __post_init__(self) -> None:
         check_nonnegative("GaussianEvent", "noise_multiplier", self.noise_multiplier, allow_inf=True)
+
+
+@dataclass(frozen=True)
+class DiscreteGaussianEvent:
+    """One application of the discrete Gaussian mechanism: an integer-valued query of l2 sensitivity
+    Δ plus i.i.d. ``N_Z(0, σ²Δ²)`` noise per coordinate (``noise_multiplier = σ``).
+
+    It is ``1/(2σ²)``-zCDP (Canonne, Kamath & Steinke 2020, Thm. 14) — the same RDP curve as the
+    continuous Gaussian — but its *subsampled* RDP is bounded by Zhu & Wang's generic bound
+    (:mod:`dpfunc.accounting.discrete_gaussian`), not by the continuous Gaussian's. Only the RDP
+    accountant accounts for it.
+    """
+
+    noise_multiplier: float
+
+    def __post_init__(self) -> None:
+        check_nonnegative("DiscreteGaussianEvent", "noise_multiplier", self.noise_multiplier, allow_inf=True)
 
 
 @dataclass(frozen=True)
@@ -123,7 +158,7 @@ class SampledWithoutReplacementEvent:
             raise ValueError(
                 f"SampledWithoutReplacementEvent: sample_size must be <= population_size, got {m!r} > {n!r}"
             )
-        _check_gaussian_inner("SampledWithoutReplacementEvent", self.event)
+        _check_gaussian_inner("SampledWithoutReplacementEvent", self.event, discrete_ok=False)
 
 
 @dataclass(frozen=True)
@@ -153,8 +188,10 @@ class ComposedEvent:
                 raise ValueError(f"ComposedEvent: every element must be an event, got {type(e).__name__}")
 
 
-Event = Union[GaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent, SelfComposedEvent, ComposedEvent]
-_EVENT_TYPES = (GaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent, SelfComposedEvent, ComposedEvent)
+Event = Union[GaussianEvent, DiscreteGaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent,
+              SelfComposedEvent, ComposedEvent]
+_EVENT_TYPES = (GaussianEvent, DiscreteGaussianEvent, PoissonSampledEvent, SampledWithoutReplacementEvent,
+                SelfComposedEvent, ComposedEvent)
 
 
 # --- canonical form used by the accountants -------------------------------------------------------
@@ -171,6 +208,15 @@ class PoissonAtom(NamedTuple):
     count: int
 
 
+class DiscreteGaussianAtom(NamedTuple):
+    """``count`` Poisson-subsampled discrete-Gaussian steps (``sampling_rate = 1``: not subsampled)."""
+
+    kind: str  # "dg_poisson"
+    noise_multiplier: float
+    sampling_rate: float
+    count: int
+
+
 class WorAtom(NamedTuple):
     """``count`` Gaussian steps on samples of ``sample_size`` out of ``population_size`` without replacement."""
 
@@ -181,7 +227,8 @@ class WorAtom(NamedTuple):
     count: int
 
 
-Atom = Union[PoissonAtom, WorAtom]
+Atom = Union[PoissonAtom, DiscreteGaussianAtom, WorAtom]
+_ATOM_CLASSES = {"poisson": PoissonAtom, "dg_poisson": DiscreteGaussianAtom, "wor": WorAtom}
 
 
 def atoms(event: Event) -> tuple:
@@ -193,8 +240,11 @@ def atoms(event: Event) -> tuple:
             return
         if isinstance(e, GaussianEvent):
             key = ("poisson", float(e.noise_multiplier), 1.0)
+        elif isinstance(e, DiscreteGaussianEvent):
+            key = ("dg_poisson", float(e.noise_multiplier), 1.0)
         elif isinstance(e, PoissonSampledEvent):
-            key = ("poisson", float(e.event.noise_multiplier), float(e.sampling_rate))
+            kind = "dg_poisson" if isinstance(e.event, DiscreteGaussianEvent) else "poisson"
+            key = (kind, float(e.event.noise_multiplier), float(e.sampling_rate))
         elif isinstance(e, SampledWithoutReplacementEvent):
             key = ("wor", float(e.event.noise_multiplier), int(e.sample_size), int(e.population_size))
         elif isinstance(e, SelfComposedEvent):
@@ -209,16 +259,17 @@ def atoms(event: Event) -> tuple:
         counts[key] = counts.get(key, 0) + mult
 
     walk(event, 1)
-    out = [PoissonAtom(*k, c) if k[0] == "poisson" else WorAtom(*k, c) for k, c in counts.items()]
+    out = [_ATOM_CLASSES[k[0]](*k, c) for k, c in counts.items()]
     return tuple(sorted(out))
 
 
 def as_atom(atom: tuple) -> Atom:
-    """An :data:`Atom` from a plain tuple ``("poisson", σ, q, count)`` or ``("wor", σ, m, n, count)``."""
-    if isinstance(atom, (PoissonAtom, WorAtom)):
+    """An :data:`Atom` from a plain tuple ``("poisson", σ, q, count)``, ``("dg_poisson", σ, q, count)`` or
+    ``("wor", σ, m, n, count)``."""
+    if isinstance(atom, (PoissonAtom, DiscreteGaussianAtom, WorAtom)):
         return atom
-    if atom and atom[0] == "poisson" and len(atom) == 4:
-        return PoissonAtom(*atom)
-    if atom and atom[0] == "wor" and len(atom) == 5:
-        return WorAtom(*atom)
-    raise ValueError(f"as_atom: expected ('poisson', σ, q, count) or ('wor', σ, m, n, count), got {atom!r}")
+    cls = _ATOM_CLASSES.get(atom[0]) if isinstance(atom, tuple) and atom else None
+    if cls is not None and len(atom) == len(cls._fields):
+        return cls(*atom)
+    raise ValueError(f"as_atom: expected ('poisson', σ, q, count), ('dg_poisson', σ, q, count) or "
+                     f"('wor', σ, m, n, count), got {atom!r}")

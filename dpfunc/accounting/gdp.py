@@ -29,7 +29,7 @@ import math
 import warnings
 
 from dpfunc.accounting._special import log_ndtr_scalar
-from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
+from dpfunc.accounting.events import DiscreteGaussianAtom, Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = ["gdp_mu", "gdp_delta", "gdp_epsilon", "GDP_WARNING"]
 
@@ -47,6 +47,9 @@ def gdp_mu(atoms: tuple, neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ON
     """The (CLT) μ of a composition given as canonical atoms; ``math.inf`` if some σ = 0."""
     total = 0.0
     for atom in map(as_atom, atoms):
+        if isinstance(atom, DiscreteGaussianAtom):
+            raise ValueError("gdp: the discrete Gaussian (secure mode) is not accounted by the GDP approximation; "
+                             "use method='rdp' (dpfunc.accounting.discrete_gaussian)")
         count, sigma = atom.count, atom.noise_multiplier
         if count == 0 or math.isinf(sigma):
             continue

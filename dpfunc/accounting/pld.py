@@ -97,7 +97,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from dpfunc.accounting._special import log_interval_masses, log_ndtr_pair
-from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
+from dpfunc.accounting.events import DiscreteGaussianAtom, Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = ["PldBounds", "pld_epsilon", "pld_delta", "DEFAULT_VALUE_DISCRETIZATION_INTERVAL"]
 
@@ -335,6 +335,9 @@ def _effective(atoms: tuple, neighboring: Neighboring) -> tuple:
     """(σ, q, count) triples at sensitivity 1; raises for what PLD does not account."""
     out = []
     for atom in map(as_atom, atoms):
+        if isinstance(atom, DiscreteGaussianAtom):
+            raise ValueError("pld: the discrete Gaussian (secure mode) has no PLD here; account it with method='rdp' "
+                             "(dpfunc.accounting.discrete_gaussian)")
         if not isinstance(atom, PoissonAtom):
             raise ValueError(
                 "pld: SampledWithoutReplacementEvent is not supported by method='pld'; use method='rdp' "

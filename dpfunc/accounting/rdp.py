@@ -31,7 +31,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 
 from dpfunc.accounting._special import log_ndtr, log_sub
-from dpfunc.accounting.events import Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
+from dpfunc.accounting.events import DiscreteGaussianAtom, Neighboring, PoissonAtom, as_atom, check_sampling_neighboring
 
 __all__ = [
     "DEFAULT_ORDERS",
@@ -189,12 +189,17 @@ def rdp_of_atoms(atoms: tuple, orders: Sequence[float], neighboring: Neighboring
         count = atom.count
         if count == 0:
             continue
-        if isinstance(atom, PoissonAtom):
+        if isinstance(atom, (PoissonAtom, DiscreteGaussianAtom)):
             sigma, q = atom.noise_multiplier, atom.sampling_rate
             check_sampling_neighboring("rdp", "poisson", neighboring, q)
             if neighboring is Neighboring.REPLACE_ONE:
                 sigma = sigma / 2.0  # replace-one sensitivity 2C
-            curve = [rdp_poisson_gaussian(sigma, q, a) for a in orders]
+            if isinstance(atom, DiscreteGaussianAtom):
+                from dpfunc.accounting.discrete_gaussian import rdp_poisson_discrete_gaussian_at
+
+                curve = [rdp_poisson_discrete_gaussian_at(sigma, q, a) for a in orders]
+            else:
+                curve = [rdp_poisson_gaussian(sigma, q, a) for a in orders]
         else:
             check_sampling_neighboring("rdp", "wor", neighboring)
             curve = [rdp_wor_gaussian(atom.noise_multiplier, atom.sample_size, atom.population_size, a) for a in orders]
