@@ -190,6 +190,13 @@ def test_cli_secure_aggregation_gives_the_same_global_model(tmp_path, data_dir):
         assert main(argv + (["--secure-aggregation"] if secure else [])) == 0
         finals[secure] = load_checkpoint(run / "checkpoint.pt")["state"].params
         assert json.loads((run / "config.json").read_text())["aggregator"] == ("secagg" if secure else "fedavg")
+        history = json.loads((run / "metrics.json").read_text())["history"]
+        if secure:  # each round's secure details: only what the server saw (participation, sums' metadata)
+            assert [(h["secure"]["included"], h["secure"]["dropped"], h["secure"]["threshold"],
+                     h["secure"]["sites_clipped"], h["secure"]["total_weight"]) for h in history] == [([0, 1], [], 2, 0, 160)] * 2
+            assert all(h["secure"]["bytes_sent"] > 0 for h in history)
+        else:
+            assert all("secure" not in h for h in history)
     worst = max((finals[True][k].double() - finals[False][k].double()).abs().max().item() for k in finals[False])
     assert worst <= 1e-4, worst
 

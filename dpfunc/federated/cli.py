@@ -57,6 +57,13 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--aggregator", default=d.aggregator, help="registered aggregator (dpfunc.federated.AGGREGATORS)")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="the server learns only sums (Bonawitz et al. 2017; same as --aggregator secagg)")
+    p.add_argument("--distributed-noise", action="store_true",
+                   help="distributed DP (implies --secure-aggregation, in process): each round is ONE DP-SGD step over "
+                        "all sites' data and each site adds only a share of the discrete-Gaussian noise, so that any "
+                        "unmasked sum carries the full noise if at most --colluding sites share theirs with the server")
+    p.add_argument("--colluding", type=int, default=d.colluding_sites,
+                   help="with --distributed-noise: sites assumed to collude with the server (< threshold t, a majority "
+                        "of the sites asked per round)")
     p.add_argument("--grad-engine", choices=["fast", "vmap"], default=d.grad_engine, help="per-example clipping engine")
     p.add_argument("--accountant", choices=["pld", "rdp"], default=d.accountant, help="calibration and ε reports")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples (demos, tests)")
@@ -81,7 +88,9 @@ def config_from_args(args: argparse.Namespace):
         partition=args.partition, alpha=args.alpha, fraction=args.fraction, min_sites=args.min_sites,
         batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
         server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
-        server_momentum=args.server_momentum, aggregator="secagg" if args.secure_aggregation else args.aggregator,
+        server_momentum=args.server_momentum,
+        aggregator="secagg" if args.secure_aggregation or args.distributed_noise else args.aggregator,
+        distributed_noise=args.distributed_noise, colluding_sites=args.colluding,
         engine=args.engine,
         grad_engine=args.grad_engine, train_subset=args.train_subset, round_timeout=args.round_timeout,
         accountant=args.accountant, seed=args.seed)

@@ -74,6 +74,11 @@ class FederatedConfig:
         accountant: ``"pld"`` (tight, the default) or ``"rdp"`` (faster calibration) for σ_s and the ε reports.
         alone: train site ``alone``'s shard by itself, a federation of one (the baseline a site has
             without federating: same shard, plan and σ as in the federated run; in process only).
+        distributed_noise: distributed DP over secure aggregation (:mod:`dpfunc.federated.distributed`):
+            each round is ONE DP-SGD step over the union of the sites' data, each site adds only a share of
+            the noise; needs ``aggregator="secagg"``, the in-process engine, ``local_epochs=1``, ``fedavg``.
+        colluding_sites: ``c``, the most sites assumed to share their noise with the server (distributed
+            noise only); ``0 ≤ c < t``, ``t`` a majority of the sites asked per round.
         seed: root of every key (init, partition, site selection, each site's sampling and noise).
     """
 
@@ -101,6 +106,8 @@ class FederatedConfig:
     round_timeout: float = 600.0
     accountant: str = "pld"
     alone: int | None = None
+    distributed_noise: bool = False
+    colluding_sites: int = 0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -148,6 +155,7 @@ class FederatedConfig:
         if self.min_sites > fraction_sites:
             raise ValueError(f"{fn}: min_sites={self.min_sites} can never be met when only {fraction_sites} site(s) "
                              f"are asked per round (fraction={self.fraction}, sites={self.sites})")
+        _check_distributed(self, fraction_sites)
 
     def server_tx(self):
         make = SERVER_OPTIMIZERS[self.server_optimizer]
@@ -156,6 +164,42 @@ class FederatedConfig:
         if self.server_optimizer == "fedavgm":
             return make(self.server_learning_rate, self.server_momentum)
         return make(self.server_learning_rate)
+
+
+def _check_distributed(cfg: FederatedConfig, asked: int) -> None:
+    """The distributed-noise option's constraints (:mod:`dpfunc.federated.distributed`), each with its fix."""
+    fn = "FederatedConfig"
+    if not isinstance(cfg.distributed_noise, bool):
+        raise ValueError(f"{fn}: distributed_noise must be a bool, got {cfg.distributed_noise!r}")
+    if isinstance(cfg.colluding_sites, bool) or not isinstance(cfg.colluding_sites, int) or cfg.colluding_sites < 0:
+        raise ValueError(f"{fn}: colluding_sites must be an int >= 0, got {cfg.colluding_sites!r}")
+    if not cfg.distributed_noise:
+        if cfg.colluding_sites:
+            raise ValueError(f"{fn}: colluding_sites={cfg.colluding_sites} only applies with distributed_noise=True "
+                             "(--distributed-noise)")
+        return
+    why = []
+    if cfg.aggregator != "secagg":
+        why.append(f"aggregator={cfg.aggregator!r} (the noise shares only add up inside secure aggregation: "
+                   "--secure-aggregation)")
+    if cfg.engine != "inprocess":
+        why.append(f"engine={cfg.engine!r} (each DP-SGD step is its own secure-aggregation run, five round trips "
+                   "per step: not implemented over Flower; use --engine inprocess)")
+    if cfg.local_epochs != 1:
+        why.append(f"local_epochs={cfg.local_epochs} (a round is one DP-SGD step over the union of the sites' data)")
+    if cfg.server_optimizer != "fedavg":
+        why.append(f"server_optimizer={cfg.server_optimizer!r} (the server's step is SGD with --lr/--momentum)")
+    if cfg.alone is not None:
+        why.append(f"alone={cfg.alone}")
+    if asked < 2:
+        why.append(f"{asked} site(s) asked per round (secure aggregation needs at least 2)")
+    if why:
+        raise ValueError(f"{fn}: distributed_noise=True cannot run with " + "; ".join(why))
+    t = max(2, asked // 2 + 1)
+    if cfg.colluding_sites >= t:
+        raise ValueError(f"{fn}: colluding_sites={cfg.colluding_sites} with threshold t={t} (a majority of the {asked} "
+                         f"site(s) asked per round) leaves t − c = {t - cfg.colluding_sites} honest sites in a sum: no "
+                         f"noise would be guaranteed. Need colluding_sites <= {t - 1}, or more sites")
 
 
 @dataclass
@@ -297,6 +341,13 @@ def run_federated(
     from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
     from dpfunc.train import evaluate_scores
 
+    if cfg.distributed_noise:  # one DP-SGD step per round, noise shared among the sites (issue 14)
+        if executor is not None or aggregator is not None:
+            raise ValueError("run_federated: distributed_noise runs in process only (no executor or aggregator)")
+        from dpfunc.federated.distributed import run_distributed
+
+        return run_distributed(cfg, data_dir=data_dir, run_dir=run_dir, resume=resume, progress=progress, log=log,
+                               bootstrap_resamples=bootstrap_resamples)
     train_set = pneumoniamnist("train", data_dir)
     val_set = pneumoniamnist("val", data_dir)
     setup = prepare(cfg, train_set.labels)
@@ -351,6 +402,9 @@ def run_federated(
                       "excluded": {str(k): v for k, v in report.excluded.items()},
                       "site_epsilon": [s["epsilon"] for s in sites], "epsilon": max(s["epsilon"] for s in sites),
                       "seconds": elapsed}
+            secure = getattr(aggregator, "last_round", None)  # secure aggregation: what the server learned
+            if secure is not None and getattr(secure, "round", None) == state.round - 1 and hasattr(secure, "to_record"):
+                record["secure"] = secure.to_record(report.applied)
             history.append(record)
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": state.params}

@@ -76,6 +76,17 @@ class SecureRoundInfo(NamedTuple):
     threshold: int
     stats: RoundStats
 
+    def to_record(self, asked: Sequence[int]) -> dict:
+        """The round as a JSON record for the job history — only what the server saw anyway: who was asked
+        to aggregate (the sites whose training answers were usable), who is in the sum and who dropped
+        during the protocol, the threshold, the unmasked sums' metadata, and the payload bytes it relayed."""
+        return {"included": [int(s) for s in self.included], "dropped": [int(s) for s in asked if s not in self.included],
+                "threshold": int(self.threshold), "sites_clipped": int(self.sites_clipped),
+                "total_weight": int(self.total_weight), "mean_loss": float(self.mean_loss),
+                "error_bound": float(self.error_bound),
+                "bytes_sent": int(sum(self.stats.sent.values())),
+                "bytes_received": int(sum(self.stats.received.values()))}
+
 
 class _Layout(NamedTuple):
     names: tuple
