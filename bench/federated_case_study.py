@@ -14,6 +14,11 @@ and compares with centralised DP-SGD on the pooled data (all data in one place, 
     nice python bench/federated_case_study.py --data-dir ../shared/data                 # seeds 0 1 2
     nice python bench/federated_case_study.py --data-dir ../shared/data --seeds 0 --partitions iid
 
+Every run (federated, alone, centralised) uses ``--threads`` torch threads (default 1). On this 2-core
+machine, under load, two threads made a DP-SGD step of the CNN 7–12x slower in wall time (and 7x in CPU
+time: the threads spin-wait for each other) than one thread: that, not the federated code, was why a
+5-round federated run took 40–45 min at load 20.
+
 Writes ``bench/results/federated_case_study.{json,md,png}``; run folders under ``runs/federated_case_study/``.
 Rows are saved as they finish, and a finished run folder is reused (rerun to resume).
 """
@@ -41,12 +46,26 @@ def _run(cfg, data_dir, run_dir: Path) -> dict:
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         return json.loads(metrics.read_text())
-    t = time.perf_counter()
+    t, load0 = time.perf_counter(), os.getloadavg()[0]
     m = run_federated(cfg, data_dir=data_dir, run_dir=run_dir, resume=(run_dir / "checkpoint.pt").exists(),
                       progress=False, log=lambda s: None, bootstrap_resamples=200)
+    wall = time.perf_counter() - t
+    _note_run(run_dir, wall, load0)
     print(f"  {run_dir.name}: test AUC {m['test']['roc_auc']:.4f} acc {m['test']['accuracy']:.4f} "
-          f"ε {[round(s['epsilon'], 3) for s in m['sites']]} ({time.perf_counter() - t:.0f}s)", flush=True)
+          f"ε {[round(s['epsilon'], 3) for s in m['sites']]} ({wall:.0f}s wall, load {load0:.1f}→"
+          f"{os.getloadavg()[0]:.1f})", flush=True)
     return m
+
+
+def _note_run(run_dir: Path, wall: float, load0: float) -> None:
+    """Wall time and the machine's load around a run (the machine is shared: timings mean little without it)."""
+    (run_dir / "bench_timing.json").write_text(json.dumps(
+        {"wall_seconds": wall, "load_start": load0, "load_end": os.getloadavg()[0], "threads": torch.get_num_threads()}))
+
+
+def _timing(run_dir: Path) -> dict:
+    f = run_dir / "bench_timing.json"
+    return json.loads(f.read_text()) if f.exists() else {}
 
 
 def _central(seed: int, epochs: int, data_dir, runs: Path) -> dict:
@@ -55,25 +74,31 @@ def _central(seed: int, epochs: int, data_dir, runs: Path) -> dict:
     run_dir = runs / f"central-e{epochs}-seed{seed}"
     if not (run_dir / "metrics.json").exists():
         cmd = [sys.executable, "-m", "dpfunc", "train", "--epochs", str(epochs), "--seed", str(seed), "--epsilon", "3",
-               "--run-dir", str(run_dir), "--quiet", *(["--data-dir", str(data_dir)] if data_dir else [])]
-        subprocess.run(cmd, check=True)
+               "--run-dir", str(run_dir), "--quiet", *(["--data-dir", str(data_dir)] if data_dir else []),
+               *(["--resume"] if (run_dir / "checkpoint.pt").exists() else [])]
+        env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # the same threads as the federated runs
+        t, load0 = time.perf_counter(), os.getloadavg()[0]
+        subprocess.run(cmd, check=True, env=env)
+        _note_run(run_dir, time.perf_counter() - t, load0)
+        print(f"  {run_dir.name}: {time.perf_counter() - t:.0f}s wall, load {load0:.1f}→{os.getloadavg()[0]:.1f}", flush=True)
     m = json.loads((run_dir / "metrics.json").read_text())
     return {"kind": f"centralised ({epochs} epochs)", "seed": seed, "partition": "pooled", "test_auc": m["test"]["roc_auc"],
             "test_accuracy": m["test"]["accuracy"], "epsilon": [m["epsilon"]], "n": [4708], "pneumonia_fraction": None,
-            "best_round": m["best_epoch"], "train_seconds": m["train_seconds"]}
+            "best_round": m["best_epoch"], "train_seconds": m["train_seconds"], **_timing(run_dir)}
 
 
-def _row(kind: str, seed: int, partition: str, m: dict) -> dict:
+def _row(kind: str, seed: int, partition: str, m: dict, run_dir: Path) -> dict:
     return {"kind": kind, "seed": seed, "partition": partition, "test_auc": m["test"]["roc_auc"],
             "test_accuracy": m["test"]["accuracy"], "epsilon": [s["epsilon"] for s in m["sites"]],
             "n": [s["n"] for s in m["sites"]], "pneumonia_fraction": None, "best_round": m["best_round"],
-            "train_seconds": m["train_seconds"]}
+            "train_seconds": m["train_seconds"], **_timing(run_dir)}
 
 
 def _ms(values: list[float]) -> str:
+    """Mean ± sample std over seeds, with the number of seeds in brackets."""
     if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:.3f} (1)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f} ({len(values)})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,44 +114,85 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=85, help="each site's expected batch (85 ≈ 256/3: the centralised q)")
     p.add_argument("--runs", default="runs/federated_case_study")
     p.add_argument("--no-alone", action="store_true", help="skip the sites-alone baselines")
+    p.add_argument("--average-decay", type=float, default=None,
+                   help="server-side averaging of the global models (default: FederatedConfig's)")
+    p.add_argument("--lr", type=float, default=1.0, help="each site's local SGD step size")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of every run (1: see the module docstring)")
+    p.add_argument("--no-central", action="store_true", help="skip the centralised runs (another process makes them)")
+    p.add_argument("--no-report", action="store_true", help="train only; write no results (a --report-only pass does)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: the table, JSON and plot from the run folders that are finished")
     args = p.parse_args(argv)
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(args.threads)
+    if args.average_decay is None:
+        args.average_decay = FederatedConfig().average_decay
     labels = pneumoniamnist("train", args.data_dir).labels
-    out_json = RESULTS / "federated_case_study.json"
+    runs = Path(args.runs)
     rows: list[dict] = []
-    for seed in args.seeds:
-        if not args.no_alone:
-            rows.append(_central(seed, args.rounds * args.local_epochs, args.data_dir, Path(args.runs)))
-        for part in args.partitions:
+
+    def step(kind: str, run_dir: Path, make) -> None:
+        """Train (unless --report-only) or read one run; a run not finished yet is left out of the table."""
+        if args.report_only and not (run_dir / "metrics.json").exists():
+            print(f"  (not run yet: {run_dir.name})")
+            return
+        rows.append(make())
+        if not args.report_only and not args.no_report:
+            _write(rows, args)
+
+    # IID first (the issue's target), every seed, then the skewed split: what runs first is what a
+    # shortened session finishes.
+    for part in args.partitions:
+        for seed in args.seeds:
+            if not args.no_central:
+                e = args.rounds * args.local_epochs
+                step("central", runs / f"central-e{e}-seed{seed}", lambda: _central(seed, e, args.data_dir, runs))
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
-                        alpha=0.5, batch_size=args.batch_size, seed=seed)
-            tag = f"{part}-r{args.rounds}-e{args.local_epochs}-b{args.batch_size}-seed{seed}"
+                        alpha=0.5, batch_size=args.batch_size, learning_rate=args.lr,
+                        average_decay=args.average_decay, seed=seed)
+            tag = (f"{part}-r{args.rounds}-e{args.local_epochs}-b{args.batch_size}-lr{args.lr:g}"
+                   f"-avg{args.average_decay:g}-seed{seed}")
             cfg = FederatedConfig(**base)
             fracs = [float(labels[i].float().mean()) for i in site_indices(cfg, labels)]
-            m = _run(cfg, args.data_dir, Path(args.runs) / f"fed-{tag}")
-            rows.append({**_row("federated", seed, part, m), "pneumonia_fraction": fracs})
+            d = runs / f"fed-{tag}"
+            step("fed", d, lambda: {**_row("federated", seed, part, _run(cfg, args.data_dir, d), d), "pneumonia_fraction": fracs})
             if not args.no_alone:
                 for s in range(3):
-                    m = _run(FederatedConfig(**base, alone=s), args.data_dir, Path(args.runs) / f"alone{s}-{tag}")
-                    rows.append({**_row(f"site {s} alone", seed, part, m), "pneumonia_fraction": [fracs[s]]})
-            RESULTS.mkdir(exist_ok=True)
-            out_json.write_text(json.dumps({"args": vars(args), "machine": _machine(), "rows": rows}, indent=2) + "\n")
-    _report(rows, args)
+                    d = runs / f"alone{s}-{tag}"
+                    step("alone", d, lambda: {**_row(f"site {s} alone", seed, part,
+                                                     _run(FederatedConfig(**base, alone=s), args.data_dir, d), d),
+                                              "pneumonia_fraction": [fracs[s]]})
+    if not args.no_report:
+        _write(rows, args)
+        _report(rows, args)
     return 0
+
+
+def _write(rows: list[dict], args) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    seen, unique = set(), []
+    for r in rows:  # a centralised run appears once per split in the loop
+        k = (r["kind"], r["seed"], r["partition"])
+        if k not in seen:
+            seen.add(k)
+            unique.append(r)
+    rows[:] = unique
+    (RESULTS / "federated_case_study.json").write_text(
+        json.dumps({"args": vars(args), "machine": _machine(), "rows": rows}, indent=2) + "\n")
 
 
 def _machine() -> dict:
     cpu = cpu_model()
-    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "note": "timings taken on a shared, loaded machine"}
+    return {"cpu": cpu, "torch": torch.__version__, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "note": "timings taken on a shared, loaded machine (each row: wall_seconds, load_start, load_end)"}
 
 
 def _report(rows: list[dict], args) -> None:
     central = json.loads((RESULTS / "case_study.json").read_text()).get("3", [])
     c_auc = [r["roc_auc"] for r in central]
     lines = [f"# Federated DP, PneumoniaMNIST, 3 sites, ε = 3 per site (δ = 1e-5), seeds {args.seeds}",
-             "", f"{args.rounds} rounds × {args.local_epochs} local epoch, per-site expected batch {args.batch_size}; "
-             "test ROC-AUC of the round selected on validation.", "",
+             "", f"{args.rounds} rounds × {args.local_epochs} local epoch, per-site expected batch {args.batch_size}, "
+             f"local SGD lr {args.lr:g} momentum 0.9, FedAvg, server-side average decay {args.average_decay:g}; "
+             "test ROC-AUC of the round selected on validation, mean ± std (number of seeds).", "",
              "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | "
              f"centralised, same {args.rounds * args.local_epochs} epochs | centralised, 15 epochs (README) |",
              "|---|---|---|---|---|---|---|"]

@@ -20,6 +20,7 @@ from dpfunc.federated import (
     SiteUpdate,
     WeightedFedAvg,
     apply_round,
+    average_rounds,
     charge_site,
     check_update,
     fedadam,
@@ -302,3 +303,75 @@ def test_ledgers_count_every_round_a_site_was_asked(seed, num_sites, fraction, f
         led = state.sites[s].ledger
         assert led.total_steps == asked[s] * plan.steps_per_round
         assert all(p.noise_multiplier == plan.noise_multiplier and p.sampling_rate == plan.sampling_rate for p in led.phases)
+
+
+# ----------------------------------------------------------------------------- server-side iterate averaging
+
+
+def _average_oracle(models, decay):
+    """The average after R rounds written out: model r has weight (1 − d_r)·∏_{j>r} d_j, d_r = min(decay, r/(r+1))."""
+    d = [min(decay, r / (r + 1)) for r in range(len(models))]
+    out = {}
+    for k in models[0]:
+        acc = torch.zeros(models[0][k].shape, dtype=torch.float64)
+        for r, m in enumerate(models):
+            w = 1.0 - d[r]
+            for j in range(r + 1, len(models)):
+                w *= d[j]
+            acc = acc + w * m[k].to(torch.float64)
+        out[k] = acc
+    return out
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 2**32 - 1), decay=st.floats(0.0, 0.99), rounds=st.integers(1, 8))
+def test_server_average_equals_explicit_weights(seed, decay, rounds):
+    models = [_params(seed + r) for r in range(rounds)]
+    before = [{k: v.clone() for k, v in m.items()} for m in models]
+    avg = None
+    for r, m in enumerate(models):
+        avg = average_rounds(avg, m, decay, r)
+    oracle = _average_oracle(models, decay)
+    for k in oracle:
+        assert avg[k].dtype == models[0][k].dtype
+        torch.testing.assert_close(avg[k].double(), oracle[k], rtol=1e-5, atol=1e-6)
+    for m, b in zip(models, before):  # pure: inputs untouched
+        assert all(torch.equal(m[k], b[k]) for k in m)
+
+
+def test_server_average_closed_forms():
+    models = [{"w": torch.tensor([float(v)])} for v in (3.0, 6.0, 0.0, 9.0)]
+    avg = None
+    for r, m in enumerate(models):  # decay above r/(r+1) for every r: the plain running mean
+        avg = average_rounds(avg, m, 0.9, r)
+    assert avg["w"].item() == pytest.approx(4.5, abs=1e-6)
+    a = average_rounds(average_rounds(None, models[0], 0.5, 0), models[1], 0.5, 1)  # mean(3, 6) = 4.5
+    assert average_rounds(a, models[2], 0.5, 2)["w"].item() == 2.25                 # 0.5·4.5 + 0.5·0 (d capped)
+    last = average_rounds(a, models[3], 0.0, 3)                                         # decay 0: the last model
+    assert torch.equal(last["w"], models[3]["w"]) and last["w"] is not models[3]["w"]
+    with pytest.raises(ValueError, match="average_rounds: decay must be"):
+        average_rounds(None, models[0], 1.0, 0)
+    with pytest.raises(ValueError, match="average_rounds: average and params hold different names"):
+        average_rounds({"v": torch.zeros(1)}, models[0], 0.5, 1)
+
+
+def test_averaging_leaves_the_global_model_unchanged_and_tracks_it():
+    """The average is pure post-processing of the global models: the global trajectory (and every ledger) is
+    bit for bit the same with or without it, and the average equals the oracle over that trajectory."""
+    runs = {}
+    for decay in (0.0, 0.6):
+        key, state, sites, _ = _setup([40, 80, 60])
+        assert state.average is None
+        trajectory = []
+        for _ in range(4):
+            state, _ = run_round_inprocess(state, sites, key=key, average_decay=decay)
+            trajectory.append(state.params)
+        runs[decay] = (state, trajectory)
+    (s0, t0), (s6, t6) = runs[0.0], runs[0.6]
+    for a, b in zip(t0, t6):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [s.ledger for s in s0.sites] == [s.ledger for s in s6.sites]
+    assert all(torch.equal(s0.average[k], s0.params[k]) for k in s0.params)  # decay 0: the last model
+    oracle = _average_oracle(t6, 0.6)
+    for k in oracle:
+        torch.testing.assert_close(s6.average[k].double(), oracle[k], rtol=1e-5, atol=1e-6)

@@ -60,6 +60,7 @@ def test_flower_equals_inprocess_bit_for_bit(tmp_path, data_dir):
     assert a.round == b.round == 1
     for k in b.params:
         assert torch.equal(a.params[k], b.params[k]), k
+        assert torch.equal(a.average[k], b.average[k]), k  # the server-side average too
     for sa, sb in zip(a.sites, b.sites):
         assert sa.ledger == sb.ledger and sa.steps == sb.steps
     assert fl["test"] == ref["test"] and [s["epsilon"] for s in fl["sites"]] == [s["epsilon"] for s in ref["sites"]]

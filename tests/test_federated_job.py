@@ -90,6 +90,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, data_dir):
     for k in a.params:
         assert torch.equal(a.params[k], b.params[k]), k
     assert [s.ledger for s in a.sites] == [s.ledger for s in b.sites]
+    for k in a.average:  # the server-side average is part of the checkpointed state
+        assert torch.equal(a.average[k], b.average[k]), k
     assert full["test"] == resumed["test"] and full["sites"] == resumed["sites"]
 
 
@@ -128,3 +130,40 @@ def test_config_refuses_bad_values():
         FederatedConfig(partition="shards")
     with pytest.raises(ValueError, match="FederatedConfig: epsilon"):
         FederatedConfig(epsilon=float("nan"))
+
+
+def test_job_releases_the_server_average_and_caches_epsilon(tmp_path, data_dir):
+    """The job evaluates, selects and saves the averaged global model (checkpointed with the state); with
+    average_decay=0 it releases the last global model, as before averaging existed. The per-round ε reports
+    (remembered per ledger) equal accounting.epsilon of each site's ledger exactly."""
+    from dpfunc import accounting
+    from dpfunc.federated import average_rounds
+    from dpfunc.federated.job import _epsilon_cached
+
+    cfg = FederatedConfig(**{**TINY, "rounds": 3, "accountant": "pld"}, average_decay=0.9)
+    m = run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "avg", progress=False, log=lambda s: None,
+                      bootstrap_resamples=10)
+    saved = load_checkpoint(tmp_path / "avg" / "checkpoint.pt")
+    state = saved["state"]
+    model = torch.load(tmp_path / "avg" / "model.pt", weights_only=True)
+    assert saved["best_round"] == m["best_round"]
+    for k, v in saved["best_params"].items():
+        assert torch.equal(model[k], v), k
+    if m["best_round"] == 3:
+        assert all(torch.equal(model[k], state.average[k]) for k in state.average)
+    assert any(not torch.equal(state.average[k], state.params[k]) for k in state.params)  # 3 rounds: a real mean
+    for s in m["sites"]:
+        assert s["epsilon"] == accounting.epsilon(state.sites[s["site"]].ledger, cfg.delta, method="pld")
+    assert _epsilon_cached.cache_info().hits > 0  # the two equal-size sites share one computation per round
+
+    last = FederatedConfig(**{**TINY, "rounds": 2}, average_decay=0.0)
+    run_federated(last, data_dir=data_dir, run_dir=tmp_path / "last", progress=False, log=lambda s: None,
+                  bootstrap_resamples=10)
+    saved = load_checkpoint(tmp_path / "last" / "checkpoint.pt")
+    state = saved["state"]
+    assert all(torch.equal(state.average[k], state.params[k]) for k in state.params)
+    if saved["best_round"] == 2:
+        assert all(torch.equal(saved["best_params"][k], state.params[k]) for k in state.params)
+    with pytest.raises(ValueError, match="FederatedConfig: average_decay must be"):
+        FederatedConfig(average_decay=1.0)
+    assert average_rounds(None, state.params, 0.0, 0).keys() == state.params.keys()

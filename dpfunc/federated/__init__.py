@@ -64,6 +64,7 @@ from dpfunc.federated.rounds import (
     RoundReport,
     ServerState,
     apply_round,
+    average_rounds,
     init_server_state,
     run_round_inprocess,
     select_sites,
@@ -82,7 +83,7 @@ from dpfunc.federated.site import (
 
 __all__ = [
     "AGGREGATORS", "AggregationError", "Aggregator", "InProcessSites", "Partition", "RoundFailedError", "RoundReport",
-    "ServerState", "SitePlan", "SiteState", "SiteUpdate", "WeightedFedAvg", "apply_round", "charge_site",
+    "ServerState", "SitePlan", "SiteState", "SiteUpdate", "WeightedFedAvg", "apply_round", "average_rounds", "charge_site",
     "check_update", "fedadam", "fedavgm", "init_server_state", "init_site_state", "make_aggregator",
     "partition_indices", "register_aggregator", "run_round_inprocess", "select_sites", "site_key", "site_keys",
     "site_optimizer", "site_round",

@@ -54,6 +54,9 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="server update on the pseudo-gradient (fedavg: the weighted mean itself)")
     p.add_argument("--server-lr", type=float, default=d.server_learning_rate, help="FedAvgM / FedAdam step size")
     p.add_argument("--server-momentum", type=float, default=d.server_momentum, help="FedAvgM momentum")
+    p.add_argument("--average-decay", type=float, default=d.average_decay,
+                   help="server-side averaging of the global models over rounds (running mean, then an EMA with this "
+                        "decay; 0 = the last model). Post-processing: no privacy cost")
     p.add_argument("--aggregator", default=d.aggregator, help="registered aggregator (dpfunc.federated.AGGREGATORS)")
     p.add_argument("--secure-aggregation", action="store_true",
                    help="the server learns only sums (Bonawitz et al. 2017; same as --aggregator secagg)")
@@ -87,7 +90,7 @@ def config_from_args(args: argparse.Namespace):
         sites=args.sites, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=args.epsilon, delta=args.delta,
         partition=args.partition, alpha=args.alpha, fraction=args.fraction, min_sites=args.min_sites,
         batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
-        server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr,
+        server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr, average_decay=args.average_decay,
         server_momentum=args.server_momentum,
         aggregator="secagg" if args.secure_aggregation or args.distributed_noise else args.aggregator,
         distributed_noise=args.distributed_noise, colluding_sites=args.colluding,

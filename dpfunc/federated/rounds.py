@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from dpfunc._tree import Params
-from dpfunc._validate import check_int_range, check_probability
+from dpfunc._validate import check_int_range, check_number, check_probability
 from dpfunc.federated.aggregate import AggregationError, Aggregator, WeightedFedAvg, check_update
 from dpfunc.federated.site import SitePlan, SiteState, SiteUpdate, charge_site, site_key, site_round
 from dpfunc.keys import Key
@@ -22,7 +22,7 @@ from dpfunc.step import GradEngine
 from dpfunc.transforms import EmptyState, GradientTransformation, apply_updates
 
 __all__ = ["ServerState", "RoundReport", "RoundFailedError", "select_sites", "apply_round", "init_server_state",
-           "InProcessSites", "run_round_inprocess"]
+           "InProcessSites", "run_round_inprocess", "average_rounds"]
 
 _SELECT_DOMAIN = 0x73656C656374  # "select"
 
@@ -35,12 +35,17 @@ class ServerState(NamedTuple):
         params: the global model.
         opt_state: the server optimizer's state (``EmptyState()`` for plain FedAvg).
         sites: every site's :class:`SiteState`, by id (each holds its privacy ledger).
+        average: the server-side average of the global models over the rounds so far
+            (:func:`average_rounds`; what the job evaluates and releases, like ``dpfunc train``'s
+            averaged iterates). ``None`` before the first round (and in checkpoints written before
+            it existed): the average then starts at the first round's model.
     """
 
     round: int
     params: Params
     opt_state: Any
     sites: tuple[SiteState, ...]
+    average: Params | None = None
 
 
 class RoundReport(NamedTuple):
@@ -83,6 +88,47 @@ def init_server_state(params: Params, sites: Sequence[SiteState], server_tx: Gra
     return ServerState(0, dict(params), server_tx.init(params) if server_tx is not None else EmptyState(), tuple(sites))
 
 
+def average_rounds(average: Params | None, params: Params, decay: float, round: int) -> Params:
+    """Server-side iterate averaging: fold round ``round``'s new global model into the running average. Pure.
+
+    ``average ← d·average + (1 − d)·params`` with ``d = min(decay, r / (r + 1))`` and ``r = round`` (0 for
+    the first round): the plain running mean of the global models while ``r/(r+1) < decay``, an
+    exponential moving average with ``decay`` after that (Polyak–Ruppert averaging turned EMA, as De et
+    al. 2022 use for DP-SGD). ``decay = 0`` keeps the last model (no averaging). The initial model is
+    never part of the average: at ``r = 0`` (or when ``average`` is None: a checkpoint written before
+    averaging existed) the average starts at ``params``.
+
+    Privacy: the average is a function of the released global models only (each of which is
+    post-processing of the sites' DP outputs), so it costs no privacy.
+
+    Args:
+        average: the average after rounds ``0..r-1`` (dict name → tensor), or None at ``r = 0``.
+        params: the global model after round ``r`` (same keys, shapes and dtypes).
+        decay: in ``[0, 1)``.
+        round: ``r``, the number of the round just applied (``ServerState.round`` before it).
+
+    Returns:
+        A new dict; computed in float64 then cast to each parameter's dtype, so every engine gets the
+        same bits.
+
+    Example:
+        >>> import torch
+        >>> a = average_rounds(None, {"w": torch.tensor([3.0])}, 0.9, 0)
+        >>> a = average_rounds(a, {"w": torch.tensor([6.0])}, 0.9, 1)       # mean of 3 and 6
+        >>> average_rounds(a, {"w": torch.tensor([0.0])}, 0.5, 2)["w"]     # d = min(0.5, 2/3)
+        tensor([2.2500])
+    """
+    fn = "average_rounds"
+    check_number(fn, "decay", decay, low=0.0, high=1.0, high_open=True)
+    check_int_range(fn, "round", round, low=0)
+    d = min(float(decay), round / (round + 1))
+    if d == 0.0 or average is None:
+        return {k: v.detach().clone() for k, v in params.items()}
+    if set(average) != set(params):
+        raise ValueError(f"{fn}: average and params hold different names: {sorted(set(average) ^ set(params))}")
+    return {k: (d * average[k].to(torch.float64) + (1.0 - d) * p.to(torch.float64)).to(p.dtype) for k, p in params.items()}
+
+
 def select_sites(key: Key, round: int, num_sites: int, fraction: float) -> tuple[int, ...]:
     """The sites asked to train in round ``round``: ``max(1, round(fraction·S))`` of them, uniformly
     without replacement from ``key.fold_in(round)``, sorted by id; all sites when ``fraction == 1``."""
@@ -105,6 +151,7 @@ def apply_round(
     aggregator: Aggregator | None = None,
     server_tx: GradientTransformation | None = None,
     min_sites: int = 1,
+    average_decay: float = 0.0,
 ) -> tuple[ServerState, RoundReport]:
     """Apply one round's answers to the server state. Pure.
 
@@ -117,6 +164,8 @@ def apply_round(
         aggregator: default :class:`WeightedFedAvg`.
         server_tx: server optimizer on ``global − mean`` (None: the new global is the mean).
         min_sites: the least number of usable answers for the round to count.
+        average_decay: decay of the server-side average of the global models (:func:`average_rounds`;
+            0 keeps ``average`` equal to the last global model).
 
     Returns:
         ``(new_state, report)``. Usable answers are aggregated in site-id order. A selected site whose
@@ -172,7 +221,8 @@ def apply_round(
         sites[u.site] = new_site
     for s in excluded:
         sites[s] = charge_site(sites[s], plans[s])
-    return ServerState(r + 1, params, opt_state, tuple(sites)), report
+    average = average_rounds(state.average, params, average_decay, r)
+    return ServerState(r + 1, params, opt_state, tuple(sites), average), report
 
 
 def _check_site_state(new: object, old: SiteState, plan: SitePlan, site: int) -> str | None:
@@ -230,9 +280,9 @@ class InProcessSites:
 
 def run_round_inprocess(state: ServerState, sites: InProcessSites, *, key: Key, fraction: float = 1.0,
                         aggregator: Aggregator | None = None, server_tx: GradientTransformation | None = None,
-                        min_sites: int = 1) -> tuple[ServerState, RoundReport]:
+                        min_sites: int = 1, average_decay: float = 0.0) -> tuple[ServerState, RoundReport]:
     """Select, train every selected site in this process, apply: one complete round."""
     selected = select_sites(key, state.round, len(state.sites), fraction)
     answers = sites(state, selected)
     return apply_round(state, selected, answers, plans=sites.plans, aggregator=aggregator, server_tx=server_tx,
-                       min_sites=min_sites)
+                       min_sites=min_sites, average_decay=average_decay)
