@@ -248,22 +248,32 @@ def all_reduce_clipped_sum(clipped: ClippedSum, world: World) -> ClippedSum:
     return clipped._replace(grads={k: out[k] for k in names}, num_examples=count)
 
 
-def _metric_sums(out: EngineOutput, mask: torch.Tensor | None, world: World) -> StepMetrics:
-    """:class:`~dpfunc.StepMetrics` of the whole batch from all-reduced sums (one small all-reduce)."""
-    clipped, losses = out.grads, out.losses.detach()
+def _metric_sums(out: EngineOutput | None, mask: torch.Tensor | None, world: World,
+                 device: torch.device | None = None) -> tuple[StepMetrics, torch.Tensor]:
+    """:class:`~dpfunc.StepMetrics` of the whole batch from all-reduced sums (one small all-reduce), and
+    the number of ranks that failed this step (a 0-d tensor; ``out=None`` is this rank failing: it
+    contributes nothing but its failure flag, so the others learn of it at once instead of waiting
+    for the process group's timeout)."""
     dtype = torch.float64  # sums of counts and losses: exact counts up to 2**53
-    real = mask.to(torch.bool) if mask is not None else torch.ones(losses.shape, dtype=torch.bool, device=losses.device)
-    norms = clipped.norms.detach().to(dtype)
-    flat = set(clipped.group_norms) == {""}
-    clipped_count = (real & (norms > clipped.sensitivity)).sum().to(dtype) if flat else torch.zeros((), dtype=dtype, device=losses.device)
-    sums = torch.stack([
-        torch.where(real, losses.to(dtype), 0).sum(), real.sum().to(dtype), clipped_count, torch.where(real, norms, 0).sum(),
-    ])
+    if out is None:
+        sums = torch.tensor([0.0, 0.0, 0.0, 0.0, 1.0], dtype=dtype, device=device)
+        flat = True
+    else:
+        clipped, losses = out.grads, out.losses.detach()
+        device = losses.device
+        real = mask.to(torch.bool) if mask is not None else torch.ones(losses.shape, dtype=torch.bool, device=device)
+        norms = clipped.norms.detach().to(dtype)
+        flat = set(clipped.group_norms) == {""}
+        clipped_count = (real & (norms > clipped.sensitivity)).sum().to(dtype) if flat else torch.zeros((), dtype=dtype, device=device)
+        sums = torch.stack([
+            torch.where(real, losses.to(dtype), 0).sum(), real.sum().to(dtype), clipped_count, torch.where(real, norms, 0).sum(),
+            torch.zeros((), dtype=dtype, device=device),
+        ])
     if world.size > 1:
         _all_reduce_sum(sums, world, "the step metrics")
     n = sums[1]  # 0 / 0 = nan for an empty batch, as in one process
-    frac = sums[2] / n if flat else torch.full((), float("nan"), dtype=dtype, device=losses.device)
-    return StepMetrics(sums[0] / n, n.to(torch.int64), frac, sums[3] / n)
+    frac = sums[2] / n if flat else torch.full((), float("nan"), dtype=dtype, device=device)
+    return StepMetrics(sums[0] / n, n.to(torch.int64), frac, sums[3] / n), sums[4]
 
 
 def check_replicas(updates: Params, world: World) -> None:
@@ -310,8 +320,11 @@ def make_distributed_step(
         world: from :func:`init_world` (a one-process world gives :func:`~dpfunc.make_step`'s results).
         engine: computes the clipped sum of the slice (``vmap_engine`` or the bridge's ``fast_engine``).
         check: compare the ranks' updates at every step (:func:`check_replicas`: one tiny all-reduce and
-            one host read per step) and raise if they differ. False skips it (no host read: a GPU
-            pipeline never waits), for a ``tx`` known to draw its noise from the shared key.
+            one host read per step) and raise if they differ; and when one rank's own work fails (its
+            engine or batch raises), make every other rank raise at once instead of waiting for the
+            process group's timeout (one more host read of the metrics all-reduce's failure count).
+            False skips both (no host read: a GPU pipeline never waits), for a ``tx`` known to draw
+            its noise from the shared key; a lone failure then reaches the others as a timeout.
 
     Returns:
         ``step(params, opt_state, batch, mask=None, buffers=None) -> (params, opt_state, metrics)``
@@ -345,13 +358,25 @@ def make_distributed_step(
         if dp_state is None:
             raise ValueError("make_distributed_step: tx must contain dp_aggregate (use dpsgd/dpadam or chain(dp_aggregate(...), ...))")
         check_budget(dp_state)  # identical ledgers: every rank refuses the same step, before any collective
-        if not isinstance(batch, (tuple, list)) or not batch:
-            raise ValueError(f"make_distributed_step: batch must be a non-empty tuple of tensors, got {type(batch).__name__}")
-        if mask is not None and tuple(mask.shape) != (batch[0].shape[0],):
-            raise ValueError(f"make_distributed_step: mask must have shape ({batch[0].shape[0]},), got {tuple(mask.shape)}")
-        run = engine if engine is not None else default(dp_state.clipping)
-        out = run(params, buffers if buffers is not None else {}, tuple(batch), mask)
-        metrics = _metric_sums(out, mask, world)
+        out, failure = None, None
+        try:  # this rank's own work: an error here is announced to the others in the metrics all-reduce
+            if not isinstance(batch, (tuple, list)) or not batch:
+                raise ValueError(f"make_distributed_step: batch must be a non-empty tuple of tensors, got {type(batch).__name__}")
+            if mask is not None and tuple(mask.shape) != (batch[0].shape[0],):
+                raise ValueError(f"make_distributed_step: mask must have shape ({batch[0].shape[0]},), got {tuple(mask.shape)}")
+            run = engine if engine is not None else default(dp_state.clipping)
+            out = run(params, buffers if buffers is not None else {}, tuple(batch), mask)
+        except Exception as e:
+            if world.size == 1 or not check:
+                raise
+            failure = e
+        device = next(iter(params.values())).device if params else None
+        metrics, failed = _metric_sums(out, mask, world, device)
+        if failure is not None:
+            raise failure
+        if check and world.size > 1 and bool(failed > 0):  # one host read (check=True reads one per step anyway)
+            raise RuntimeError(f"make_distributed_step: {int(failed)} other rank(s) of {world.size} failed in this step "
+                               f"(their logs say why); rank {world.rank} stops too, with nothing applied")
         with torch.no_grad():
             total = all_reduce_clipped_sum(out.grads, world)
             updates, opt_state = tx.update(total, opt_state, params)  # the noise: after the reduction, once

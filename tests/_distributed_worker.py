@@ -47,7 +47,7 @@ def make_tx(secure: bool = False):
 
 
 def train(world: World, first: int, last: int, params=None, opt_state=None, crash_rank: int | None = None,
-          secure: bool = False):
+          secure: bool = False, fail_rank: int | None = None):
     """Steps ``first..last-1``; returns ``(params, opt_state, metrics per step)``."""
     x, y = data()
     tx = make_tx(secure)
@@ -62,6 +62,8 @@ def train(world: World, first: int, last: int, params=None, opt_state=None, cras
         idx = poisson_sample(sampling.fold_in(t), N, Q)  # the same on every rank
         mine = rank_slice(idx, world.rank, world.size)
         batch, mask = pad_batch((x[mine], y[mine]), size)
+        if fail_rank == world.rank and t == last - 1:
+            mask = mask[:-1]  # this rank alone raises (a bad mask) in the last step; the others must not wait
         params, opt_state, m = step(params, opt_state, batch, mask)
         metrics.append([float(v) for v in m])
         if crash_rank == world.rank:
@@ -87,6 +89,7 @@ def main() -> int:
     ap.add_argument("--last", type=int, required=True)
     ap.add_argument("--resume")
     ap.add_argument("--crash-rank", type=int)
+    ap.add_argument("--fail-rank", type=int, help="this rank raises alone in the last step")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--secure", action="store_true", help="noise from os.urandom (must be refused)")
     a = ap.parse_args()
@@ -99,7 +102,7 @@ def main() -> int:
 
         state = load_checkpoint(a.resume)
         params, opt_state = state["params"], state["opt_state"]
-    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank, a.secure)
+    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank, a.secure, a.fail_rank)
     torch.save({"params": params, "ledger": privacy_ledger(opt_state), "metrics": metrics, "probe": noise_probe(world),
                 "world_size": world.size}, os.path.join(a.out, f"rank{world.rank}.pt"))
     save_on_rank0(os.path.join(a.out, "ckpt.pt"), {"params": params, "opt_state": opt_state}, world)

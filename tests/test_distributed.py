@@ -235,6 +235,19 @@ def test_a_crashed_rank_makes_the_others_fail_not_hang(tmp_path):
     assert "RuntimeError: dpfunc.distributed: rank 0 of 2 could not all-reduce" in err, err[-2000:]
 
 
+def test_a_rank_that_raises_alone_makes_the_others_fail_at_once_not_at_the_timeout(tmp_path):
+    """Rank 1 raises in its own work (a bad mask) at step 2; rank 0 learns it from the metrics all-reduce's
+    failure count and raises its own clear error in the same step, instead of waiting for the 30 s timeout
+    of the process group (whose message would be "could not all-reduce")."""
+    codes = _launch(tmp_path, 2, "--last", "3", "--fail-rank", "1")
+    assert codes[0] > 0 and codes[1] > 0, (codes, _logs(tmp_path))
+    err0 = (tmp_path / "logs" / "rank0.err").read_text()
+    err1 = (tmp_path / "logs" / "rank1.err").read_text()
+    assert "ValueError: make_distributed_step: mask must have shape" in err1, err1[-2000:]
+    assert "1 other rank(s) of 2 failed in this step" in err0, err0[-2000:]
+    assert "could not all-reduce" not in err0, err0[-2000:]
+
+
 # --------------------------------------------------------------------------- dpfunc train --nproc
 
 
