@@ -87,6 +87,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                        description="Train with DP-SGD (or the non-private baseline) and write a run folder "
                                    "(config.json, checkpoint.pt, metrics.json, plots).",
                        formatter_class=HelpFormatter)
+    t.add_argument("--task", choices=list(TRAIN_TASKS), default="pneumonia",
+                   help="pneumonia: classification with the flags below; liver: CT liver segmentation, handed whole "
+                        "to `dpfunc segment` (its flags and defaults: dpfunc segment --help)")
     t.add_argument("--dataset", choices=["pneumoniamnist"], default="pneumoniamnist", help="the data set")
     t.add_argument("--data-dir", default=None, help=_DATA_HELP)
     t.add_argument("--download", action="store_true",
@@ -271,6 +274,9 @@ def _run_train(args: argparse.Namespace) -> int:
     from dpfunc.data import _files
     from dpfunc.train import plan_run, train
 
+    if getattr(args, "task", "pneumonia") != "pneumonia":  # only an abbreviated --task gets here (see forward_train_task)
+        raise CommandError(f"spell the flag out, `--task {args.task}`: that task is trained by `dpfunc {TRAIN_TASKS[args.task]}`, "
+                           f"which `dpfunc train --task {args.task}` runs with the same command line")
     cfg = _train_config(args)
     run_dir = resolve_run_dir(args.run_dir, default_run_name(cfg), resume=args.resume, overwrite=args.overwrite,
                               matches=lambda folder: _saved_config(folder) == cfg)
@@ -437,6 +443,39 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return p
 
 
+#: ``dpfunc train --task T``: the subcommand that trains task T (None: ``train`` itself). A task whose flags
+#: differ (segmentation: --slices-per-patient, --unit, other defaults and ranges) keeps its own parser, and
+#: ``train --task T`` hands it the whole command line, so every flag means one thing in one place.
+TRAIN_TASKS: dict[str, str | None] = {"pneumonia": None, "liver": "segment"}
+
+
+def forward_train_task(argv: list[str]) -> list[str]:
+    """``train ... --task liver ...`` -> ``segment ... --task liver ...`` (the last ``--task`` wins, as in argparse);
+    any other command line unchanged. ``$DPFUNC_SEGMENT_ARGS`` then applies, not ``$DPFUNC_TRAIN_ARGS``.
+
+    Example:
+        >>> forward_train_task(["train", "--task", "liver", "--data-dir", "ph"])
+        ['segment', '--task', 'liver', '--data-dir', 'ph']
+        >>> forward_train_task(["train", "--epochs", "2"])
+        ['train', '--epochs', '2']
+    """
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if at is None or argv[at] != "train":
+        return argv
+    task = None
+    for i, a in enumerate(argv[at + 1:], at + 1):
+        if a == "--":
+            break
+        if a == "--task" and i + 1 < len(argv):
+            task = argv[i + 1]
+        elif a.startswith("--task="):
+            task = a.split("=", 1)[1]
+    target = TRAIN_TASKS.get(task) if task is not None else None
+    if target is None:
+        return argv
+    return argv[:at] + [target] + argv[at + 1:]
+
+
 def _describe_os_error(err: OSError) -> str:
     """An OSError as one sentence: its message, or ``strerror: filename`` when the message is bare."""
     text = str(err)
@@ -449,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     from dpfunc._progress import progress_enabled
     from dpfunc.data._files import cli_messages
 
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = forward_train_task(sys.argv[1:] if argv is None else list(argv))
     parser = build_parser(argv)
     args = parser.parse_args(argv)
     env_name = f"DPFUNC_{args.command.upper().replace('-', '_')}_ARGS"

@@ -58,6 +58,17 @@ def test_unet_shapes_parameters_and_keyed_init():
     assert isinstance(build_model("unet", key=Key(0), width=4, depth=2, groups=2), UNetGN)
 
 
+def test_unet_class_prior_sets_the_head_bias_only():
+    plain, prior = unet_gn(key=Key(0)), unet_gn(key=Key(0), class_prior=(0.95, 0.05))
+    assert torch.allclose(prior.head.bias, torch.tensor([math.log(0.95), math.log(0.05)]))
+    assert torch.allclose(prior.head.bias.softmax(0), torch.tensor([0.95, 0.05]))
+    other = {k: v for k, v in prior.named_parameters() if k != "head.bias"}
+    assert all(torch.equal(other[k], v) for k, v in plain.named_parameters() if k != "head.bias")
+    for bad in ((0.5,), (0.5, 0.6), (1.0, 0.0), (-0.1, 1.1)):
+        with pytest.raises(ValueError, match="UNetGN: class_prior must give 2 probabilities"):
+            unet_gn(key=Key(0), class_prior=bad)
+
+
 def test_unet_refuses_bad_arguments():
     with pytest.raises(ValueError, match="UNetGN: width must be divisible by groups"):
         UNetGN(key=Key(0), width=6, groups=4)

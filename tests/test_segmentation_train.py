@@ -41,6 +41,11 @@ def test_dp_run_folder_resume_and_evaluate(phantoms, tmp_path):
     assert 0 < metrics["epsilon"] <= 8.0 * (1 + 1e-9) and metrics["steps"] == 2 * 2  # 4 train patients / 2 per step
     assert metrics["config"]["unit"] == "patient" and math.isclose(metrics["sampling_rate"], 0.5)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    # HD95 per test patient (voxels; null where exactly one mask is empty) and its mean with the grid diagonal standing in
+    assert metrics["test"]["hd95_unit"] == "voxel" and set(metrics["test"]["hd95_per_patient"]) == set(metrics["test"]["dice_per_patient"])
+    per = [v for v in metrics["test"]["hd95_per_patient"].values()]
+    assert (metrics["test"]["hd95_empty_mismatch"] == sum(v is None for v in per)) and metrics["test"]["hd95"] >= 0
+    assert metrics["test_ci"]["hd95"]["lower"] <= metrics["test"]["hd95"] <= metrics["test_ci"]["hd95"]["upper"]
     for name in ("checkpoint.pt", "config.json", "overlays.png", "training.png"):
         assert (run / name).is_file(), name
     with pytest.raises(FileExistsError, match="already holds a run"):
@@ -94,6 +99,21 @@ def test_config_refuses_bad_values():
         SegmentationConfig(accountant="gdp")
     with pytest.raises(ValueError, match="SegmentationConfig: task must be one of"):
         SegmentationConfig(task="brain")
+    for bad in (0.0, 1.0, -0.1, float("nan")):
+        with pytest.raises(ValueError, match="SegmentationConfig: foreground_prior must be in \\(0, 1\\)"):
+            SegmentationConfig(foreground_prior=bad)
+    assert SegmentationConfig(foreground_prior=None).foreground_prior is None  # the default initialisation
+
+
+def test_train_task_liver_is_forwarded_to_segment():
+    from dpfunc.cli import forward_train_task
+
+    assert forward_train_task(["train", "--task", "liver", "--epochs", "1"]) == ["segment", "--task", "liver", "--epochs", "1"]
+    assert forward_train_task(["train", "--epochs", "1", "--task=liver"]) == ["segment", "--epochs", "1", "--task=liver"]
+    assert forward_train_task(["train", "--task", "liver", "--task", "pneumonia"])[0] == "train"  # the last one wins
+    assert forward_train_task(["train", "--epochs", "3"]) == ["train", "--epochs", "3"]
+    assert forward_train_task(["segment", "--task", "liver"]) == ["segment", "--task", "liver"]
+    assert forward_train_task(["evaluate", "train", "--task", "liver"])[0] == "evaluate"
 
 
 def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypatch):
@@ -115,3 +135,9 @@ def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypat
     assert f"{metrics['test']['dice']:.4f}" in capsys.readouterr().out
     assert main(["segment", *flags, "--epsilon", "5"]) == 2  # the run folder holds a run
     assert "--resume" in capsys.readouterr().err
+    # `train --task liver` is the same command: it finds the same default run folder (and refuses it the same way)
+    assert main(["train", "--task", "liver", *flags, "--epsilon", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "dpfunc segment: error" in err and str(run.relative_to(tmp_path)) in err and "--resume" in err
+    assert main(["train", "--tas", "liver"]) == 2  # an abbreviated --task cannot be forwarded: told how to spell it
+    assert "spell the flag out, `--task liver`" in capsys.readouterr().err

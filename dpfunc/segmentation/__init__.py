@@ -1,4 +1,4 @@
-"""Segmentation under DP: MSD loader, CT phantoms, patient-level DP training of a U-Net, Dice metrics.
+"""Segmentation under DP: MSD loader, CT phantoms, patient-level DP training of a U-Net, Dice / IoU / Hausdorff-95 metrics.
 
 The unit of privacy is the patient (all of their slices are one example for sampling and clipping);
 see :mod:`dpfunc.segmentation._patient` for the adjacency and the guarantee. nibabel (the
@@ -6,7 +6,7 @@ see :mod:`dpfunc.segmentation._patient` for the adjacency and the guarantee. nib
 """
 
 from dpfunc.segmentation._figures import plot_overlays
-from dpfunc.segmentation._metrics import dice_score, iou_score, mean_ci, predict_volume
+from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, mean_ci, predict_volume, surface_voxels
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, read_nifti_slices, split_patients
 from dpfunc.segmentation._patient import (
     Engine,
@@ -21,6 +21,7 @@ from dpfunc.segmentation._patient import (
 )
 from dpfunc.segmentation._phantoms import make_phantoms, phantom_volume
 from dpfunc.segmentation._train import (
+    PatientScores,
     SegmentationConfig,
     SegmentationResult,
     evaluate_patients,
@@ -49,6 +50,8 @@ __all__ = [
     "segmentation_engine",
     "dice_score",
     "iou_score",
+    "hausdorff95",
+    "surface_voxels",
     "mean_ci",
     "predict_volume",
     "plot_overlays",
@@ -57,5 +60,6 @@ __all__ = [
     "train_segmentation",
     "evaluate_segmentation_run",
     "evaluate_patients",
+    "PatientScores",
     "is_segmentation_run",
 ]

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 
-from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float
+from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
 
 __all__ = ["add_parser", "run", "evaluate"]
 
@@ -45,6 +45,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
                    help="axial slices kept: organ (the organ's extent ± --margin) or all")
     p.add_argument("--margin", type=_int_at_least("--margin", 0), default=2, help="slices beyond the organ's extent")
+    p.add_argument("--foreground-prior", type=_unit_interval("--foreground-prior"), default=0.05,
+                   help="the untrained net predicts organ with this probability (output-bias prior; a public constant, "
+                        "not counted from the labels); keeps rare-organ runs from collapsing to Dice 0")
+    p.add_argument("--ema-decay", type=float, default=0.9,
+                   help="evaluate an exponential moving average of the iterates (post-processing); 0 = last iterate")
     p.add_argument("--window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"), help="HU window")
     p.add_argument("--seed", type=int, default=0, help="root of all keys (split, init, sampling, noise)")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<task>-<unit>-eps<ε>-seed<seed> or "
@@ -59,13 +64,15 @@ def _config(args: argparse.Namespace):
     from dpfunc.segmentation._train import SegmentationConfig
 
     private = not args.no_dp
+    if not 0 <= args.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     return SegmentationConfig(
         task=args.task, image_size=args.image_size, epsilon=args.epsilon if args.noise_multiplier is None else None,
         delta=args.delta, noise_multiplier=args.noise_multiplier, epochs=args.epochs, batch_size=args.batch_size,
         slices_per_patient=args.slices_per_patient, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
         unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
         window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
-        accountant=args.accountant)
+        accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay)
 
 
 def _print(result) -> None:

@@ -1,4 +1,4 @@
-"""Overlap metrics for segmentation: Dice and IoU per patient (3-D), mean ± patient bootstrap CI.
+"""Segmentation metrics per patient (3-D): Dice, IoU, Hausdorff-95; mean ± patient bootstrap CI.
 
 Conventions:
 
@@ -7,7 +7,17 @@ Conventions:
     IoU(P, T) (Jaccard)         ``|P ∩ T| / |P ∪ T|``
     P and T both empty          1.0 for both (nothing to find, nothing found)
     exactly one empty           0.0
+    HD95(P, T)                  ``max(q95{d(p, ∂T) : p ∈ ∂P}, q95{d(t, ∂P) : t ∈ ∂T})``
+    HD95, P and T both empty    0.0 (nothing to find, nothing found)
+    HD95, exactly one empty     ``inf`` (no surface to measure to; see :func:`hausdorff95`)
     ==========================  =====================================================
+
+HD95 is the 95th percentile Hausdorff distance between the mask surfaces (Huttenlocher et al.
+1993; the percentile variant used by the Medical Segmentation Decathlon): ``∂M`` is the set of
+voxels of ``M`` with a face neighbour outside ``M`` (or on the edge of the array), ``d`` is the
+Euclidean distance in units of ``spacing`` (voxels by default), ``q95`` the 95th percentile with
+linear interpolation (``numpy.percentile``'s default), and the two directed percentiles are combined
+by their maximum (as MONAI does; medpy pools the two sets instead).
 
 A patient's score is computed over their whole (selected) volume at once — voxels of all slices
 pooled — not as a mean of slice scores, so slices without organ do not inflate it.
@@ -17,15 +27,16 @@ Confidence intervals resample PATIENTS with replacement (percentile bootstrap, E
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
-from dpfunc._validate import check_int_range, check_number
+from dpfunc._validate import check_int_range, check_number, check_positive_finite
 from dpfunc.metrics import ConfidenceInterval
 
-__all__ = ["dice_score", "iou_score", "mean_ci", "predict_volume"]
+__all__ = ["dice_score", "iou_score", "hausdorff95", "surface_voxels", "mean_ci", "predict_volume"]
 
 
 def _binary(fn: str, pred, truth) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,6 +73,102 @@ def iou_score(pred, truth) -> float:
     p, t = _binary("iou_score", pred, truth)
     union = int((p | t).sum())
     return 1.0 if union == 0 else int((p & t).sum()) / union
+
+
+def surface_voxels(mask: torch.Tensor) -> torch.Tensor:
+    """The surface ``∂M`` of a boolean mask (any dims): voxels of ``M`` with a face neighbour outside it.
+
+    A voxel on the edge of the array counts as surface (outside the array is background).
+
+    Example:
+        >>> surface_voxels(torch.ones(3, 3, dtype=torch.bool)).int()
+        tensor([[1, 1, 1],
+                [1, 0, 1],
+                [1, 1, 1]], dtype=torch.int32)
+    """
+    m = torch.as_tensor(mask).to(torch.bool)
+    if m.ndim == 0:
+        raise ValueError(f"surface_voxels: mask must have at least one dimension, got a scalar")
+    inner = m.clone()  # voxels of M whose 2·ndim face neighbours all lie in M (and inside the array)
+    for axis in range(m.ndim):
+        lo, hi = [slice(None)] * m.ndim, [slice(None)] * m.ndim
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        inner[tuple(lo)] &= m[tuple(hi)]  # neighbour at +1 along axis
+        inner[tuple(hi)] &= m[tuple(lo)]  # neighbour at -1 along axis
+        for side in (0, -1):
+            edge = [slice(None)] * m.ndim
+            edge[axis] = side
+            inner[tuple(edge)] = False
+    return m & ~inner
+
+
+def _scipy_edt():
+    """scipy's exact Euclidean distance transform (Maurer et al. 2003), or None without scipy."""
+    try:
+        from scipy.ndimage import distance_transform_edt
+    except ImportError:
+        return None
+    return distance_transform_edt
+
+
+def _directed_distances(src: torch.Tensor, dst: torch.Tensor, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance from every voxel of the boolean mask ``src`` to the nearest voxel of ``dst`` (both non-empty)."""
+    edt = _scipy_edt()
+    if edt is None:  # exact pairwise distances, chunked so that one block holds ~8e6 distances (64 MB)
+        scale = torch.tensor(spacing, dtype=torch.float64)
+        a = src.nonzero().to(torch.float64) * scale
+        b = dst.nonzero().to(torch.float64) * scale
+        rows = max(1, 8_000_000 // len(b))
+        return torch.cat([torch.cdist(a[i:i + rows], b).min(1).values for i in range(0, len(a), rows)]).numpy()
+    # the EDT of the complement of dst is, at every voxel, the distance to the nearest dst voxel
+    return edt(~dst.numpy(), sampling=spacing)[src.numpy()]
+
+
+def hausdorff95(pred, truth, *, spacing: tuple[float, ...] | None = None) -> float:
+    """95th percentile Hausdorff distance between the surfaces of two binary masks (any dims).
+
+    ``max(q95 of d(∂P → ∂T), q95 of d(∂T → ∂P))`` with the surfaces of :func:`surface_voxels` and
+    Euclidean distances in units of ``spacing`` (one number per axis; default 1 per axis, i.e.
+    voxels). Computed with scipy's exact Euclidean distance transform when scipy is installed, else
+    by exact pairwise distances (chunked ``torch.cdist``); both are tested against a brute-force loop.
+
+    ==========================  =========================================================
+    both masks empty            0.0 (nothing to find, nothing found; Dice is 1 there too)
+    exactly one empty           ``math.inf`` (no surface to measure to). Callers that
+                                average choose a finite stand-in and say so: the run
+                                evaluation uses the array's diagonal (the largest distance
+                                in the grid) and counts such patients.
+    identical masks             0.0
+    ==========================  =========================================================
+
+    Args:
+        pred, truth: binary masks of the same shape (ints/bools in {0, 1}).
+        spacing: voxel size per axis (e.g. ``(slice thickness, row mm, column mm)``); positive, finite.
+
+    Example:
+        >>> a = torch.zeros(8, 8, dtype=torch.int64); a[2:5, 2:5] = 1
+        >>> hausdorff95(a, torch.roll(a, 2, dims=1))       # a 3×3 square moved by 2 pixels
+        2.0
+    """
+    fn = "hausdorff95"
+    p, t = _binary(fn, pred, truth)
+    if p.ndim == 0:
+        raise ValueError(f"{fn}: masks must have at least one dimension, got scalars")
+    if spacing is None:
+        spacing = (1.0,) * p.ndim
+    spacing = tuple(spacing)
+    if len(spacing) != p.ndim:
+        raise ValueError(f"{fn}: spacing must give one size per axis ({p.ndim}), got {spacing!r}")
+    spacing = tuple(check_positive_finite(fn, "spacing", float(s)) for s in spacing)
+    p_any, t_any = bool(p.any()), bool(t.any())
+    if not p_any and not t_any:
+        return 0.0
+    if p_any != t_any:
+        return math.inf
+    sp, st = surface_voxels(p), surface_voxels(t)
+    d_pt = _directed_distances(sp, st, spacing)
+    d_tp = _directed_distances(st, sp, spacing)
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
 
 
 def mean_ci(values: Sequence[float], *, seed: int, num_resamples: int = 1000, confidence: float = 0.95) -> ConfidenceInterval:
