@@ -121,7 +121,13 @@ def _secagg(msg: Message, context: Context) -> Message:
     from dpfunc.secagg.remote import site_handle
 
     store = _secagg_store(context)
-    reply = site_handle(dict(msg.content["secagg"]), store)
+    request = dict(msg.content["secagg"])
+    if str(context.node_config.get("secagg-vanish", "")) == str(request.get("kind")):
+        # test hook: this site vanishes mid-protocol (its SuperNode and every child die, nothing is answered)
+        import signal
+
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+    reply = site_handle(request, store)
     context.state["secagg"] = ConfigRecord(store)
     return Message(RecordDict({"secagg": ConfigRecord(reply)}), reply_to=msg)
 
