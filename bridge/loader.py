@@ -94,6 +94,9 @@ class PoissonBatchSampler:
         key: the sampling key; logical batch ``t`` is ``poisson_sample(key.fold_in(t), n, q)``.
         max_physical_batch_size: split logical batches into micro-batches of at most this size.
         plan: the :class:`LogicalBatchPlan` shared with the private optimizer.
+        rank, world_size: data-parallel training (:mod:`dpfunc.distributed`): every rank draws the SAME
+            Poisson batch from ``key`` and yields only its balanced slice
+            (:func:`~dpfunc.distributed.rank_slice`); default one process.
     """
 
     def __init__(
@@ -105,8 +108,15 @@ class PoissonBatchSampler:
         key: Key,
         max_physical_batch_size: int | None = None,
         plan: LogicalBatchPlan | None = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         fn = "PoissonBatchSampler"
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"{fn}: world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"{fn}: rank must be an int in [0, {world_size}), got {rank!r}")
+        self.rank, self.world_size = rank, world_size
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
             raise ValueError(f"{fn}: num_examples must be an int >= 1, got {num_examples!r}")
         if isinstance(steps_per_epoch, bool) or not isinstance(steps_per_epoch, int) or steps_per_epoch < 1:
@@ -130,7 +140,12 @@ class PoissonBatchSampler:
         end = (self.position // self.steps_per_epoch + 1) * self.steps_per_epoch
         while self.position < end:
             t = self.position
-            idx = poisson_sample(self.key.fold_in(t), self.num_examples, self.sampling_rate).tolist()
+            idx = poisson_sample(self.key.fold_in(t), self.num_examples, self.sampling_rate)
+            if self.world_size > 1:
+                from dpfunc.distributed import rank_slice
+
+                idx = rank_slice(idx, self.rank, self.world_size)
+            idx = idx.tolist()
             parts = _chunks(idx, self.max_physical_batch_size)
             self.plan.push(t, len(parts))
             self.position = t + 1
@@ -211,12 +226,15 @@ def poisson_loader(
     poisson_sampling: bool = True,
     max_physical_batch_size: int | None = None,
     plan: LogicalBatchPlan | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[DataLoader, float, int]:
     """Rebuild ``data_loader`` to draw Poisson batches (Opacus' ``DPDataLoader.from_data_loader``).
 
     The sampling rate is ``q = 1 / len(data_loader)`` and an epoch has ``len(data_loader)`` logical
     batches, so the expected batch size is about the original ``batch_size`` (as in Opacus). Workers,
-    pinning and ``collate_fn`` are kept; empty batches come out as 0-row tensors.
+    pinning and ``collate_fn`` are kept; empty batches come out as 0-row tensors. With ``world_size > 1``
+    each rank's loader yields its slice of the shared Poisson batch (see :class:`PoissonBatchSampler`).
 
     Returns:
         ``(loader, sampling_rate, steps_per_epoch)``.
@@ -236,8 +254,12 @@ def poisson_loader(
     plan = plan if plan is not None else LogicalBatchPlan()
     collate = _EmptyAwareCollate(data_loader.collate_fn or default_collate, dataset)
     if poisson_sampling:
-        sampler: Any = PoissonBatchSampler(n, q, steps, key=key, max_physical_batch_size=max_physical_batch_size, plan=plan)
+        sampler: Any = PoissonBatchSampler(n, q, steps, key=key, max_physical_batch_size=max_physical_batch_size, plan=plan,
+                                           rank=rank, world_size=world_size)
     else:
+        if world_size > 1:
+            raise ValueError(f"{fn}: data-parallel training needs poisson_sampling=True (every rank must draw the same "
+                             f"batch from the shared key), got poisson_sampling=False with world_size={world_size}")
         sampler = _ChunkedBatchSampler(data_loader.batch_sampler, max_physical_batch_size, plan)
     # A generator of our own: DataLoader draws its worker base seed from it, not from the global RNG.
     generator = key.fold_in(1 << 62).generator()

@@ -103,6 +103,7 @@ class DPOptimizer(torch.optim.Optimizer):
         budget: Any = None,
         accountant: str | None = None,
         secure: bool = False,
+        world: Any = None,
     ):
         # torch.optim.Optimizer.__init__ is not called: the parameters and state are the inner optimizer's.
         self.original_optimizer = optimizer
@@ -121,6 +122,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.chunk_size = chunk_size
         self.accountant = accountant
         self.secure = secure
+        self.world = world  # a dpfunc.distributed.World, or None for one process
         self._sampler = sampler
         self._noise_key = run_keys(key).noise
         self._dp = dp_aggregate(config, self._noise_key, budget=budget, secure=secure)
@@ -252,6 +254,16 @@ class DPOptimizer(torch.optim.Optimizer):
         params = {n: p.detach() for n, p in self._named.items()}
         clipped = self._accum if self._accum is not None else _zero_clipped(params, self.config.clipping)
         self._accum = None
+        world = self.world
+        if world is not None and world.size > 1:
+            from dpfunc.distributed import all_reduce_clipped_sum, check_replicas
+
+            # Each rank clipped its slice; the sum over ranks is the whole batch's clipped sum. The noise
+            # is drawn after it, from the shared key, so every rank adds the SAME noise once.
+            clipped = all_reduce_clipped_sum(clipped, world)
+            noisy, self._dp_state = self._dp.update(clipped, self._dp_state, params)
+            check_replicas(noisy, world)
+            return noisy
         noisy, self._dp_state = self._dp.update(clipped, self._dp_state, params)
         return noisy
 
@@ -336,7 +348,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self._dp = dp_aggregate(self.config, self._noise_key, budget=budget, secure=self.secure)
         self.original_optimizer.load_state_dict(state_dict["inner"])
         self._module._shared.forward_count = int(state_dict["forward_count"])
-        self._module._shared.dropout_key = keys.dropout
+        world = self.world
+        self._module._shared.dropout_key = keys.dropout if world is None or world.size == 1 else keys.dropout.fold_in(world.rank)
         if self._sampler is not None and state_dict.get("sampler_position") is not None:
             self._sampler.position = int(state_dict["sampler_position"])
             if hasattr(self._sampler, "key"):

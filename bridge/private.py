@@ -103,6 +103,7 @@ def make_private(
     budget: Any = None,
     validate: bool = True,
     secure: bool = False,
+    world: Any = None,
 ) -> tuple[PrivateModule, DPOptimizer, DataLoader]:
     """Make an ordinary torch training setup differentially private (see the module docstring).
 
@@ -132,6 +133,12 @@ def make_private(
             on a grid from a CSPRNG keyed by OS entropy — NOT reproducible from ``key`` — recorded in the
             ledger as such, so ``optimizer.epsilon(δ)`` is the discrete Gaussian's bound; with
             ``target_epsilon`` σ is calibrated with that bound. Only the RDP accountant applies.
+        world: data-parallel training on several processes (:func:`dpfunc.distributed.init_world`
+            under ``torchrun``): every rank calls ``make_private`` with the same arguments and key; its
+            loader yields its slice of the shared Poisson batch, ``optimizer.step()`` all-reduces the
+            clipped sums before the noise, and every rank adds the same noise from the shared key — the
+            model and ledger stay identical on every rank (see :mod:`dpfunc.distributed`). Save
+            checkpoints on rank 0 only. None (default): one process.
 
     Returns:
         ``(module, optimizer, data_loader)``: a :class:`PrivateModule`, a :class:`DPOptimizer` (with
@@ -169,15 +176,30 @@ def make_private(
     clip = _clipping(fn, clipping, max_grad_norm)
     if not isinstance(secure, bool):
         raise TypeError(f"{fn}: secure must be a bool, got {secure!r}")
+    if world is not None:
+        from dpfunc.distributed import World
+
+        if not isinstance(world, World):
+            raise TypeError(f"{fn}: world must be a dpfunc.distributed.World (from init_world), got {type(world).__name__}")
+        if world.size > 1 and secure:
+            raise ValueError(f"{fn}: secure=True draws its noise from os.urandom on each rank, so {world.size} ranks would "
+                             f"release different noise; use secure mode in one process")
+        if world.size > 1 and not poisson_sampling:
+            raise ValueError(f"{fn}: data-parallel training needs poisson_sampling=True (the ranks draw the same batch "
+                             f"from the shared key)")
+    rank, world_size = (world.rank, world.size) if world is not None else (0, 1)
     if secure and accountant not in (None, "rdp"):
         raise ValueError(f"{fn}: secure=True draws discrete Gaussian noise, which only the RDP accountant bounds; "
                          f"pass accountant='rdp' or leave it out (got accountant={accountant!r})")
 
     keys = run_keys(key)
     sample_key, dropout_key = keys.sampling, keys.dropout
+    if world_size > 1:  # each rank draws the dropout masks of its own rows (the same key would repeat them)
+        dropout_key = dropout_key.fold_in(rank)
     plan = LogicalBatchPlan()
     loader, q, steps_per_epoch = poisson_loader(
-        data_loader, key=sample_key, poisson_sampling=poisson_sampling, max_physical_batch_size=max_physical_batch_size, plan=plan
+        data_loader, key=sample_key, poisson_sampling=poisson_sampling, max_physical_batch_size=max_physical_batch_size, plan=plan,
+        rank=rank, world_size=world_size,
     )
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError(f"{fn}: give exactly one of noise_multiplier and target_epsilon (with target_delta and epochs)")
@@ -209,6 +231,7 @@ def make_private(
         budget=budget,
         accountant=accountant,
         secure=secure,
+        world=world,
     )
     return private_module, dp_optimizer, loader
 
