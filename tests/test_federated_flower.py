@@ -86,3 +86,52 @@ def test_flower_killed_site_and_nan_update_are_excluded(tmp_path, data_dir):
     # the excluded sites may have trained: their ledgers are charged the round anyway
     assert [s["steps"] for s in m["sites"]] == [2, 2, 2]
     assert not any(_alive(p.pid) for p in started.values())
+
+
+def test_flower_supernode_auth_admits_registered_sites_only(tmp_path, data_dir):
+    """TLS + Flower's SuperNode authentication end to end: the registered sites train the round (the same
+    model as in process); a SuperNode with an unregistered key that claims site 0 is refused (exit code 305)."""
+    import subprocess
+    import sys
+
+    from dpfunc.federated.flower.driver import _free_port, flower_env, make_credentials
+
+    run_dir, started, intruder = tmp_path / "auth", {}, {}
+
+    def try_intruder(sites):
+        started.update(sites)
+        fl = run_dir / "flower"
+        address = next(line.split('"')[1] for line in (fl / "home" / "config.toml").read_text().splitlines()
+                       if line.startswith("address"))
+        stranger = make_credentials(tmp_path / "stranger", 1)
+        with open(tmp_path / "intruder.log", "wb") as log:
+            intruder["proc"] = p = subprocess.Popen(
+                [str(os.path.join(os.path.dirname(sys.executable), "flower-supernode")), "--root-certificates",
+                 str(fl / "credentials" / "ca.crt"), "--superlink", address, "--auth-supernode-private-key",
+                 str(stranger.site_keys[0]), "--node-config", "partition-id=0 num-partitions=2", "--port", str(_free_port())],
+                env=flower_env(fl / "home"), stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                start_new_session=True)
+        try:
+            intruder["rc"] = p.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            intruder["rc"] = None
+
+    cfg = FederatedConfig(**{**TINY, "sites": 2}, engine="flower", round_timeout=300)
+    try:
+        m = run_flower(cfg, data_dir=data_dir, run_dir=run_dir, bootstrap_resamples=10, log=lambda s: None,
+                       on_registered=try_intruder, run_timeout=600, supernode_auth=True)
+    finally:
+        if "proc" in intruder:
+            try:
+                os.killpg(intruder["proc"].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert intruder["rc"] not in (None, 0)
+    assert "Exit Code: 305" in (tmp_path / "intruder.log").read_text(errors="replace")
+    assert m["history"][0]["sites_answered"] == [0, 1]
+    link_log = (run_dir / "flower" / "superlink.log").read_text(errors="replace")
+    assert "https://127.0.0.1" in link_log and "authentication is disabled" not in link_log
+    ref = run_federated(FederatedConfig(**{**TINY, "sites": 2}), data_dir=data_dir, progress=False, log=lambda s: None,
+                        bootstrap_resamples=10)
+    assert m["test"] == ref["test"] and [s["epsilon"] for s in m["sites"]] == [s["epsilon"] for s in ref["sites"]]
+    assert len(started) == 2 and not any(_alive(p.pid) for p in [*started.values(), intruder["proc"]])

@@ -167,3 +167,41 @@ def test_job_releases_the_server_average_and_caches_epsilon(tmp_path, data_dir):
     with pytest.raises(ValueError, match="FederatedConfig: average_decay must be"):
         FederatedConfig(average_decay=1.0)
     assert average_rounds(None, state.params, 0.0, 0).keys() == state.params.keys()
+
+
+def test_supernode_credentials_and_launch_commands(tmp_path, capsys):
+    """The localhost credentials are what Flower 1.42 accepts (P-384 OpenSSH keys, a CA-signed certificate for
+    127.0.0.1, private keys mode 0600); the deployment commands carry the authentication flags."""
+    pytest.importorskip("cryptography")
+    import ipaddress
+    import stat
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from dpfunc.federated.flower.driver import launch_commands, make_credentials
+
+    c = make_credentials(tmp_path / "c", 2)
+    ca = x509.load_pem_x509_certificate(c.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(c.server_cert.read_bytes())
+    server.verify_directly_issued_by(ca)
+    assert ipaddress.ip_address("127.0.0.1") in server.extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.IPAddress)
+    for key, pub in zip(c.site_keys, c.site_public_keys):
+        k = load_ssh_private_key(key.read_bytes(), None)
+        assert isinstance(k, ec.EllipticCurvePrivateKey) and k.curve.name == "secp384r1"
+        assert load_ssh_public_key(pub.read_bytes()).public_numbers() == k.public_key().public_numbers()
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(set(p.read_bytes() for p in c.site_public_keys)) == 2  # one key pair per site
+    with pytest.raises(ValueError, match="make_credentials: sites"):
+        make_credentials(tmp_path / "d", 0)
+    text = launch_commands(FederatedConfig(sites=3), superlink="hq.example.org:9092")
+    assert "--enable-supernode-auth" in text and text.count("flwr supernode register") == 3
+    assert text.count("--auth-supernode-private-key site") == 3 and "--insecure" not in text
+    plain = launch_commands(FederatedConfig(sites=3), supernode_auth=False)
+    assert "--enable-supernode-auth" not in plain and "register" not in plain and "--root-certificates ca.crt" in plain
+    assert main(["federated", "--engine", "flower", "--write-flower-app", "--supernode-auth", "--sites", "2",
+                 "--run-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "flwr supernode register site1.pub" in out and (tmp_path / "run" / "flower" / "app" / "pyproject.toml").is_file()

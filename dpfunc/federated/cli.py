@@ -71,6 +71,10 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--accountant", choices=["pld", "rdp"], default=d.accountant, help="calibration and ε reports")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples (demos, tests)")
     p.add_argument("--round-timeout", type=float, default=d.round_timeout, help="seconds to wait for a round's answers (flower)")
+    p.add_argument("--supernode-auth", action="store_true",
+                   help="flower: TLS and Flower's SuperNode authentication (each site's key pair registered with the "
+                        "SuperLink; unregistered nodes are refused). With --write-flower-app: print the deployment's "
+                        "commands with it")
     p.add_argument("--seed", type=int, default=d.seed, help="root of every key (0 is valid)")
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else the cache)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/federated-<partition>-s<S>-eps<ε>-seed<seed>)")
@@ -110,15 +114,19 @@ def run(args: argparse.Namespace) -> int:
 
         app = write_app(cfg, run_dir=run_dir, data_dir=args.data_dir, resume=args.resume,
                         bootstrap_resamples=args.bootstrap)
+        from dpfunc.federated.flower.driver import launch_commands
+
         print(f"wrote {app}/pyproject.toml; submit with:  flwr run {app} <superlink-connection> --format json\n"
-              f"results appear in {run_dir.resolve()} on the machine that runs the ServerApp (the SuperLink's)")
+              f"results appear in {run_dir.resolve()} on the machine that runs the ServerApp (the SuperLink's)\n"
+              f"processes of a deployment on separate machines (TLS):\n"
+              f"{launch_commands(cfg, supernode_auth=args.supernode_auth)}")
         return 0
     try:
         if cfg.engine == "flower":
             from dpfunc.federated.flower.driver import run_flower
 
             result = run_flower(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                                bootstrap_resamples=args.bootstrap, log=print)
+                                bootstrap_resamples=args.bootstrap, log=print, supernode_auth=args.supernode_auth)
         else:
             from dpfunc.federated.job import run_federated
 
