@@ -194,8 +194,9 @@ def launch_commands(cfg: FederatedConfig, *, superlink: str = "coordinator.examp
     """The shell commands of a deployment on separate machines (TLS; SuperNode authentication by default).
 
     One SuperLink on the coordinator, one SuperNode per hospital, the ``flwr`` CLI on the coordinator;
-    the certificate and key file names are those of :func:`make_credentials` (or the README's ``openssl``
-    and ``ssh-keygen`` lines). Printed by ``dpfunc federated --engine flower --write-flower-app``.
+    the certificate names are those of the README's ``openssl`` lines, the key pairs those of
+    ``ssh-keygen -t ecdsa -b 384 -N "" -f site<s>`` run at hospital s. Printed by
+    ``dpfunc federated --engine flower --write-flower-app``.
     """
     host, _, port = superlink.rpartition(":")
     lines = ["# coordinator: the SuperLink (TLS" + (", only registered SuperNodes may connect)" if supernode_auth else ")"),
@@ -208,7 +209,7 @@ def launch_commands(cfg: FederatedConfig, *, superlink: str = "coordinator.examp
     lines.append("# hospital s: its own data, its secret noise key" + (" and its private key" if supernode_auth else ""))
     for s in range(cfg.sites):
         lines.append(f"flower-supernode --root-certificates ca.crt --superlink {host}:{port}"
-                     + (f" --auth-supernode-private-key site{s}.key" if supernode_auth else "")
+                     + (f" --auth-supernode-private-key site{s}" if supernode_auth else "")
                      + f" --node-config \"partition-id={s} num-partitions={cfg.sites} data-dir=\\\"/data/pneumoniamnist\\\" "
                        f"key-seed=$(python -c 'import secrets; print(secrets.randbits(63))')\"")
     return "\n".join(lines)
