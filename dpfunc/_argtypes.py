@@ -14,7 +14,7 @@ import argparse
 import math
 from collections.abc import Callable
 
-__all__ = ["positive_float", "unit_interval", "int_at_least"]
+__all__ = ["positive_float", "unit_interval", "int_at_least", "device_spec"]
 
 
 def _number(name: str, text: str, kind: type, word: str):
@@ -56,5 +56,19 @@ def int_at_least(name: str, low: int) -> Callable[[str], int]:
         if v < low:
             raise argparse.ArgumentTypeError(f"{name} must be >= {low}, got {text!r}")
         return v
+
+    return parse
+
+
+def device_spec(name: str) -> Callable[[str], str]:
+    """A device spelling: ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (whether the machine has it is
+    checked when the command runs, by :func:`dpfunc.devices.resolve_device`)."""
+    from dpfunc._validate import check_device_spec
+
+    def parse(text: str) -> str:
+        try:
+            return check_device_spec("", name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix(": ")) from None
 
     return parse

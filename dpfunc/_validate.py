@@ -35,6 +35,7 @@ __all__ = [
     "check_int_range",
     "check_delta",
     "check_enum",
+    "check_device_spec",
 ]
 
 
@@ -136,3 +137,20 @@ def check_enum(fn: str, name: str, value: object, enum_type: type) -> object:
     except (ValueError, TypeError):
         allowed = ", ".join(repr(m.value) for m in enum_type)
         raise _fail(fn, name, f"a {enum_type.__name__} or one of {allowed}", value) from None
+
+
+def check_device_spec(fn: str, name: str, value: object) -> str:
+    """A device string: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (N an int >= 0), returned
+    stripped and lower-cased. Only the spelling is checked here; whether this machine has the device is
+    :func:`dpfunc.devices.resolve_device`'s check (a saved config names the device it ran on, and must
+    still load on a machine without it)."""
+    what = "'auto', 'cpu', 'cuda' or 'cuda:N' (N an int >= 0)"
+    if not isinstance(value, str):
+        raise _fail(fn, name, what, value)
+    text = value.strip().lower()
+    if text in ("auto", "cpu", "cuda"):
+        return text
+    kind, sep, index = text.partition(":")
+    if kind != "cuda" or not sep or not index.isdigit() or not index.isascii():
+        raise _fail(fn, name, what, value)
+    return f"cuda:{int(index)}"

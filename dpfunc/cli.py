@@ -4,6 +4,7 @@ Examples::
 
     dpfunc train                                   # DP-SGD, ε = 3, δ = 1e-5, CNN -> runs/cnn-eps3.0-seed0/
     dpfunc train --no-dp                           # the non-private baseline
+    dpfunc train --device cuda --precision bf16    # on a GPU, bf16 forward/backward (DP arithmetic in float32)
     dpfunc train --resume                          # continue the newest run with these flags
     dpfunc evaluate runs/cnn-eps3.0-seed0          # test metrics and ε from the checkpoint
     dpfunc account --noise-multiplier 1.1 --sampling-rate 0.0042667 --steps 14062 --delta 1e-5
@@ -35,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
+from dpfunc._argtypes import device_spec as _device_spec, int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
 
 __all__ = ["main", "build_parser", "Command", "CommandError", "COMMANDS"]
 
@@ -147,12 +148,38 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_int_at_least("--nproc", 1), default=1,
                    help="data-parallel DP-SGD on N local processes (same result as one; see README 'Scaling out'); "
                         "for several machines use torchrun -m dpfunc train --run-dir DIR ...")
+    add_device_argument(t)
+    t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="arithmetic of the model's forward/backward; bf16 = autocast, while clipping, the clipped sum, "
+                        "the noise and the update stay float32 (README 'GPUs')")
+    t.add_argument("--deterministic", action="store_true",
+                   help="torch's deterministic algorithms (CUDA: slower; an op without one stops the run with its name); "
+                        "the privacy guarantee does not depend on it")
     return t
+
+
+def check_device_available(spec: str) -> None:
+    """Raise :class:`CommandError` (naming --device and what this machine offers) for a device it lacks."""
+    from dpfunc.devices import resolve_device
+
+    try:
+        resolve_device(spec, fn="", name="--device")
+    except ValueError as e:
+        raise CommandError(str(e).removeprefix(": ")) from None
+
+
+def add_device_argument(p: argparse.ArgumentParser) -> None:
+    """``--device auto|cpu|cuda|cuda:N`` (default auto: CUDA when available), for any subcommand that computes
+    with a model. The spelling is checked when parsed; whether this machine has the device, when the command
+    runs (:func:`dpfunc.devices.resolve_device`)."""
+    p.add_argument("--device", type=_device_spec("--device"), default="auto", metavar="{auto,cpu,cuda,cuda:N}",
+                   help="where to compute: auto = the GPU when CUDA is available, else the CPU")
 
 
 def _train_config(args: argparse.Namespace):
     from dpfunc.train import TrainConfig
 
+    check_device_available(args.device)  # refuse a device this machine lacks, first
     given = {name for name in _DP_FLAGS if getattr(args, name) is not None}
     if args.no_dp and given:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
@@ -176,7 +203,8 @@ def _train_config(args: argparse.Namespace):
                        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum,
                        ema_decay=args.ema_decay, max_grad_norm=dp["max_grad_norm"], augment_views=dp["augment_views"],
                        image_size=args.image_size, engine=dp["engine"], private=not args.no_dp, seed=args.seed,
-                       train_subset=args.train_subset, secure_noise=args.secure_noise, clipping=dp["clipping"],
+                       train_subset=args.train_subset, secure_noise=args.secure_noise, device=args.device,
+                       precision=args.precision, deterministic=args.deterministic, clipping=dp["clipping"],
                        target_quantile=dp["target_quantile"], clip_learning_rate=dp["clip_learning_rate"],
                        count_noise_multiplier=dp["count_noise_multiplier"])
 
@@ -329,6 +357,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a folder written by `dpfunc train`")
     e.add_argument("--data-dir", default=None, help=_DATA_HELP)
     e.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
+    add_device_argument(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     return e
 
@@ -347,10 +376,11 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if is_segmentation_run(path):  # written by `dpfunc segment`
         return importlib.import_module("dpfunc.segmentation._cli_segment").evaluate(args)
-    cfg, state = load_run(path)
+    check_device_available(args.device)
+    cfg, state = load_run(path)  # tensors on the CPU, whatever device wrote them; evaluate_run moves them
     data_file = _files.locate_pneumoniamnist(args.data_dir, fn="")
     test, ci, eps = evaluate_run(cfg, state, data_file, bootstrap_resamples=args.bootstrap,
-                                 progress=False if args.quiet else None)
+                                 progress=False if args.quiet else None, device=args.device)
     done = state["epoch"]
     if done < cfg.epochs:
         status = (f"UNFINISHED: checkpoint after epoch {done} of {cfg.epochs} (continue it with `dpfunc train "

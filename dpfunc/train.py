@@ -31,8 +31,10 @@ from torch.func import grad_and_value
 
 from dpfunc import accounting
 from dpfunc._progress import progress as progress_bar
+from dpfunc._validate import check_device_spec
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
+from dpfunc.devices import Precision, check_precision, deterministic_algorithms, describe_device, mixed_precision, resolve_device, to_device
 from dpfunc.keys import Key, run_keys
 from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
@@ -84,6 +86,17 @@ class TrainConfig:
             derived from ``seed``: such a run cannot be reproduced.
         noise_reproducible: recorded, not chosen: ``not secure_noise`` (None fills it in; a
             contradicting value is refused), so that config.json says whether the noise can be replayed.
+        device: where the run computes: ``"auto"`` (CUDA when available, else CPU), ``"cpu"``,
+            ``"cuda"`` or ``"cuda:N"`` (see :mod:`dpfunc.devices`). The spelling is checked here,
+            the machine's devices when :func:`train` starts. Not part of the run's identity
+            (``compare=False``): a run resumes on another device with the same ledger and keys
+            (not bit for bit: the noise generator and the arithmetic differ between devices).
+        deterministic: run with torch's deterministic algorithms (``--deterministic``; see
+            :func:`dpfunc.devices.deterministic_algorithms`). Not part of the run's identity either;
+            the privacy guarantee does not depend on it.
+        precision: ``"fp32"`` or ``"bf16"``: the arithmetic of the model's forward/backward
+            (autocast). Clipping norms, the clipped sum, the noise and the update are float32 in both
+            (see :class:`dpfunc.devices.Precision`).
         clipping: ``"flat"`` (clip at ``max_grad_norm``) or ``"adaptive"`` (Andrew et al. 2021, see
             :mod:`dpfunc.adaptive_clipping`: ``max_grad_norm`` is the initial bound, which then follows
             the ``target_quantile`` of the gradient norms; σ is still calibrated to ``epsilon``).
@@ -111,6 +124,9 @@ class TrainConfig:
     train_subset: int | None = None
     secure_noise: bool = False
     noise_reproducible: bool | None = None
+    device: str = field(default="auto", compare=False)
+    deterministic: bool = field(default=False, compare=False)
+    precision: str = "fp32"
     clipping: str = "flat"
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
@@ -118,6 +134,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         fn = "TrainConfig"
+        object.__setattr__(self, "device", check_device_spec(fn, "device", self.device))
+        object.__setattr__(self, "precision", check_precision(fn, "precision", self.precision).value)
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"{fn}: deterministic must be a bool, got {self.deterministic!r}")
         if self.model not in ("cnn", "resnet18"):
             raise ValueError(f"{fn}: model must be 'cnn' or 'resnet18', got {self.model!r}")
         if self.engine not in ENGINES:
@@ -196,16 +216,22 @@ class RunResult:
     test_ci: dict
     train_seconds: float
     history: list[dict] = field(default_factory=list)
+    device: str = ""  # where the training ran, e.g. "cuda:0 (NVIDIA H100 80GB HBM3)" ("" when not recorded)
 
 
 def evaluate_scores(apply_fn: Callable, params: dict, buffers: dict, data: ImageDataset, batch_size: int = 1024) -> torch.Tensor:
-    """Probabilities of class 1 (pneumonia) for every example of ``data``, shape ``(N,)``."""
+    """Probabilities of class 1 (pneumonia) for every example of ``data``, shape ``(N,)``, on the CPU.
+
+    The model runs where ``params`` are; chunks of ``data`` are moved there (:func:`dpfunc.devices.to_device`)
+    and the scores are read back once, at the end.
+    """
+    device = next(iter(params.values())).device if params else torch.device("cpu")
     out = []
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
-            logits = apply_fn(params, buffers, data.images[i : i + batch_size])
-            out.append(logits.softmax(-1)[:, 1])
-    return torch.cat(out)
+            logits = apply_fn(params, buffers, to_device(data.images[i : i + batch_size], device))
+            out.append(logits.float().softmax(-1)[:, 1])
+    return torch.cat(out).cpu()
 
 
 def ema_update(average: dict, params: dict, decay: float, step: int) -> dict:
@@ -234,7 +260,8 @@ def _make_engine(cfg: TrainConfig, module, apply_fn, clipping):
     if cfg.engine == "fast":
         from dpfunc.bridge.fast import fast_engine
 
-        return fast_engine(module, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping,
+        model = apply_fn if Precision(cfg.precision) is Precision.BF16 else module  # apply_fn: the autocast forward
+        return fast_engine(model, lambda out, y: F.cross_entropy(out, y, reduction="none"), clipping,
                            views_per_example=cfg.augment_views or None)
     return vmap_engine(_per_example_loss(apply_fn, cfg.augment_views), clipping=clipping)
 
@@ -280,9 +307,26 @@ def _clip_state(opt_state: Any):
 
 
 def _mean_loss(losses: list) -> float:
-    """Mean of the per-step mean losses over non-empty batches (floats or 0-d tensors); nan if none."""
-    values = [float(loss) for loss, size in losses if int(size) > 0]
+    """Mean of the per-step mean losses over non-empty batches (floats or 0-d tensors); nan if none.
+
+    The 0-d tensors of an epoch are read back together (one host read, not one per step)."""
+    if not losses:
+        return math.nan
+    pairs = torch.stack([torch.stack([torch.as_tensor(loss, dtype=torch.float64).cpu(), torch.as_tensor(size, dtype=torch.float64).cpu()])
+                         for loss, size in losses]).tolist()
+    values = [loss for loss, size in pairs if size > 0]
     return sum(values) / len(values) if values else math.nan
+
+
+def _check_finite_losses(losses: list, first_step: int, learning_rate: float) -> None:
+    """The non-private baseline's divergence check, once per epoch (no host read in the step loop)."""
+    if not losses:
+        return
+    values = torch.stack([torch.as_tensor(loss, dtype=torch.float64).cpu() for loss, _ in losses])
+    bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
+    if bad:
+        raise ValueError(f"train: the loss became {values[bad[0]].item()} at step {first_step + bad[0]} (non-private run "
+                         f"diverged); lower --lr (now {learning_rate})")
 
 
 #: Seed of the fixed training subset of ``train_subset`` (public: which examples are used is not secret).
@@ -318,12 +362,12 @@ def plan_run(cfg: TrainConfig, data_dir: str | Path | None = None) -> RunPlan:
     return RunPlan(n, q, steps_per_epoch, total_steps, calibrate(cfg, q, total_steps))
 
 
-def _load_run_checkpoint(path: Path) -> dict:
+def _load_run_checkpoint(path: Path, map_location: Any = None) -> dict:
     """A run's checkpoint; a secure-mode run's ledger is marked discrete Gaussian (checkpoints written before
     ledgers recorded the mechanism would otherwise be accounted as the continuous Gaussian, a smaller ε)."""
     from dpfunc.bridge.checkpoint import load_checkpoint
 
-    state = load_checkpoint(path)
+    state = load_checkpoint(path, map_location=map_location)
     if isinstance(state, dict) and isinstance(state.get("config"), dict) and state["config"].get("secure_noise"):
         state["opt_state"] = with_discrete_gaussian_ledger(state["opt_state"])
     return state
@@ -390,10 +434,21 @@ def train(
     """
     if resume and overwrite:
         raise ValueError("train: resume continues a run and overwrite replaces it; pass one of them")
+    if cfg.deterministic and not torch.are_deterministic_algorithms_enabled():  # set for the run, restored after
+        with deterministic_algorithms(True):
+            return train(cfg, data_dir=data_dir, run_dir=run_dir, resume=resume, overwrite=overwrite, progress=progress,
+                         log=log, bootstrap_resamples=bootstrap_resamples, world=world)
+    device = resolve_device(cfg.device, fn="train", name="device (--device)")
     from dpfunc.bridge import functionalize
+    from dpfunc.clipping import flush_nonfinite_checks
     from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, slice_bounds, sync
 
-    world = init_world("cpu") if world is None else world
+    world = init_world(device) if world is None else world  # gloo on CPU, NCCL on CUDA
+    if world.size > 1 and device.type == "cuda":  # one GPU per rank: init_world selected cuda:LOCAL_RANK
+        if cfg.device.startswith("cuda:"):
+            raise ValueError(f"train: device {cfg.device!r} with {world.size} processes: each rank uses the GPU of its "
+                             f"LOCAL_RANK; give device 'cuda' or 'auto' (--device)")
+        device = torch.device("cuda", torch.cuda.current_device())
     if world.size > 1 and not cfg.private:
         raise ValueError(f"train: data-parallel training (world size {world.size}) is for DP-SGD runs; train the "
                          f"non-private baseline in one process")
@@ -411,7 +466,10 @@ def train(
     keys = run_keys(Key(cfg.seed))  # by purpose; the order lives in dpfunc.keys only
     init_key, sample_key, noise_key, aug_key = keys.init, keys.sampling, keys.noise, keys.augment
     module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
-    apply_fn, params, buffers = functionalize(module)
+    apply_fn, params, buffers = functionalize(module.to(device))  # initialised on the CPU (same init everywhere)
+    apply_fn = mixed_precision(apply_fn, device, Precision(cfg.precision))
+    # The training images live on the device (one pinned, non-blocking upload); a step sends only its indices.
+    train_set = ImageDataset(to_device(train_set.images, device), to_device(train_set.labels, device), train_set.classes)
 
     if cfg.private and cfg.clipping == "adaptive":
         if world.size > 1:
@@ -453,7 +511,7 @@ def train(
                     (run_path / name).unlink(missing_ok=True)
         run_path.mkdir(parents=True, exist_ok=True)
         if resume:
-            state = _load_run_checkpoint(ckpt)
+            state = _load_run_checkpoint(ckpt, map_location=device)
             if TrainConfig(**state["config"]) != cfg:  # fields added later take their defaults
                 raise ValueError(f"train: {ckpt} was written by another configuration; start a new run folder "
                                  f"or resume with the same flags.\n saved: {state['config']}\n given: {asdict(cfg)}")
@@ -480,6 +538,7 @@ def train(
     else:
         log(f"non-private SGD: n={n} batch={cfg.batch_size} steps={total_steps} (ε = ∞)")
 
+    log(f"device: {describe_device(device)}, precision {cfg.precision}" + (", deterministic algorithms" if cfg.deterministic else ""))
     # ε is only ever read from the ledger (a resumed or finished run starts from what it has spent).
     eps_spent = _epsilon_spent(cfg, opt_state)
     last_val = history[-1] if history else None
@@ -492,7 +551,7 @@ def train(
         for i in range(steps_per_epoch):
             t = epoch * steps_per_epoch + i
             if cfg.private:
-                idx = poisson_sample(sample_key.fold_in(t), n, q)  # the same batch on every rank
+                idx = to_device(poisson_sample(sample_key.fold_in(t), n, q), device)  # the same batch on every rank and device
                 if cfg.augment_views:  # the whole batch's views, then this rank's rows: the one-process views
                     x = augment_views(aug_key.fold_in(t), train_set.images[idx], cfg.augment_views)
                     lo, hi = slice_bounds(len(idx), world.size)[world.rank]
@@ -504,16 +563,16 @@ def train(
                 losses.append((m.loss, m.batch_size))
             else:
                 perm = torch.randperm(n, generator=sample_key.fold_in(epoch).generator())
-                idx = perm[(i * cfg.batch_size) % n:][: cfg.batch_size]
+                idx = to_device(perm[(i * cfg.batch_size) % n:][: cfg.batch_size], device)
                 g, batch_loss = grad_fn(params, buffers, train_set.images[idx], train_set.labels[idx])
                 updates, opt_state = tx.update(g, opt_state, params)
                 params = apply_updates(params, updates)
-                if not math.isfinite(float(batch_loss)):
-                    raise ValueError(f"train: the loss became {float(batch_loss)} at step {t} (non-private run diverged); "
-                                     f"lower --lr (now {cfg.learning_rate})")
-                losses.append((batch_loss, len(idx)))
+                losses.append((batch_loss.detach(), len(idx)))  # checked once per epoch: no host read per step
             average = ema_update(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
             bar.update(1)
+        if not cfg.private:
+            _check_finite_losses(losses, epoch * steps_per_epoch, cfg.learning_rate)
+        flush_nonfinite_checks()  # a GPU's non-finite-gradient checks still in flight (CPU: nothing to wait for)
         elapsed += time.perf_counter() - t0
         eps_spent = _epsilon_spent(cfg, opt_state)
         val_scores = evaluate_scores(apply_fn, average, buffers, val_set)
@@ -542,6 +601,7 @@ def train(
     test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
     result, test_scores = _final_report(cfg, apply_fn, best, buffers, val_set, test_set, sigma, q, total_steps,
                                         eps_spent, elapsed, history, bootstrap_resamples, progress)
+    result.device = describe_device(device)
     if run_path is not None and world.is_main:
         _write_outputs(run_path, result, test_scores, test_set)
     sync(world)
@@ -574,27 +634,38 @@ def _write_outputs(run_path: Path, result: RunResult, scores: torch.Tensor, test
 
 
 def evaluate_run(cfg: TrainConfig, state: dict, data_dir: str | Path | None = None, *,
-                 bootstrap_resamples: int = 1000, progress: bool | None = None) -> tuple[dict, dict, float | None]:
+                 bootstrap_resamples: int = 1000, progress: bool | None = None,
+                 device: str | torch.device = "auto") -> tuple[dict, dict, float | None]:
     """Test metrics, their bootstrap CIs and ε (from the checkpoint's ledger; None if non-private) of a
-    run's best validation parameters, as ``(metrics, ci, epsilon)`` (for ``dpfunc evaluate``)."""
+    run's best validation parameters, as ``(metrics, ci, epsilon)`` (for ``dpfunc evaluate``).
+
+    The model runs on ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"``, whatever device trained it),
+    in the run's precision; the checkpoint's tensors are moved there."""
     from dpfunc.bridge import functionalize
 
+    where = resolve_device(device, fn="evaluate_run", name="device (--device)")
     init_key = run_keys(Key(cfg.seed)).init
     module = build_model(cfg.model, key=init_key, **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
-    apply_fn, _, _ = functionalize(module)
+    apply_fn, _, _ = functionalize(module.to(where))
+    apply_fn = mixed_precision(apply_fn, where, Precision(cfg.precision))
+    params = {k: to_device(v, where) for k, v in state["best_params"].items()}
+    buffers = {k: to_device(v, where) for k, v in state["buffers"].items()}
     test_set = pneumoniamnist("test", data_dir, size=cfg.image_size)
-    scores = evaluate_scores(apply_fn, state["best_params"], state["buffers"], test_set)
+    scores = evaluate_scores(apply_fn, params, buffers, test_set)
     test = binary_metrics(test_set.labels, scores).to_dict()
     ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=bootstrap_resamples, progress=progress)
     eps = _epsilon_spent(cfg, state["opt_state"]) if cfg.private else None
     return test, {k: v.to_dict() for k, v in ci.items()}, eps
 
 
-def load_run(run_dir: str | Path) -> tuple[TrainConfig, dict]:
-    """The config and checkpoint of a run folder (for ``dpfunc evaluate``)."""
+def load_run(run_dir: str | Path, *, map_location: Any = "cpu") -> tuple[TrainConfig, dict]:
+    """The config and checkpoint of a run folder (for ``dpfunc evaluate``, ``infer``, ``attack``).
+
+    ``map_location`` (as for ``torch.load``; default the CPU) decides where the tensors land, so a run
+    trained on a GPU loads on a machine without one."""
     run_path = Path(run_dir)
     ckpt = run_path / "checkpoint.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"load_run: no checkpoint at {ckpt}; is {run_path} a folder written by `dpfunc train --run-dir`?")
-    state = _load_run_checkpoint(ckpt)
+    state = _load_run_checkpoint(ckpt, map_location=map_location)
     return TrainConfig(**state["config"]), state

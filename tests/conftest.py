@@ -49,3 +49,20 @@ def data_dir() -> pathlib.Path:
         if candidate and (pathlib.Path(candidate) / "pneumoniamnist.npz").is_file():
             return pathlib.Path(candidate)
     pytest.skip("pneumoniamnist.npz not found (set DPFUNC_DATA)")
+
+
+# Devices: a test that takes a ``device`` argument runs once per device — the CPU always, and CUDA,
+# which is skipped (with the reason) on a machine without a GPU, so the same suite checks a GPU where
+# there is one. (A CUDA-only test carries its own ``skipif(not torch.cuda.is_available())``.)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none "
+                                                                          "(the case runs where torch.cuda.is_available())")
+DEVICES = [pytest.param(torch.device("cpu"), id="cpu"),
+           pytest.param(torch.device("cuda", 0), id="cuda", marks=requires_cuda)]
+
+
+def pytest_generate_tests(metafunc):
+    """Parametrise every test with a ``device`` argument over :data:`DEVICES` (unless it parametrises it itself)."""
+    if "device" in metafunc.fixturenames and not any(
+            "device" in (m.args[0] if isinstance(m.args[0], (list, tuple)) else m.args[0].replace(" ", "").split(","))
+            for m in metafunc.definition.iter_markers("parametrize")):
+        metafunc.parametrize("device", DEVICES)

@@ -32,10 +32,10 @@ def _images(b, seed, size=28, channels=1):
 
 @settings(max_examples=6)
 @given(seeds, clippings, st.integers(1, 4), st.booleans())
-def test_small_cnn(seed, clipping, b, masked):
-    model = reinit(SmallCNN(key=Key(seed % 1000)), seed, scale=0.3)
-    x, y = _images(b, seed)
-    mask = (torch.arange(b) % 2 == 0) if masked else None
+def test_small_cnn(device, seed, clipping, b, masked):  # @given fills the rightmost arguments
+    model = reinit(SmallCNN(key=Key(seed % 1000)), seed, scale=0.3).to(device)
+    x, y = (t.to(device) for t in _images(b, seed))
+    mask = (torch.arange(b, device=device) % 2 == 0) if masked else None
     assert_matches_oracle(model, (x, y), clipping, mask, loss=cross_entropy)
 
 

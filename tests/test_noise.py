@@ -47,10 +47,11 @@ def assert_uncorrelated(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @given(seed=seeds, sigma=st.floats(0.1, 5.0), c=st.floats(0.01, 10.0))
-def test_gaussian_noise_std_and_mean(seed, sigma, c):
-    like = {"w": torch.zeros(N, dtype=torch.float64)}
+def test_gaussian_noise_std_and_mean(seed, sigma, c, device):
+    like = {"w": torch.zeros(N, dtype=torch.float64, device=device)}
     z = gaussian_noise(Key(seed), like, sigma * c)["w"]
-    assert z.shape == (N,) and z.dtype == torch.float64
+    assert z.shape == (N,) and z.dtype == torch.float64 and z.device == device  # drawn on the device
+    z = z.cpu()
     assert_std(z, sigma * c)
     assert_mean_zero(z, sigma * c)
 
@@ -98,11 +99,11 @@ def test_seed_zero_works_and_differs_from_seed_one():
 
 @settings(max_examples=10)  # expensive; fewer examples keep the suite fast
 @given(seed=seeds)
-def test_dp_aggregate_fresh_noise_each_step_and_reproducible(seed):
-    """Noise of step t comes from key.fold_in(t): different per step, identical for the same key."""
+def test_dp_aggregate_fresh_noise_each_step_and_reproducible(seed, device):
+    """Noise of step t comes from key.fold_in(t): different per step, identical for the same key (on each device)."""
     cfg = DPConfig(1.0, noise_multiplier=1.0, sampling_rate=0.5, num_examples=2)
-    params = {"a": torch.zeros(20_000, dtype=torch.float64), "b": torch.zeros(20_000, dtype=torch.float64)}
-    zero_grads = {k: torch.zeros(1, *v.shape, dtype=torch.float64) for k, v in params.items()}
+    params = {"a": torch.zeros(20_000, dtype=torch.float64, device=device), "b": torch.zeros(20_000, dtype=torch.float64, device=device)}
+    zero_grads = {k: torch.zeros(1, *v.shape, dtype=torch.float64, device=device) for k, v in params.items()}
 
     def run(steps):
         tx = dp_aggregate(cfg, Key(seed))
@@ -110,7 +111,8 @@ def test_dp_aggregate_fresh_noise_each_step_and_reproducible(seed):
         outs = []
         for _ in range(steps):
             u, state = tx.update(clip_and_sum(zero_grads, cfg.clipping), state, params)
-            outs.append(u)
+            assert all(v.device == device for v in u.values())
+            outs.append({k: v.cpu() for k, v in u.items()})
         return outs
 
     outs, again = run(3), run(3)

@@ -82,7 +82,19 @@ class _CallRecord:
             self.on_grad(self)
 
     def call(self) -> Call:
-        return Call(self.x, self.g, self.weight, self.saved)
+        # Under autocast (``dpfunc.devices.mixed_precision``) the tapped input and output gradient are
+        # bf16/fp16 while the parameter is float32: the rules' norms and sums run in the parameter's
+        # dtype, so clipping and the clipped sum are float32 whatever the forward's precision.
+        dtype = self.weight.dtype if isinstance(self.weight, torch.Tensor) and self.weight.is_floating_point() else None
+        saved = tuple(_widen(s, dtype) for s in self.saved) if isinstance(self.saved, tuple) else _widen(self.saved, dtype)
+        return Call(_widen(self.x, dtype), _widen(self.g, dtype), self.weight, saved)
+
+
+def _widen(t: Any, dtype: torch.dtype | None) -> Any:
+    """``t`` in ``dtype`` when it is a floating tensor narrower than ``dtype`` (else ``t`` itself)."""
+    if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
+        return t
+    return t.to(dtype) if torch.finfo(t.dtype).bits < torch.finfo(dtype).bits else t
 
 
 class _Layer:

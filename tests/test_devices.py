@@ -1,0 +1,331 @@
+"""Devices, precision and determinism (issue 21): every device-sensitive check runs on each available
+device (the ``device`` argument, see tests/conftest.py: the CPU always, CUDA where there is one).
+
+What is pinned:
+  * device strings: the spelling is checked where a config is built, the machine's devices where a
+    run starts; both errors name the function, the argument, the value and what is allowed;
+  * batches reach the device unchanged (pinned, non-blocking on CUDA); a step on the device equals
+    the step on the CPU (σ = 0, float64), and on CUDA runs without a host synchronisation;
+  * bf16 forward/backward (autocast): every clipped per-example gradient still has norm ≤ C (both
+    engines, property test), and the clipped sum, the noise and the update are float32;
+  * checkpoints load on any device (``map_location``) with the same ledger and keys, and a run
+    resumed on another device continues that ledger;
+  * ``deterministic_algorithms`` sets torch's flags for a block and restores them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpfunc import FlatClipping, Key, dpsgd, make_step, privacy_ledger, vmap_engine
+from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+from dpfunc.bridge.fast import fast_engine
+from dpfunc.bridge.functional import functionalize
+from dpfunc.devices import (CUBLAS_WORKSPACE_CONFIG, Precision, available_devices, deterministic_algorithms,
+                            mixed_precision, resolve_device, to_device)
+from dpfunc.models import SmallCNN
+
+seeds = st.integers(0, 2**32 - 1)
+CPU = torch.device("cpu")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device; this machine has none")
+
+
+# ------------------------------------------------------------------------------- choosing a device
+
+
+def test_resolve_device_spellings():
+    assert resolve_device("cpu") == CPU and resolve_device(" CPU ") == CPU and resolve_device(CPU) == CPU
+    auto = resolve_device("auto")
+    assert auto == (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else CPU)
+    assert available_devices()[0] == CPU and len(available_devices()) == 1 + (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:", "cuda:-1", "cuda:x", "cuda:1:2", "mps", "", 0, None, "cuda:٣"])
+def test_bad_device_strings_name_the_argument(bad):
+    with pytest.raises(ValueError, match=r"^f: --device must be 'auto', 'cpu', 'cuda' or 'cuda:N'.*got"):
+        resolve_device(bad, fn="f", name="--device")
+
+
+def test_absent_cuda_device_is_refused_with_what_the_machine_offers():
+    absent = f"cuda:{torch.cuda.device_count() + 7 if torch.cuda.is_available() else 7}"
+    with pytest.raises(ValueError, match=rf"^train: device '{absent}' .*(none available|has \d).*offers: cpu"):
+        resolve_device(absent, fn="train", name="device")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="'cuda' asks for a CUDA device, but this machine has none"):
+            resolve_device("cuda")
+
+
+def test_train_config_device_precision_deterministic():
+    from dpfunc.train import TrainConfig, train
+
+    cfg = TrainConfig(device="CUDA:3", precision="bf16")  # spelling only: a saved GPU config loads anywhere
+    assert cfg.device == "cuda:3" and cfg.precision == "bf16" and cfg.deterministic is False
+    # device and determinism do not define the run (resume elsewhere); precision does
+    assert TrainConfig(device="cpu", deterministic=True) == TrainConfig(device="cuda:1")
+    assert TrainConfig(precision="bf16") != TrainConfig(precision="fp32")
+    for kwargs, match in [({"device": "gpu0"}, "TrainConfig: device must be"), ({"precision": "fp16"}, "TrainConfig: precision must be"),
+                          ({"deterministic": 1}, "TrainConfig: deterministic must be a bool")]:
+        with pytest.raises(ValueError, match=match):
+            TrainConfig(**kwargs)
+    absent = f"cuda:{torch.cuda.device_count() + 7 if torch.cuda.is_available() else 7}"
+    with pytest.raises(ValueError, match=rf"^train: device \(--device\) '{absent}'"):  # before any data is read
+        train(TrainConfig(device=absent), data_dir="/nonexistent")
+
+
+def test_cli_device_flag(capsys):
+    from dpfunc.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "gpu"])
+    assert "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N'" in capsys.readouterr().err
+    absent = f"cuda:{torch.cuda.device_count() + 7 if torch.cuda.is_available() else 7}"
+    assert main(["train", "--device", absent, "--dry-run", "--data-dir", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dpfunc train: error: --device '{absent}'") and "offers: cpu" in err
+
+
+# ------------------------------------------------------------------------------- data to the device
+
+
+def test_to_device_moves_values_unchanged(device):
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    y = to_device(x, device)
+    assert y.device == device and torch.equal(y.cpu(), x)
+    assert to_device(y, device) is y  # already there: no copy
+    assert to_device(x, CPU) is x
+
+
+def _tiny_cnn(seed: int) -> torch.nn.Module:
+    """Conv → GroupNorm → ReLU → Linear: the layer kinds of the case-study CNN, small enough for property tests."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 10 * 10, 2))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
+
+
+def _cnn_step_inputs(seed, device, b=4, dtype=torch.float64, model=None):
+    """(model, apply_fn, params, buffers, x, y) on ``device``: the tiny CNN on 12×12 images, or ``SmallCNN`` on 28×28."""
+    model = (_tiny_cnn(seed) if model is None else model).to(dtype)
+    side = 12 if isinstance(model, torch.nn.Sequential) else 28
+    apply_fn, params, buffers = functionalize(model.to(device))
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, 1, side, side, generator=gen, dtype=dtype)
+    y = torch.randint(0, 2, (b,), generator=gen)
+    return model, apply_fn, params, buffers, to_device(x, device), to_device(y, device)
+
+
+def test_a_step_on_the_device_equals_the_step_on_the_cpu(device):
+    """σ = 0 (the noise realisation is device-specific by design), float64: same update on any device."""
+    results = []
+    for where in (CPU, device):
+        model, apply_fn, params, buffers, x, y = _cnn_step_inputs(3, where)
+        tx = dpsgd(0.5, noise_multiplier=0.0, max_grad_norm=0.1, sampling_rate=0.5, num_examples=8, key=Key(1), momentum=0.9)
+        step = make_step(None, tx, engine=fast_engine(apply_fn, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(0.1)))
+        state = tx.init(params)
+        for _ in range(2):
+            params, state, m = step(params, state, (x, y), buffers=buffers)
+        assert all(v.device == where for v in params.values()) and m.loss.device == where
+        results.append(({k: v.cpu() for k, v in params.items()}, privacy_ledger(state)))
+    (p_cpu, ledger_cpu), (p_dev, ledger_dev) = results
+    assert ledger_cpu == ledger_dev
+    for k in p_cpu:
+        torch.testing.assert_close(p_dev[k], p_cpu[k], rtol=1e-9, atol=1e-12)
+
+
+@requires_cuda
+def test_cuda_step_loop_never_synchronises_with_the_host():
+    """The training loop's per-step work (Poisson indices → pinned upload → gather → fast-engine step with
+    noise) runs under CUDA's sync debug mode 'error': any host synchronisation raises."""
+    from dpfunc.sampling import poisson_sample
+
+    device = torch.device("cuda", 0)
+    _, apply_fn, params, buffers, _, _ = _cnn_step_inputs(0, device, dtype=torch.float32, model=SmallCNN(key=Key(0)))
+    images = to_device(torch.randn(64, 1, 28, 28), device)
+    labels = to_device(torch.randint(0, 2, (64,)), device)
+    tx = dpsgd(0.5, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.25, num_examples=64, key=Key(1))
+    step = make_step(None, tx, engine=fast_engine(apply_fn, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(1.0)))
+    state = tx.init(params)
+    idx = to_device(poisson_sample(Key(0), 64, 0.25), device)
+    params, state, _ = step(params, state, (images[idx], labels[idx]), buffers=buffers)  # warm-up (routing, kernels)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(1, 4):
+            idx = to_device(poisson_sample(Key(0).fold_in(t), 64, 0.25), device)
+            params, state, m = step(params, state, (images[idx], labels[idx]), buffers=buffers)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert privacy_ledger(state).total_steps == 4 and math.isfinite(float(m.loss))
+
+
+# ------------------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_precision_forward_is_bf16_and_returns_float32():
+    w = torch.full((2, 2), 1.0 + 2**-10)  # not representable in bf16: rounded to 1.0 inside autocast
+    f = mixed_precision(lambda p, b, x: x @ p["w"], CPU, Precision.BF16)
+    out = f({"w": w}, {}, torch.ones(1, 2))
+    assert out.dtype == torch.float32 and torch.equal(out, torch.full((1, 2), 2.0))
+    g = mixed_precision(lambda p, b, x: x @ p["w"], CPU, Precision.FP32)
+    assert torch.equal(g({"w": w}, {}, torch.ones(1, 2)), torch.full((1, 2), 2.0 + 2**-9))
+    with pytest.raises(TypeError, match="mixed_precision: precision must be a Precision"):
+        mixed_precision(lambda p, b, x: x, CPU, "bf16")
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=seeds, c=st.sampled_from([1e-3, 0.05, 1.0, 1e3]))
+def test_bf16_forward_keeps_every_clipped_gradient_within_c(seed, c, device):
+    """Property: with the forward/backward in bf16, each example's clipped contribution (the clipped sum
+    of a batch where only that example is real) has norm ≤ C, and the aggregate is float32."""
+    b = 3
+    model, apply_fn, params, buffers, x, y = _cnn_step_inputs(seed, device, b=b, dtype=torch.float32)
+    f = mixed_precision(apply_fn, device, Precision.BF16)
+    engines = {"fast": fast_engine(f, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(c)),
+               "vmap": vmap_engine(lambda p, bf, xi, t: F.cross_entropy(f(p, bf, xi[None]), t[None]), clipping=FlatClipping(c))}
+    for name, engine in engines.items():
+        full = engine(params, buffers, (x, y), None).grads
+        assert all(g.dtype == torch.float32 for g in full.grads.values()) and full.norms.dtype == torch.float32
+        for i in range(b):
+            one = torch.arange(b, device=device) == i
+            g = engine(params, buffers, (x, y), one).grads.grads
+            norm = math.sqrt(sum(float(v.double().square().sum()) for v in g.values()))
+            assert norm <= c * (1 + 1e-5), f"{name}: example {i} clipped to {norm} > C = {c}"
+
+
+def test_bf16_dp_aggregate_noise_and_update_are_float32(device):
+    """The noisy mean and the new parameters are float32 and carry noise below bf16's resolution."""
+    model, apply_fn, params, buffers, x, y = _cnn_step_inputs(5, device, b=4, dtype=torch.float32)
+    f = mixed_precision(apply_fn, device, Precision.BF16)
+    tx = dpsgd(1.0, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.5, num_examples=8, key=Key(2))
+    step = make_step(None, tx, engine=fast_engine(f, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(1.0)))
+    new, state, m = step(params, tx.init(params), (x, y), buffers=buffers)
+    for k, p in new.items():
+        assert p.dtype == torch.float32 and p.device == device
+        update = (p - params[k]).cpu()
+        if update.numel() >= 16:  # noise σC/(qn) = 0.25 in float32: most entries are not bf16 numbers
+            assert (update != update.bfloat16().float()).float().mean() > 0.5, k
+    assert m.loss.dtype == torch.float32
+
+
+# ------------------------------------------------------------------------------- checkpoints across devices
+
+
+@pytest.mark.parametrize("map_location", [None, "cpu", CPU, {"cuda:0": "cpu"}, "meta"])
+def test_checkpoint_written_on_cpu_loads_with_any_map_location(tmp_path, map_location):
+    params = {"w": torch.arange(6.0).reshape(2, 3)}
+    tx = dpsgd(0.1, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.1, num_examples=100, key=Key(9), momentum=0.9)
+    step = make_step(lambda p, b, x: (p["w"] * x).sum(), tx)
+    params, state, _ = step(params, tx.init(params), (torch.ones(3, 2, 3),))
+    save_checkpoint(tmp_path / "c.pt", {"params": params, "opt_state": state, "key": Key(9)})
+    back = load_checkpoint(tmp_path / "c.pt", map_location=map_location)
+    expected = torch.device("meta") if map_location == "meta" else CPU
+    assert back["params"]["w"].device == expected
+    assert privacy_ledger(back["opt_state"]) == privacy_ledger(state) and back["key"] == Key(9)
+    if map_location != "meta":
+        assert torch.equal(back["params"]["w"], params["w"])
+
+
+def test_checkpoint_resumes_on_the_device_with_the_same_ledger_and_keys(tmp_path, device):
+    """Saved on the CPU, loaded onto ``device``: the tensors are there, the ledger and keys are the saved
+    ones, and the next step continues them (step count, noise key of step t from the same Key)."""
+    model, apply_fn, params, buffers, x, y = _cnn_step_inputs(1, CPU, dtype=torch.float32)
+    tx = dpsgd(0.5, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.5, num_examples=8, key=Key(4), momentum=0.9)
+    step = make_step(None, tx, engine=fast_engine(apply_fn, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(1.0)))
+    params, state, _ = step(params, tx.init(params), (x, y), buffers=buffers)
+    save_checkpoint(tmp_path / "c.pt", {"params": params, "buffers": buffers, "opt_state": state, "key": Key(4)})
+    back = load_checkpoint(tmp_path / "c.pt", map_location=device)
+    assert all(v.device == device for v in back["params"].values())
+    momentum = back["opt_state"][1][0].trace  # chain(dp_aggregate, sgd(trace, scale)): the trace is on the device
+    assert all(v.device == device for v in momentum.values())
+    assert privacy_ledger(back["opt_state"]) == privacy_ledger(state) and back["key"] == Key(4)
+    # the module is only a structure here: the resumed step computes with the loaded tensors on ``device``
+    apply_dev, _, _ = functionalize(_tiny_cnn(1).to(device))
+    step_dev = make_step(None, tx, engine=fast_engine(apply_dev, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(1.0)))
+    p2, s2, _ = step_dev(back["params"], back["opt_state"], (to_device(x, device), to_device(y, device)), buffers=back["buffers"])
+    assert privacy_ledger(s2) == privacy_ledger(state).step(1.0, 0.5) and all(v.device == device for v in p2.values())
+    if device == CPU:  # same device: the resumed step is the uninterrupted one, bit for bit
+        p_ref, s_ref, _ = step(params, state, (x, y), buffers=buffers)
+        assert all(torch.equal(p2[k], p_ref[k]) for k in p_ref)
+
+
+@pytest.mark.slow
+def test_train_resumed_with_another_device_setting_continues_the_ledger(tmp_path, data_dir):
+    """A run stopped after epoch 1 (device 'cpu') resumes with device 'auto' (CUDA where there is one):
+    accepted as the same run, its ledger continues to the full run's steps and ε, and config.json
+    records the new device."""
+    import json
+
+    from dpfunc.train import TrainConfig, train
+
+    cfg = TrainConfig(epochs=2, batch_size=32, train_subset=64, device="cpu", ema_decay=0.0)
+
+    def stop_after_first_epoch(line):
+        if line.startswith("epoch   1/2"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, data_dir=data_dir, run_dir=tmp_path, progress=False, log=stop_after_first_epoch, bootstrap_resamples=5)
+    half = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert privacy_ledger(half["opt_state"]).total_steps == 2
+    resumed = TrainConfig(epochs=2, batch_size=32, train_subset=64, device="auto", ema_decay=0.0)
+    result = train(resumed, data_dir=data_dir, run_dir=tmp_path, resume=True, progress=False, log=lambda *a: None,
+                   bootstrap_resamples=5)
+    full = load_checkpoint(tmp_path / "checkpoint.pt", map_location="cpu")
+    assert privacy_ledger(full["opt_state"]).total_steps == 4 == result.steps
+    from dpfunc import accounting
+    assert result.epsilon == pytest.approx(accounting.epsilon(privacy_ledger(full["opt_state"]), cfg.delta, method="pld"))
+    assert json.loads((tmp_path / "config.json").read_text())["device"] == "auto"
+    assert result.device == str(resolve_device("auto")) or result.device.startswith(str(resolve_device("auto")) + " (")
+
+
+# ------------------------------------------------------------------------------- determinism
+
+
+def test_deterministic_algorithms_block_sets_and_restores():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    with deterministic_algorithms(True):
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == (before[2] or CUBLAS_WORKSPACE_CONFIG)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+            os.environ.get("CUBLAS_WORKSPACE_CONFIG")) == before
+    with deterministic_algorithms(False):
+        assert torch.are_deterministic_algorithms_enabled() == before[0]
+    with pytest.raises(TypeError, match="deterministic_algorithms: enabled must be a bool"):
+        with deterministic_algorithms("yes"):
+            pass
+
+
+def test_deterministic_step_is_reproducible(device):
+    """Under deterministic algorithms two runs of the same keyed step agree bit for bit (on any one device)."""
+    outs = []
+    with deterministic_algorithms(True):
+        for _ in range(2):
+            model, apply_fn, params, buffers, x, y = _cnn_step_inputs(7, device, dtype=torch.float32)
+            tx = dpsgd(0.5, noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.5, num_examples=8, key=Key(3))
+            step = make_step(None, tx, engine=fast_engine(apply_fn, lambda o, t: F.cross_entropy(o, t, reduction="none"), FlatClipping(1.0)))
+            p, _, _ = step(params, tx.init(params), (x, y), buffers=buffers)
+            outs.append(p)
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in outs[0])
+
+
+def test_non_private_divergence_is_reported_once_per_epoch_with_its_step():
+    from dpfunc.train import _check_finite_losses, _mean_loss
+
+    losses = [(torch.tensor(0.5), 4), (torch.tensor(float("nan")), 4), (torch.tensor(float("inf")), 4)]
+    with pytest.raises(ValueError, match=r"loss became nan at step 11 .*lower --lr \(now 0.05\)"):
+        _check_finite_losses(losses, 10, 0.05)
+    _check_finite_losses(losses[:1], 0, 0.05)
+    assert _mean_loss([(torch.tensor(1.0), torch.tensor(3)), (torch.tensor(9.0), torch.tensor(0)), (2.0, 1)]) == 1.5
+    assert math.isnan(_mean_loss([]))
