@@ -123,7 +123,8 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="adaptive: noise std of each step's count, in examples (default: batch size / 20)")
     t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=None,
                    help="augmentation multiplicity K (default: 0 = off): K views per example, clipped as one")
-    t.add_argument("--image-size", type=int, choices=[28, 64], default=28, help="input side length (64 = upsampled)")
+    t.add_argument("--image-size", type=int, choices=[28, 64, 224], default=28,
+                   help="input side length (64, 224 = bilinear upsampling; 224 is for GPUs: 0.9 GB of training images)")
     t.add_argument("--engine", choices=["fast", "vmap"], default=None,
                    help="per-example clipping (default: fast): fast (ghost norms / book-keeping) or vmap (oracle)")
     t.add_argument("--no-dp", action="store_true", help="train the non-private baseline (same model and data)")

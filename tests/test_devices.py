@@ -79,6 +79,14 @@ def test_train_config_device_precision_deterministic():
         train(TrainConfig(device=absent), data_dir="/nonexistent")
 
 
+def test_image_size_224_for_gpu_studies():
+    from dpfunc.train import TrainConfig
+
+    assert TrainConfig(model="resnet18", image_size=224).image_size == 224
+    with pytest.raises(ValueError, match="TrainConfig: image_size must be 28, 64 or 224, got 128"):
+        TrainConfig(image_size=128)
+
+
 def test_cli_device_flag(capsys):
     from dpfunc.cli import main
 
