@@ -4,7 +4,6 @@ Examples::
 
     dpfunc train                                   # DP-SGD, ε = 3, δ = 1e-5, CNN -> runs/cnn-eps3.0-seed0/
     dpfunc train --no-dp                           # the non-private baseline
-    dpfunc train --device cuda --precision bf16    # on a GPU, bf16 forward/backward (DP arithmetic in float32)
     dpfunc train --resume                          # continue the newest run with these flags
     dpfunc evaluate runs/cnn-eps3.0-seed0          # test metrics and ε from the checkpoint
     dpfunc account --noise-multiplier 1.1 --sampling-rate 0.0042667 --steps 14062 --delta 1e-5
