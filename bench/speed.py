@@ -412,14 +412,18 @@ def main(argv=None):
     parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per memory figure (median)")
     parser.add_argument("--memory-only", action="store_true", help="redo only the memory column of the last JSON")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown table and plot from the last JSON")
-    parser.add_argument("--device", default="cpu", help="torch device of model and data, e.g. cpu, cuda, cuda:1")
+    parser.add_argument("--device", default="cpu", help="torch device of model and data: cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--output-suffix", default=None, help="results/speed<SUFFIX>.{json,md,png} (default '' or '_quick')")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.argv = list(argv if argv is not None else sys.argv[1:])
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available on this machine")
+    from dpfunc.devices import resolve_device
+
+    try:  # the library's device check: spelling, and whether this machine has that GPU
+        device = resolve_device(args.device, fn="bench/speed.py", name="--device")
+    except ValueError as e:
+        parser.error(str(e))
+    args.device = str(device)
     if args._memory:
         name, batch, method = args._memory
         return memory_child(name, int(batch), method)
