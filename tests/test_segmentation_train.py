@@ -131,6 +131,7 @@ def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypat
     run = tmp_path / "runs" / "liver-patient-eps5.0-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test Dice (mean over 1 patients" in out and f"{metrics['test']['dice']:.4f}" in out and "per patient" in out
+    assert f"test HD95 (voxels, mean over patients): {metrics['test']['hd95']:.2f}" in out
     assert main(["evaluate", str(run), "--bootstrap", "20", "--quiet"]) == 0
     assert f"{metrics['test']['dice']:.4f}" in capsys.readouterr().out
     assert main(["segment", *flags, "--epsilon", "5"]) == 2  # the run folder holds a run

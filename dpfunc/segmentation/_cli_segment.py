@@ -79,6 +79,9 @@ def _print(result) -> None:
     ci = result.test_ci
     print(f"test Dice (mean over {result.test['num_patients']} patients, 95% bootstrap CI over patients): "
           f"{result.test['dice']:.4f} [{ci['dice']['lower']:.4f}, {ci['dice']['upper']:.4f}]; IoU {result.test['iou']:.4f}")
+    missed = result.test["hd95_empty_mismatch"]
+    print(f"test HD95 (voxels, mean over patients): {result.test['hd95']:.2f} [{ci['hd95']['lower']:.2f}, {ci['hd95']['upper']:.2f}]"
+          + (f"; {missed} patient(s) with exactly one empty mask counted as the grid diagonal" if missed else ""))
     eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.3f}"
     unit = result.config["unit"]
     print(f"privacy: ε = {eps} at δ = {result.delta:g} per {unit}; training time {result.train_seconds:.0f}s")
