@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -395,6 +396,36 @@ def calibrate(cfg: TrainConfig, sampling_rate: float, steps: int) -> float | Non
     return accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, sampling_rate, steps, method="pld")
 
 
+def _run_device(cfg: TrainConfig, world: Any) -> torch.device:
+    """This process's device for ``cfg.device``.
+
+    One process: :func:`dpfunc.devices.resolve_device`. Several (``world``, or a launcher's ``WORLD_SIZE``):
+    one GPU per local rank, ``cuda:LOCAL_RANK``; ``"auto"`` falls back to the CPU when the machine has fewer
+    GPUs than local ranks or when the given ``world``'s group is gloo; ``"cuda"`` with too few GPUs and
+    ``"cuda:N"`` (every rank would take the same GPU) are refused.
+    """
+    device = resolve_device(cfg.device, fn="train", name="device (--device)")
+    ranks = world.size if world is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    if ranks == 1 or device.type != "cuda":
+        return device
+    if cfg.device.startswith("cuda:"):
+        raise ValueError(f"train: device (--device) {cfg.device!r} with {ranks} processes: each rank uses the GPU of its "
+                         f"LOCAL_RANK; give 'cuda' or 'auto'")
+    if world is not None and world.group is not None and cfg.device == "auto":
+        import torch.distributed as dist
+
+        if dist.get_backend(world.group) != "nccl":
+            return torch.device("cpu")  # a CPU process group was handed in: keep the tensors where it reduces them
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", ranks))
+    gpus = torch.cuda.device_count()
+    if gpus < local_ranks:
+        if cfg.device == "auto":
+            return torch.device("cpu")
+        raise ValueError(f"train: device (--device) 'cuda' with {local_ranks} processes on this machine needs one GPU per "
+                         f"process; it has {gpus}. Use --device cpu (or auto), or fewer processes")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 def train(
     cfg: TrainConfig,
     *,
@@ -439,17 +470,12 @@ def train(
         with deterministic_algorithms(True):
             return train(cfg, data_dir=data_dir, run_dir=run_dir, resume=resume, overwrite=overwrite, progress=progress,
                          log=log, bootstrap_resamples=bootstrap_resamples, world=world)
-    device = resolve_device(cfg.device, fn="train", name="device (--device)")
+    device = _run_device(cfg, world)
     from dpfunc.bridge import functionalize
     from dpfunc.clipping import flush_nonfinite_checks
     from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, slice_bounds, sync
 
-    world = init_world(device) if world is None else world  # gloo on CPU, NCCL on CUDA
-    if world.size > 1 and device.type == "cuda":  # one GPU per rank: init_world selected cuda:LOCAL_RANK
-        if cfg.device.startswith("cuda:"):
-            raise ValueError(f"train: device {cfg.device!r} with {world.size} processes: each rank uses the GPU of its "
-                             f"LOCAL_RANK; give device 'cuda' or 'auto' (--device)")
-        device = torch.device("cuda", torch.cuda.current_device())
+    world = init_world(device) if world is None else world  # gloo on CPU, NCCL on CUDA (cuda:LOCAL_RANK selected)
     if world.size > 1 and not cfg.private:
         raise ValueError(f"train: data-parallel training (world size {world.size}) is for DP-SGD runs; train the "
                          f"non-private baseline in one process")

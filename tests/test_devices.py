@@ -79,6 +79,30 @@ def test_train_config_device_precision_deterministic():
         train(TrainConfig(device=absent), data_dir="/nonexistent")
 
 
+@pytest.mark.parametrize("gpus, spec, expected", [(0, "auto", "cpu"), (1, "auto", "cpu"), (2, "auto", "cuda:1"), (2, "cuda", "cuda:1"),
+                                                   (1, "cuda", "needs one GPU per process; it has 1"),
+                                                   (2, "cuda:0", "each rank uses the GPU of its LOCAL_RANK"), (2, "cpu", "cpu")])
+def test_each_local_rank_gets_its_own_gpu_or_the_cpu(monkeypatch, gpus, spec, expected):
+    """A fake machine (torch.cuda patched) with ``gpus`` GPUs, rank 1 of 2 local processes: ``auto`` takes
+    cuda:LOCAL_RANK only when every local rank has a GPU, else the CPU; ``cuda`` with too few GPUs and
+    ``cuda:N`` (all ranks on one GPU) are refused."""
+    from dpfunc.train import TrainConfig, _run_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    for name, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    if ":" in expected or expected == "cpu":
+        assert _run_device(TrainConfig(device=spec), None) == torch.device(expected)
+    else:
+        with pytest.raises(ValueError, match=expected):
+            _run_device(TrainConfig(device=spec), None)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # one process: the device as given
+    if gpus:
+        assert _run_device(TrainConfig(device="cuda:0"), None) == torch.device("cuda", 0)
+
+
 def test_image_size_224_for_gpu_studies():
     from dpfunc.train import TrainConfig
 
