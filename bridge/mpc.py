@@ -48,6 +48,8 @@ __all__ = [
     "encode_weights",
     "encrypted_inference",
     "InferenceOutput",
+    "SharedModel",
+    "share_model",
 ]
 
 
@@ -335,7 +337,8 @@ def _x_conv(ctx, op, xs, w, b, cfg):
 
 @_executes(OpKind.LINEAR)
 def _x_linear(ctx, op, xs, w, b, cfg):
-    return _bias(P.matmul(ctx, xs[0], w.t()), b, 0)
+    # a masked weight is stored transposed (see share_model)
+    return _bias(P.matmul(ctx, xs[0], w if isinstance(w, P.MaskedOperand) else w.t()), b, 0)
 
 
 @_executes(OpKind.GROUP_NORM)
@@ -374,6 +377,57 @@ class InferenceOutput(NamedTuple):
     onehot: torch.Tensor
 
 
+class SharedModel(NamedTuple):
+    """This party's shares of the model, made once per session by :func:`share_model`.
+
+    Attributes:
+        params: this party's additive share of every parameter (by state-dict name).
+        masked: the weights of the convolutions and linear layers as
+            :class:`~dpfunc.mpc.protocols.MaskedOperand` (Linear weights transposed, as used); empty
+            when masks are not reused.
+    """
+
+    params: dict[str, torch.Tensor]
+    masked: dict[str, P.MaskedOperand]
+
+
+_MASKED_KINDS = (OpKind.CONV2D, OpKind.LINEAR)
+
+
+def share_model(ctx: Context, program: MPCProgram, weights: Optional[torch.Tensor] = None, *, key: Key,
+                reuse_masks: bool = True) -> SharedModel:
+    """Share the model owner's weights once (one message), and mask each conv/linear weight once.
+
+    With ``reuse_masks`` the weight tensors of the convolutions and linear layers get one dealer mask
+    each and ``w − b`` is opened once, for every later batch (one round for all of them; see
+    :func:`dpfunc.mpc.protocols.mask_operands` for why this is secure: the weights are fixed, a mask
+    is opened once, triples stay fresh). Every batch then sends only the masked activations and the
+    dealer only fresh half-triples ``(a, op(a, b))``. Without it, each product draws a full triple
+    (the weights are re-masked in every product).
+
+    Args:
+        ctx: this party's context; the dealer and the data owner pass ``weights=None``.
+        program: the compiled model (public).
+        weights: the model owner's :func:`encode_weights` vector.
+        key: the model owner's own key (the sharing mask; unused elsewhere).
+        reuse_masks: mask the conv/linear weights once for the session (default).
+    """
+    n_params = sum(int(torch.Size(s).numel()) for _, s in program.param_shapes)
+    flat_w = P.share_from(ctx, MODEL_OWNER, weights, (n_params,), key)
+    params, i = {}, 0
+    for name, shape in program.param_shapes:
+        n = int(torch.Size(shape).numel())
+        params[name] = flat_w[i : i + n].view(shape)
+        i += n
+    masked: dict[str, P.MaskedOperand] = {}
+    if reuse_masks:
+        names = list(dict.fromkeys(op.params[0] for op in program.ops if op.kind in _MASKED_KINDS and op.params[0]))
+        kinds = {op.params[0]: op.kind for op in program.ops if op.kind in _MASKED_KINDS}
+        ys = [params[n].t() if kinds[n] is OpKind.LINEAR else params[n] for n in names]
+        masked = dict(zip(names, P.mask_operands(ctx, ys)))
+    return SharedModel(params, masked)
+
+
 def encrypted_inference(
     ctx: Context,
     program: MPCProgram,
@@ -382,6 +436,7 @@ def encrypted_inference(
     key: Key,
     image: Optional[torch.Tensor] = None,
     weights: Optional[torch.Tensor] = None,
+    model: Optional[SharedModel] = None,
     tanh_approx: TanhApprox = TanhApprox(),
     rsqrt_cfg: RsqrtConfig = RsqrtConfig(),
 ) -> Optional[InferenceOutput]:
@@ -393,23 +448,24 @@ def encrypted_inference(
         input_shape: ``(B, C, H, W)`` (public).
         key: this party's own key (masks for the input it shares; unused by the dealer).
         image: the data owner's encoded image, int64 ``input_shape`` (``None`` elsewhere).
-        weights: the model owner's :func:`encode_weights` vector (``None`` elsewhere).
+        weights: the model owner's :func:`encode_weights` vector (``None`` elsewhere); shared in
+            this call, with fresh triples for every product. Ignored when ``model`` is given.
+        model: the session's :func:`share_model` result (all parties), to share and mask the weights
+            once for many batches.
 
     Returns:
         :class:`InferenceOutput` on the data owner, ``None`` on the others.
     """
-    n_params = sum(int(torch.Size(s).numel()) for _, s in program.param_shapes)
-    flat_w = P.share_from(ctx, MODEL_OWNER, weights, (n_params,), key)
+    if model is None:
+        model = share_model(ctx, program, weights, key=key, reuse_masks=False)
+    params = model.params
     x = P.share_from(ctx, DATA_OWNER, image, tuple(input_shape), key)
-    params, i = {}, 0
-    for name, shape in program.param_shapes:
-        n = int(torch.Size(shape).numel())
-        params[name] = flat_w[i : i + n].view(shape)
-        i += n
     env = {program.input: x}
     cfg = {"tanh": tanh_approx, "rsqrt": rsqrt_cfg}
     for op in program.ops:
-        w = params.get(op.params[0]) if len(op.params) > 0 and op.params[0] else None
+        w = None
+        if len(op.params) > 0 and op.params[0]:
+            w = model.masked.get(op.params[0], params.get(op.params[0])) if op.kind in _MASKED_KINDS else params.get(op.params[0])
         b = params.get(op.params[1]) if len(op.params) > 1 and op.params[1] else None
         env[op.output] = _EXEC[op.kind](ctx, op, [env[n] for n in op.inputs], w, b, cfg)
     logits = env[program.output]

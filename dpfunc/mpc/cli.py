@@ -116,13 +116,20 @@ def run(args: argparse.Namespace) -> int:
         "seconds_per_image": sum(out["online_seconds"]) / n,
         "wall_seconds_per_image": wall / n,
         "bytes_per_image": (stats["bytes_sent"] + stats["bytes_received"]) / n,
-        "dealer_bytes_per_image": 2 * out["offline_bytes_received"] / n,
+        "dealer_bytes_per_image": 2 * (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
         "rounds": stats["rounds"] // batches,
+        "setup": {"seconds": out["setup_seconds"], "rounds": out["setup_stats"]["rounds"],
+                  "bytes": out["setup_stats"]["bytes_sent"] + out["setup_stats"]["bytes_received"],
+                  "dealer_bytes": 2 * out["setup_offline_bytes_received"],
+                  "reuse_weight_masks": out["reuse_weight_masks"]},
+        "max_rss_bytes": out["max_rss_bytes"],
         "fractional_bits": out["fractional_bits"],
         "plaintext": plain,
-        "notes": ("seconds_per_image: online phase of the data owner (sum over batches / images); "
-                  "bytes_per_image: data owner's bytes sent + received between the two parties; "
-                  "dealer_bytes_per_image: material sent by the dealer to both parties; rounds: per batch"),
+        "notes": ("seconds_per_image: online phase of the data owner (sum over batches / images, waits for "
+                  "the streamed dealer material included); bytes_per_image: data owner's bytes sent + "
+                  "received between the two parties; dealer_bytes_per_image: material sent by the dealer "
+                  "to both parties; rounds: per batch; setup: once per session (weights shared and "
+                  "masked once); max_rss_bytes: peak resident memory of each process"),
     }
     path = Path(args.run_dir) / "encrypted_inference.json"
     tmp_path = path.with_suffix(".json.tmp")

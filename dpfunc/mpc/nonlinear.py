@@ -117,7 +117,7 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> to
     centres = [0.0] + list(approx.centres) + [0.0]
     coefs = [(-1.0,) + (0.0,) * d] + [tuple(c) for c in approx.coefficients] + [(1.0,) + (0.0,) * d]
     table = torch.tensor([[enc(c)] + [enc(a) for a in row] for c, row in zip(centres, coefs)], dtype=torch.int64)
-    deltas = table[1:] - table[:-1]  # (P+1, d+2): what crossing breakpoint k adds
+    deltas = (table[1:] - table[:-1]).to(x.device)  # (P+1, d+2): what crossing breakpoint k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
     shape = (len(t),) + (1,) * x.dim()
     sel = [add_public(ctx, (steps * deltas[:, j].view(shape)).sum(0), int(table[0, j])) for j in range(d + 2)]
@@ -155,7 +155,7 @@ def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig()) -> to
     stacked = torch.stack([add_public(ctx, v, -int(round(2.0**k * fp.scale))) for k in ks])
     steps = add_public(ctx, -ltz(ctx, stacked), 1)  # [v >= 2^k], integers
     deltas = torch.tensor(
-        [int(round((guess(k) - guess(k - 1)) * fp.scale)) for k in ks], dtype=torch.int64
+        [int(round((guess(k) - guess(k - 1)) * fp.scale)) for k in ks], dtype=torch.int64, device=v.device
     ).view((len(ks),) + (1,) * v.dim())
     y = add_public(ctx, (steps * deltas).sum(0), int(round(guess(cfg.low_exp - 1) * fp.scale)))
     three = 3 * fp.scale

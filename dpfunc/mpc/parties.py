@@ -6,8 +6,9 @@ may know:
 * rank 0, model owner: the architecture and the weights file;
 * rank 1, data owner: the architecture and the images file; it writes the revealed outputs;
 * rank 2, dealer: the architecture, the input shape and the number of batches — no weights, no
-  images. It generates all correlated randomness from its own seed, sends each party its share of a
-  batch's material, and never receives a message.
+  images. It generates all correlated randomness from its own seed and streams each party its
+  share in chunks while the parties compute (at most one chunk ahead: memory bounded by a few
+  chunks, not by the batch's material); it never receives a message.
 
 The same command runs across machines (``--addr`` the model owner's host, one port open).
 
@@ -27,7 +28,8 @@ Command line (one per party)::
     python -m dpfunc.mpc.parties --role data-owner  ... --spec spec.json --images x.pt --out out.pt --seed 13
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
-"batches": n, "fractional_bits": 16}`` (public).
+"batches": n, "fractional_bits": 16, "chunk_bytes": 33554432, "reuse_weight_masks": true}``
+(public; the last three optional).
 """
 
 from __future__ import annotations
@@ -46,9 +48,17 @@ from typing import Any, Optional, Sequence
 import torch
 
 from dpfunc.keys import Key
-from dpfunc.mpc.context import DATA_OWNER, DEALER, MODEL_OWNER, CommStats, Context, MaterialStream
+from dpfunc.mpc.context import (
+    DATA_OWNER,
+    DEALER,
+    DEFAULT_CHUNK_BYTES,
+    MODEL_OWNER,
+    CommStats,
+    Context,
+    DealerSource,
+    MaterialStream,
+)
 from dpfunc.mpc.ring import FixedPoint, encode
-from dpfunc.mpc.simulation import run_dealer
 
 __all__ = ["DistChannel", "ROLES", "build_public_model", "run_party", "launch_parties", "main"]
 
@@ -91,13 +101,62 @@ def build_public_model(spec: dict):
     return build_model(spec["model"], key=Key(0), **spec.get("model_kwargs", {})).eval()
 
 
+class _DealerLink:
+    """The dealer's sink over gloo: each party's chunk goes out as a length header and the bytes
+    (``isend``); before the next chunk to a party is sent, the previous one must have been received
+    (gloo completes a send when the receiver takes it), so the dealer runs at most one chunk ahead
+    and holds at most two chunks per party."""
+
+    def __init__(self):
+        self.pending: dict[int, list] = {MODEL_OWNER: [], DATA_OWNER: []}
+        self._keep: dict[int, tuple] = {}
+
+    def __call__(self, rank: int, chunk: Optional[torch.Tensor]) -> None:
+        import torch.distributed as dist
+
+        party = MODEL_OWNER if rank == 0 else DATA_OWNER
+        for work in self.pending[party]:
+            work.wait()
+        header = torch.tensor([0 if chunk is None else chunk.numel()], dtype=torch.int64)
+        works = [dist.isend(header, party)]
+        if chunk is not None:
+            works.append(dist.isend(chunk, party))
+        self.pending[party] = works
+        self._keep[party] = (header, chunk)  # alive until the sends complete
+
+    def close(self) -> None:
+        for works in self.pending.values():
+            for work in works:
+                work.wait()
+
+
+def _receive_chunk() -> Optional[torch.Tensor]:
+    """A party's next chunk from the dealer (``None``: the end of the dealer's stream)."""
+    import torch.distributed as dist
+
+    n = torch.zeros(1, dtype=torch.int64)
+    dist.recv(n, DEALER)
+    if int(n) == 0:
+        return None
+    chunk = torch.empty(int(n), dtype=torch.uint8)
+    dist.recv(chunk, DEALER)
+    return chunk
+
+
 def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout: float = 300.0,
               weights_path: Optional[str] = None, images_path: Optional[str] = None,
               out_path: Optional[str] = None) -> None:
-    """Run one party to completion (blocks); see the module docstring."""
+    """Run one party to completion (blocks); see the module docstring.
+
+    One session: the model owner shares its weights once and each conv/linear weight is masked once
+    (``spec["reuse_weight_masks"]``, default true; :func:`dpfunc.bridge.mpc.share_model`), then the
+    batches run. The dealer runs the same program alongside the parties and streams its material in
+    chunks of ``spec["chunk_bytes"]`` (default :data:`~dpfunc.mpc.context.DEFAULT_CHUNK_BYTES`), so
+    no process holds more than a few chunks of it.
+    """
     import torch.distributed as dist
 
-    from dpfunc.bridge.mpc import compile_module, encode_weights, encrypted_inference
+    from dpfunc.bridge.mpc import compile_module, encode_weights, encrypted_inference, share_model
 
     if role not in ROLES:
         raise ValueError(f"run_party: role must be one of {sorted(ROLES)}, got {role!r}")
@@ -105,6 +164,8 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
     fp = FixedPoint(int(spec.get("fractional_bits", 16)))
     shape = tuple(int(v) for v in spec["input_shape"])
     batches = int(spec["batches"])
+    chunk_bytes = int(spec.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
+    reuse = bool(spec.get("reuse_weight_masks", True))
     model = build_public_model(spec)
     weights = None
     if rank == MODEL_OWNER:
@@ -118,25 +179,20 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=timeout))
     try:
-        stats, outputs, times = CommStats(), [], []
-        offline_bytes = 0
+        if rank == DEALER:
+            link = _DealerLink()
+            source = DealerSource(key, sink=link, chunk_bytes=chunk_bytes)
+            ctx = Context(DEALER, None, source, fp)
+        else:
+            ctx = Context(rank, DistChannel(1 - rank), MaterialStream(next_chunk=_receive_chunk), fp, CommStats())
+        t0 = time.perf_counter()
+        shared = share_model(ctx, program, weights, key=key.fold_in(-1), reuse_masks=reuse)
+        setup_seconds = time.perf_counter() - t0
+        setup_stats = CommStats(**ctx.stats.to_dict())
+        setup_material = ctx.source.bytes_received if rank != DEALER else 0
+        ctx.stats = CommStats()
+        outputs, times = [], []
         for b in range(batches):
-            batch_key = key.fold_in(b)
-            if rank == DEALER:
-                def program_fn(ctx):
-                    return encrypted_inference(ctx, program, shape, key=batch_key)
-                source = run_dealer(program_fn, batch_key, fp)
-                for party in (MODEL_OWNER, DATA_OWNER):
-                    flat = source.flat(party)
-                    dist.send(torch.tensor([flat.numel()], dtype=torch.int64), party)
-                    dist.send(flat, party)
-                continue
-            n = torch.zeros(1, dtype=torch.int64)
-            dist.recv(n, DEALER)
-            flat = torch.empty(int(n), dtype=torch.uint8)
-            dist.recv(flat, DEALER)
-            offline_bytes += flat.numel()
-            ctx = Context(rank, DistChannel(1 - rank), MaterialStream(flat), fp, stats)
             img = None
             if rank == DATA_OWNER:
                 x = images[b * shape[0] : (b + 1) * shape[0]]
@@ -144,21 +200,29 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
                     x = torch.cat([x, x.new_zeros((shape[0] - x.shape[0],) + tuple(x.shape[1:]))])
                 img = encode(x, fp)
             t0 = time.perf_counter()
-            out = encrypted_inference(ctx, program, shape, key=batch_key, image=img, weights=weights)
+            out = encrypted_inference(ctx, program, shape, key=key.fold_in(b), image=img, model=shared)
             times.append(time.perf_counter() - t0)
-            if not ctx.source.exhausted:
-                raise RuntimeError(f"run_party: {role} did not consume all of the dealer's material")
             if out is not None:
                 outputs.append(out)
+        if rank == DEALER:
+            source.finish()
+            link.close()
+        elif not ctx.source.exhausted:
+            raise RuntimeError(f"run_party: {role} did not consume all of the dealer's material")
         if rank == DATA_OWNER and out_path:
             tmp = Path(out_path).with_suffix(".tmp")
             torch.save({
                 "logits": torch.cat([o.logits for o in outputs]),
                 "onehot": torch.cat([o.onehot for o in outputs]),
                 "online_seconds": times,
-                "stats": stats.to_dict(),
-                "offline_bytes_received": offline_bytes,
+                "setup_seconds": setup_seconds,
+                "stats": ctx.stats.to_dict(),
+                "setup_stats": setup_stats.to_dict(),
+                "offline_bytes_received": ctx.source.bytes_received,
+                "setup_offline_bytes_received": setup_material,
                 "fractional_bits": fp.fractional_bits,
+                "reuse_weight_masks": reuse,
+                "chunk_bytes": chunk_bytes,
             }, tmp)
             os.replace(tmp, out_path)
         dist.barrier()
@@ -172,7 +236,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     """Start the three parties as separate OS processes on this machine, wait, and clean up.
 
     Each process runs in its own session; all are killed (process group SIGKILL) if any fails or
-    the hard ``timeout`` passes. Returns the data owner's output file's contents.
+    the hard ``timeout`` passes. Returns the data owner's output file's contents, plus
+    ``max_rss_bytes``: each process's peak resident memory (by role, from ``wait4``).
 
     Raises:
         RuntimeError: a party exited with an error (its stderr tail is in the message).
@@ -188,6 +253,18 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     }
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs: dict[str, subprocess.Popen] = {}
+    max_rss: dict[str, int] = {}
+
+    def poll(role: str) -> Optional[int]:
+        """``Popen.poll`` that also keeps the child's peak resident memory (``wait4``'s rusage)."""
+        p = procs[role]
+        if p.returncode is None:
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                p.returncode = os.waitstatus_to_exitcode(status)
+                max_rss[role] = usage.ru_maxrss * 1024  # kilobytes on Linux
+        return p.returncode
+
     try:
         for role in ("model-owner", "data-owner", "dealer"):
             procs[role] = subprocess.Popen(
@@ -195,8 +272,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env,
             )
         deadline = time.monotonic() + timeout
-        while any(p.poll() is None for p in procs.values()):
-            failed = [r for r, p in procs.items() if p.poll() not in (None, 0)]
+        while any(poll(r) is None for r in procs):
+            failed = [r for r in procs if procs[r].returncode not in (None, 0)]
             if failed:
                 p = procs[failed[0]]
                 err = p.stderr.read().decode(errors="replace")[-2000:]
@@ -209,7 +286,9 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
             if p.returncode != 0:
                 err = p.stderr.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"launch_parties: the {role} process failed:\n{err}")
-        return torch.load(out_path, map_location="cpu", weights_only=True)
+        out = torch.load(out_path, map_location="cpu", weights_only=True)
+        out["max_rss_bytes"] = dict(max_rss)
+        return out
     finally:
         for p in procs.values():
             if p.poll() is None:

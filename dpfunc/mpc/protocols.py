@@ -13,9 +13,10 @@ protocol                      rounds  bytes sent
 ============================  ======  =============================================
 open                          1       W
 mul / matmul / conv2d         1       W·(|x| + |y|) (the masked inputs e, f)
+  with a masked fixed weight  1       W·|x| (``f = w − b`` opened once per session)
 square                        1       W·|x|
 truncation (local)            0       0
-ltz (A2B + B2A)               8       54 (AND openings) + 1 = 55
+ltz (A2B + B2A)               8       54 (AND openings) + 1 = 55 (8 per slice of 2^20)
 relu                          9       ltz + 2W = 71
 ============================  ======  =============================================
 
@@ -31,6 +32,8 @@ the extra rounds cost microseconds each.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -48,6 +51,9 @@ __all__ = [
     "mul_public",
     "truncate",
     "beaver",
+    "MaskedOperand",
+    "mask_operands",
+    "beaver_fixed",
     "mul",
     "mul_int",
     "square",
@@ -84,9 +90,9 @@ def share_from(ctx: Context, owner: int, value: torch.Tensor | None, shape: tupl
     """
     from dpfunc.mpc.ring import uniform_ring
 
-    like = torch.zeros(shape, dtype=torch.int64)
     if ctx.is_dealer:
-        return like
+        return torch.zeros(shape, dtype=torch.int64, device="meta")
+    like = torch.zeros(shape, dtype=torch.int64)
     if ctx.rank == owner:
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != torch.int64:
             raise ValueError(f"share_from: the owner needs an int64 value of shape {tuple(shape)}")
@@ -157,20 +163,96 @@ def truncate(ctx: Context, x: torch.Tensor, divisor: int | None = None) -> torch
     return div_public_local(x, d, local_rank(ctx))
 
 
+def _dealer_zeros(req: Request) -> torch.Tensor:
+    """What the dealer computes for a product: a meta tensor of the output's shape (see
+    :class:`~dpfunc.mpc.context.Context`: the dealer's values are never used)."""
+    from dpfunc.mpc.context import _output_shape
+
+    return torch.zeros(_output_shape(req), dtype=torch.int64, device="meta")
+
+
 def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params: tuple = ()) -> torch.Tensor:
     """Share of ``op(x, y)`` for a bilinear ``op`` with a dealer triple (Beaver 1991); one round.
 
-    With ``e = x − a`` and ``f = y − b`` opened: ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)``.
+    With ``e = x − a`` and ``f = y − b`` opened: ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)``,
+    computed as ``c + op(e, b + f) + op(a, f)`` on party 0 and ``c + op(e, b) + op(a, f)`` on party 1
+    (two applications of ``op`` instead of three; the same ring values).
     Exact in the ring (no fixed-point rescaling: the result has the sum of the inputs' scales).
     """
     from dpfunc.mpc.context import apply_bilinear
 
-    a, b, c = ctx.draw(Request(Kind.TRIPLE, tuple(x.shape), tuple(y.shape), op, params))
+    req = Request(Kind.TRIPLE, tuple(x.shape), tuple(y.shape), op, params)
+    a, b, c = ctx.draw(req)
     e, f = open_shares(ctx, x - a, y - b)
-    z = c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, f, params)
-    if local_rank(ctx) == 0:
-        z = z + apply_bilinear(op, e, f, params)
-    return z
+    if ctx.is_dealer:
+        return _dealer_zeros(req)
+    if ctx.rank == 0:
+        b = b + f
+    return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, f, params)
+
+
+class MaskedOperand(NamedTuple):
+    """A secret ``y`` that stays fixed across many products (a weight tensor), masked once.
+
+    Attributes:
+        share: this party's additive share of ``y``.
+        mask: this party's share of the dealer's mask ``b`` (uniform, drawn once for this operand).
+        opened: ``f = y − b``, public to both parties (opened once).
+        mask_id: the public index under which the dealer keeps ``b``.
+    """
+
+    share: torch.Tensor
+    mask: torch.Tensor
+    opened: torch.Tensor
+    mask_id: int
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.share.shape
+
+
+def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0) -> list[MaskedOperand]:
+    """Mask fixed secrets once for reuse in many Beaver products; one round for all of them.
+
+    For each ``y``, the dealer draws a uniform mask ``b`` (kept under the public id ``first_id + i``)
+    and ``f = y − b`` is opened. Every later product with ``y`` (:func:`beaver_fixed`) uses a *fresh*
+    half-triple ``(a, c = op(a, b))``: only ``e = x − a`` is opened per product; ``f`` is not sent
+    again.
+
+    Security (the idea of SecureML, Mohassel & Zhang 2017, §4.2, where the masked data matrix is
+    opened once for all training iterations): ``f`` is a one-time-pad encryption of ``y`` under the
+    uniform ``b``, opened *once*; reusing the same ``f`` in many products reveals nothing beyond that
+    one opening, because nothing else that depends on ``b`` is ever opened — each product opens only
+    ``e = x − a`` with a fresh uniform ``a``, and each party's shares of ``a`` and ``c`` are fresh
+    uniform values from the dealer. This is sound only because ``y`` is *fixed*: masking a different
+    value with the same ``b`` would open ``y − y'`` — so a mask belongs to one shared tensor, made
+    once, and the shares of ``y`` are never re-made under it. Triples are never reused: ``a`` and
+    ``c`` are fresh in every product.
+    """
+    if not ys:
+        return []
+    reqs = [Request(Kind.MASK, (), tuple(y.shape), mask_id=first_id + i) for i, y in enumerate(ys)]
+    masks = [ctx.draw(r)[0] for r in reqs]
+    opened = open_shares(ctx, *[y - b for y, b in zip(ys, masks)])
+    return [MaskedOperand(y, b, f, r.mask_id) for y, b, f, r in zip(ys, masks, opened, reqs)]
+
+
+def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, params: tuple = ()) -> torch.Tensor:
+    """Share of ``op(x, y)`` for a fixed operand masked by :func:`mask_operands`; one round, and only
+    ``e = x − a`` is sent (``|x|`` words instead of ``|x| + |y|``). Exact in the ring.
+
+    ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` with ``c = op(a, b)``; party 0 computes
+    ``c + op(e, b + f) + op(a, f)`` and party 1 ``c + op(e, b) + op(a, f)``.
+    """
+    from dpfunc.mpc.context import apply_bilinear
+
+    req = Request(Kind.FIXED_TRIPLE, tuple(x.shape), tuple(y.shape), op, params, mask_id=y.mask_id)
+    a, c = ctx.draw(req)
+    (e,) = open_shares(ctx, x - a)
+    if ctx.is_dealer:
+        return _dealer_zeros(req)
+    b = y.mask + y.opened if ctx.rank == 0 else y.mask
+    return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, y.opened, params)
 
 
 def mul(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -193,50 +275,48 @@ def square(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     return truncate(ctx, z)
 
 
-def matmul(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Fixed-point ``x @ y``, truncated."""
+def matmul(ctx: Context, x: torch.Tensor, y: torch.Tensor | MaskedOperand) -> torch.Tensor:
+    """Fixed-point ``x @ y``, truncated (``y`` may be a :class:`MaskedOperand`)."""
+    if isinstance(y, MaskedOperand):
+        return truncate(ctx, beaver_fixed(ctx, x, y, Bilinear.MATMUL))
     return truncate(ctx, beaver(ctx, x, y, Bilinear.MATMUL))
 
 
-def conv2d(ctx: Context, x: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1, groups=1) -> torch.Tensor:
-    """Fixed-point ``conv2d(x, weight)`` (no bias), truncated; int64 convolution wraps mod 2^64."""
+def conv2d(ctx: Context, x: torch.Tensor, weight: torch.Tensor | MaskedOperand, stride=1, padding=0, dilation=1,
+           groups=1) -> torch.Tensor:
+    """Fixed-point ``conv2d(x, weight)`` (no bias), truncated; int64 convolution wraps mod 2^64.
+    ``weight`` may be a :class:`MaskedOperand` (masked once, reused across batches)."""
     pair = lambda v: (v, v) if isinstance(v, int) else tuple(v)  # noqa: E731
     params = (pair(stride), pair(padding), pair(dilation), int(groups))
+    if isinstance(weight, MaskedOperand):
+        return truncate(ctx, beaver_fixed(ctx, x, weight, Bilinear.CONV2D, params))
     return truncate(ctx, beaver(ctx, x, weight, Bilinear.CONV2D, params))
-
-
-def _narrow(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """The low ``bits`` bits of int64 words in the smallest dtype that holds them (for the wire)."""
-    if bits <= 8:
-        return x.to(torch.uint8)
-    if bits <= 16:
-        return x.to(torch.int16)
-    if bits <= 32:
-        return x.to(torch.int32)
-    return x
-
-
-def _widen(x: torch.Tensor, bits: int) -> torch.Tensor:
-    return x.to(torch.int64) & ((1 << bits) - 1) if bits < 64 else x
 
 
 def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits: int = 64) -> list[torch.Tensor]:
     """Bitwise AND of XOR-shared words, several pairs in one round (dealer AND triples).
 
-    Only the low ``bits`` bits of the inputs are used and returned; the openings are sent in the
-    narrowest dtype holding ``bits`` bits (uint8/int16/int32/int64).
+    The words are held in the narrowest dtype that has ``bits`` bits (uint8/int16/int32/int64,
+    :func:`~dpfunc.mpc.context.word_dtype`; the inputs must already be in it), and the openings go
+    over the wire in it; only the low ``bits`` bits of the result are kept (for ``bits < 8`` the
+    high bits of a uint8 are cleared).
     """
+    from dpfunc.mpc.context import word_dtype
+
+    dtype = word_dtype(bits)
     x = torch.cat([t.reshape(-1) for t in xs])
     y = torch.cat([t.reshape(-1) for t in ys])
-    a, b, c = (_widen(t, bits) for t in ctx.draw(Request(Kind.AND, tuple(x.shape), params=(bits,))))
-    flat = _narrow(torch.cat([x ^ a, y ^ b]), bits)
-    opened = _widen(flat ^ ctx.exchange(flat), bits)
+    if x.dtype != dtype or y.dtype != dtype:
+        raise TypeError(f"and_words: {bits}-bit words must be {dtype}, got {x.dtype} and {y.dtype}")
+    a, b, c = ctx.draw(Request(Kind.AND, tuple(x.shape), params=(bits,)))
+    flat = torch.cat([x ^ a, y ^ b])
+    opened = flat ^ ctx.exchange(flat)
     e, f = opened[: x.numel()], opened[x.numel() :]
     z = c ^ (e & b) ^ (f & a)
     if local_rank(ctx) == 0:
-        z = z ^ (e & f)
-    if bits < 64:
-        z = z & ((1 << bits) - 1)
+        z ^= e & f
+    if bits < 8:
+        z &= (1 << bits) - 1
     out, i = [], 0
     for t in xs:
         out.append(z[i : i + t.numel()].view(t.shape))
@@ -274,6 +354,8 @@ def msb_xor(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     level pairs the high half of a word with its low half: level widths 32, 16, 8, 4, 2, 1 bits.
     Bytes sent per element: 16 (the first AND) + 16 + 8 + 4 + 4 + 4 + 2 = 54.
     """
+    from dpfunc.mpc.context import word_dtype
+
     xr = bit_reverse(x)
     zero = torch.zeros_like(xr)
     a, b = (xr, zero) if local_rank(ctx) == 0 else (zero, xr)
@@ -285,17 +367,19 @@ def msb_xor(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     p = (p & not63) | (_BIT63 if local_rank(ctx) == 0 else 0)  # the neutral (G, P) = (0, 1)
     width = 64
     while width > 1:
+        # split each width-bit word into halves, in the current dtype, then narrow to half bits
         half = width // 2
         mask = (1 << half) - 1
-        g_hi, g_lo = (g >> half) & mask, g & mask
-        p_hi, p_lo = (p >> half) & mask, p & mask
+        dt = word_dtype(half)
+        g_hi, g_lo = ((g >> half) & mask).to(dt), (g & mask).to(dt)
+        p_hi, p_lo = ((p >> half) & mask).to(dt), (p & mask).to(dt)
         if half > 1:
             gg, p = and_words(ctx, [p_hi, p_hi], [g_lo, p_lo], bits=half)
         else:
             (gg,) = and_words(ctx, [p_hi], [g_lo], bits=1)
         g = g_hi ^ gg
         width = half
-    return sign_p ^ g
+    return sign_p ^ g.to(torch.int64)
 
 
 def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
@@ -312,9 +396,27 @@ def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def ltz(ctx: Context, x: torch.Tensor) -> torch.Tensor:
-    """Additive share of the integer ``[x < 0]`` (0/1); 8 rounds. Exact for every ring element."""
-    return b2a_bit(ctx, msb_xor(ctx, x))
+COMPARISON_SLICE = 1 << 20
+"""Comparisons of more elements than this run in consecutive slices of this many elements."""
+
+
+def ltz(ctx: Context, x: torch.Tensor, slice_elements: int | None = None) -> torch.Tensor:
+    """Additive share of the integer ``[x < 0]`` (0/1); 8 rounds. Exact for every ring element.
+
+    More than ``slice_elements`` elements (default :data:`COMPARISON_SLICE`, about a million) are
+    compared in consecutive slices (8 rounds each), so that the working set of the comparison
+    circuit — a few dozen temporaries of the input's size — and the dealer's AND triples for it stay
+    bounded whatever the batch size and the layer width.
+    """
+    limit = COMPARISON_SLICE if slice_elements is None else slice_elements
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"ltz: slice_elements must be an int >= 1, got {slice_elements!r}")
+    n = x.numel()
+    if n <= limit:
+        return b2a_bit(ctx, msb_xor(ctx, x))
+    flat = x.reshape(-1)
+    out = [b2a_bit(ctx, msb_xor(ctx, flat[i : i + limit])) for i in range(0, n, limit)]
+    return torch.cat(out).view(x.shape)
 
 
 def ge_public(ctx: Context, x: torch.Tensor, threshold_ring: int) -> torch.Tensor:
@@ -349,7 +451,7 @@ def argmax_onehot(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     ``w + s(u − w)`` and its one-hot ``h_w + s(h_u − h_w)`` go on. No softmax, exact.
     """
     n = x.shape[-1]
-    eye = torch.eye(n, dtype=torch.int64)
+    eye = torch.eye(n, dtype=torch.int64, device=x.device)
     onehot = (eye if local_rank(ctx) == 0 else torch.zeros_like(eye)).expand(*x.shape[:-1], n, n).clone()
     vals = x  # (..., n); onehot (..., n, n): one row per candidate
     while vals.shape[-1] > 1:
