@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1.0, help="each site's local SGD step size")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every run (1: see the module docstring)")
     p.add_argument("--no-central", action="store_true", help="skip the centralised runs (another process makes them)")
+    p.add_argument("--central-only", action="store_true", help="only the centralised runs (for a parallel process)")
     p.add_argument("--no-report", action="store_true", help="train only; write no results (a --report-only pass does)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table, JSON and plot from the run folders that are finished")
@@ -146,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_central:
                 e = args.rounds * args.local_epochs
                 step("central", runs / f"central-e{e}-seed{seed}", lambda: _central(seed, e, args.data_dir, runs))
+            if args.central_only:
+                continue
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
                         alpha=0.5, batch_size=args.batch_size, learning_rate=args.lr,
                         average_decay=args.average_decay, seed=seed)

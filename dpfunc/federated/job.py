@@ -109,6 +109,7 @@ class FederatedConfig:
     train_subset: int | None = None
     round_timeout: float = 600.0
     accountant: str = "pld"
+    average_decay: float = 0.5
     average_decay: float = 0.7
     alone: int | None = None
     distributed_noise: bool = False
