@@ -110,7 +110,6 @@ class FederatedConfig:
     round_timeout: float = 600.0
     accountant: str = "pld"
     average_decay: float = 0.5
-    average_decay: float = 0.7
     alone: int | None = None
     distributed_noise: bool = False
     colluding_sites: int = 0
