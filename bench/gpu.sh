@@ -25,8 +25,10 @@ CI=true HYPOTHESIS_PROFILE=ci $PY -m pytest -q -rs tests/test_devices.py tests/t
 
 run() {  # run NAME FLAGS...
     local name=$1; shift
-    /usr/bin/time -f "%e s wall" $PY -m dpfunc train --model resnet18 --epsilon 3 --epochs "$EPOCHS" --device cuda \
+    local start=$SECONDS
+    $PY -m dpfunc train --model resnet18 --epsilon 3 --epochs "$EPOCHS" --device cuda \
         --quiet --overwrite --run-dir "runs/gpu/$name" --data-dir "$DATA" "$@" 2>&1 | tee "$OUT/$name.log"
+    echo "$name: $((SECONDS - start)) s wall (process)" | tee -a "$OUT/$name.log"
     $PY - "$name" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, sys
 m = json.load(open(f"runs/gpu/{sys.argv[1]}/metrics.json"))
