@@ -12,10 +12,12 @@ What this module does instead (``secure=True`` in :func:`dpfunc.dp_aggregate` / 
    a secure run is **not reproducible** by design.
 2. **Grid**: the clipped sum ``S`` (float) is rounded coordinate-wise to the grid ``h·Z``, ``h = 2^-k``
    (round to nearest, in float64, where ``S/h`` is exact for a power-of-two ``h``).
-3. **Noise**: i.i.d. discrete Gaussian ``N_Z(0, v)`` on the integers, with the exact rejection sampler
-   of Canonne, Kamath & Steinke (NeurIPS 2020, Algorithms 1–3) in integer arithmetic only
-   (vectorised with numpy int64; a Python-int scalar path covers the astronomically rare values that
-   could overflow int64). The released gradient is ``h·(round(S/h) + Y) / (q·n)``: a function of an
+3. **Noise**: i.i.d. discrete Gaussian ``N_Z(0, v)`` on the integers, drawn exactly in integer
+   arithmetic only: for ≥ 4096 coordinates by the slot-table rejection sampler of
+   :mod:`dpfunc.secure_noise_table` (≈ 2e7 samples/s), otherwise by the rejection sampler of Canonne,
+   Kamath & Steinke (NeurIPS 2020, Algorithms 1–3; :func:`sample_discrete_gaussian_cks`, vectorised
+   with numpy int64, a Python-int path for values that could overflow int64; ≈ 5e5 samples/s);
+   :func:`discrete_gaussian_oracle` is the scalar reference both are tested against. The released gradient is ``h·(round(S/h) + Y) / (q·n)``: a function of an
    integer, so its floating-point bits carry nothing but that integer.
 
 Sensitivity after rounding (the slack, and how it is accounted):
@@ -45,6 +47,7 @@ Edge cases:
 
 from __future__ import annotations
 
+import enum
 import math
 import os
 import secrets
@@ -59,7 +62,9 @@ __all__ = [
     "SecureRandom",
     "DiscreteGaussianParams",
     "discrete_gaussian_params",
+    "DiscreteGaussianSampler",
     "sample_discrete_gaussian",
+    "sample_discrete_gaussian_cks",
     "discrete_gaussian_oracle",
     "grid_exponent_for",
     "rounded_sensitivity",
@@ -87,11 +92,19 @@ class SecureRandom:
             raise ImportError("SecureRandom: secure mode needs the `cryptography` package: pip install 'dpfunc[secure]'") from e
         cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
         self._enc = cipher.encryptor()
+        self._zeros = b""
 
     def words(self, n: int) -> np.ndarray:
         """``n`` independent uniform integers in ``[0, 2^63)`` (int64)."""
         raw = np.frombuffer(self._enc.update(bytes(8 * n)), dtype=np.uint64)
         return (raw >> np.uint64(1)).astype(np.int64)
+
+    def keystream_into(self, out: bytearray) -> None:
+        """Overwrite ``out`` with the next ``len(out)`` keystream bytes, without allocating (the hot path)."""
+        n = len(out)
+        if len(self._zeros) < n:
+            self._zeros = bytes(n)
+        self._enc.update_into(memoryview(self._zeros)[:n], out)
 
     def below(self, m) -> np.ndarray:
         """Uniform integers in ``[0, m)``; ``m`` is an int ≥ 1 or an int64 array of them (elementwise)."""
@@ -158,18 +171,19 @@ def _bern_exp_minus_one(rng: SecureRandom, n: int) -> np.ndarray:
     return out
 
 
-def _bern_exp_unit(rng: SecureRandom, num: np.ndarray, den) -> np.ndarray:
+def _bern_exp_unit(rng: SecureRandom, num: np.ndarray, den, start: int = 1) -> np.ndarray:
     """Bernoulli(exp(−num/den)) elementwise for ``0 ≤ num/den ≤ 1`` (CKS Algorithm 1).
 
     K ← 1; repeat A ~ Bernoulli(γ/K) until A = 0 (K += 1 otherwise); return [K odd]. Bernoulli(γ/K)
     is drawn as Bernoulli(γ) ∧ Bernoulli(1/K) (independent), so no product ``den·K`` can overflow.
+    ``start = 2`` continues a run whose first trial (K = 1) already came out A = 1.
     """
     num = np.asarray(num, dtype=np.int64)
     scalar = isinstance(den, (int, np.integer))
     den = int(den) if scalar else np.broadcast_to(np.asarray(den, dtype=np.int64), num.shape)
     out = np.empty(num.shape, dtype=bool)
     active = np.arange(num.size)
-    k = 1
+    k = start
     while active.size:
         a = _bern_frac(rng, num[active], den if scalar else den[active])
         if k > 1:
@@ -245,13 +259,24 @@ def discrete_gaussian_params(sigma: float) -> DiscreteGaussianParams:
     return DiscreteGaussianParams(t, m)
 
 
-def sample_discrete_gaussian(n: int, params: DiscreteGaussianParams, rng: SecureRandom) -> np.ndarray:
-    """``n`` i.i.d. samples of the discrete Gaussian ``N_Z(0, t·m)`` (int64), exactly (CKS Algorithm 3).
+class DiscreteGaussianSampler(enum.Enum):
+    """Which exact sampler :func:`sample_discrete_gaussian` uses (all draw the same law, exactly)."""
 
-    Y ~ DLap(t); accept with probability ``exp(−(|Y| − σ²/t)² / (2σ²)) = exp(−(|Y| − m)² / (2tm))``.
-    The output pmf is ``∝ exp(−y²/(2tm))`` for every t > 0. Integer arithmetic only; values of
-    ``|Y| − m`` at or beyond 2^31 (whose square could overflow int64; probability ≈ e^(−2^31/t))
-    are decided with Python integers, so the sampler stays exact.
+    AUTO = "auto"  # TABLE from TABLE_MIN_SAMPLES samples on (its table costs 0.1–0.5 s once per variance), else CKS
+    TABLE = "table"  # :mod:`dpfunc.secure_noise_table`: slot-table proposal, integer squeezes (≈ 100x faster)
+    CKS = "cks"  # :func:`sample_discrete_gaussian_cks`: Canonne–Kamath–Steinke Algorithms 1–3, vectorised
+
+
+TABLE_MIN_SAMPLES = 4096
+
+
+def sample_discrete_gaussian(n: int, params: DiscreteGaussianParams, rng: SecureRandom, *,
+                             sampler: DiscreteGaussianSampler = DiscreteGaussianSampler.AUTO) -> np.ndarray:
+    """``n`` i.i.d. samples of the discrete Gaussian ``N_Z(0, t·m)`` (int64), exactly.
+
+    ``sampler`` picks the algorithm (:class:`DiscreteGaussianSampler`); AUTO takes the slot-table
+    sampler (:func:`dpfunc.secure_noise_table.sample_discrete_gaussian_table`) for ``n ≥ 4096`` and the
+    CKS sampler below that. Both are exact and use integer arithmetic only.
 
     Example:
         >>> y = sample_discrete_gaussian(5, discrete_gaussian_params(3.0), SecureRandom())
@@ -260,6 +285,25 @@ def sample_discrete_gaussian(n: int, params: DiscreteGaussianParams, rng: Secure
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"sample_discrete_gaussian: n must be an int >= 0, got {n!r}")
+    if not isinstance(sampler, DiscreteGaussianSampler):
+        raise TypeError(f"sample_discrete_gaussian: sampler must be a DiscreteGaussianSampler, got {sampler!r}")
+    if sampler is DiscreteGaussianSampler.TABLE or (sampler is DiscreteGaussianSampler.AUTO and n >= TABLE_MIN_SAMPLES):
+        from dpfunc.secure_noise_table import sample_discrete_gaussian_table
+
+        return sample_discrete_gaussian_table(n, params, rng)
+    return sample_discrete_gaussian_cks(n, params, rng)
+
+
+def sample_discrete_gaussian_cks(n: int, params: DiscreteGaussianParams, rng: SecureRandom) -> np.ndarray:
+    """``n`` i.i.d. samples of ``N_Z(0, t·m)`` (int64), exactly, by CKS Algorithm 3 (vectorised).
+
+    Y ~ DLap(t); accept with probability ``exp(−(|Y| − σ²/t)² / (2σ²)) = exp(−(|Y| − m)² / (2tm))``.
+    The output pmf is ``∝ exp(−y²/(2tm))`` for every t > 0. Integer arithmetic only; values of
+    ``|Y| − m`` at or beyond 2^31 (whose square could overflow int64; probability ≈ e^(−2^31/t))
+    are decided with Python integers, so the sampler stays exact. About 5e5 samples/s.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"sample_discrete_gaussian_cks: n must be an int >= 0, got {n!r}")
     t, m = params
     den = 2 * t * m
     chunks, have = [], 0

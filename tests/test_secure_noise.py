@@ -33,12 +33,14 @@ from dpfunc.clipping import FlatClipping, clip_and_sum
 from dpfunc.private import DPConfig, dp_aggregate
 from dpfunc.secure_noise import (
     DiscreteGaussianParams,
+    DiscreteGaussianSampler,
     SecureRandom,
     discrete_gaussian_oracle,
     discrete_gaussian_params,
     grid_exponent_for,
     rounded_sensitivity,
     sample_discrete_gaussian,
+    sample_discrete_gaussian_cks,
     secure_privatize,
 )
 
@@ -72,11 +74,12 @@ def _chi2_pvalue(samples: np.ndarray, params: DiscreteGaussianParams) -> float:
 
 # ------------------------------------------------------------------------------------ the sampler
 
+@pytest.mark.parametrize("sampler", [DiscreteGaussianSampler.CKS, DiscreteGaussianSampler.TABLE])
 @settings(max_examples=6, deadline=None)
 @given(sigma=st.floats(0.3, 40.0))
-def test_vectorised_sampler_matches_the_exact_pmf(sigma):
+def test_vectorised_sampler_matches_the_exact_pmf(sampler, sigma):
     params = discrete_gaussian_params(sigma)
-    y = sample_discrete_gaussian(40_000, params, SecureRandom())
+    y = sample_discrete_gaussian(40_000, params, SecureRandom(), sampler=sampler)
     assert y.dtype == np.int64 and y.shape == (40_000,)
     assert _chi2_pvalue(y, params) > FALSE_ALARM
 
@@ -92,7 +95,7 @@ def test_scalar_oracle_matches_the_exact_pmf(t, m):
 def test_vectorised_and_oracle_agree_two_sample(t, m):
     """Two-sample χ² (homogeneity) between the fast path and the Python-int oracle."""
     params = DiscreteGaussianParams(t, m)
-    fast = sample_discrete_gaussian(6000, params, SecureRandom())
+    fast = sample_discrete_gaussian_cks(6000, params, SecureRandom())  # the table sampler: test_secure_noise_table.py
     slow = np.array([discrete_gaussian_oracle(params) for _ in range(6000)])
     edges = np.arange(-6 * t, 6 * t + 2) - 0.5
     table = np.array([np.histogram(np.clip(a, -6 * t, 6 * t), edges)[0] for a in (fast, slow)])
@@ -128,7 +131,7 @@ def test_integer_only_path_and_far_tail_branch(monkeypatch):
     monkeypatch.setattr(sn, "_bern_exp", spy)
     monkeypatch.setattr(sn, "_SAFE_SQ", 2)  # every |c| ≥ 2 goes through the Python-int path
     params = DiscreteGaussianParams(3, 3)
-    y = sn.sample_discrete_gaussian(8000, params, SecureRandom())
+    y = sn.sample_discrete_gaussian_cks(8000, params, SecureRandom())
     assert y.dtype == np.int64
     assert seen and all(a.kind == "i" and b.kind == "i" for a, b in seen)
     assert _chi2_pvalue(y, params) > FALSE_ALARM
