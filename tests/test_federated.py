@@ -363,7 +363,7 @@ def test_averaging_leaves_the_global_model_unchanged_and_tracks_it():
         key, state, sites, _ = _setup([40, 80, 60])
         assert state.average is None
         trajectory = []
-        for _ in range(4):
+        for _ in range(3):  # round 2 has d = min(0.6, 2/3) = 0.6: past the running mean, into the EMA
             state, _ = run_round_inprocess(state, sites, key=key, average_decay=decay)
             trajectory.append(state.params)
         runs[decay] = (state, trajectory)
