@@ -140,30 +140,33 @@ def main(argv: list[str] | None = None) -> int:
         if not args.report_only and not args.no_report:
             _write(rows, args)
 
-    # IID first (the target), every seed, then the skewed split: what runs first is what a
-    # shortened session finishes.
+    # IID first (the target), then the skewed split; within a split the centralised baselines, then
+    # the federation for every seed, then the sites alone: what runs first is what a shortened session finishes.
+    e = args.rounds * args.local_epochs
     for part in args.partitions:
+        setups = []
         for seed in args.seeds:
             if not args.no_central:
-                e = args.rounds * args.local_epochs
                 step("central", runs / f"central-e{e}-seed{seed}", lambda: _central(seed, e, args.data_dir, runs))
-            if args.central_only:
-                continue
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
                         alpha=0.5, batch_size=args.batch_size, learning_rate=args.lr,
                         average_decay=args.average_decay, seed=seed)
             tag = (f"{part}-r{args.rounds}-e{args.local_epochs}-b{args.batch_size}-lr{args.lr:g}"
                    f"-avg{args.average_decay:g}-seed{seed}")
-            cfg = FederatedConfig(**base)
-            fracs = [float(labels[i].float().mean()) for i in site_indices(cfg, labels)]
+            fracs = [float(labels[i].float().mean()) for i in site_indices(FederatedConfig(**base), labels)]
+            setups.append((seed, base, tag, fracs))
+        if args.central_only:
+            continue
+        for seed, base, tag, fracs in setups:
             d = runs / f"fed-{tag}"
-            step("fed", d, lambda: {**_row("federated", seed, part, _run(cfg, args.data_dir, d), d), "pneumonia_fraction": fracs})
-            if not args.no_alone:
-                for s in range(3):
-                    d = runs / f"alone{s}-{tag}"
-                    step("alone", d, lambda: {**_row(f"site {s} alone", seed, part,
-                                                     _run(FederatedConfig(**base, alone=s), args.data_dir, d), d),
-                                              "pneumonia_fraction": [fracs[s]]})
+            step("fed", d, lambda: {**_row("federated", seed, part, _run(FederatedConfig(**base), args.data_dir, d), d),
+                                    "pneumonia_fraction": fracs})
+        for seed, base, tag, fracs in setups:
+            for s in range(3) if not args.no_alone else ():
+                d = runs / f"alone{s}-{tag}"
+                step("alone", d, lambda: {**_row(f"site {s} alone", seed, part,
+                                                 _run(FederatedConfig(**base, alone=s), args.data_dir, d), d),
+                                          "pneumonia_fraction": [fracs[s]]})
     if not args.no_report:
         _write(rows, args)
         _report(rows, args)
