@@ -433,18 +433,32 @@ def secure_privatize(
     delta = rounded_sensitivity(sensitivity, d, k)
     params = discrete_gaussian_params(sigma * delta * 2.0**k)
     rng = SecureRandom() if rng is None else rng
-    flat = torch.cat([v.detach().reshape(-1).to("cpu", torch.float64) for v in clipped_sum.values()])
-    if not torch.isfinite(flat).all():
-        raise ValueError(f"{fn}: clipped_sum holds non-finite values")
-    scaled = torch.ldexp(flat, torch.tensor(k, dtype=torch.int64))  # S / h, exact for h = 2^-k
-    if scaled.abs().max().item() >= 2.0**62:
-        raise ValueError(f"{fn}: |clipped_sum| · 2^{k} exceeds 2^62; use fewer grid_bits")
-    grid = torch.round(scaled).to(torch.int64).numpy()
-    noisy = grid + sample_discrete_gaussian(d, params, rng)
-    values = torch.ldexp(torch.from_numpy(noisy).to(torch.float64), torch.tensor(-k, dtype=torch.int64)) / denom
+    # Grid: round(S·2^k) per tensor in its own float32/float64 dtype (S·2^k is exact there, so the integer is
+    # the same as in float64), one pass to check the range (NaN and ±inf fail it too), one cast to int64.
+    grid = torch.empty(d, dtype=torch.int64)
+    scale = 2.0**k
+    at = 0
+    for v in clipped_sum.values():
+        x = v.detach().reshape(-1).to("cpu")
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.to(torch.float64)  # float16 / bfloat16 (exact) and anything else
+        scaled = x * scale
+        if scaled.numel():
+            lo, hi = torch.aminmax(scaled)  # NaN and ±inf fail the finiteness check below
+            top = max(-lo.item(), hi.item())
+            if not math.isfinite(top):
+                raise ValueError(f"{fn}: clipped_sum holds non-finite values")
+            if top >= 2.0**62:
+                raise ValueError(f"{fn}: |clipped_sum| · 2^{k} exceeds 2^62; use fewer grid_bits")
+        grid[at:at + x.numel()].copy_(scaled.round_())
+        at += x.numel()
+    noisy = grid.numpy()
+    np.add(noisy, sample_discrete_gaussian(d, params, rng), out=noisy)
     out, at = {}, 0
+    step = 2.0**-k / denom
     for name, v in clipped_sum.items():
-        n = int(v.numel())
-        out[name] = values[at:at + n].reshape(v.shape).to(device=v.device, dtype=v.dtype)
+        n = int(v.numel())  # N·(h/(q·n)) in the output's float dtype: a function of the integer N = grid + Y only
+        dt = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float64
+        out[name] = grid[at:at + n].to(dt).mul_(step).reshape(v.shape).to(device=v.device, dtype=v.dtype)
         at += n
     return out, SecureNoiseInfo(k, delta, params.variance, d)
