@@ -1,17 +1,22 @@
 """Encrypted inference benchmark: seconds, bytes and rounds per image, beside plaintext.
 
-Both parties run in one process (two threads, the same code as the three-process deployment, with
-in-process channels), after the dealer's run; the figures are:
+The dealer and both parties run as three threads of one process (the same code as the three-process
+deployment, with in-process channels; the dealer streams its material while the parties compute).
+Each session first shares and masks the weights once (not timed), then runs one batch:
 
-* ``online_s_per_image``: wall time of the two parties' online phase / batch size;
-* ``online_cpu_s_per_image``: CPU time of both parties' threads in that phase / batch size (less
-  sensitive to other jobs on the machine than wall time; on an idle 2-core machine the wall time
-  lies between half of it and all of it);
-* ``dealer_s_per_image``: the dealer's generation of the batch's material / batch size (CrypTen's
-  TTP does this during the online phase, in its own process on the same cores);
-* ``bytes_per_image``: bytes one party sends plus receives from the other (online), / batch size;
-* ``dealer_bytes_per_image``: material the dealer sends to both parties, / batch size;
-* ``rounds``: communication rounds of one batch (independent of the batch size);
+* ``online_s_per_image``: wall time of the batch (the slower party) / batch size — on a loaded
+  machine this is mostly waiting for a core;
+* ``cpu_s_per_image_party0`` / ``_party1`` / ``_parties``: CPU seconds of each party's thread (and
+  their sum) in that batch / batch size (``time.thread_time``; with ``--threads 1`` torch runs in the
+  calling thread, so this is the party's whole work). Steadier than wall time under load: on an idle
+  2-core machine with the dealer's work done beforehand the wall time lies between half the sum and
+  the sum;
+* ``dealer_cpu_s_per_image``: CPU seconds of the dealer's thread (setup included) / batch size;
+* ``bytes_per_image``: bytes one party sends plus receives from the other in the batch / batch size;
+* ``dealer_bytes_per_image``: material the dealer sends to both parties (setup included) / batch size;
+* ``rounds``: communication rounds of the batch (independent of the batch size below 2^20 compared
+  elements);
+* ``peak_material_bytes``: the most dealer material held at once for one party (streamed chunks);
 * ``plain_s_per_image``: the same model in plain torch (float32), same batch.
 
 Reference figures (issue 15): CrypTen, 2 parties on this 2-core machine: small CNN at 64² 0.18
@@ -19,7 +24,7 @@ s/image, ResNet-18 at 64² 1.51 s/image; PriMIA ~100 s per 224² image.
 
 Usage::
 
-    python bench/mpc.py                       # SmallCNN 28² and 64², ResNet-18-GN 64², batch 1 and 32
+    python bench/mpc.py --threads 1           # SmallCNN 28² and 64², ResNet-18-GN 64², batch 1 and 32
     python bench/mpc.py --quick               # SmallCNN only, batch 1
     python bench/mpc.py --run-dir runs/cnn-eps3.0-seed0   # trained weights for the SmallCNN rows
 
@@ -40,10 +45,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dpfunc.bridge.mpc import compile_module, encode_weights, encrypted_inference  # noqa: E402
+from dpfunc.bridge.mpc import compile_module, encode_weights, encrypted_inference, share_model  # noqa: E402
 from dpfunc.keys import Key  # noqa: E402
 from dpfunc.models import SmallCNN, resnet18_gn  # noqa: E402
-from dpfunc.mpc import decode, encode, run_dealer, simulate  # noqa: E402
+from dpfunc.mpc import DEALER, CommStats, decode, encode, simulate  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "mpc.json"
 
@@ -56,37 +61,40 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
     x = torch.rand(batch, 1, size, size, generator=Key(seed).generator())
     program = compile_module(model)
     weights, image = encode_weights(model, program), encode(x)
+    clocks: dict[int, tuple[float, float]] = {}
+    stats: dict[int, CommStats] = {}
 
     def party(ctx):
-        return encrypted_inference(ctx, program, tuple(x.shape), key=Key(seed).fold_in(ctx.rank),
-                                   image=image if ctx.rank == 1 else None,
-                                   weights=weights if ctx.rank == 0 else None)
+        # the session's setup (weights shared and masked once), then the batch that is timed
+        shared = share_model(ctx, program, weights if ctx.rank == 0 else None, key=Key(seed).fold_in(ctx.rank))
+        before = CommStats(**ctx.stats.to_dict())
+        t0, c0 = time.perf_counter(), time.thread_time()
+        out = encrypted_inference(ctx, program, tuple(x.shape), key=Key(seed).fold_in(10 + ctx.rank),
+                                  image=image if ctx.rank == 1 else None, model=shared)
+        clocks[ctx.rank] = (time.perf_counter() - t0, time.thread_time() - c0)
+        stats[ctx.rank] = CommStats(**{k: v - before.to_dict()[k] for k, v in ctx.stats.to_dict().items()})
+        return out
 
-    t0, c0 = time.perf_counter(), time.process_time()
-    run_dealer(party, Key(seed).fold_in(9))
-    dealer_s, dealer_cpu = time.perf_counter() - t0, time.process_time() - c0
-    t0, c0 = time.perf_counter(), time.process_time()
-    res = simulate(party, dealer_key=Key(seed).fold_in(9))
-    total_s, total_cpu = time.perf_counter() - t0, time.process_time() - c0  # includes a second dealer run
-    online_s = max(total_s - dealer_s, 1e-9)
-    online_cpu = max(total_cpu - dealer_cpu, 1e-9)
+    res = simulate(party, dealer_key=Key(seed).fold_in(9), timeout=3600)
     with torch.no_grad():
         model(x)
         t0 = time.perf_counter()
         ref = model(x).double()
         plain_s = time.perf_counter() - t0
     out = res.outputs[1]
-    stats = res.stats[1]
+    st = stats[1]
     return {
         "model": name, "image": size, "batch": batch,
-        "online_s_per_image": online_s / batch,
-        "dealer_s_per_image": dealer_s / batch,
-        "online_cpu_s_per_image": online_cpu / batch,
-        "dealer_cpu_s_per_image": dealer_cpu / batch,
+        "online_s_per_image": max(clocks[0][0], clocks[1][0]) / batch,
+        "cpu_s_per_image_party0": clocks[0][1] / batch,
+        "cpu_s_per_image_party1": clocks[1][1] / batch,
+        "cpu_s_per_image_parties": (clocks[0][1] + clocks[1][1]) / batch,
+        "dealer_cpu_s_per_image": clocks[DEALER][1] / batch,
         "plain_s_per_image": plain_s / batch,
-        "bytes_per_image": (stats.bytes_sent + stats.bytes_received) / batch,
-        "dealer_bytes_per_image": sum(res.dealer_bytes) / batch,
-        "rounds": stats.rounds,
+        "bytes_per_image": (st.bytes_sent + st.bytes_received) / batch,
+        "dealer_bytes_per_image": sum(res.dealer_bytes) / batch,  # includes the one-time weight masks
+        "rounds": st.rounds,
+        "peak_material_bytes": max(res.peak_material_bytes),
         "max_abs_logit_error": float((decode(out.logits) - ref).abs().max()),
         "agreement": float((out.onehot.argmax(-1) == ref.argmax(-1)).double().mean()),
         "loadavg_1min": os.getloadavg()[0],
@@ -115,7 +123,7 @@ def main(argv=None) -> int:
     env = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__,
            "threads": torch.get_num_threads(), "python": platform.python_version(),
            "loadavg_at_start": os.getloadavg(),
-           "mode": "two parties as threads of one process + dealer run before (see docstring)"}
+           "mode": "dealer and two parties as threads of one process, dealer streaming (see docstring)"}
     # warm-up (thread pools, allocator, lazy imports), discarded
     measure("warm-up", SmallCNN(key=Key(1), widths=(4, 8), groups=2), 12, 2)
     results = []
@@ -128,10 +136,11 @@ def main(argv=None) -> int:
         tmp = OUT.with_suffix(".tmp")
         tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
         os.replace(tmp, OUT)
-    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'online s/img':>13}{'CPU s/img':>10}{'dealer s/img':>13}{'plain s/img':>12}"
-          f"{'MB/img':>9}{'dealer MB/img':>14}{'rounds':>7}{'max|Δlogit|':>12}")
+    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'wall s/img':>11}{'CPU s/img P0+P1':>16}{'dealer CPU s/img':>17}"
+          f"{'plain s/img':>12}{'MB/img':>9}{'dealer MB/img':>14}{'rounds':>7}{'max|Δlogit|':>12}")
     for r in results:
-        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['online_s_per_image']:>13.3f}{r['online_cpu_s_per_image']:>10.3f}{r['dealer_s_per_image']:>13.3f}"
+        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['online_s_per_image']:>11.3f}"
+              f"{r['cpu_s_per_image_party0']:>8.3f}+{r['cpu_s_per_image_party1']:<7.3f}{r['dealer_cpu_s_per_image']:>17.3f}"
               f"{r['plain_s_per_image']:>12.5f}{r['bytes_per_image'] / 1e6:>9.1f}{r['dealer_bytes_per_image'] / 1e6:>14.1f}"
               f"{r['rounds']:>7}{r['max_abs_logit_error']:>12.2e}")
     print(f"\n{env}\nload average now: {os.getloadavg()}")

@@ -19,6 +19,7 @@ from dpfunc.mpc import (
     MaterialQueue,
     MaterialStream,
     Request,
+    TanhApprox,
     decode,
     encode,
     share_from,
@@ -246,3 +247,27 @@ def test_sliced_comparison_is_exact_and_costs_rounds_per_slice():
     assert whole.stats[1].rounds == 2 + 8 and sliced.stats[1].rounds == 2 + 8 * 8
     with pytest.raises(RuntimeError, match="ltz: slice_elements must be an int >= 1, got 0"):
         simulate(program(0), dealer_key=Key(5))
+
+
+@pytest.mark.parametrize("approx", [TanhApprox(), TanhApprox(pieces=5, degree=7, odd=False)], ids=["odd", "full-range"])
+def test_both_tanh_forms_match_their_oracle(approx):
+    from dpfunc.mpc import tanh
+
+    assert approx.max_error() < 1e-4
+    xf = torch.cat([torch.linspace(-7, 7, 701, dtype=torch.float64), torch.tensor([-100.0, 100.0, 0.0, 5.0, -5.0])])
+
+    def program(ctx):
+        xs = share_from(ctx, 1, encode(xf) if ctx.rank == 1 else None, tuple(xf.shape), Key(1))
+        return reveal_to(ctx, 1, tanh(ctx, xs, approx))
+
+    res = simulate(program, dealer_key=Key(2))
+    out = decode(res.outputs[1])
+    assert (out - approx.plaintext(xf)).abs().max() < 8e-5  # fixed point: a few ulps times the coefficients
+    assert (out - torch.tanh(xf)).abs().max() < 1.5e-4
+    # the odd form: 3 comparisons in 2 batches (23 rounds); the full-range form: 6 in one (12 rounds)
+    assert res.stats[1].rounds == 2 + (23 if approx.odd else 12)
+
+
+def test_tanh_approx_validates_odd():
+    with pytest.raises(TypeError, match="TanhApprox: odd must be a bool, got 1"):
+        TanhApprox(odd=1)

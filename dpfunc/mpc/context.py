@@ -8,8 +8,9 @@ The dealer (a third party that never sees inputs or outputs) runs the *same* cod
 one share for each party. Because MPC control flow never depends on secret values, the dealer's run
 produces exactly the sequence of requests the parties will make; the parties then consume their
 recorded shares in order (:class:`MaterialStream`). The dealer therefore needs only the public
-program and input shapes, and receives nothing from the other parties. It runs the program on
-``meta`` tensors (shapes only, no arithmetic), so its own cost is generating the material.
+program and input shapes, and receives nothing from the other parties. The costly protocols
+(products, comparisons) skip their arithmetic on the dealer and return zeros of the right shape, so
+its own cost is mostly generating the material.
 
 **Streaming.** The dealer does not hold a whole batch's material: :class:`DealerSource` collects
 the shares of consecutive requests into a *chunk* and hands it to a ``sink`` as soon as it holds
@@ -143,6 +144,18 @@ def _material_dtypes(req: Request) -> list[torch.dtype]:
     return [torch.int64] * len(_material_shapes(req))
 
 
+def uniform_words(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """Uniform words of ``dtype`` (every bit uniform): the bytes of ``⌈n·size/8⌉`` uniform int64."""
+    if dtype == torch.int64:
+        return uniform_ring(shape, generator)
+    n = 1
+    for d in shape:
+        n *= d
+    size = torch.empty((), dtype=dtype).element_size()
+    words = uniform_ring((-(-n * size // 8),), generator)
+    return words.view(dtype)[:n].view(shape)
+
+
 def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for d in shape:
@@ -186,10 +199,10 @@ def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None
         a = uniform_ring(req.shape_x, g)
         values, xor = [a, a * a], False
     elif req.kind is Kind.AND:
-        # only the low `bits` bits are used: send them in the narrowest dtype (uniform low bits)
+        # only the low `bits` bits are used: uniform words of the narrowest dtype holding them
         dtype = word_dtype(req.params[0] if req.params else 64)
-        a, b = uniform_ring(req.shape_x, g).to(dtype), uniform_ring(req.shape_x, g).to(dtype)
-        s0 = [uniform_ring(req.shape_x, g).to(dtype) for _ in range(3)]
+        a, b = uniform_words(req.shape_x, dtype, g), uniform_words(req.shape_x, dtype, g)
+        s0 = [uniform_words(req.shape_x, dtype, g) for _ in range(3)]
         return s0, [v ^ t for v, t in zip([a, b, a & b], s0)]
     else:
         r = uniform_bits(req.shape_x, g)
@@ -555,12 +568,5 @@ class Context:
         return other
 
     def draw(self, req: Request) -> list[torch.Tensor]:
-        """This party's share of the correlated randomness for ``req``.
-
-        The dealer gets ``meta`` tensors (shape and dtype, no storage): it runs the program only to
-        produce the requests, so every value it computes is on the meta device and costs neither
-        time nor memory — only generating the material does."""
-        out = self.source.draw(req)
-        if self.is_dealer:
-            return [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in out]
-        return out
+        """This party's share of the correlated randomness for ``req``."""
+        return self.source.draw(req)

@@ -1,18 +1,22 @@
 """Non-linearities the case-study models need: tanh (and sigmoid), reciprocal square root, GroupNorm.
 
-* **tanh**: a piecewise polynomial. ``[−L, L]`` is cut into ``pieces`` equal intervals; on each, a
-  degree-``degree`` Chebyshev least-squares fit of tanh in the local variable ``u = x − centre``
-  (``|u| ≤ half-width``, so monomial coefficients stay small in fixed point); outside, ±1. The
-  interval is selected without revealing it: with steps ``s_k = [x ≥ t_k]`` at the ``pieces + 1``
-  breakpoints, the selected interval's centre and coefficients are ``row_0 + Σ_k s_k (row_{k+1} −
-  row_k)`` of a public table (local: shared integers times public constants; the two outer rows are
-  the constants ∓1 with zero higher coefficients), then one set of powers of ``u = x − centre`` and
-  one batched product with the shared coefficients. Outside ``[−L, L]`` the higher coefficients are
-  exactly 0 in the ring, so overflowing powers of a large ``u`` contribute exactly nothing.
-  Default ``L = 5, pieces = 5, degree = 7``: maximum error of the approximation 9.1e-5 (the ±1
-  saturation beyond 5) and about 1e-4 with 16-bit fixed point (measured in the tests).
-  Cost: ``pieces + 1`` comparisons (batched, 8 rounds) + 3 rounds of powers + 1 product round;
-  bytes per element and party ≈ (pieces + 1)·55 + 16·(degree − 1) + 16·degree ≈ 540.
+* **tanh**: a piecewise polynomial. By default odd: ``tanh(x) = sign(x)·p(|x|)``, with one
+  comparison ``[x < 0]`` and one product for ``|x|``; ``[0, L]`` is cut into ``pieces`` equal
+  intervals; on each, a degree-``degree`` Chebyshev least-squares fit of tanh in the local variable
+  ``u = |x| − centre`` (``|u| ≤ half-width``, so monomial coefficients stay small in fixed point);
+  beyond ``L``, 1. The interval is selected without revealing it: with steps ``s_k = [|x| ≥ t_k]``
+  at the breakpoints ``t_1 … t_pieces``, the selected interval's centre and coefficients are
+  ``row_0 + Σ_k s_k (row_k − row_{k−1})`` of a public table (local: shared integers times public
+  constants; the last row is the constant 1 with zero higher coefficients), then one set of powers
+  of ``u`` and one batched product with the shared coefficients, and a last product applies the
+  sign. Beyond ``L`` the higher coefficients are exactly 0 in the ring, so overflowing powers of a
+  large ``u`` contribute exactly nothing. Default ``L = 5, pieces = 2, degree = 9``: maximum error
+  of the approximation 9.1e-5 (the saturation beyond 5) and about 1e-4 with 16-bit fixed point
+  (measured in the tests). Cost: 3 comparisons (the sign, then 2 batched; 16 rounds) + 1 round for
+  ``|x|`` + 4 rounds of powers + 1 product round + 1 sign round = 23 rounds; bytes per element and
+  party ≈ 3·55 + 16 + 16·(degree − 1) + 16·degree + 16 ≈ 470.
+  ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
+  batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).
 * **rsqrt** (``1/√v``, ``v > 0``): initial guess from comparisons with powers of two
   ``[v ≥ 2^k]`` for ``k = low_exp … high_exp`` (within a factor ``2^±1/4`` of the truth), then
   Newton's iteration ``y ← y (3 − (v·y)·y) / 2`` (relative error ``e ↦ ≈ 1.5 e²``; 4 iterations
@@ -41,20 +45,29 @@ __all__ = ["TanhApprox", "tanh", "sigmoid", "RsqrtConfig", "rsqrt", "group_norm"
 
 @dataclass(frozen=True)
 class TanhApprox:
-    """Piecewise-polynomial tanh: ``pieces`` intervals on ``[−limit, limit]``, degree ``degree``."""
+    """Piecewise-polynomial tanh of degree ``degree``, ±1 beyond ``±limit``.
+
+    ``odd=True`` (default): ``tanh(x) = sign(x)·p(|x|)`` with ``p`` on ``pieces`` equal intervals of
+    ``[0, limit]`` (one comparison for the sign, then ``pieces`` on ``|x|``). ``odd=False``:
+    ``pieces`` equal intervals of ``[−limit, limit]`` selected by ``pieces + 1`` comparisons of ``x``.
+    """
 
     limit: float = 5.0
-    pieces: int = 5
-    degree: int = 7
+    pieces: int = 2
+    degree: int = 9
+    odd: bool = True
 
     def __post_init__(self) -> None:
         check_number("TanhApprox", "limit", self.limit, low=0.5, high=16.0)
         check_int_range("TanhApprox", "pieces", self.pieces, low=1, high=64)
         check_int_range("TanhApprox", "degree", self.degree, low=1, high=15)
+        if not isinstance(self.odd, bool):
+            raise TypeError(f"TanhApprox: odd must be a bool, got {self.odd!r}")
 
     @property
     def breakpoints(self) -> tuple[float, ...]:
-        return tuple(float(t) for t in np.linspace(-self.limit, self.limit, self.pieces + 1))
+        low = 0.0 if self.odd else -self.limit
+        return tuple(float(t) for t in np.linspace(low, self.limit, self.pieces + 1))
 
     @property
     def centres(self) -> tuple[float, ...]:
@@ -64,7 +77,8 @@ class TanhApprox:
     @functools.cached_property
     def coefficients(self) -> tuple[tuple[float, ...], ...]:
         """Monomial coefficients in ``u = x − centre`` for each piece (lowest degree first)."""
-        half = self.limit / self.pieces
+        t = self.breakpoints
+        half = (t[1] - t[0]) / 2
         out = []
         for c in self.centres:
             u = half * np.cos(np.linspace(0, np.pi, 512))  # Chebyshev-distributed samples
@@ -75,14 +89,15 @@ class TanhApprox:
     def plaintext(self, x: torch.Tensor) -> torch.Tensor:
         """The approximation in float64 (the oracle the MPC protocol is tested against)."""
         x = x.to(torch.float64)
-        out = torch.where(x >= self.limit, 1.0, -1.0).to(torch.float64)
+        z = x.abs() if self.odd else x
+        out = torch.where(z >= self.limit, 1.0, -1.0).to(torch.float64)
         t = self.breakpoints
         for j, (c, coef) in enumerate(zip(self.centres, self.coefficients)):
-            inside = (x >= t[j]) & (x < t[j + 1])
-            u = x - c
+            inside = (z >= t[j]) & (z < t[j + 1])
+            u = z - c
             val = sum(a * u**i for i, a in enumerate(coef))
             out = torch.where(inside, val, out)
-        return out
+        return torch.where(x < 0, -out, out) if self.odd else out
 
     def max_error(self) -> float:
         """``max |approx − tanh|`` on a fine grid over ``[−2·limit, 2·limit]`` (float64)."""
@@ -109,22 +124,30 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> to
     """Shares of ``approx(x) ≈ tanh(x)`` (see the module docstring for the error and cost)."""
     fp = ctx.fp
     enc = lambda v: int(round(v * fp.scale))  # noqa: E731
-    t = approx.breakpoints
-    stacked = torch.stack([add_public(ctx, x, -enc(tk)) for tk in t])
-    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # (P+1, *x): [x >= t_k], shared integers
-    # piece 0 (x < −L) is the constant −1, pieces 1…P the polynomials, piece P+1 the constant +1
     d = approx.degree
-    centres = [0.0] + list(approx.centres) + [0.0]
-    coefs = [(-1.0,) + (0.0,) * d] + [tuple(c) for c in approx.coefficients] + [(1.0,) + (0.0,) * d]
-    table = torch.tensor([[enc(c)] + [enc(a) for a in row] for c, row in zip(centres, coefs)], dtype=torch.int64)
-    deltas = (table[1:] - table[:-1]).to(x.device)  # (P+1, d+2): what crossing breakpoint k adds
+    rows = [(c, tuple(coef)) for c, coef in zip(approx.centres, approx.coefficients)] + [(0.0, (1.0,) + (0.0,) * d)]
+    if approx.odd:
+        neg = ltz(ctx, x)  # [x < 0], a shared integer
+        z = x - 2 * mul_int(ctx, x, neg)  # |x|, exact
+        thresholds = approx.breakpoints[1:]  # [|x| ≥ t_k], k = 1 … pieces
+    else:
+        z = x
+        rows = [(0.0, (-1.0,) + (0.0,) * d)] + rows
+        thresholds = approx.breakpoints
+    stacked = torch.stack([add_public(ctx, z, -enc(tk)) for tk in thresholds])
+    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # (K, *x): [z >= t_k], shared integers
+    table = torch.tensor([[enc(c)] + [enc(a) for a in coef] for c, coef in rows], dtype=torch.int64)
+    deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
-    shape = (len(t),) + (1,) * x.dim()
+    shape = (len(thresholds),) + (1,) * x.dim()
     sel = [add_public(ctx, (steps * deltas[:, j].view(shape)).sum(0), int(table[0, j])) for j in range(d + 2)]
-    u = x - sel[0]  # |u| ≤ half-width inside [−L, L]; outside, the coefficients are exactly 0
+    u = z - sel[0]  # |u| ≤ half-width inside the range; beyond it, the coefficients are exactly 0
     pw = torch.stack(_powers(ctx, u, d))  # (d, *x)
     acc = beaver(ctx, torch.stack(sel[2:]), pw, Bilinear.MUL).sum(0)
-    return truncate(ctx, acc) + sel[1]
+    y = truncate(ctx, acc) + sel[1]
+    if approx.odd:
+        y = y - 2 * mul_int(ctx, y, neg)  # sign(x)·p(|x|), exact
+    return y
 
 
 def sigmoid(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> torch.Tensor:

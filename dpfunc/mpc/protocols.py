@@ -90,9 +90,9 @@ def share_from(ctx: Context, owner: int, value: torch.Tensor | None, shape: tupl
     """
     from dpfunc.mpc.ring import uniform_ring
 
-    if ctx.is_dealer:
-        return torch.zeros(shape, dtype=torch.int64, device="meta")
     like = torch.zeros(shape, dtype=torch.int64)
+    if ctx.is_dealer:
+        return like
     if ctx.rank == owner:
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != torch.int64:
             raise ValueError(f"share_from: the owner needs an int64 value of shape {tuple(shape)}")
@@ -164,11 +164,11 @@ def truncate(ctx: Context, x: torch.Tensor, divisor: int | None = None) -> torch
 
 
 def _dealer_zeros(req: Request) -> torch.Tensor:
-    """What the dealer computes for a product: a meta tensor of the output's shape (see
-    :class:`~dpfunc.mpc.context.Context`: the dealer's values are never used)."""
+    """What the dealer computes for a product: zeros of the output's shape (its values are never
+    used; skipping the arithmetic saves the dealer most of its work besides the material)."""
     from dpfunc.mpc.context import _output_shape
 
-    return torch.zeros(_output_shape(req), dtype=torch.int64, device="meta")
+    return torch.zeros(_output_shape(req), dtype=torch.int64)
 
 
 def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params: tuple = ()) -> torch.Tensor:
@@ -183,9 +183,9 @@ def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params:
 
     req = Request(Kind.TRIPLE, tuple(x.shape), tuple(y.shape), op, params)
     a, b, c = ctx.draw(req)
-    e, f = open_shares(ctx, x - a, y - b)
     if ctx.is_dealer:
         return _dealer_zeros(req)
+    e, f = open_shares(ctx, x - a, y - b)
     if ctx.rank == 0:
         b = b + f
     return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, f, params)
@@ -233,6 +233,8 @@ def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0) -> li
         return []
     reqs = [Request(Kind.MASK, (), tuple(y.shape), mask_id=first_id + i) for i, y in enumerate(ys)]
     masks = [ctx.draw(r)[0] for r in reqs]
+    if ctx.is_dealer:
+        return [MaskedOperand(y, b, torch.zeros_like(y), r.mask_id) for y, b, r in zip(ys, masks, reqs)]
     opened = open_shares(ctx, *[y - b for y, b in zip(ys, masks)])
     return [MaskedOperand(y, b, f, r.mask_id) for y, b, f, r in zip(ys, masks, opened, reqs)]
 
@@ -248,9 +250,9 @@ def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, 
 
     req = Request(Kind.FIXED_TRIPLE, tuple(x.shape), tuple(y.shape), op, params, mask_id=y.mask_id)
     a, c = ctx.draw(req)
-    (e,) = open_shares(ctx, x - a)
     if ctx.is_dealer:
         return _dealer_zeros(req)
+    (e,) = open_shares(ctx, x - a)
     b = y.mask + y.opened if ctx.rank == 0 else y.mask
     return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, y.opened, params)
 
@@ -268,6 +270,8 @@ def mul_int(ctx: Context, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
 def square(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """Fixed-point ``x²`` with a square pair ``(a, a²)``: one round, one opened word per element."""
     a, c = ctx.draw(Request(Kind.SQUARE, tuple(x.shape)))
+    if ctx.is_dealer:
+        return torch.zeros_like(x)
     (e,) = open_shares(ctx, x - a)
     z = c + 2 * e * a
     if local_rank(ctx) == 0:
@@ -309,6 +313,8 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits
     if x.dtype != dtype or y.dtype != dtype:
         raise TypeError(f"and_words: {bits}-bit words must be {dtype}, got {x.dtype} and {y.dtype}")
     a, b, c = ctx.draw(Request(Kind.AND, tuple(x.shape), params=(bits,)))
+    if ctx.is_dealer:
+        return [torch.zeros_like(t) for t in xs]
     flat = torch.cat([x ^ a, y ^ b])
     opened = flat ^ ctx.exchange(flat)
     e, f = opened[: x.numel()], opened[x.numel() :]
@@ -356,6 +362,14 @@ def msb_xor(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     """
     from dpfunc.mpc.context import word_dtype
 
+    if ctx.is_dealer:  # the same requests, no arithmetic (see the loop below)
+        n = x.numel()
+        ctx.draw(Request(Kind.AND, (n,), params=(64,)))
+        width = 64
+        while width > 1:
+            width //= 2
+            ctx.draw(Request(Kind.AND, (2 * n if width > 1 else n,), params=(width,)))
+        return torch.zeros(x.shape, dtype=torch.int64)
     xr = bit_reverse(x)
     zero = torch.zeros_like(xr)
     a, b = (xr, zero) if local_rank(ctx) == 0 else (zero, xr)
@@ -388,6 +402,8 @@ def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
     Open ``c = b ^ r`` (one byte per element); then ``b = c + r − 2cr`` with ``c`` public.
     """
     r_xor, r_add = ctx.draw(Request(Kind.BIT, tuple(bit.shape)))
+    if ctx.is_dealer:
+        return torch.zeros(bit.shape, dtype=torch.int64)
     flat = (bit.to(torch.uint8) ^ r_xor).reshape(-1)
     c = (flat ^ ctx.exchange(flat)).to(torch.int64).view(bit.shape)
     out = r_add - 2 * c * r_add
