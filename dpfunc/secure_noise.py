@@ -85,12 +85,13 @@ class SecureRandom:
     equally likely).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, _key_nonce: bytes | None = None) -> None:
         try:
             from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
         except ImportError as e:  # an optional dependency: say how to get it
             raise ImportError("SecureRandom: secure mode needs the `cryptography` package: pip install 'dpfunc[secure]'") from e
-        cipher = Cipher(algorithms.ChaCha20(os.urandom(32), os.urandom(16)), mode=None)
+        key, nonce = (os.urandom(32), os.urandom(16)) if _key_nonce is None else (_key_nonce[:32], _key_nonce[32:48])
+        cipher = Cipher(algorithms.ChaCha20(key, nonce), mode=None)
         self._enc = cipher.encryptor()
         self._zeros = b""
 
@@ -98,6 +99,10 @@ class SecureRandom:
         """``n`` independent uniform integers in ``[0, 2^63)`` (int64)."""
         raw = np.frombuffer(self._enc.update(bytes(8 * n)), dtype=np.uint64)
         return (raw >> np.uint64(1)).astype(np.int64)
+
+    def spawn(self) -> SecureRandom:
+        """An independent generator keyed by the next 48 bytes of this keystream (for worker threads)."""
+        return SecureRandom(self._enc.update(bytes(48)))
 
     def keystream_into(self, out: bytearray) -> None:
         """Overwrite ``out`` with the next ``len(out)`` keystream bytes, without allocating (the hot path)."""

@@ -313,3 +313,25 @@ def test_fresh_entropy_every_call_and_auto_dispatch():
         sample_discrete_gaussian(10, p, r, sampler="table")
     # AUTO: the table from 4096 samples on (it leaves the CKS loop alone), CKS below.
     assert sample_discrete_gaussian(10, p, r, sampler=DiscreteGaussianSampler.TABLE).shape == (10,)
+
+
+def test_threaded_parts_fill_every_position_with_the_same_law(monkeypatch):
+    """Large n is split over torch.get_num_threads() worker threads, each on its own spawned ChaCha20
+    stream: every position is filled, the parts differ, and the law is the same."""
+    monkeypatch.setattr(snt, "PARALLEL_MIN_PER_THREAD", 1 << 14)
+    monkeypatch.setattr(snt.torch, "get_num_threads", lambda: 3)
+    variance = 1_001_000
+    y = sample_discrete_gaussian_table(200_003, DiscreteGaussianParams(1, variance), SecureRandom())
+    assert y.shape == (200_003,) and np.abs(y).max() < 12 * math.sqrt(variance)
+    assert not np.array_equal(y[:1000], y[131_072:132_072])
+    assert _cells_pvalue(y, variance) > FALSE_ALARM
+
+
+def test_spawned_streams_are_keyed_from_the_parent(monkeypatch):
+    import dpfunc.secure_noise as sn
+
+    monkeypatch.setattr(sn.os, "urandom", lambda n: bytes(n))
+    a, b = SecureRandom(), SecureRandom()
+    ca, cb = a.spawn(), b.spawn()
+    assert np.array_equal(ca.words(4), cb.words(4))  # a function of the parent's stream only
+    assert not np.array_equal(a.spawn().words(4), SecureRandom().words(4))  # a different key from the parent's
