@@ -172,15 +172,14 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             t0 = time.perf_counter()
             r = state.round
             selected = select_sites(setup.select_key, r, len(sizes), cfg.fraction)
-            sums, losses = {}, []
+            sums = {}
             for s in selected:
                 sample_key, _ = site_keys(site_key(setup.sites_key, s))
                 idx = poisson_sample(sample_key.fold_in(r), sizes[s], rates[s])
                 out = engine(state.params, buffers, tuple(t[idx] for t in data[s]), None)
                 sums[s] = {k: v.detach().to(torch.float64) for k, v in out.grads.grads.items()}
-                if idx.numel():
-                    losses.append(float(out.losses.sum()) / int(idx.numel()))
-            report = RoundReport(r, tuple(selected), tuple(selected), {}, sum(losses) / len(losses) if losses else math.nan)
+            # no training loss is reported: only the noisy sum leaves the sites (a raw-batch loss would not be DP)
+            report = RoundReport(r, tuple(selected), tuple(selected), {}, math.nan)
             try:
                 res = distributed_round(sums, noise, ring_bits=ring_bits, round_id=r,
                                         dropouts=(dropouts or {}).get(r))
