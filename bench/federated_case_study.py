@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads of every run (1: see the module docstring)")
     p.add_argument("--no-central", action="store_true", help="skip the centralised runs (another process makes them)")
     p.add_argument("--central-only", action="store_true", help="only the centralised runs (for a parallel process)")
+    p.add_argument("--no-fed", action="store_true", help="skip the federated runs (for a parallel process)")
     p.add_argument("--no-report", action="store_true", help="train only; write no results (a --report-only pass does)")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table, JSON and plot from the run folders that are finished")
@@ -136,7 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.report_only and not (run_dir / "metrics.json").exists():
             print(f"  (not run yet: {run_dir.name})")
             return
-        rows.append(make())
+        lock = run_dir.parent / f".{run_dir.name}.lock"  # another bench process may be training this run
+        if not args.report_only and not (run_dir / "metrics.json").exists():
+            runs.mkdir(parents=True, exist_ok=True)
+            try:
+                os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                print(f"  (skipped, another process holds {lock.name}; remove it if none does)", flush=True)
+                return
+            try:
+                rows.append(make())
+            finally:
+                lock.unlink(missing_ok=True)
+        else:
+            rows.append(make())
         if not args.report_only and not args.no_report:
             _write(rows, args)
 
@@ -157,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             setups.append((seed, base, tag, fracs))
         if args.central_only:
             continue
-        for seed, base, tag, fracs in setups:
+        for seed, base, tag, fracs in setups if not args.no_fed else ():
             d = runs / f"fed-{tag}"
             step("fed", d, lambda: {**_row("federated", seed, part, _run(FederatedConfig(**base), args.data_dir, d), d),
                                     "pneumonia_fraction": fracs})
