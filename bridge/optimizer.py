@@ -27,7 +27,8 @@ from dpfunc import accounting
 from dpfunc.accounting.ledger import PrivacyLedger
 from dpfunc.clipping import ClippedSum, Clipping, flush_nonfinite_checks
 from dpfunc.keys import Key, run_keys
-from dpfunc.private import DPAggregateState, DPConfig, check_budget, dp_aggregate
+from dpfunc.adaptive_clipping import AdaptiveDPConfig, bound_from_plain, bound_to_plain, dp_transform, replace_dp_state
+from dpfunc.private import DPAggregateState, DPConfig, check_budget, find_dp_state
 from dpfunc.step import vmap_engine
 from dpfunc.bridge.functional import keyed_global_rng
 from dpfunc.bridge.module import PrivateModule, _MicroBatch
@@ -125,7 +126,7 @@ class DPOptimizer(torch.optim.Optimizer):
         self.world = world  # a dpfunc.distributed.World, or None for one process
         self._sampler = sampler
         self._noise_key = run_keys(key).noise
-        self._dp = dp_aggregate(config, self._noise_key, budget=budget, secure=secure)
+        self._dp = dp_transform(config, self._noise_key, budget=budget, secure=secure)  # adaptive clipping or not
         self._named = {n: p for n, p in self._inner.named_parameters() if p.requires_grad}
         if not self._named:
             raise ValueError("make_private: the module has no trainable parameters (requires_grad=True)")
@@ -166,12 +167,16 @@ class DPOptimizer(torch.optim.Optimizer):
     # --- privacy ----------------------------------------------------------------------------------
     @property
     def ledger(self) -> PrivacyLedger:
-        return self._dp_state.ledger
+        return find_dp_state(self._dp_state).ledger
 
     @property
     def steps(self) -> int:
         """Logical (noisy) steps taken."""
-        return int(self._dp_state.count)
+        return int(find_dp_state(self._dp_state).count)
+
+    def _clipping(self) -> Clipping:
+        """The clipping of the next step (with adaptive clipping: the current bound, from the DP state)."""
+        return find_dp_state(self._dp_state).clipping
 
     def epsilon(self, delta: float, *, method: str | None = None) -> float:
         """ε of the steps so far at ``delta``, a pure function of :attr:`ledger` (``dpfunc.accounting.epsilon``)."""
@@ -243,16 +248,16 @@ class DPOptimizer(torch.optim.Optimizer):
             devices = {p.device for p in self._named.values()} | {a.device for a in mb.args}
             with keyed_global_rng(mb.key, devices):  # a vmap (fallback) pass replays the forward's dropout
                 if mb.recording is not None:
-                    out = self._engine(1).clip(mb.recording, cs)
+                    out = self._engine(1).clip(mb.recording, cs, clipping=self._clipping())
                 else:
                     params, consts = self._params()
-                    out = self._engine(len(mb.args))(params, consts, (*mb.args, *cs), None)
+                    out = self._engine(len(mb.args))(params, consts, (*mb.args, *cs), None, clipping=self._clipping())
             self._accum = _add(self._accum, out.grads)
 
     def _add_noise(self) -> dict[str, torch.Tensor]:
         """Phase 2 (end of a logical batch): noise once, divide by the expected batch size, record the step."""
         params = {n: p.detach() for n, p in self._named.items()}
-        clipped = self._accum if self._accum is not None else _zero_clipped(params, self.config.clipping)
+        clipped = self._accum if self._accum is not None else _zero_clipped(params, self._clipping())
         self._accum = None
         world = self.world
         if world is not None and world.size > 1:
@@ -291,7 +296,7 @@ class DPOptimizer(torch.optim.Optimizer):
         used = [mb for mb in pending if any(o.grad is not None for o in mb.outputs)]  # a forward without backward is ignored
         if not used and any(mb.args[0].shape[0] > 0 for mb in pending):
             raise RuntimeError("DPOptimizer.step: the model's output has no gradient; call loss.backward() before optimizer.step()")
-        check_budget(self._dp_state)  # a refused step runs no backward
+        check_budget(find_dp_state(self._dp_state))  # a refused step runs no backward
         self._clip_and_accumulate(used)
         if not shared.plan.consume():
             return loss  # mid logical batch: accumulate only (Opacus' BatchMemoryManager skips the step)
@@ -311,11 +316,12 @@ class DPOptimizer(torch.optim.Optimizer):
         if self._accum is not None or plan.mid_batch:
             raise RuntimeError("DPOptimizer.state_dict: called in the middle of a logical batch; save after optimizer.step() ends it")
         position = None if self._sampler is None else self._sampler.position - plan.unconsumed
-        s = self._dp_state
+        s = find_dp_state(self._dp_state)
+        adaptive = {"max_grad_norm": bound_to_plain(s.clipping)} if isinstance(self.config, AdaptiveDPConfig) else {}
         return {
             "format": "dpfunc.bridge.DPOptimizer",
             "inner": self.original_optimizer.state_dict(),
-            "dp_state": {"count": int(s.count), "ledger": s.ledger.to_dict()},
+            "dp_state": {"count": int(s.count), "ledger": s.ledger.to_dict(), **adaptive},
             "config": _config_dict(self.config, self.secure),
             "key": self.key.seed,
             "forward_count": self._module._shared.forward_count,
@@ -339,13 +345,20 @@ class DPOptimizer(torch.optim.Optimizer):
         if "ledger" not in dp:
             raise ValueError(f"{fn}: the checkpoint has no privacy ledger; refusing to start from an empty one")
         ledger = PrivacyLedger.from_dict(dp["ledger"])
-        self._dp_state = self._dp_state._replace(count=int(dp["count"]), ledger=ledger)
+        restored = {}
+        if isinstance(self.config, AdaptiveDPConfig):  # the clip norm is part of the state
+            if "max_grad_norm" not in dp:
+                raise ValueError(f"{fn}: the checkpoint holds no adaptive clip norm (dp_state has {sorted(dp)}); it was not "
+                                 "written by an adaptive-clipping optimizer")
+            restored["clipping"] = bound_from_plain(self.config.clipping, dp["max_grad_norm"])
+        self._dp_state = replace_dp_state(self._dp_state, count=int(dp["count"]), ledger=ledger, **restored)
         key = Key(int(state_dict["key"]))
         keys = run_keys(key)
         if key != self.key:
             self.key, self._noise_key = key, keys.noise
-            budget = self._dp_state.budget.budget if self._dp_state.budget is not None else None
-            self._dp = dp_aggregate(self.config, self._noise_key, budget=budget, secure=self.secure)
+            guard = find_dp_state(self._dp_state).budget
+            budget = guard.budget if guard is not None else None
+            self._dp = dp_transform(self.config, self._noise_key, budget=budget, secure=self.secure)
         self.original_optimizer.load_state_dict(state_dict["inner"])
         self._module._shared.forward_count = int(state_dict["forward_count"])
         world = self.world
@@ -360,6 +373,10 @@ def _config_dict(config: DPConfig, secure: bool = False) -> dict[str, Any]:
     """A plain-container form of a DPConfig (for state_dict comparisons and ``weights_only`` loading);
     ``"secure": True`` only for secure mode, so state_dicts of earlier versions still compare equal."""
     clip = config.clipping
+    if isinstance(config, AdaptiveDPConfig):  # the rule, not the current bound (that is in dp_state)
+        return {"clipping": "AdaptiveClipping", **{k: getattr(clip, k) for k in clip.__dataclass_fields__},
+                "noise_multiplier": config.noise_multiplier, "sampling_rate": config.sampling_rate,
+                "num_examples": config.num_examples}
     bound = clip.max_grad_norm if not isinstance(clip.max_grad_norm, tuple) else [list(kv) for kv in clip.max_grad_norm]
     return ({"secure": True} if secure else {}) | {
         "clipping": type(clip).__name__,

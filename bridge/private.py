@@ -58,6 +58,7 @@ from torch.utils.data import DataLoader
 from dpfunc import accounting
 from dpfunc.clipping import Clipping, FlatClipping, PerLayerClipping
 from dpfunc.keys import Key, run_keys
+from dpfunc.adaptive_clipping import AdaptiveClipping, AdaptiveDPConfig
 from dpfunc.private import DPConfig
 from dpfunc.accounting.ledger import PrivacyLedger
 from dpfunc.bridge.loader import LogicalBatchPlan, poisson_loader
@@ -72,13 +73,16 @@ _MODES = ("fast", "vmap")
 
 
 def _clipping(fn: str, clipping: Any, max_grad_norm: Any) -> Clipping:
-    if isinstance(clipping, (FlatClipping, PerLayerClipping)):
+    if isinstance(clipping, (FlatClipping, PerLayerClipping, AdaptiveClipping)):
+        return clipping
+    if clipping == "adaptive":  # built once q is known (σ_b = expected batch size / 20)
         return clipping
     if clipping == "flat":
         return FlatClipping(max_grad_norm)
     if clipping == "per_layer":
         return PerLayerClipping(max_grad_norm)
-    raise ValueError(f"{fn}: clipping must be 'flat', 'per_layer' or a FlatClipping/PerLayerClipping, got {clipping!r}")
+    raise ValueError(f"{fn}: clipping must be 'flat', 'per_layer', 'adaptive' or a FlatClipping/PerLayerClipping/"
+                     f"AdaptiveClipping, got {clipping!r}")
 
 
 def make_private(
@@ -119,7 +123,10 @@ def make_private(
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss used in ``backward`` reduces over the batch.
         poisson_sampling: True (default): Poisson batches with ``q = 1/len(data_loader)``. False keeps
             the loader's own batches (the accounting then assumes sampling that did not happen).
-        clipping: ``"flat"``, ``"per_layer"`` (``C`` split equally over layers) or a Clipping object.
+        clipping: ``"flat"``, ``"per_layer"`` (``C`` split equally over layers), ``"adaptive"`` (Andrew et
+            al. 2021: ``max_grad_norm`` is the initial bound, which follows the median gradient norm with
+            η = 0.2 and count noise σ_b = expected batch size / 20; see :mod:`dpfunc.adaptive_clipping`)
+            or a Clipping object (an :class:`~dpfunc.AdaptiveClipping` for other adaptive settings).
         grad_sample_mode: ``"fast"`` (ghost norms; layers without a rule fall back to vmap) or ``"vmap"``.
         max_physical_batch_size: split logical batches into micro-batches of at most this size; noise
             is added once per logical batch.
@@ -215,7 +222,9 @@ def make_private(
         else:
             noise_multiplier = float(accounting.noise_multiplier_for(target_epsilon, target_delta, q, epochs * steps_per_epoch,
                                                                      method=accountant or "pld"))
-    config = DPConfig(clip, noise_multiplier, q, len(data_loader.dataset))
+    if clip == "adaptive":
+        clip = AdaptiveClipping(max_grad_norm, 0.5, 0.2, q * len(data_loader.dataset) / 20)
+    config = (AdaptiveDPConfig if isinstance(clip, AdaptiveClipping) else DPConfig)(clip, noise_multiplier, q, len(data_loader.dataset))
     shared = _Shared(dropout_key, plan)
     private_module = PrivateModule(module, shared)
     private_module.train(module.training)

@@ -294,7 +294,7 @@ def _unclipped_counts(clipped: ClippedSum, bounds: dict[str, float]) -> torch.Te
     return real / 2 - above.to(torch.float64).cpu()
 
 
-def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = None) -> GradientTransformation:
+def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = None, normalize: bool = False) -> GradientTransformation:
     """:func:`~dpfunc.dp_aggregate` with adaptive clipping (Andrew et al. 2021; see the module docstring).
 
     ``update(clipped, state, params)`` takes the :class:`~dpfunc.ClippedSum` that an engine computed
@@ -307,6 +307,11 @@ def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = N
         config: :class:`AdaptiveDPConfig`.
         key: the noise key of the run.
         budget: optional :class:`~dpfunc.accounting.PrivacyBudget`, checked at the advertised σ.
+        normalize: divide the released mean by the current sensitivity ``C_t`` (per-layer ``√Σ C_g²``):
+            ``(Σ_i clip(g_i, C_t)/C_t + N(0, σ_grad²)) / m``. The optimizer's learning rate then means
+            what it means with flat clipping at C = 1, whatever bound the rule reaches (with a fixed C,
+            DP-SGD's step scales with ``lr·C``; with a moving C the same lr would not). Post-processing
+            of released values (C_t is public): no privacy cost.
 
     Example:
         >>> rule = AdaptiveClipping(1.0, target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=0.0)
@@ -323,6 +328,8 @@ def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = N
     if not isinstance(key, Key):
         raise TypeError(f"{fn}: key must be a dpfunc.Key, got {type(key).__name__}")
     rule, sigma, q, m = config.clipping, config.noise_multiplier, config.sampling_rate, config.expected_batch_size
+    if not isinstance(normalize, bool):
+        raise TypeError(f"{fn}: normalize must be a bool, got {normalize!r}")
     guard = BudgetGuard(budget, sigma, q) if budget is not None else None
 
     def init(params):
@@ -367,11 +374,47 @@ def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = N
                              f"(now {rule.learning_rate})")
         noisy = privatize(updates.grads, noise_key(key, count), noise_multiplier=sigma_grad,
                           sensitivity=updates.sensitivity, expected_batch_size=m)
+        if normalize:
+            noisy = {k: v / updates.sensitivity for k, v in noisy.items()}
         clipping = FlatClipping(new[""]) if not rule.per_layer else PerLayerClipping(new, per_parameter=rule.per_parameter)
         dp = state.dp._replace(count=count + 1, ledger=state.dp.ledger.step(sigma, q), clipping=clipping)
         return noisy, AdaptiveClippingState(dp, rule, tuple(fractions))
 
     return GradientTransformation(init, update)
+
+
+def dp_transform(config: Any, key: Key, *, budget: Any = None, secure: bool = False) -> GradientTransformation:
+    """The aggregation transform of a config: :func:`adaptive_dp_aggregate` for an :class:`AdaptiveDPConfig`,
+    else :func:`~dpfunc.dp_aggregate` (for drivers such as the bridge's optimizer that take either)."""
+    if isinstance(config, AdaptiveDPConfig):
+        if secure:
+            raise ValueError("adaptive_dp_aggregate: secure (discrete Gaussian) noise is not supported with adaptive "
+                             "clipping (the count would need discrete noise too); use flat clipping in secure mode")
+        return adaptive_dp_aggregate(config, key, budget=budget)
+    from dpfunc.private import dp_aggregate
+
+    return dp_aggregate(config, key, budget=budget, secure=secure)
+
+
+def replace_dp_state(state: Any, **fields: Any) -> Any:
+    """``state`` (a :class:`~dpfunc.DPAggregateState` or an :class:`AdaptiveClippingState`) with fields of
+    its DPAggregateState replaced (``count``, ``ledger``, ``clipping``)."""
+    if isinstance(state, AdaptiveClippingState):
+        return state._replace(dp=state.dp._replace(**fields))
+    return state._replace(**fields)
+
+
+def bound_to_plain(clipping: Union[FlatClipping, PerLayerClipping]) -> Union[float, list]:
+    """The current bound as plain containers (a float, or ``[[group, C_g], ...]``) for state_dicts."""
+    bound = clipping.max_grad_norm
+    return [list(kv) for kv in bound] if isinstance(bound, tuple) else bound
+
+
+def bound_from_plain(rule: AdaptiveClipping, bound: Any) -> Union[FlatClipping, PerLayerClipping]:
+    """Inverse of :func:`bound_to_plain` for the rule's kind of clipping (validated)."""
+    if rule.per_layer:
+        return PerLayerClipping({str(g): float(c) for g, c in bound}, per_parameter=rule.per_parameter)
+    return FlatClipping(float(bound))
 
 
 def _config(fn: str, clipping: Any, noise_multiplier: Any, sampling_rate: Any, num_examples: Any) -> AdaptiveDPConfig:
@@ -395,8 +438,10 @@ def adaptive_dpsgd(
     nesterov: bool = False,
     weight_decay: float = 0.0,
     budget: Any = None,
+    normalize: bool = False,
 ) -> GradientTransformation:
-    """DP-SGD with adaptive clipping: ``chain(adaptive_dp_aggregate(...), sgd(...))``.
+    """DP-SGD with adaptive clipping: ``chain(adaptive_dp_aggregate(...), sgd(...))`` (``normalize``: see
+    :func:`adaptive_dp_aggregate`).
 
     Example:
         >>> rule = AdaptiveClipping(0.1, target_quantile=0.5, learning_rate=0.2, count_noise_multiplier=2.5)
@@ -405,7 +450,8 @@ def adaptive_dpsgd(
         0
     """
     cfg = _config("adaptive_dpsgd", clipping, noise_multiplier, sampling_rate, num_examples)
-    return chain(adaptive_dp_aggregate(cfg, key, budget=budget), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
+    return chain(adaptive_dp_aggregate(cfg, key, budget=budget, normalize=normalize),
+                 sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
 
 
 def adaptive_dpadam(
@@ -420,7 +466,8 @@ def adaptive_dpadam(
     b2: float = 0.999,
     eps: float = 1e-8,
     budget: Any = None,
+    normalize: bool = False,
 ) -> GradientTransformation:
     """DP-Adam with adaptive clipping: ``chain(adaptive_dp_aggregate(...), adam(...))``."""
     cfg = _config("adaptive_dpadam", clipping, noise_multiplier, sampling_rate, num_examples)
-    return chain(adaptive_dp_aggregate(cfg, key, budget=budget), adam(learning_rate, b1, b2, eps))
+    return chain(adaptive_dp_aggregate(cfg, key, budget=budget, normalize=normalize), adam(learning_rate, b1, b2, eps))

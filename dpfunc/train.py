@@ -106,6 +106,9 @@ class TrainConfig:
         clip_learning_rate: adaptive: η, the step size of ``log C`` per step.
         count_noise_multiplier: adaptive: σ_b, the noise std of each step's count (in examples);
             None = ``batch_size / 20`` (the paper's choice).
+        clip_normalize: adaptive: divide each released mean by the current clip norm C_t, so that the
+            learning rate means what it means at flat C = 1 (``--lr`` tuned for flat clipping carries
+            over; free post-processing). False is the paper's plain update, whose step grows with C_t.
     """
 
     model: str = "cnn"
@@ -133,6 +136,7 @@ class TrainConfig:
     target_quantile: float = 0.5
     clip_learning_rate: float = 0.2
     count_noise_multiplier: float | None = None
+    clip_normalize: bool = True
 
     def __post_init__(self) -> None:
         fn = "TrainConfig"
@@ -192,6 +196,8 @@ class TrainConfig:
             if self.count_noise_multiplier is None:
                 object.__setattr__(self, "count_noise_multiplier", self.batch_size / 20)
             self.adaptive_rule()  # validates γ, η, σ_b
+            if not isinstance(self.clip_normalize, bool):
+                raise ValueError(f"{fn}: clip_normalize must be a bool, got {self.clip_normalize!r}")
 
     def adaptive_rule(self):
         """The :class:`~dpfunc.AdaptiveClipping` of an adaptive run (None for flat clipping)."""
@@ -505,7 +511,7 @@ def train(
         from dpfunc.adaptive_clipping import adaptive_dpsgd
 
         tx = adaptive_dpsgd(cfg.learning_rate, noise_multiplier=sigma, clipping=cfg.adaptive_rule(), sampling_rate=q,
-                            num_examples=n, key=noise_key, momentum=cfg.momentum)
+                            num_examples=n, key=noise_key, momentum=cfg.momentum, normalize=cfg.clip_normalize)
         step_fn = make_step(None, tx, engine=_make_engine(cfg, module, apply_fn, cfg.adaptive_rule()))
     elif cfg.private:
         tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
@@ -559,7 +565,8 @@ def train(
 
     if cfg.private:
         clip_text = (f"C={cfg.max_grad_norm}" if cfg.clipping == "flat" else
-                     f"adaptive C₀={cfg.max_grad_norm} γ={cfg.target_quantile} η={cfg.clip_learning_rate} σ_b={cfg.count_noise_multiplier:g}")
+                     f"adaptive C₀={cfg.max_grad_norm} γ={cfg.target_quantile} η={cfg.clip_learning_rate} σ_b={cfg.count_noise_multiplier:g}"
+                     f"{' (update / C_t)' if cfg.clip_normalize else ''}")
         log(f"DP-SGD: n={n} q={q:.5f} (expected batch {cfg.batch_size}) steps={total_steps} σ={sigma:.4f} {clip_text} "
             f"target ε={cfg.epsilon} δ={cfg.delta} engine={cfg.engine}")
     else:
