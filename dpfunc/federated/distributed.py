@@ -36,14 +36,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from dpfunc.accounting.ledger import PrivacyLedger
-
-try:  # ledgers that name their mechanism (the lead's ledger change); ε below is discrete-Gaussian either way
-    from dpfunc.accounting.events import Mechanism
-
-    _DISCRETE = {"mechanism": Mechanism.DISCRETE_GAUSSIAN}
-except (ImportError, AttributeError):  # pragma: no cover - older ledger without mechanisms
-    _DISCRETE = {}
+from dpfunc.accounting.ledger import Mechanism, PrivacyLedger
 
 __all__ = ["DistributedState", "distributed_threshold", "distributed_noise_for", "run_distributed"]
 
@@ -85,10 +78,11 @@ def distributed_noise_for(cfg, num_coordinates: int, sizes: list[int]):
 
 
 def _epsilon(ledger: PrivacyLedger, delta: float) -> float:
-    """Every phase accounted as the discrete Gaussian (CKS Thm 14 curve, Zhu–Wang subsampling)."""
-    from dpfunc.accounting.discrete_gaussian import ledger_epsilon
+    """ε of a site's ledger: its phases are discrete Gaussian, so this is their bound (CKS Thm 14 curve,
+    Zhu–Wang subsampling; :mod:`dpfunc.accounting.discrete_gaussian`)."""
+    from dpfunc.accounting import epsilon
 
-    return ledger_epsilon(ledger, delta) if ledger.total_steps else 0.0
+    return epsilon(ledger, delta) if ledger.total_steps else 0.0
 
 
 def _site_report(state: DistributedState, sizes: list[int], cfg) -> list[dict]:
@@ -192,7 +186,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             updates, opt_state = tx.update(grad, state.opt_state, state.params)
             ledgers, rounds = list(state.ledgers), list(state.rounds)
             for s in selected:  # every site asked is charged (an upper bound for those whose share was dropped)
-                ledgers[s] = ledgers[s].step(res.noise_multiplier, rates[s], **_DISCRETE)
+                ledgers[s] = ledgers[s].step(res.noise_multiplier, rates[s], mechanism=Mechanism.DISCRETE_GAUSSIAN)
                 rounds[s] += 1
             state = DistributedState(r + 1, apply_updates(state.params, updates), opt_state, tuple(ledgers), tuple(rounds))
             elapsed += time.perf_counter() - t0
