@@ -194,6 +194,9 @@ def make_private(
         if world.size > 1 and not poisson_sampling:
             raise ValueError(f"{fn}: data-parallel training needs poisson_sampling=True (the ranks draw the same batch "
                              f"from the shared key)")
+        if world.size > 1 and (clip == "adaptive" or isinstance(clip, AdaptiveClipping)):
+            raise ValueError(f"{fn}: adaptive clipping runs in one process (the count of unclipped examples is not summed "
+                             f"over {world.size} ranks); use clipping='flat' or 'per_layer' for data-parallel training")
     rank, world_size = (world.rank, world.size) if world is not None else (0, 1)
     if secure and accountant not in (None, "rdp"):
         raise ValueError(f"{fn}: secure=True draws discrete Gaussian noise, which only the RDP accountant bounds; "
