@@ -13,7 +13,8 @@ Each session first shares and masks the weights once (not timed), then runs one 
   the sum;
 * ``dealer_cpu_s_per_image``: CPU seconds of the dealer's thread (setup included) / batch size;
 * ``bytes_per_image``: bytes one party sends plus receives from the other in the batch / batch size;
-* ``dealer_bytes_per_image``: material the dealer sends to both parties (setup included) / batch size;
+* ``dealer_bytes_per_image``: material the dealer sends to both parties for the batch / batch size
+  (``setup_dealer_bytes``: the one-time weight masks, 8 bytes per masked weight and party);
 * ``rounds``: communication rounds of the batch (independent of the batch size below 2^20 compared
   elements);
 * ``peak_material_bytes``: the most dealer material held at once for one party (streamed chunks);
@@ -63,12 +64,14 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
     weights, image = encode_weights(model, program), encode(x)
     clocks: dict[int, tuple[float, float]] = {}
     stats: dict[int, CommStats] = {}
+    setup_material: dict[int, int] = {}
 
     def party(ctx):
         # the session's setup (weights shared and masked once), then the batch that is timed
         shared = share_model(ctx, program, weights if ctx.rank == 0 else None, key=Key(seed).fold_in(ctx.rank))
         before = CommStats(**ctx.stats.to_dict())
         t0, c0 = time.perf_counter(), time.thread_time()
+        setup_material[ctx.rank] = 8 * sum(m.share.numel() for m in shared.masked.values())  # the masks
         out = encrypted_inference(ctx, program, tuple(x.shape), key=Key(seed).fold_in(10 + ctx.rank),
                                   image=image if ctx.rank == 1 else None, model=shared)
         clocks[ctx.rank] = (time.perf_counter() - t0, time.thread_time() - c0)
@@ -92,7 +95,8 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
         "dealer_cpu_s_per_image": clocks[DEALER][1] / batch,
         "plain_s_per_image": plain_s / batch,
         "bytes_per_image": (st.bytes_sent + st.bytes_received) / batch,
-        "dealer_bytes_per_image": sum(res.dealer_bytes) / batch,  # includes the one-time weight masks
+        "dealer_bytes_per_image": (sum(res.dealer_bytes) - setup_material[0] - setup_material[1]) / batch,
+        "setup_dealer_bytes": setup_material[0] + setup_material[1],  # the one-time weight masks
         "rounds": st.rounds,
         "peak_material_bytes": max(res.peak_material_bytes),
         "max_abs_logit_error": float((decode(out.logits) - ref).abs().max()),
@@ -106,6 +110,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="SmallCNN 28² batch 1 only")
     p.add_argument("--run-dir", default=None, help="trained `dpfunc train` run for the SmallCNN rows")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    p.add_argument("--out", default=str(OUT), help="JSON file for the rows")
     p.add_argument("--rows", default=None, help="comma list of model:size:batch, e.g. cnn:28:1,resnet18:64:1")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -132,10 +137,11 @@ def main(argv=None) -> int:
         row = measure(model_name, model, size, batch)
         results.append(row)
         print(json.dumps(row))
-        OUT.parent.mkdir(parents=True, exist_ok=True)
-        tmp = OUT.with_suffix(".tmp")
+        out_path = Path(args.out)
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
-        os.replace(tmp, OUT)
+        os.replace(tmp, out_path)
     print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'wall s/img':>11}{'CPU s/img P0+P1':>16}{'dealer CPU s/img':>17}"
           f"{'plain s/img':>12}{'MB/img':>9}{'dealer MB/img':>14}{'rounds':>7}{'max|Δlogit|':>12}")
     for r in results:
