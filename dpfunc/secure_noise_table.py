@@ -37,8 +37,10 @@ factories of Canonne, Kamath & Steinke 2020 and lazily compared uniforms as in K
 Cost: one table build per variance (≈ 2k rigorous exponentials, 0.1–0.5 s, cached), then per candidate
 8 keystream bytes, one 64-bit table lookup (``torch.index_select``: 3x faster than ``np.take`` here),
 two 16-bit compares and an add, over 65,536-wide chunks; 97.2 % of candidates are accepted in that pass,
-2.5 % rejected, the rest resolved exactly. From 2^20 samples on, ``torch.get_num_threads()`` threads
-share the chunks, each on a ChaCha20 stream spawned from the caller's (:meth:`SecureRandom.spawn`).
+2.5 % rejected, the rest resolved exactly. From 2^20 samples on and with ``torch.get_num_threads() ≥ 4``,
+that many threads share the chunks, each on a ChaCha20 stream spawned from the caller's
+(:meth:`SecureRandom.spawn`); on the loaded 2-core bench machine two threads measured 5 % slower than
+one, so two threads do not split (the gain on idle many-core machines is expected, not measured).
 
 Timing: the fast pass does the same work for every candidate; what varies is the number of rejected
 candidates (independent of the accepted values: each output is the first accepted candidate of its own
@@ -75,7 +77,8 @@ __all__ = ["exp_neg_bounds", "uniform_below_coef_exp", "SlotTable", "slot_table"
 SLOT_BITS = 16
 NUM_SLOTS = 1 << SLOT_BITS
 CHUNK = 1 << 16  # candidates per pass: the lane arrays stay in cache
-PARALLEL_MIN_PER_THREAD = 1 << 19  # from 2·2^19 samples on, torch.get_num_threads() threads share the work
+PARALLEL_MIN_PER_THREAD = 1 << 19  # from 2·2^19 samples on, torch.get_num_threads() threads share the work …
+PARALLEL_MIN_THREADS = 4  # … if there are at least 4 (on the 2-core bench machine, 2 threads were 5 % slower than 1)
 TARGET_BINS = 1536
 TAIL_SIGMAS = 7.0  # L ≥ 7σ to start with (the build checks the tail bound and widens L if needed)
 _BOUND_BITS = 80  # precision of the table's exponential bounds
@@ -286,7 +289,8 @@ def sample_discrete_gaussian_table(n: int, params: DiscreteGaussianParams, rng: 
     if tab.variance != params.variance:
         raise ValueError(f"sample_discrete_gaussian_table: table is for variance {tab.variance}, params ask for {params.variance}")
     out = np.empty(n, dtype=np.int64)
-    workers = min(torch.get_num_threads(), n // PARALLEL_MIN_PER_THREAD)
+    threads = torch.get_num_threads()
+    workers = min(threads, n // PARALLEL_MIN_PER_THREAD) if threads >= PARALLEL_MIN_THREADS else 1
     if workers <= 1:
         if n:
             _fill(out, tab, rng)

@@ -319,6 +319,7 @@ def test_threaded_parts_fill_every_position_with_the_same_law(monkeypatch):
     """Large n is split over torch.get_num_threads() worker threads, each on its own spawned ChaCha20
     stream: every position is filled, the parts differ, and the law is the same."""
     monkeypatch.setattr(snt, "PARALLEL_MIN_PER_THREAD", 1 << 14)
+    monkeypatch.setattr(snt, "PARALLEL_MIN_THREADS", 3)
     monkeypatch.setattr(snt.torch, "get_num_threads", lambda: 3)
     variance = 1_001_000
     y = sample_discrete_gaussian_table(200_003, DiscreteGaussianParams(1, variance), SecureRandom())
