@@ -189,7 +189,7 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
         shared = share_model(ctx, program, weights, key=key.fold_in(-1), reuse_masks=reuse)
         setup_seconds = time.perf_counter() - t0
         setup_stats = CommStats(**ctx.stats.to_dict())
-        setup_material = ctx.source.bytes_received if rank != DEALER else 0
+        setup_material = 8 * sum(m.share.numel() for m in shared.masked.values())  # the masks, per party
         ctx.stats = CommStats()
         outputs, times = [], []
         for b in range(batches):
