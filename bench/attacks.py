@@ -86,16 +86,25 @@ def table(cells: list[dict], sigma: float) -> str:
 
 
 def figure_b1(pictures: dict, sigma: float, path: Path, columns: int) -> None:
-    """Originals over reconstructions: one row per (weights, scenario), the same private images in every row."""
+    """Originals over reconstructions, the same private images in every row: one row per scenario, the
+    first ``columns`` images attacked at initialisation, then the same images after DP training."""
+    weights = list(dict.fromkeys(w for w, _, _ in pictures))
     rows = []
-    for (wname, b, sc), (orig, rec, ps) in pictures.items():
-        if not rows:
-            rows.append(("original", orig[:columns], None))
-        label = f"{'init' if wname == 'init' else 'trained'}: " + NAMES[sc].format(s=sigma).replace(" (", "\n(")
-        rows.append((label, rec[:columns], ps[:columns]))
+    for sc in (*SCENARIOS, "dlg"):
+        recs, values = [], []
+        for w in weights:
+            if (w, 1, sc) in pictures:
+                orig, rec, ps = pictures[(w, 1, sc)]
+                if not rows:
+                    rows.append(("original", torch.cat([orig[:columns]] * len(weights)), None))
+                recs.append(rec[:columns])
+                values += ps[:columns]
+        if recs:
+            rows.append((NAMES[sc].format(s=sigma).replace(" (", "\n(").replace(", ", "\n"), torch.cat(recs), values))
     if rows:
-        plot_reconstructions(rows, path, max_columns=columns,
-                             title="Inverting Gradients (and DLG) on the case-study CNN, B = 1: originals over reconstructions")
+        what = " | ".join(f"{columns} at {w}" for w in weights)
+        plot_reconstructions(rows, path, max_columns=columns * len(weights),
+                             title=f"Inverting Gradients / DLG, case-study CNN, B = 1\ncolumns: {what}")
 
 
 def figure_batch(pictures: dict, sigma: float, path: Path) -> None:
@@ -122,6 +131,7 @@ def main() -> int:
     ap.add_argument("--iterations", type=int, default=1000, help="iterations for B > 1")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--batch-scenarios", nargs="+", choices=SCENARIOS, default=["nonprivate", "dp", "secagg"])
+    ap.add_argument("--batch-name", default="attacks-batch", help="batch part's outputs: bench/results/NAME.json, .md, .png")
     ap.add_argument("--threads", type=int, default=max(1, min(2, os.cpu_count() or 1)))
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -184,15 +194,15 @@ def main() -> int:
 
     if "batch" in args.parts:
         cells, pictures, meta = [], {}, {"partial": True, "iterations": args.iterations}
-        draw = lambda: figure_batch(pictures, sigma, RESULTS / "attacks-batch.png")  # noqa: E731
+        draw = lambda: figure_batch(pictures, sigma, RESULTS / f"{args.batch_name}.png")  # noqa: E731
         for b in args.batch_sizes:
             for sc in args.batch_scenarios:
                 out, pic = run_cell(params0, "init", b, sc, b, args.iterations)
                 cells.append(out)
                 pictures[("init", b, sc)] = pic
-                save("attacks-batch", cells, meta, draw)
+                save(args.batch_name, cells, meta, draw)
         meta["partial"] = False
-        save("attacks-batch", cells, meta, draw)
+        save(args.batch_name, cells, meta, draw)
         print(table(cells, sigma), flush=True)
 
     print(f"total {time.perf_counter() - t_start:.0f}s, load {load()}", flush=True)

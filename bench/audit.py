@@ -59,6 +59,7 @@ def main() -> int:
     ap.add_argument("--control-claims", type=float, nargs="+", default=[1.0, 2.0], help="σ the broken (σ = 0) mechanism claims")
     ap.add_argument("--sigmas", type=float, nargs="*", default=[0.5, 1.0, 2.0])
     ap.add_argument("--black-box-sigma", type=float, default=0.5)
+    ap.add_argument("--black-box-claims", type=float, default=None, help="σ the black-box run's ledger claims (needed for σ = 0)")
     ap.add_argument("--canaries", type=int, default=1000)
     ap.add_argument("--engine", choices=["fast", "vmap"], default="fast")
     ap.add_argument("--skip", type=int, nargs="*", default=[], choices=[1, 2, 3, 4])
@@ -83,7 +84,8 @@ def main() -> int:
     # (number, label, σ, mode, claimed σ, epochs)
     runs = [(1, f"case study: white-box, σ = {cs_sigma:.2f} (ε = 3)", cs_sigma, "white-box", None, args.epochs),
             *[(2, f"control: white-box, σ = 0 (claims σ = {c:g})", 0.0, "white-box", c, args.control_epochs) for c in args.control_claims],
-            (3, f"black-box, σ = {args.black_box_sigma}", args.black_box_sigma, "black-box", None, args.epochs)]
+            (3, f"black-box, σ = {args.black_box_sigma:g}" + (f" (claims σ = {args.black_box_claims:g})" if args.black_box_claims else ""),
+             args.black_box_sigma, "black-box", args.black_box_claims, args.epochs)]
     runs += [(4, f"white-box, σ = {s}", s, "white-box", None, args.epochs) for s in args.sigmas]
     runs = [r for r in runs if r[0] not in args.skip]
     rows, panels = [], []
