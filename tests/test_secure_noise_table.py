@@ -201,11 +201,14 @@ def test_table_sampler_matches_the_exact_pmf_small_sigma(sigma):
     assert _pmf_pvalue(y, params.variance) > FALSE_ALARM
 
 
-@pytest.mark.parametrize("sigma", [700.0, 2.5e4, 6.0e5])
+@pytest.mark.parametrize("sigma", [700.0, 2.5e4, 6.0e5, 2.0**30])
 def test_table_sampler_matches_the_exact_pmf_large_sigma(sigma):
-    """Bins wider than 1 (the δ factor is live); 6e5 is ResNet-18's σ in grid units (k = 19)."""
+    """Bins wider than 1 (the δ factor is live); 6e5 is ResNet-18's σ in grid units (k = 19); 2^30: starts
+    beyond int32 (no packed table), offsets wider than 16 bits, the δ factor on Python ints."""
     params = discrete_gaussian_params(sigma)
-    assert slot_table(params.variance).width_bits >= 1 or sigma < 1000
+    tab = slot_table(params.variance)
+    assert tab.width_bits >= 1 or sigma < 1000
+    assert (tab.packed is None and tab.width_bits > 16 and tab.half_range >= snt._INT64_DELTA_RANGE) == (sigma > 1e9)
     y = sample_discrete_gaussian_table(400_000, params, SecureRandom())
     assert _cells_pvalue(y, params.variance) > FALSE_ALARM
     v = params.variance  # and the variance, 5.3 standard errors (kurtosis 3)
