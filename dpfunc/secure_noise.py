@@ -464,6 +464,7 @@ def secure_privatize(
     for name, v in clipped_sum.items():
         n = int(v.numel())  # N·(h/(q·n)) in the output's float dtype: a function of the integer N = grid + Y only
         dt = v.dtype if v.dtype in (torch.float32, torch.float64) else torch.float64
-        out[name] = grid[at:at + n].to(dt).mul_(step).reshape(v.shape).to(device=v.device, dtype=v.dtype)
+        value = torch.mul(grid[at:at + n], torch.tensor(step, dtype=dt))  # one pass: N cast to dt, times step
+        out[name] = value.reshape(v.shape).to(device=v.device, dtype=v.dtype)
         at += n
     return out, SecureNoiseInfo(k, delta, params.variance, d)
