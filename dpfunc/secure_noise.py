@@ -11,7 +11,8 @@ What this module does instead (``secure=True`` in :func:`dpfunc.dp_aggregate` / 
    from ``os.urandom``. Nothing derives from the run's seed; two runs with the same seed differ, and
    a secure run is **not reproducible** by design.
 2. **Grid**: the clipped sum ``S`` (float) is rounded coordinate-wise to the grid ``h·Z``, ``h = 2^-k``
-   (round to nearest, in float64, where ``S/h`` is exact for a power-of-two ``h``).
+   (round half to even, per tensor in its float32 / float64 dtype, where ``S/h`` is exact for a
+   power-of-two ``h``: the same integer as in float64).
 3. **Noise**: i.i.d. discrete Gaussian ``N_Z(0, v)`` on the integers, drawn exactly in integer
    arithmetic only: for ≥ 4096 coordinates by the slot-table rejection sampler of
    :mod:`dpfunc.secure_noise_table` (≈ 2e7 samples/s), otherwise by the rejection sampler of Canonne,
@@ -451,9 +452,9 @@ def secure_privatize(
         if scaled.numel():
             lo, hi = torch.aminmax(scaled)  # NaN and ±inf fail the finiteness check below
             top = max(-lo.item(), hi.item())
-            if not math.isfinite(top):
+            if not math.isfinite(top) and not bool(torch.isfinite(x).all()):
                 raise ValueError(f"{fn}: clipped_sum holds non-finite values")
-            if top >= 2.0**62:
+            if not top < 2.0**62:  # also a finite S whose S·2^k overflowed the float dtype
                 raise ValueError(f"{fn}: |clipped_sum| · 2^{k} exceeds 2^62; use fewer grid_bits")
         grid[at:at + x.numel()].copy_(scaled.round_())
         at += x.numel()

@@ -227,6 +227,8 @@ def test_secure_privatize_noise_scale_shapes_and_bad_input():
         secure_privatize(like, noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=4.0, grid_bits=99)
     with pytest.raises(ValueError, match="non-finite"):
         secure_privatize({"a": torch.tensor([math.nan])}, noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=1.0)
+    with pytest.raises(ValueError, match="exceeds 2\\^62"):  # finite, but S·2^k overflows float32
+        secure_privatize({"a": torch.tensor([3e38])}, noise_multiplier=1.0, sensitivity=1.0, expected_batch_size=1.0)
     with pytest.raises(ValueError, match="secure=True needs noise_multiplier > 0"):
         dp_aggregate(DPConfig(1.0, 0.0, 0.5, 4), Key(0), secure=True)
     with pytest.raises(ValueError, match="discrete_gaussian_params: sigma"):
