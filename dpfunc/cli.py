@@ -320,8 +320,11 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = plan_run(cfg, data_file)
         sigma = "none (non-private)" if plan.noise_multiplier is None else f"{plan.noise_multiplier:.4f}"
+        from dpfunc.devices import describe_device, resolve_device
+
         print(f"plan: n = {plan.num_examples}, q = {plan.sampling_rate:.5f}, {plan.steps_per_epoch} steps/epoch × "
-              f"{cfg.epochs} epochs = {plan.steps} steps, σ = {sigma}, model {cfg.model}, engine {cfg.engine}")
+              f"{cfg.epochs} epochs = {plan.steps} steps, σ = {sigma}, model {cfg.model}, engine {cfg.engine}, "
+              f"device {describe_device(resolve_device(cfg.device))} ({cfg.precision})")
         print("dry run: nothing trained, nothing written")
         return 0
     result = train(cfg, data_dir=data_file, run_dir=run_dir, resume=args.resume, overwrite=args.overwrite,

@@ -123,6 +123,15 @@ def test_cli_device_flag(capsys):
     assert err.startswith(f"dpfunc train: error: --device '{absent}'") and "offers: cpu" in err
 
 
+def test_dry_run_names_the_device_auto_picks(capsys, data_dir):
+    from dpfunc.cli import main
+
+    assert main(["train", "--dry-run", "--precision", "bf16", "--data-dir", str(data_dir)]) == 0
+    plan = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("plan:"))
+    assert plan.endswith(f"device {resolve_device('auto')}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "")
+                         + " (bf16)"), plan
+
+
 # ------------------------------------------------------------------------------- data to the device
 
 
