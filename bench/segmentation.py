@@ -2,14 +2,17 @@
 
     python bench/segmentation.py                       # both parts: bench/results/segmentation.{json,md}
     python bench/segmentation.py --part dice --seeds 0 1 2
+    python bench/segmentation.py --part dice --seeds 1 --results /tmp/seed1.json   # one seed per process …
+    python bench/segmentation.py --part report --merge /tmp/seed0.json /tmp/seed1.json  # … then their rows merged
     python bench/segmentation.py --part speed --repeats 5
 
 Dice part: ``dpfunc make-phantoms`` data (40 patients, 128×128×24, phantom seed 0) read at 64×64 with
 organ-range slice selection; for each run seed (which also draws the patient split 24/8/8, the
 initial weights, the batches and the noise) a non-private Adam run and patient-level DP-Adam runs
-at ε = 8 and ε = 3 (δ = 1e-5, PLD), the same U-Net (width 8, depth 3), batches (8 expected
-patients, 4 slices each), epochs and learning rate. Reported: mean test Dice over the 8 test
-patients (3-D per patient), its patient-bootstrap 95% CI, and the mean ± sd over seeds.
+at ε = 8 and ε = 3 (δ = 1e-5, PLD), the same U-Net (``--width``, depth 3, output bias at the
+``--foreground-prior``), batches (``--batch-size`` expected patients, 4 slices each), epochs and
+learning rate. Reported: mean test Dice over the 8 test patients (3-D per patient), its
+patient-bootstrap 95% CI, HD95 (voxels, mean over the test patients), and the mean ± sd over seeds.
 
 Speed part: one full training step (gradients, clipping, noise, Adam update) of the same U-Net at
 64×64 for B = 16 and 64 rows (slices), non-private vs ``vmap_engine`` vs ``fast_engine``, for the
@@ -53,11 +56,12 @@ def machine() -> dict:
             "load_average": os.getloadavg()[0], "python": platform.python_version()}
 
 
-def _save(payload: dict) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS / ".segmentation.json.tmp"
+def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
-    tmp.replace(RESULTS / "segmentation.json")
+    tmp.replace(path)
 
 
 # ------------------------------------------------------------------------------------------ Dice
@@ -76,27 +80,33 @@ def dice_part(args, payload: dict) -> None:
         for name, extra in SETTINGS.items():
             if (name, seed) in done:
                 continue
-            cfg = SegmentationConfig(seed=seed, epochs=args.epochs, batch_size=8, slices_per_patient=4, learning_rate=5e-3,
-                                     width=8, depth=3, **extra)
+            cfg = SegmentationConfig(seed=seed, epochs=args.epochs, batch_size=args.batch_size, slices_per_patient=4,
+                                     learning_rate=args.lr, width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2,
+                                     foreground_prior=args.foreground_prior, ema_decay=args.ema_decay, **extra)
             t0 = time.perf_counter()
             r = train_segmentation(cfg, data_dir=data, progress=False, log=lambda s: None, bootstrap_resamples=1000)
             row = {"setting": name, "seed": seed, "test_dice": r.test["dice"], "ci_lower": r.test_ci["dice"]["lower"],
-                   "ci_upper": r.test_ci["dice"]["upper"], "test_iou": r.test["iou"], "epsilon": r.epsilon,
+                   "ci_upper": r.test_ci["dice"]["upper"], "test_iou": r.test["iou"], "test_hd95": r.test["hd95"],
+                   "hd95_ci_lower": r.test_ci["hd95"]["lower"], "hd95_ci_upper": r.test_ci["hd95"]["upper"],
+                   "hd95_empty_mismatch": r.test["hd95_empty_mismatch"], "val_dice": r.val["dice"], "epsilon": r.epsilon,
                    "noise_multiplier": r.noise_multiplier, "steps": r.steps, "best_epoch": r.best_epoch,
                    "train_seconds": r.train_seconds, "seconds_per_epoch": r.train_seconds / args.epochs,
                    "wall_seconds": time.perf_counter() - t0, "load_average": os.getloadavg()[0]}
             rows.append(row)
             print(f"{name:<12} seed {seed}: Dice {row['test_dice']:.4f} [{row['ci_lower']:.4f}, {row['ci_upper']:.4f}] "
+                  f"HD95 {row['test_hd95']:.2f} "
                   f"ε {row['epsilon']} σ {row['noise_multiplier']} {row['seconds_per_epoch']:.1f}s/epoch", flush=True)
-            payload["dice_setup"] = {"patients": args.patients, "epochs": args.epochs, "image_size": 64, "width": 8, "depth": 3,
-                                     "batch_patients": 8, "slices_per_patient": 4, "learning_rate": 5e-3, "delta": 1e-5}
-            _save(payload)
+            payload["dice_setup"] = {"patients": args.patients, "epochs": args.epochs, "image_size": 64, "width": args.width,
+                                     "depth": 3, "batch_patients": args.batch_size, "slices_per_patient": 4,
+                                     "learning_rate": args.lr, "delta": 1e-5, "foreground_prior": args.foreground_prior,
+                                     "ema_decay": args.ema_decay}
+            _save(payload, args.results)
 
 
 # ----------------------------------------------------------------------------------------- speed
 
 
-def speed_part(args, payload: dict) -> None:
+def speed_part(args, payload: dict, path: Path) -> None:
     torch.set_num_threads(args.threads)
     net = unet_gn(key=Key(0), width=8, depth=3)
     model = PackedSegmenter(net)
@@ -144,7 +154,7 @@ def speed_part(args, payload: dict) -> None:
                 print(f"B={b:<3} unit={unit:<7} ({n_ex:>2} examples) {m:<12} {med * 1000:8.1f} ms  {med / base:5.2f}×", flush=True)
     payload["speed"] = rows
     payload["speed_machine"] = machine()
-    _save(payload)
+    _save(payload, path)
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -159,27 +169,46 @@ def report(payload: dict) -> str:
     lines.append("")
     if payload.get("dice"):
         s = payload.get("dice_setup", {})
+        dm = payload.get("dice_machine")
+        if dm:
+            lines += [f"Dice runs: {dm.get('cpu')}, torch {dm.get('torch')}, {dm.get('threads')} thread per run, one process per "
+                      f"seed in parallel (load average {dm.get('load_average', float('nan')):.1f} at the start; per-row load below).", ""]
         lines += [f"Dice: {s.get('patients')} phantom patients (24 train / 8 val / 8 test per seed), 64×64, U-Net width "
                   f"{s.get('width')} depth {s.get('depth')}, {s.get('epochs')} epochs, {s.get('batch_patients')} expected "
-                  f"patients × {s.get('slices_per_patient')} slices per step, Adam lr {s.get('learning_rate')}, δ = 1e-5.", "",
-                  "| setting | seed | test Dice (95% CI over patients) | ε | σ | s/epoch |", "|---|---|---|---|---|---|"]
-        for r in payload["dice"]:
+                  f"patients × {s.get('slices_per_patient')} slices per step, Adam lr {s.get('learning_rate')}, output-bias "
+                  f"prior {s.get('foreground_prior')}, EMA {s.get('ema_decay')}, δ = 1e-5. HD95 in voxels of the 64² grid "
+                  f"(a patient whose prediction is empty counts as the grid diagonal).", "",
+                  "| setting | seed | test Dice (95% CI over patients) | HD95 (95% CI) | val Dice | ε | σ | s/epoch | load |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(payload["dice"], key=lambda r: (r["seed"], list(SETTINGS).index(r["setting"]))):
             eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
             sig = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
-            lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] | {eps} | "
-                         f"{sig} | {r['seconds_per_epoch']:.1f} |")
+            hd = (f"{r['test_hd95']:.2f} [{r['hd95_ci_lower']:.2f}, {r['hd95_ci_upper']:.2f}]"
+                  + (f" ({r['hd95_empty_mismatch']} empty)" if r.get("hd95_empty_mismatch") else "")) if "test_hd95" in r else "–"
+            lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] | {hd} | "
+                         f"{r.get('val_dice', float('nan')):.3f} | {eps} | {sig} | {r['seconds_per_epoch']:.1f} | "
+                         f"{r.get('load_average', float('nan')):.1f} |")
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
             lines += ["", "Rows with Dice < 0.3 (" + ", ".join(f"{r['setting']} seed {r['seed']}" for r in low) + "): the model "
-                      "predicts (almost) no organ. The non-private seed-2 run had validation Dice 0 from the first epoch on "
-                      "(argmax never picks the organ; its loss still falls): a failure of this recipe (plain Adam, lr 5e-3, "
-                      "CE + soft Dice) at that split/initialisation, not of the data path; it is kept in the means."]
-        lines += ["", "| setting | seeds | mean test Dice ± sd over seeds |", "|---|---|---|"]
+                      "predicts (almost) no organ; kept in the means."]
+        lines += ["", "| setting | seeds | mean test Dice ± sd over seeds | mean HD95 |", "|---|---|---|---|"]
         for name in SETTINGS:
-            vals = [r["test_dice"] for r in payload["dice"] if r["setting"] == name]
-            if vals:
+            rows = [r for r in payload["dice"] if r["setting"] == name]
+            if rows:
+                vals = [r["test_dice"] for r in rows]
                 sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-                lines.append(f"| {name} | {len(vals)} | {statistics.mean(vals):.3f} ± {sd:.3f} |")
+                hds = [r["test_hd95"] for r in rows if "test_hd95" in r]
+                hd = f"{statistics.mean(hds):.2f}" if hds else "–"
+                lines.append(f"| {name} | {len(vals)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {hd} |")
+        lines.append("")
+    if payload.get("dice_previous"):
+        prev = payload.get("dice_setup_previous", {})
+        lines += [f"Previous recipe (width {prev.get('width')}, default output bias, otherwise the same; one seed after another "
+                  f"at load ≈ 14–19; kept for comparison):", "",
+                  "| setting | seed | test Dice (95% CI) |", "|---|---|---|"]
+        for r in payload["dice_previous"]:
+            lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] |")
         lines.append("")
     if payload.get("speed"):
         sm = payload.get("speed_machine", {})
@@ -201,16 +230,32 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of adding to the last one")
+    p.add_argument("--width", type=int, default=8, help="U-Net width")
+    p.add_argument("--batch-size", type=int, default=8, help="expected patients per step")
+    p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
+    p.add_argument("--foreground-prior", type=float, default=0.05, help="output-bias prior (see SegmentationConfig)")
+    p.add_argument("--ema-decay", type=float, default=0.9, help="EMA of the iterates that is evaluated")
+    p.add_argument("--results", type=Path, default=RESULTS / "segmentation.json", help="the JSON to add rows to")
+    p.add_argument("--merge", type=Path, nargs="+", default=[],
+                   help="JSONs (of --results runs) whose Dice rows and setup are merged into --results")
     args = p.parse_args(argv)
-    path = RESULTS / "segmentation.json"
+    path = args.results
     payload = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
+    for other in args.merge:
+        extra = json.loads(other.read_text())
+        have = {(r["setting"], r["seed"]) for r in payload.get("dice", [])}
+        payload.setdefault("dice", []).extend(r for r in extra.get("dice", []) if (r["setting"], r["seed"]) not in have)
+        payload["dice_setup"] = extra.get("dice_setup", payload.get("dice_setup"))
+        payload.setdefault("dice_machine", extra.get("machine"))
     torch.set_num_threads(args.threads)
     payload.setdefault("machine", machine())
     if args.part in ("dice", "all"):
         dice_part(args, payload)
     if args.part in ("speed", "all"):
-        speed_part(args, payload)
-    (RESULTS / "segmentation.md").write_text(report(payload))
+        speed_part(args, payload, path)
+    if args.merge:
+        _save(payload, path)
+    path.with_suffix(".md").write_text(report(payload))
     print(report(payload))
     return 0
 

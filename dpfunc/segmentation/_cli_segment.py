@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float("--lr"), default=5e-3, help="Adam step size")
     p.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0, help="clipping bound C")
     p.add_argument("--image-size", type=_int_at_least("--image-size", 8), default=64, help="slice side (64/128/256)")
-    p.add_argument("--width", type=_int_at_least("--width", 1), default=8, help="U-Net channels at full resolution")
+    p.add_argument("--width", type=_int_at_least("--width", 1), default=4, help="U-Net channels at full resolution")
     p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
                    help="axial slices kept: organ (the organ's extent ± --margin) or all")

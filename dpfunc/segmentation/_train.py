@@ -61,7 +61,9 @@ class SegmentationConfig:
         engine: :class:`Engine` (``FAST`` or ``VMAP``).
         private: False trains the non-private baseline (same model, data and optimiser; no clip/noise).
         seed: root of every key (split, init, sampling, slices, noise); 0 is valid.
-        width, depth, groups: U-Net size (see :class:`~dpfunc.models.UNetGN`).
+        width, depth, groups: U-Net size (see :class:`~dpfunc.models.UNetGN`); width 4 (34,066 parameters)
+            by default: on the phantom benchmark it beat width 8 both without DP and at ε = 8 (DP noise
+            grows with the parameter count; README 'Segmentation under DP').
         window_low, window_high: HU window; selection, margin: slice selection (see :func:`read_msd`).
         val_fraction, test_fraction: patient-level split.
         ema_decay: evaluate an exponential moving average of the iterates (post-processing; 0 = off).
@@ -81,14 +83,14 @@ class SegmentationConfig:
     noise_multiplier: float | None = None
     epochs: int = 30
     batch_size: int = 8
-    slices_per_patient: int = 8
-    learning_rate: float = 2e-3
+    slices_per_patient: int = 4
+    learning_rate: float = 5e-3
     max_grad_norm: float = 1.0
     unit: PrivacyUnit = PrivacyUnit.PATIENT
     engine: Engine = Engine.FAST
     private: bool = True
     seed: int = 0
-    width: int = 8
+    width: int = 4
     depth: int = 3
     groups: int = 4
     window_low: float = -160.0
