@@ -66,8 +66,12 @@ def _deep(depth: int, width: int = 4) -> nn.Module:
     layers = []
     for _ in range(depth):
         layers += [nn.Conv2d(width, width, 3, padding=1), nn.Tanh()]
-    torch.manual_seed(0)  # test-local module init (library code never seeds)
-    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 6 * 6, 2)).eval()
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(width * 6 * 6, 2)).eval()
+    g = Key(depth).generator()  # explicit-key weights (the global RNG is left alone)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model
 
 
 # ------------------------------------------------------------------------------ bit-identical
