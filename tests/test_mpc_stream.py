@@ -275,3 +275,25 @@ def test_both_tanh_forms_match_their_oracle(approx):
 def test_tanh_approx_validates_odd():
     with pytest.raises(TypeError, match="TanhApprox: odd must be a bool, got 1"):
         TanhApprox(odd=1)
+
+
+def test_sliced_elementwise_product_is_exact_in_one_round():
+    from dpfunc.mpc import beaver
+
+    g = Key(8).generator()
+    x = torch.randint(-(2**63), 2**63 - 1, (3, 11), generator=g)
+    y = torch.randint(-(2**63), 2**63 - 1, (3, 11), generator=g)
+
+    def program(slice_elements):
+        def run(ctx):
+            xs = share_from(ctx, 1, x if ctx.rank == 1 else None, (3, 11), Key(1))
+            ys = share_from(ctx, 0, y if ctx.rank == 0 else None, (3, 11), Key(2))
+            return reveal_to(ctx, 1, beaver(ctx, xs, ys, Bilinear.MUL, slice_elements=slice_elements))
+        return run
+
+    for limit in (None, 5, 1):
+        res = simulate(program(limit), dealer_key=Key(3), chunk_bytes=64)
+        assert torch.equal(res.outputs[1], x * y)
+        assert res.stats[1].rounds == 4  # two sharings, one product round (sliced or not), the reveal
+    with pytest.raises(RuntimeError, match="beaver: slice_elements must be an int >= 1, got 0"):
+        simulate(program(0), dealer_key=Key(3))

@@ -66,7 +66,7 @@ __all__ = [
 ]
 
 MODEL_OWNER, DATA_OWNER, DEALER = 0, 1, 2
-DEFAULT_CHUNK_BYTES = 32 << 20  # the dealer hands out material in chunks of about 32 MiB per party
+DEFAULT_CHUNK_BYTES = 8 << 20  # the dealer hands out material in chunks of about 8 MiB per party
 
 
 class Bilinear(enum.Enum):

@@ -28,7 +28,7 @@ Command line (one per party)::
     python -m dpfunc.mpc.parties --role data-owner  ... --spec spec.json --images x.pt --out out.pt --seed 13
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
-"batches": n, "fractional_bits": 16, "chunk_bytes": 33554432, "reuse_weight_masks": true}``
+"batches": n, "fractional_bits": 16, "chunk_bytes": 8388608, "reuse_weight_masks": true}``
 (public; the last three optional).
 """
 

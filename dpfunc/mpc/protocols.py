@@ -171,16 +171,48 @@ def _dealer_zeros(req: Request) -> torch.Tensor:
     return torch.zeros(_output_shape(req), dtype=torch.int64)
 
 
-def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params: tuple = ()) -> torch.Tensor:
+PRODUCT_SLICE = 1 << 20
+"""Elementwise products of more elements than this take their triples in slices of this many."""
+
+
+def _beaver_mul_sliced(ctx: Context, x: torch.Tensor, y: torch.Tensor, limit: int) -> torch.Tensor:
+    """Elementwise Beaver product with one triple per slice of ``limit`` elements, all opened in
+    one round (so the dealer can hand out a large product's material chunk by chunk)."""
+    xf, yf = x.reshape(-1), y.reshape(-1)
+    n = xf.numel()
+    cuts = [(i, min(i + limit, n)) for i in range(0, n, limit)]
+    mats = [ctx.draw(Request(Kind.TRIPLE, (j - i,), (j - i,), Bilinear.MUL)) for i, j in cuts]
+    if ctx.is_dealer:
+        return torch.zeros(x.shape, dtype=torch.int64)
+    opened = open_shares(ctx, *[xf[i:j] - m[0] for (i, j), m in zip(cuts, mats)],
+                         *[yf[i:j] - m[1] for (i, j), m in zip(cuts, mats)])
+    es, fs = opened[: len(cuts)], opened[len(cuts) :]
+    out = []
+    for (a, b, c), e, f in zip(mats, es, fs):
+        if ctx.rank == 0:
+            b = b + f
+        out.append(c + e * b + a * f)
+    return torch.cat(out).view(x.shape)
+
+
+def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params: tuple = (),
+           slice_elements: int | None = None) -> torch.Tensor:
     """Share of ``op(x, y)`` for a bilinear ``op`` with a dealer triple (Beaver 1991); one round.
 
     With ``e = x − a`` and ``f = y − b`` opened: ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)``,
     computed as ``c + op(e, b + f) + op(a, f)`` on party 0 and ``c + op(e, b) + op(a, f)`` on party 1
     (two applications of ``op`` instead of three; the same ring values).
     Exact in the ring (no fixed-point rescaling: the result has the sum of the inputs' scales).
+    An elementwise product of two same-shape tensors with more than ``slice_elements`` elements
+    (default :data:`PRODUCT_SLICE`) draws one triple per slice — still one round.
     """
     from dpfunc.mpc.context import apply_bilinear
 
+    limit = PRODUCT_SLICE if slice_elements is None else slice_elements
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"beaver: slice_elements must be an int >= 1, got {slice_elements!r}")
+    if op is Bilinear.MUL and x.shape == y.shape and x.numel() > limit:
+        return _beaver_mul_sliced(ctx, x, y, limit)
     req = Request(Kind.TRIPLE, tuple(x.shape), tuple(y.shape), op, params)
     a, b, c = ctx.draw(req)
     if ctx.is_dealer:
