@@ -77,9 +77,10 @@ _DATA_HELP = ("folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else ..
 #: DP-only flags: refused with --no-dp instead of being silently ignored. name -> TrainConfig default.
 _DP_FLAGS = {"epsilon": 3.0, "noise_multiplier": None, "delta": 1e-5, "max_grad_norm": 1.0, "engine": "fast",
              "augment_views": 0, "clipping": "flat", "target_quantile": 0.5, "clip_learning_rate": 0.2,
-             "count_noise_multiplier": None}
+             "count_noise_multiplier": None, "clip_normalize": True}
 #: Flags that only mean something with --clipping adaptive.
-_ADAPTIVE_FLAGS = ("target_quantile", "clip_learning_rate", "count_noise_multiplier")
+_ADAPTIVE_FLAGS = {"target_quantile": "--target-quantile", "clip_learning_rate": "--clip-lr",
+                   "count_noise_multiplier": "--count-noise-multiplier", "clip_normalize": "--no-clip-normalize"}
 
 
 def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -120,6 +121,9 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="adaptive: step size of log C per step (default: 0.2)")
     t.add_argument("--count-noise-multiplier", type=_positive_float("--count-noise-multiplier"), default=None,
                    help="adaptive: noise std of each step's count, in examples (default: batch size / 20)")
+    t.add_argument("--no-clip-normalize", dest="clip_normalize", action="store_const", const=False, default=None,
+                   help="adaptive: the paper's plain update (by default each released mean is divided by the current "
+                        "C, so that --lr means what it means at flat C = 1)")
     t.add_argument("--augment-views", type=_int_at_least("--augment-views", 0), default=None,
                    help="augmentation multiplicity K (default: 0 = off): K views per example, clipped as one")
     t.add_argument("--image-size", type=int, choices=[28, 64, 224], default=28,
@@ -195,7 +199,7 @@ def _train_config(args: argparse.Namespace):
     dp = {name: _DP_FLAGS[name] if getattr(args, name) is None else getattr(args, name) for name in _DP_FLAGS}
     stray = [n for n in _ADAPTIVE_FLAGS if getattr(args, n) is not None]
     if stray and dp["clipping"] != "adaptive":
-        flags = ", ".join("--" + ("clip-lr" if n == "clip_learning_rate" else n.replace("_", "-")) for n in stray)
+        flags = ", ".join(_ADAPTIVE_FLAGS[n] for n in stray)
         raise CommandError(f"{flags} only apply with --clipping adaptive; add --clipping adaptive or drop {flags}")
     if dp["noise_multiplier"] is not None or args.no_dp:
         dp["epsilon"] = None if dp["noise_multiplier"] is not None else dp["epsilon"]
@@ -206,7 +210,7 @@ def _train_config(args: argparse.Namespace):
                        train_subset=args.train_subset, secure_noise=args.secure_noise, device=args.device,
                        precision=args.precision, deterministic=args.deterministic, clipping=dp["clipping"],
                        target_quantile=dp["target_quantile"], clip_learning_rate=dp["clip_learning_rate"],
-                       count_noise_multiplier=dp["count_noise_multiplier"])
+                       count_noise_multiplier=dp["count_noise_multiplier"], clip_normalize=dp["clip_normalize"])
 
 
 def default_run_name(cfg) -> str:

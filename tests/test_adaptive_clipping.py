@@ -403,6 +403,10 @@ def test_train_config_and_cli_flags(capsys):
         rc = e.code
     assert rc == 2
     assert "--target-quantile, --clip-lr only apply with --clipping adaptive" in capsys.readouterr().err
+    from dpfunc.cli import _train_config, build_parser
+
+    plain = _train_config(build_parser().parse_args(["train", "--clipping", "adaptive", "--no-clip-normalize"]))
+    assert plain.clip_normalize is False and _train_config(build_parser().parse_args(["train"])).clip_normalize is True
 
 
 # --------------------------------------------------------------------------- the bridge
