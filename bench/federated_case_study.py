@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--average-decay", type=float, default=None,
                    help="server-side averaging of the global models (default: FederatedConfig's)")
     p.add_argument("--lr", type=float, default=1.0, help="each site's local SGD step size")
+    p.add_argument("--results-name", default="federated_case_study",
+                   help="file names of the results under bench/results/ (another recipe: another name)")
+    p.add_argument("--server-momentum", type=float, default=None,
+                   help="FedAvgM on the server with this momentum (server lr 1); default plain FedAvg")
     p.add_argument("--threads", type=int, default=1, help="torch threads of every run (1: see the module docstring)")
     p.add_argument("--no-central", action="store_true", help="skip the centralised runs (another process makes them)")
     p.add_argument("--central-only", action="store_true", help="only the centralised runs (for a parallel process)")
@@ -165,8 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
                         alpha=0.5, batch_size=args.batch_size, learning_rate=args.lr,
                         average_decay=args.average_decay, seed=seed)
+            server = ""
+            if args.server_momentum is not None:
+                base.update(server_optimizer="fedavgm", server_learning_rate=1.0, server_momentum=args.server_momentum)
+                server = f"-fedavgm{args.server_momentum:g}"
             tag = (f"{part}-r{args.rounds}-e{args.local_epochs}-b{args.batch_size}-lr{args.lr:g}"
-                   f"-avg{args.average_decay:g}-seed{seed}")
+                   f"-avg{args.average_decay:g}{server}-seed{seed}")
             fracs = [float(labels[i].float().mean()) for i in site_indices(FederatedConfig(**base), labels)]
             setups.append((seed, base, tag, fracs))
         if args.central_only:
@@ -196,7 +204,7 @@ def _write(rows: list[dict], args) -> None:
             seen.add(k)
             unique.append(r)
     rows[:] = unique
-    (RESULTS / "federated_case_study.json").write_text(
+    (RESULTS / f"{args.results_name}.json").write_text(
         json.dumps({"args": vars(args), "machine": _machine(), "rows": rows}, indent=2) + "\n")
 
 
@@ -211,7 +219,9 @@ def _report(rows: list[dict], args) -> None:
     c_auc = [r["roc_auc"] for r in central]
     lines = [f"# Federated DP, PneumoniaMNIST, 3 sites, ε = 3 per site (δ = 1e-5), seeds {args.seeds}",
              "", f"{args.rounds} rounds × {args.local_epochs} local epoch, per-site expected batch {args.batch_size}, "
-             f"local SGD lr {args.lr:g} momentum 0.9, FedAvg, server-side average decay {args.average_decay:g}; "
+             f"local SGD lr {args.lr:g} momentum 0.9, "
+             f"{'FedAvg' if args.server_momentum is None else f'FedAvgM (server lr 1, momentum {args.server_momentum:g})'}, "
+             f"server-side average decay {args.average_decay:g}; "
              "test ROC-AUC of the round selected on validation, mean ± std (number of seeds).", "",
              "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | "
              f"centralised, same {args.rounds * args.local_epochs} epochs | centralised, 15 epochs (README) |",
@@ -224,7 +234,7 @@ def _report(rows: list[dict], args) -> None:
             cells.append(_ms(v) if v else "–")
         label = "IID" if part == "iid" else "Dirichlet α = 0.5"
         lines.append(f"| {label} | {' | '.join(cells)} | {_ms(same) if same else '–'} | {_ms(c_auc) if c_auc else '–'} |")
-    (RESULTS / "federated_case_study.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{args.results_name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     _plot(rows, args, c_auc)
 
@@ -257,7 +267,7 @@ def _plot(rows, args, c_auc) -> None:
     ax.legend(fontsize=8, loc="lower right")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(RESULTS / "federated_case_study.png", dpi=120)
+    fig.savefig(RESULTS / f"{args.results_name}.png", dpi=120)
 
 
 if __name__ == "__main__":
