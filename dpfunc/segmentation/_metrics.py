@@ -103,7 +103,7 @@ def surface_voxels(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _scipy_edt():
-    """scipy's exact Euclidean distance transform (Maurer et al. 2003), or None without scipy."""
+    """scipy's exact Euclidean distance transform, or None without scipy."""
     try:
         from scipy.ndimage import distance_transform_edt
     except ImportError:
