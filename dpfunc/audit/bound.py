@@ -17,7 +17,7 @@ the best after seeing the scores keeps the stated confidence.
 
 References:
     T. Steinke, M. Nasr, M. Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023
-    (arXiv:2305.08846), Theorem 3.1 / Proposition 5.? with the δ correction; jax_privacy's
+    (arXiv:2305.08846), their main theorem with its δ correction (the 2mδ term above); jax_privacy's
     ``auditing.py`` (``_one_run_p_value``) implements the same bound.
 """
 
