@@ -198,7 +198,10 @@ def _single_step_masses(sigma: float, q: float, direction: str, h: float) -> tup
     with np.errstate(invalid="ignore", divide="ignore"):
         c = np.clip(np.where(np.isneginf(log_r), np.inf, log_p - log_r), g[:-1], g[1:])
     p = np.exp(log_p)
-    a = np.clip(p * np.expm1(g[1:] - c) / math.expm1(h), 0.0, p)
+    # expm1(x)/expm1(h) for x = g_{i+1} - c ∈ [0, h], written so that a coarse grid (h > 709, e.g. σ ≈ 1e-4,
+    # where the window of one step's losses spans ~1e8) cannot overflow: e^{x-h}·(1-e^{-x})/(1-e^{-h}).
+    x_up = g[1:] - c
+    a = np.clip(p * np.exp(x_up - h) * -np.expm1(-x_up) / -math.expm1(-h), 0.0, p)
     a = np.where(p > 0, a, 0.0)
     masses = np.zeros(len(k))
     masses[:-1] += a
