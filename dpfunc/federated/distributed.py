@@ -31,7 +31,6 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -112,9 +111,9 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     Raises:
         dpfunc.federated.RoundFailedError: a secure round lost too many sites; nothing of it is applied.
     """
-    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+    from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.data import pneumoniamnist
-    from dpfunc.federated.job import _external, _plots, _progress, _write_json, build, make_engine, prepare
+    from dpfunc.federated.job import _external, _plots, _progress, _write_json, build, make_engine, open_run_folder, prepare
     from dpfunc.federated.rounds import RoundFailedError, RoundReport, select_sites
     from dpfunc.federated.site import site_key, site_keys
     from dpfunc.metrics import binary_metrics, bootstrap_ci
@@ -141,21 +140,11 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     history: list[dict] = []
     best = {"round": 0, "val_auc": -math.inf, "params": state.params}
     elapsed = 0.0
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        ckpt = run_path / "checkpoint.pt"
-        if resume and ckpt.exists():
-            saved = load_checkpoint(ckpt)
-            if saved["config"] != asdict(cfg):
-                raise ValueError(f"run_distributed: {ckpt} was written by another configuration; resume with the same "
-                                 f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
-            state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
-            best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
-            log(f"resumed {ckpt} after round {state.round}/{cfg.rounds}")
-        elif ckpt.exists():
-            raise FileExistsError(f"run_distributed: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
-        _write_json(run_path / "config.json", asdict(cfg))
+    run_path, saved = open_run_folder("run_distributed", run_dir, cfg, resume)
+    if saved is not None:
+        state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
+        best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+        log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
     trust = TRUST.format(c=noise.colluding_sites, t=noise.threshold)
     log(f"federated DP-SGD with distributed noise: {cfg.sites} sites, {cfg.rounds} rounds of one step each, σ={noise.noise_multiplier:.4f} "
         f"(Δ = C + √d·2^-{noise.grid_bits} = {noise.sensitivity:.5f}), t={noise.threshold}, c={noise.colluding_sites}, "

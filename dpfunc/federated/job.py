@@ -285,6 +285,33 @@ def make_engine(cfg: FederatedConfig, module, apply_fn):
     return vmap_engine(lambda p, b, x, y: F.cross_entropy(apply_fn(p, b, x[None]), y[None]), clipping=clipping)
 
 
+def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path | None, dict | None]:
+    """The run folder of a federated job (created, ``config.json`` written) and, with ``resume``, its saved
+    checkpoint — ``(None, None)`` without a folder.
+
+    Raises:
+        ValueError: resuming a checkpoint written by another configuration.
+        FileExistsError: the folder already holds a run and ``resume`` is False (nothing is overwritten).
+    """
+    from dpfunc.bridge.checkpoint import load_checkpoint
+
+    if run_dir is None:
+        return None, None
+    run_path = Path(run_dir)
+    run_path.mkdir(parents=True, exist_ok=True)
+    ckpt = run_path / "checkpoint.pt"
+    saved = None
+    if resume and ckpt.exists():
+        saved = load_checkpoint(ckpt)
+        if saved["config"] != asdict(cfg):
+            raise ValueError(f"{fn}: {ckpt} was written by another configuration; resume with the same "
+                             f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
+    elif ckpt.exists():
+        raise FileExistsError(f"{fn}: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
+    _write_json(run_path / "config.json", asdict(cfg))
+    return run_path, saved
+
+
 def _write_json(path: Path, obj: Any) -> None:
     from dpfunc.train import _write_json as write
 
@@ -360,7 +387,7 @@ def run_federated(
         RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint of
             the last complete round is left as it was.
     """
-    from dpfunc.bridge.checkpoint import load_checkpoint, save_checkpoint
+    from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.train import evaluate_scores
 
     if cfg.distributed_noise:  # one DP-SGD step per round, noise shared among the sites (issue 14)
@@ -387,21 +414,11 @@ def run_federated(
     history: list[dict] = []
     best = {"round": 0, "val_auc": -math.inf, "params": state.params}
     elapsed = 0.0
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        ckpt = run_path / "checkpoint.pt"
-        if resume and ckpt.exists():
-            saved = load_checkpoint(ckpt)
-            if saved["config"] != asdict(cfg):
-                raise ValueError(f"run_federated: {ckpt} was written by another configuration; resume with the same "
-                                 f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
-            state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
-            best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
-            log(f"resumed {ckpt} after round {state.round}/{cfg.rounds}")
-        elif ckpt.exists():
-            raise FileExistsError(f"run_federated: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
-        _write_json(run_path / "config.json", asdict(cfg))
+    run_path, saved = open_run_folder("run_federated", run_dir, cfg, resume)
+    if saved is not None:
+        state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
+        best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+        log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
 
     sig = ", ".join(f"site {s}: n={p.num_examples} q={p.sampling_rate:.4f} σ={p.noise_multiplier:.3f} "
                     f"steps/round={p.steps_per_round}" for s, p in enumerate(setup.plans))
