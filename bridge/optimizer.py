@@ -126,7 +126,13 @@ class DPOptimizer(torch.optim.Optimizer):
         self.world = world  # a dpfunc.distributed.World, or None for one process
         self._sampler = sampler
         self._noise_key = run_keys(key).noise
-        self._dp = dp_transform(config, self._noise_key, budget=budget, secure=secure)  # adaptive clipping or not
+        self._secure_entropy = None
+        if secure and world is not None and world.size > 1:  # rank 0's OS entropy keys every rank's secure noise
+            from dpfunc.distributed import shared_entropy
+
+            self._secure_entropy = shared_entropy(world)
+        self._dp = dp_transform(config, self._noise_key, budget=budget, secure=secure,  # adaptive clipping or not
+                                secure_entropy=self._secure_entropy)
         self._named = {n: p for n, p in self._inner.named_parameters() if p.requires_grad}
         if not self._named:
             raise ValueError("make_private: the module has no trainable parameters (requires_grad=True)")
@@ -358,7 +364,8 @@ class DPOptimizer(torch.optim.Optimizer):
             self.key, self._noise_key = key, keys.noise
             guard = find_dp_state(self._dp_state).budget
             budget = guard.budget if guard is not None else None
-            self._dp = dp_transform(self.config, self._noise_key, budget=budget, secure=self.secure)
+            self._dp = dp_transform(self.config, self._noise_key, budget=budget, secure=self.secure,
+                                    secure_entropy=self._secure_entropy)
         self.original_optimizer.load_state_dict(state_dict["inner"])
         self._module._shared.forward_count = int(state_dict["forward_count"])
         world = self.world

@@ -188,9 +188,6 @@ def make_private(
 
         if not isinstance(world, World):
             raise TypeError(f"{fn}: world must be a dpfunc.distributed.World (from init_world), got {type(world).__name__}")
-        if world.size > 1 and secure:
-            raise ValueError(f"{fn}: secure=True draws its noise from os.urandom on each rank, so {world.size} ranks would "
-                             f"release different noise; use secure mode in one process")
         if world.size > 1 and not poisson_sampling:
             raise ValueError(f"{fn}: data-parallel training needs poisson_sampling=True (the ranks draw the same batch "
                              f"from the shared key)")

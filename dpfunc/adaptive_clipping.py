@@ -383,7 +383,8 @@ def adaptive_dp_aggregate(config: AdaptiveDPConfig, key: Key, *, budget: Any = N
     return GradientTransformation(init, update)
 
 
-def dp_transform(config: Any, key: Key, *, budget: Any = None, secure: bool = False) -> GradientTransformation:
+def dp_transform(config: Any, key: Key, *, budget: Any = None, secure: bool = False,
+                 secure_entropy: Any = None) -> GradientTransformation:
     """The aggregation transform of a config: :func:`adaptive_dp_aggregate` for an :class:`AdaptiveDPConfig`,
     else :func:`~dpfunc.dp_aggregate` (for drivers such as the bridge's optimizer that take either)."""
     if isinstance(config, AdaptiveDPConfig):
@@ -393,7 +394,7 @@ def dp_transform(config: Any, key: Key, *, budget: Any = None, secure: bool = Fa
         return adaptive_dp_aggregate(config, key, budget=budget)
     from dpfunc.private import dp_aggregate
 
-    return dp_aggregate(config, key, budget=budget, secure=secure)
+    return dp_aggregate(config, key, budget=budget, secure=secure, secure_entropy=secure_entropy)
 
 
 def replace_dp_state(state: Any, **fields: Any) -> Any:

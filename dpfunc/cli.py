@@ -188,9 +188,8 @@ def _train_config(args: argparse.Namespace):
     if args.no_dp and given:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
         raise CommandError(f"--no-dp trains without privacy, so {flags} would be ignored; drop {flags} or drop --no-dp")
-    if args.secure_noise and (args.no_dp or getattr(args, "nproc", 1) > 1):
-        raise CommandError("--secure-noise needs DP training in one process (not --no-dp; not --nproc > 1: every rank "
-                           "would draw its own unreproducible noise)")
+    if args.secure_noise and args.no_dp:
+        raise CommandError("--secure-noise is a way of adding DP noise; drop it or drop --no-dp")
     if args.epsilon is not None and args.noise_multiplier is not None:
         raise CommandError("give --epsilon (σ calibrated to that ε) or --noise-multiplier (a fixed σ), not both")
     for flag, value in (("--momentum", args.momentum), ("--ema-decay", args.ema_decay)):

@@ -70,7 +70,7 @@ from dpfunc.transforms import GradientTransformation, apply_updates
 
 __all__ = [
     "World", "backend_for", "init_world", "single_process", "slice_bounds", "rank_slice", "rank_batch_size",
-    "all_reduce_clipped_sum", "check_replicas", "make_distributed_step", "sync", "save_on_rank0", "launch_local", "free_port",
+    "all_reduce_clipped_sum", "check_replicas", "shared_entropy", "make_distributed_step", "sync", "save_on_rank0", "launch_local", "free_port",
 ]
 
 
@@ -276,6 +276,33 @@ def _metric_sums(out: EngineOutput | None, mask: torch.Tensor | None, world: Wor
     return StepMetrics(sums[0] / n, n.to(torch.int64), frac, sums[3] / n), sums[4]
 
 
+def shared_entropy(world: World) -> Callable[[], bytes]:
+    """``entropy()`` → 48 bytes of rank 0's ``os.urandom``, the same on every rank (one 48-byte broadcast).
+
+    For secure mode on several ranks (``dp_aggregate(..., secure=True, secure_entropy=shared_entropy(world))``):
+    every rank then keys the step's ChaCha20 stream with the same secret bytes and draws the same discrete
+    Gaussian noise, so the noise is added once, as with the shared key of the default path. The bytes never
+    leave the training processes (the trust boundary of the gradients themselves); a one-process world
+    returns ``os.urandom`` itself.
+    """
+    if world.size == 1:
+        return lambda: os.urandom(48)
+
+    def entropy() -> bytes:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(world.group) == "nccl" else torch.device("cpu")
+        buf = torch.zeros(48, dtype=torch.uint8, device=device)
+        if world.rank == 0:
+            buf.copy_(torch.frombuffer(bytearray(os.urandom(48)), dtype=torch.uint8))
+        try:
+            dist.broadcast(buf, src=0, group=world.group)
+        except RuntimeError as e:
+            raise RuntimeError(f"dpfunc.distributed: rank {world.rank} of {world.size} could not receive the secure-noise "
+                               f"key: another rank crashed, stopped or timed out (see its log). Cause: {e}") from e
+        return bytes(buf.cpu().tolist())
+
+    return entropy
+
+
 def check_replicas(updates: Params, world: World) -> None:
     """Raise if the ranks' updates differ (one 2-element all-reduce and one host read).
 
@@ -298,8 +325,8 @@ def check_replicas(updates: Params, world: World) -> None:
     if bool(both[0] != -both[1]):
         raise RuntimeError(
             f"make_distributed_step: the ranks' updates differ (rank {world.rank} of {world.size}); the noise must be drawn "
-            f"from the shared key (dp_aggregate's default). Noise from os.urandom (secure=True) differs per rank: train "
-            f"secure mode in one process")
+            f"from the shared key (dp_aggregate's default). Secure noise from each rank's own os.urandom differs per rank: "
+            f"pass dp_aggregate(..., secure=True, secure_entropy=shared_entropy(world))")
 
 
 def make_distributed_step(

@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -154,7 +154,8 @@ def noise_key(key: Key, step: int) -> Key:
     return key.fold_in(_NOISE_DOMAIN).fold_in(step)
 
 
-def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool = False) -> GradientTransformation:
+def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool = False,
+                 secure_entropy: Callable[[], bytes] | None = None) -> GradientTransformation:
     """Add Gaussian noise to a clipped sum and divide by the expected batch size.
 
     ``update(clipped, state, params)`` takes the :class:`~dpfunc.ClippedSum` that an engine
@@ -175,6 +176,9 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
             (``key`` is then unused for noise; NOT reproducible). The ledger records these steps as
             ``Mechanism.DISCRETE_GAUSSIAN``, so ``epsilon(ledger, δ)`` gives the discrete Gaussian's
             bound (:mod:`dpfunc.accounting.discrete_gaussian`), never the smaller continuous ε.
+        secure_entropy: with ``secure``, a function returning 48 secret bytes per step that key the
+            step's ChaCha20 stream instead of this process's ``os.urandom`` — so that data-parallel ranks
+            draw the same secure noise (:func:`dpfunc.distributed.shared_entropy`). None: fresh OS entropy.
 
     Example:
         >>> tx = dp_aggregate(DPConfig(1.0, 0.0, 0.5, 4), Key(0))
@@ -190,6 +194,9 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
     sigma, q = config.noise_multiplier, config.sampling_rate
     if not isinstance(secure, bool) or (secure and sigma == 0):
         raise ValueError(f"dp_aggregate: secure must be a bool, and secure=True needs noise_multiplier > 0; got secure={secure!r}, σ={sigma}")
+    if secure_entropy is not None and not (secure and callable(secure_entropy)):
+        raise ValueError(f"dp_aggregate: secure_entropy must be a callable returning 48 bytes and needs secure=True; "
+                         f"got secure_entropy={secure_entropy!r}, secure={secure!r}")
     mechanism = Mechanism.DISCRETE_GAUSSIAN if secure else Mechanism.GAUSSIAN
     guard = BudgetGuard(budget, sigma, q, mechanism) if budget is not None else None
 
@@ -211,10 +218,11 @@ def dp_aggregate(config: DPConfig, key: Key, *, budget: Any = None, secure: bool
             )
         count = int(state.count)  # a Python int (an old checkpoint may hold a 0-d CPU tensor)
         if secure:
-            from dpfunc.secure_noise import secure_privatize  # needs `cryptography` (pip install dpfunc[secure])
+            from dpfunc.secure_noise import SecureRandom, secure_privatize  # needs `cryptography` (dpfunc[secure])
 
+            rng = SecureRandom.from_key(secure_entropy()) if secure_entropy is not None else None
             noisy, _ = secure_privatize(updates.grads, noise_multiplier=sigma, sensitivity=updates.sensitivity,
-                                        expected_batch_size=config.expected_batch_size)
+                                        expected_batch_size=config.expected_batch_size, rng=rng)
             return noisy, state._replace(count=count + 1, ledger=state.ledger.step(sigma, q, mechanism=mechanism))
         noisy = privatize(
             updates.grads,
@@ -241,8 +249,10 @@ def dpsgd(
     weight_decay: float = 0.0,
     budget: Any = None,
     secure: bool = False,
+    secure_entropy: Callable[[], bytes] | None = None,
 ) -> GradientTransformation:
-    """DP-SGD (Abadi et al. 2016): ``chain(dp_aggregate(...), sgd(...))``.
+    """DP-SGD (Abadi et al. 2016): ``chain(dp_aggregate(...), sgd(...))`` (``secure``/``secure_entropy``: see
+    :func:`dp_aggregate`).
 
     Example:
         >>> tx = dpsgd(0.5, noise_multiplier=1.1, max_grad_norm=1.0, sampling_rate=0.01, num_examples=5000, key=Key(0))
@@ -250,7 +260,8 @@ def dpsgd(
         0
     """
     cfg = _make_config("dpsgd", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
-    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure), sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
+    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure, secure_entropy=secure_entropy),
+                 sgd(learning_rate, momentum, nesterov=nesterov, weight_decay=weight_decay))
 
 
 def dpadam(
@@ -266,10 +277,12 @@ def dpadam(
     eps: float = 1e-8,
     budget: Any = None,
     secure: bool = False,
+    secure_entropy: Callable[[], bytes] | None = None,
 ) -> GradientTransformation:
     """DP-Adam: ``chain(dp_aggregate(...), adam(...))``; Adam only post-processes the private mean."""
     cfg = _make_config("dpadam", max_grad_norm, noise_multiplier, sampling_rate, num_examples)
-    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure), adam(learning_rate, b1, b2, eps))
+    return chain(dp_aggregate(cfg, key, budget=budget, secure=secure, secure_entropy=secure_entropy),
+                 adam(learning_rate, b1, b2, eps))
 
 
 def find_dp_state(opt_state: Any) -> DPAggregateState | None:

@@ -101,6 +101,16 @@ class SecureRandom:
         raw = np.frombuffer(self._enc.update(bytes(8 * n)), dtype=np.uint64)
         return (raw >> np.uint64(1)).astype(np.int64)
 
+    @classmethod
+    def from_key(cls, key_nonce: bytes) -> SecureRandom:
+        """A generator keyed by 48 given bytes (a 256-bit key and a 128-bit nonce) instead of fresh OS
+        entropy: for ranks that must draw the SAME secure noise (:func:`dpfunc.distributed.shared_entropy`
+        hands every rank rank 0's ``os.urandom(48)``). The bytes must be secret and used once."""
+        if not isinstance(key_nonce, (bytes, bytearray)) or len(key_nonce) != 48:
+            raise ValueError(f"SecureRandom.from_key: key_nonce must be 48 bytes, got {type(key_nonce).__name__} "
+                             f"of length {len(key_nonce) if hasattr(key_nonce, '__len__') else '?'}")
+        return cls(bytes(key_nonce))
+
     def spawn(self) -> SecureRandom:
         """An independent generator keyed by the next 48 bytes of this keystream (for worker threads)."""
         return SecureRandom(self._enc.update(bytes(48)))

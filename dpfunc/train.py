@@ -479,15 +479,12 @@ def train(
     device = _run_device(cfg, world)
     from dpfunc.bridge import functionalize
     from dpfunc.clipping import flush_nonfinite_checks
-    from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, slice_bounds, sync
+    from dpfunc.distributed import init_world, make_distributed_step, rank_slice, save_on_rank0, shared_entropy, slice_bounds, sync
 
     world = init_world(device) if world is None else world  # gloo on CPU, NCCL on CUDA (cuda:LOCAL_RANK selected)
     if world.size > 1 and not cfg.private:
         raise ValueError(f"train: data-parallel training (world size {world.size}) is for DP-SGD runs; train the "
                          f"non-private baseline in one process")
-    if world.size > 1 and cfg.secure_noise:
-        raise ValueError(f"train: secure_noise draws the noise from os.urandom on each rank, so {world.size} ranks would "
-                         f"release different noise; train secure mode in one process (data-parallel needs the shared key)")
     if not world.is_main:
         log, progress = (lambda *_: None), False
     train_set = load_training_set(cfg, data_dir)
@@ -515,7 +512,9 @@ def train(
         step_fn = make_step(None, tx, engine=_make_engine(cfg, module, apply_fn, cfg.adaptive_rule()))
     elif cfg.private:
         tx = dpsgd(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q,
-                   num_examples=n, key=noise_key, momentum=cfg.momentum, secure=cfg.secure_noise)
+                   num_examples=n, key=noise_key, momentum=cfg.momentum, secure=cfg.secure_noise,
+                   # several ranks: rank 0's OS entropy keys every rank's secure noise (the same noise, once)
+                   secure_entropy=shared_entropy(world) if cfg.secure_noise and world.size > 1 else None)
         engine = _make_engine(cfg, module, apply_fn, FlatClipping(cfg.max_grad_norm))
         step_fn = make_step(None, tx, engine=engine) if world.size == 1 else make_distributed_step(None, tx, world=world, engine=engine)
     else:

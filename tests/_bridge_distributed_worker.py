@@ -23,7 +23,7 @@ from dpfunc.distributed import World, init_world
 N, BATCH, SEED, SIGMA, C = 48, 12, 11, 1.1, 0.8
 
 
-def train(world: World | None, steps: int, engine: str = "fast"):
+def train(world: World | None, steps: int, engine: str = "fast", secure: bool = False):
     g = Key(123).generator()
     x = torch.randn(N, 5, generator=g)
     y = (x[:, 0] - x[:, 1] > 0).long()
@@ -34,7 +34,8 @@ def train(world: World | None, steps: int, engine: str = "fast"):
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
     opt = torch.optim.SGD(net.parameters(), lr=0.3, momentum=0.9)
     model, opt, loader = make_private(net, opt, DataLoader(TensorDataset(x, y), batch_size=BATCH), key=Key(SEED),
-                                      noise_multiplier=SIGMA, max_grad_norm=C, grad_sample_mode=engine, world=world)
+                                      noise_multiplier=SIGMA, max_grad_norm=C, grad_sample_mode=engine, world=world,
+                                      secure=secure)
     done = 0
     while done < steps:
         for xb, yb in loader:
@@ -52,10 +53,11 @@ def main() -> int:
     ap.add_argument("out")
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--engine", default="fast")
+    ap.add_argument("--secure", action="store_true", help="secure mode: rank 0's entropy keys every rank's noise")
     a = ap.parse_args()
     torch.set_num_threads(1)
     world = init_world("cpu", timeout_s=30)
-    params, ledger = train(world, a.steps, a.engine)
+    params, ledger = train(world, a.steps, a.engine, a.secure)
     torch.save({"params": params, "ledger": ledger, "world_size": world.size}, os.path.join(a.out, f"rank{world.rank}.pt"))
     if world.size > 1:
         torch.distributed.destroy_process_group()

@@ -15,7 +15,8 @@ import sys
 import torch
 
 from dpfunc import Key, dpsgd, pad_batch, padded_batch_size, poisson_sample, privacy_ledger, run_keys
-from dpfunc.distributed import World, init_world, make_distributed_step, rank_batch_size, rank_slice, save_on_rank0
+from dpfunc.distributed import (World, init_world, make_distributed_step, rank_batch_size, rank_slice, save_on_rank0,
+                                shared_entropy)
 
 N, Q, SEED, LR = 48, 0.25, 7, 0.5
 SIGMA, C = 1.3, 0.7
@@ -41,16 +42,17 @@ def loss_fn(p, b, x, y):
     return (h @ p["w2"] - y) ** 2
 
 
-def make_tx(secure: bool = False):
+def make_tx(secure: bool = False, entropy=None):
     return dpsgd(LR, noise_multiplier=SIGMA, max_grad_norm=C, sampling_rate=Q, num_examples=N,
-                 key=run_keys(Key(SEED)).noise, momentum=0.9, **({"secure": True} if secure else {}))
+                 key=run_keys(Key(SEED)).noise, momentum=0.9,
+                 **({"secure": True, "secure_entropy": entropy} if secure else {}))
 
 
 def train(world: World, first: int, last: int, params=None, opt_state=None, crash_rank: int | None = None,
-          secure: bool = False, fail_rank: int | None = None):
+          secure: bool = False, fail_rank: int | None = None, secure_shared: bool = False):
     """Steps ``first..last-1``; returns ``(params, opt_state, metrics per step)``."""
     x, y = data()
-    tx = make_tx(secure)
+    tx = make_tx(secure or secure_shared, shared_entropy(world) if secure_shared else None)
     if params is None:
         params = init_params()
         opt_state = tx.init(params)
@@ -92,6 +94,7 @@ def main() -> int:
     ap.add_argument("--fail-rank", type=int, help="this rank raises alone in the last step")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--secure", action="store_true", help="noise from os.urandom (must be refused)")
+    ap.add_argument("--secure-shared", action="store_true", help="secure noise keyed by rank 0's entropy (must run)")
     a = ap.parse_args()
     torch.set_default_dtype(getattr(torch, a.dtype))
     torch.set_num_threads(1)
@@ -102,7 +105,7 @@ def main() -> int:
 
         state = load_checkpoint(a.resume)
         params, opt_state = state["params"], state["opt_state"]
-    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank, a.secure, a.fail_rank)
+    params, opt_state, metrics = train(world, a.first, a.last, params, opt_state, a.crash_rank, a.secure, a.fail_rank, a.secure_shared)
     torch.save({"params": params, "ledger": privacy_ledger(opt_state), "metrics": metrics, "probe": noise_probe(world),
                 "world_size": world.size}, os.path.join(a.out, f"rank{world.rank}.pt"))
     save_on_rank0(os.path.join(a.out, "ckpt.pt"), {"params": params, "opt_state": opt_state}, world)

@@ -273,6 +273,30 @@ def test_bridge_make_private_on_two_ranks_equals_one_process(tmp_path, engine):
     assert moved > 1e-3  # the run really trained (the comparison is not between two initial models)
 
 
+def test_secure_noise_on_two_ranks_is_drawn_once_from_rank_zeros_entropy(tmp_path):
+    """secure=True with secure_entropy=shared_entropy(world): both ranks key ChaCha20 with rank 0's os.urandom
+    bytes, draw the same discrete-Gaussian noise, pass the per-step replica check and end bit for bit equal,
+    with discrete-Gaussian ledgers; the functional path and the bridge."""
+    pytest.importorskip("cryptography")
+    from dpfunc.accounting import Mechanism
+
+    codes = _launch(tmp_path / "f", 2, "--last", "3", "--secure-shared")
+    assert codes == [0, 0], _logs(tmp_path / "f")
+    r0, r1 = _results(tmp_path / "f", 2)
+    for name in r0["params"]:
+        assert torch.equal(r0["params"][name], r1["params"][name]), name
+    assert r0["ledger"] == r1["ledger"] and r0["ledger"].total_steps == 3
+    assert all(p.mechanism is Mechanism.DISCRETE_GAUSSIAN for p in r0["ledger"].phases)
+    bridge = tmp_path / "b"
+    bridge.mkdir()
+    codes = launch_local(2, [sys.executable, BRIDGE_WORKER, str(bridge), "--steps", "3", "--secure"],
+                         timeout_s=LAUNCH_TIMEOUT_S, grace_s=60, log_dir=bridge / "logs", env={"OMP_NUM_THREADS": "1"})
+    assert codes == [0, 0], _logs(bridge)
+    b0, b1 = (torch.load(bridge / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert all(torch.equal(b0["params"][k], b1["params"][k]) for k in b0["params"])
+    assert all(p.mechanism is Mechanism.DISCRETE_GAUSSIAN for p in b0["ledger"].phases) and b0["ledger"] == b1["ledger"]
+
+
 def test_bridge_make_private_refuses_what_cannot_run_on_several_ranks():
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
@@ -283,8 +307,6 @@ def test_bridge_make_private_refuses_what_cannot_run_on_several_ranks():
     two = World(0, 2, None)
     net = nn.Linear(3, 2)
     args = (net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(TensorDataset(torch.ones(4, 3), torch.zeros(4).long()), batch_size=2))
-    with pytest.raises(ValueError, match="secure=True"):
-        make_private(*args, key=Key(0), noise_multiplier=1.0, max_grad_norm=1.0, world=two, secure=True)
     with pytest.raises(ValueError, match="poisson_sampling=True"):
         make_private(*args, key=Key(0), noise_multiplier=1.0, max_grad_norm=1.0, world=two, poisson_sampling=False)
     with pytest.raises(TypeError, match="world must be a dpfunc.distributed.World"):
