@@ -294,4 +294,4 @@ def test_train_secure_noise_end_to_end_records_it(data_dir, tmp_path, capsys):
     assert metrics["epsilon"] == pytest.approx(discrete_gaussian_epsilon(sigma, q, steps, 1e-5), rel=1e-9)
     assert metrics["epsilon"] <= 3.0 * 1.0001
     assert main(["train", "--secure-noise", "--no-dp", "--run-dir", str(tmp_path / "x")]) == 2
-    assert "--secure-noise needs DP training" in capsys.readouterr().err
+    assert "--secure-noise is a way of adding DP noise" in capsys.readouterr().err
