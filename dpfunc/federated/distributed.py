@@ -113,10 +113,10 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     """
     from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.data import pneumoniamnist
-    from dpfunc.federated.job import _external, _plots, _progress, _write_json, build, make_engine, open_run_folder, prepare
+    from dpfunc.federated.job import _external, _plots, _progress, _write_json, build, final_evaluation, make_engine, open_run_folder, prepare
     from dpfunc.federated.rounds import RoundFailedError, RoundReport, select_sites
     from dpfunc.federated.site import site_key, site_keys
-    from dpfunc.metrics import binary_metrics, bootstrap_ci
+    from dpfunc.metrics import binary_metrics
     from dpfunc.sampling import poisson_sample
     from dpfunc.secagg.distributed_dp import distributed_round
     from dpfunc.secagg.types import RoundFailedError as SecureRoundFailed
@@ -205,11 +205,8 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     finally:
         bar.close()
 
-    test_set = pneumoniamnist("test", data_dir)
-    val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
-    scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
-    test = binary_metrics(test_set.labels, scores)
-    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=bootstrap_resamples)
+    test_set, val, test, scores, ci = final_evaluation(apply_fn, best["params"], buffers, val_set, data_dir, cfg.seed,
+                                                      bootstrap_resamples)
     sites = _site_report(state, sizes, cfg)
     result = {
         "config": asdict(cfg), "noise_multiplier": noise.noise_multiplier, "sampling_rate": max(rates),

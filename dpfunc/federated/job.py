@@ -285,6 +285,19 @@ def make_engine(cfg: FederatedConfig, module, apply_fn):
     return vmap_engine(lambda p, b, x, y: F.cross_entropy(apply_fn(p, b, x[None]), y[None]), clipping=clipping)
 
 
+def final_evaluation(apply_fn: Callable, params: dict, buffers: dict, val_set: Any, data_dir: Any, seed: int,
+                     bootstrap_resamples: int) -> tuple:
+    """The selected model on validation and test: ``(test_set, val_metrics, test_metrics, test_scores, test_ci)``
+    (the test split is read here, once, after training)."""
+    from dpfunc.train import evaluate_scores
+
+    test_set = pneumoniamnist("test", data_dir)
+    val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, params, buffers, val_set))
+    scores = evaluate_scores(apply_fn, params, buffers, test_set)
+    test = binary_metrics(test_set.labels, scores)
+    return test_set, val, test, scores, bootstrap_ci(test_set.labels, scores, seed=seed, num_resamples=bootstrap_resamples)
+
+
 def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool) -> tuple[Path | None, dict | None]:
     """The run folder of a federated job (created, ``config.json`` written) and, with ``resume``, its saved
     checkpoint — ``(None, None)`` without a folder.
@@ -465,11 +478,8 @@ def run_federated(
     finally:
         bar.close()
 
-    test_set = pneumoniamnist("test", data_dir)
-    val = binary_metrics(val_set.labels, evaluate_scores(apply_fn, best["params"], buffers, val_set))
-    scores = evaluate_scores(apply_fn, best["params"], buffers, test_set)
-    test = binary_metrics(test_set.labels, scores)
-    ci = bootstrap_ci(test_set.labels, scores, seed=cfg.seed, num_resamples=bootstrap_resamples)
+    test_set, val, test, scores, ci = final_evaluation(apply_fn, best["params"], buffers, val_set, data_dir, cfg.seed,
+                                                      bootstrap_resamples)
     sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant)
     result = {
         "config": asdict(cfg),
