@@ -13,7 +13,7 @@ from dpfunc.accounting import (
     epsilon,
     noise_multiplier_for,
 )
-from dpfunc.accounting.ledger import Phase, PrivacyLedger
+from dpfunc.accounting.ledger import Mechanism, Phase, PrivacyLedger
 from dpfunc.adaptive_clipping import AdaptiveClipping, AdaptiveClippingState, adaptive_dpadam, adaptive_dpsgd, adaptive_dp_aggregate
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, PerLayerClipping, clip_and_sum
 from dpfunc.keys import Key, RunKeys, run_keys
@@ -97,6 +97,7 @@ __all__ = [
     "accounting",
     "PrivacyLedger",
     "Phase",
+    "Mechanism",
     "PrivacyBudget",
     "PrivacyBudgetExceededError",
     "epsilon",

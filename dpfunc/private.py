@@ -43,7 +43,7 @@ from dpfunc.noise import check_noise_multiplier, privatize
 from dpfunc.sampling import check_sampling_rate
 from dpfunc.transforms import GradientTransformation, Schedule, adam, chain, sgd
 
-__all__ = ["DPConfig", "DPAggregateState", "BudgetGuard", "check_budget", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger"]
+__all__ = ["DPConfig", "DPAggregateState", "BudgetGuard", "check_budget", "dp_aggregate", "noise_key", "dpsgd", "dpadam", "find_dp_state", "privacy_ledger", "with_discrete_gaussian_ledger"]
 
 
 def _validated(fn: str, clipping: Any, noise_multiplier: Any, sampling_rate: Any, num_examples: Any) -> tuple[Clipping, float, float, int]:

@@ -114,6 +114,10 @@ class PrivacyLedger:
         For ledgers written before phases recorded their mechanism: a secure-mode run's old checkpoint
         holds discrete-Gaussian steps tagged as Gaussian; ``ledger.with_mechanism(DISCRETE_GAUSSIAN)``
         restores what was released (``dpfunc train`` does this when it reads a secure run).
+
+        Example:
+            >>> PrivacyLedger().step(1.1, 0.01, 3).with_mechanism("discrete_gaussian").phases[0].mechanism
+            <Mechanism.DISCRETE_GAUSSIAN: 'discrete_gaussian'>
         """
         mechanism = check_enum("PrivacyLedger.with_mechanism", "mechanism", mechanism, Mechanism)
         out = PrivacyLedger()
