@@ -152,7 +152,7 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     t.add_argument("--nproc", type=_int_at_least("--nproc", 1), default=1,
                    help="data-parallel DP-SGD on N local processes (same result as one; see README 'Scaling out'); "
                         "for several machines use torchrun -m dpfunc train --run-dir DIR ...")
-    add_device_argument(t)
+    add_compute_arguments(t)
     t.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                    help="arithmetic of the model's forward/backward; bf16 = autocast, while clipping, the clipped sum, "
                         "the noise and the update stay float32 (README 'GPUs')")
@@ -162,28 +162,48 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return t
 
 
-def check_device_available(spec: str) -> None:
-    """Raise :class:`CommandError` (naming --device and what this machine offers) for a device it lacks."""
+def check_device_available(spec: str):
+    """The ``torch.device`` that --device ``spec`` names; :class:`CommandError` (naming --device and what this
+    machine offers) for a device it lacks."""
     from dpfunc.devices import resolve_device
 
     try:
-        resolve_device(spec, fn="", name="--device")
+        return resolve_device(spec, fn="", name="--device")
     except ValueError as e:
         raise CommandError(str(e).removeprefix(": ")) from None
 
 
-def add_device_argument(p: argparse.ArgumentParser) -> None:
+def add_device_argument(p: argparse.ArgumentParser, help: str = "where to compute: auto = the GPU when CUDA is available, "
+                                                                 "else the CPU") -> None:
     """``--device auto|cpu|cuda|cuda:N`` (default auto: CUDA when available), for any subcommand that computes
     with a model. The spelling is checked when parsed; whether this machine has the device, when the command
     runs (:func:`dpfunc.devices.resolve_device`)."""
-    p.add_argument("--device", type=_device_spec("--device"), default="auto", metavar="{auto,cpu,cuda,cuda:N}",
-                   help="where to compute: auto = the GPU when CUDA is available, else the CPU")
+    p.add_argument("--device", type=_device_spec("--device"), default="auto", metavar="{auto,cpu,cuda,cuda:N}", help=help)
+
+
+def add_compute_arguments(p: argparse.ArgumentParser, **device_help: str) -> None:
+    """``--device`` (:func:`add_device_argument`) and ``--threads N``: the two flags of every command that
+    computes with a model (train, evaluate, federated, segment, attack, audit, infer). The command calls
+    :func:`compute_device` when it starts."""
+    add_device_argument(p, **device_help)
+    p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None, metavar="N",
+                   help="CPU threads of torch (torch.set_num_threads; default: torch's own, one per core). On a "
+                        "loaded or small machine 1 is often fastest")
+
+
+def compute_device(args: argparse.Namespace):
+    """Apply ``--threads`` and return the ``torch.device`` of ``--device`` (:func:`check_device_available`:
+    a device this machine lacks is refused with a :class:`CommandError` before any work is done)."""
+    from dpfunc.devices import set_threads
+
+    set_threads(getattr(args, "threads", None), fn="", name="--threads")
+    return check_device_available(getattr(args, "device", "auto"))
 
 
 def _train_config(args: argparse.Namespace):
     from dpfunc.train import TrainConfig
 
-    check_device_available(args.device)  # refuse a device this machine lacks, first
+    compute_device(args)  # --threads; refuse a device this machine lacks, first
     given = {name for name in _DP_FLAGS if getattr(args, name) is not None}
     if args.no_dp and given:
         flags = ", ".join("--" + n.replace("_", "-") for n in sorted(given))
@@ -363,7 +383,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="a folder written by `dpfunc train`")
     e.add_argument("--data-dir", default=None, help=_DATA_HELP)
     e.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
-    add_device_argument(e)
+    add_compute_arguments(e)
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     return e
 
@@ -372,6 +392,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from dpfunc.data import _files
     from dpfunc.train import evaluate_run, load_run
 
+    compute_device(args)  # --threads; refuse a device this machine lacks, first
     path = Path(args.run_dir)
     if path.exists() and not path.is_dir():
         raise CommandError(f"{path} is a file; give the run folder written by `dpfunc train`")
@@ -382,7 +403,6 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     if is_segmentation_run(path):  # written by `dpfunc segment`
         return importlib.import_module("dpfunc.segmentation._cli_segment").evaluate(args)
-    check_device_available(args.device)
     cfg, state = load_run(path)  # tensors on the CPU, whatever device wrote them; evaluate_run moves them
     data_file = _files.locate_pneumoniamnist(args.data_dir, fn="")
     test, ci, eps = evaluate_run(cfg, state, data_file, bootstrap_resamples=args.bootstrap,
