@@ -110,7 +110,8 @@ def from_plain(obj: Any) -> Any:
             if tag == "enum" and issubclass(cls, enum.Enum):
                 return cls(from_plain(obj["value"]))
             if tag == "namedtuple" and issubclass(cls, tuple) and hasattr(cls, "_fields"):
-                fields = {k: from_plain(v) for k, v in obj["fields"].items()}
+                renamed = getattr(cls, "_renamed_fields", {})  # old field name → new (e.g. ClippedSum.num_examples)
+                fields = {renamed.get(k, k): from_plain(v) for k, v in obj["fields"].items()}
                 required = {k for k in cls._fields if k not in cls._field_defaults}
                 if not required <= set(fields) <= set(cls._fields):
                     raise CheckpointError(

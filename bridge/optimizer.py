@@ -74,7 +74,7 @@ def _add(a: ClippedSum | None, b: ClippedSum) -> ClippedSum:
         torch.cat([a.norms, b.norms]),
         {g: torch.cat([a.group_norms[g], b.group_norms[g]]) for g in a.group_norms},
         a.sensitivity,
-        a.num_examples + b.num_examples,
+        a.num_real_rows + b.num_real_rows,
     )
 
 

@@ -38,7 +38,7 @@ Edge cases:
     σ > 0, σ_b ≤ σ√G/2               ValueError naming the smallest allowed σ_b
     ``learning_rate = 0``            C stays at its initial value: flat clipping with noise σ_grad
     empty batch                      s = 0: b̃ = ½ + noise/m; pure-noise gradient as with flat
-    padding rows (mask)              norm 0, excluded from the count (``num_examples`` is the real rows)
+    padding rows (mask)              norm 0, excluded from the count (``num_real_rows`` is the real rows)
     b̃ outside [0, 1] (noise)         allowed (unbiased); the geometric update keeps C > 0
     C overflows / underflows         ValueError (only with absurd η); never a 0 or inf bound
     ===============================  ============================================================
@@ -283,14 +283,14 @@ def call_clipping(fn: str, own: Any, given: Any) -> Union[FlatClipping, PerLayer
 def _unclipped_counts(clipped: ClippedSum, bounds: dict[str, float]) -> torch.Tensor:
     """Per group (sorted), the centred count ``Σ_real (1[‖g_i‖_g ≤ C_g] − ½)`` as float64 on the CPU.
 
-    ``num_examples/2 − #{‖g_i‖_g > C_g}``: padding rows have norm 0, which is never above ``C_g > 0``,
-    so they drop out without the mask; ``num_examples`` counts the real rows only.
+    ``num_real_rows/2 − #{‖g_i‖_g > C_g}``: padding rows have norm 0, which is never above ``C_g > 0``,
+    so they drop out without the mask; ``num_real_rows`` counts the real rows only.
     """
     groups = sorted(bounds)
     above = torch.stack([(clipped.group_norms[g] > bounds[g]).sum() for g in groups]) if clipped.norms.numel() else \
         torch.zeros(len(groups), dtype=torch.int64)
-    real = clipped.num_examples.to(torch.float64).cpu() if isinstance(clipped.num_examples, torch.Tensor) else \
-        torch.tensor(float(clipped.num_examples), dtype=torch.float64)
+    real = clipped.num_real_rows.to(torch.float64).cpu() if isinstance(clipped.num_real_rows, torch.Tensor) else \
+        torch.tensor(float(clipped.num_real_rows), dtype=torch.float64)
     return real / 2 - above.to(torch.float64).cpu()
 
 

@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Union
@@ -133,14 +134,29 @@ class ClippedSum(NamedTuple):
         norms: ``(B,)`` unclipped per-example gradient norms over all parameters (0 for masked rows).
         group_norms: ``dict`` group → ``(B,)`` per-group norms (one group ``""`` for flat clipping).
         sensitivity: the l2 sensitivity of ``grads`` under add/remove-one adjacency.
-        num_examples: how many real (unmasked) examples contributed (a 0-d tensor).
+        num_real_rows: how many real (unmasked) rows of the batch contributed (a 0-d int64 tensor) —
+            not the data set size ``n``, which is :attr:`DPConfig.num_examples <dpfunc.DPConfig>`.
+
+    Renamed from ``num_examples`` (the field clashed with ``DPConfig.num_examples``, the data set size):
+    reading ``.num_examples`` still works and warns (``DeprecationWarning``); checkpoints written with
+    the old field name load (``_renamed_fields``); pickles are positional and unaffected.
     """
 
     grads: Params
     norms: torch.Tensor
     group_norms: dict[str, torch.Tensor]
     sensitivity: float
-    num_examples: torch.Tensor
+    num_real_rows: torch.Tensor
+
+    # old field name → new one, read by bridge.checkpoint.from_plain so that older files still load
+    _renamed_fields = {"num_examples": "num_real_rows"}
+
+    @property
+    def num_examples(self) -> torch.Tensor:
+        """Deprecated alias of :attr:`num_real_rows` (the old name clashed with ``DPConfig.num_examples``)."""
+        warnings.warn("ClippedSum.num_examples is deprecated: use ClippedSum.num_real_rows (the real rows of the batch; "
+                      "DPConfig.num_examples is the data set size)", DeprecationWarning, stacklevel=2)
+        return self.num_real_rows
 
 
 def clip_factors(group_norms: Mapping[str, torch.Tensor], bounds: Mapping[str, float]) -> dict[str, torch.Tensor]:

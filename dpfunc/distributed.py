@@ -243,9 +243,9 @@ def all_reduce_clipped_sum(clipped: ClippedSum, world: World) -> ClippedSum:
             out[k] = flat[offset : offset + numel].view_as(clipped.grads[k])
             offset += numel
     device = next(iter(clipped.grads.values())).device if clipped.grads else None
-    count = torch.as_tensor(clipped.num_examples, device=device).detach().to(torch.int64).clone().reshape(())
+    count = torch.as_tensor(clipped.num_real_rows, device=device).detach().to(torch.int64).clone().reshape(())
     _all_reduce_sum(count, world, "the example count")
-    return clipped._replace(grads={k: out[k] for k in names}, num_examples=count)
+    return clipped._replace(grads={k: out[k] for k in names}, num_real_rows=count)
 
 
 def _metric_sums(out: EngineOutput | None, mask: torch.Tensor | None, world: World,

@@ -66,7 +66,7 @@ def test_clipped_sum_matches_per_example_oracle_and_norm_bounds(seed, b, scale, 
     # reported norms are the unclipped ones
     want = torch.sqrt(sum(g.reshape(b, -1).pow(2).sum(1) for g in grads.values()))
     torch.testing.assert_close(out.norms, want)
-    assert int(out.num_examples) == b
+    assert int(out.num_real_rows) == b
 
 
 @given(seed=seeds, b=st.integers(1, 6), clipping=clippings)
@@ -144,7 +144,7 @@ def test_masked_rows_contribute_exactly_zero(seed, b, clipping, data):
         want = real.grads[k] if real is not None else torch.zeros(SHAPES[k], dtype=torch.float64)
         torch.testing.assert_close(out.grads[k], want, rtol=1e-12, atol=1e-14)
     assert torch.equal(out.norms[~mask], torch.zeros(int((~mask).sum()), dtype=torch.float64))
-    assert int(out.num_examples) == int(mask.sum())
+    assert int(out.num_real_rows) == int(mask.sum())
     # float 0/1 masks mean the same
     out_f = clip_and_sum(grads, clipping, mask.to(torch.float64))
     for k in grads:
@@ -222,7 +222,7 @@ def test_shape_errors():
 def test_empty_batch():
     out = clip_and_sum({"w": torch.zeros(0, 3)}, FlatClipping(1.0))
     assert torch.equal(out.grads["w"], torch.zeros(3)) and out.norms.shape == (0,)
-    assert int(out.num_examples) == 0
+    assert int(out.num_real_rows) == 0
 
 
 @given(seed=seeds, clipping=clippings)
@@ -235,3 +235,23 @@ def test_clip_and_sum_is_pure(seed, clipping):
     for k in grads:
         assert torch.equal(grads[k], before[k])
         assert torch.equal(a.grads[k], b.grads[k])
+
+
+def test_num_real_rows_renamed_old_name_still_reads_and_loads():
+    """``ClippedSum.num_examples`` became ``num_real_rows``: the old read warns, old checkpoints and pickles load."""
+    import pickle
+
+    from bridge.checkpoint import from_plain, to_plain
+
+    out = clip_and_sum({"w": torch.ones(3, 2)}, FlatClipping(1.0), torch.tensor([True, False, True]))
+    assert int(out.num_real_rows) == 2
+    with pytest.warns(DeprecationWarning, match="num_real_rows"):
+        assert int(out.num_examples) == 2
+    # a checkpoint written before the rename stores the field as "num_examples"
+    plain = to_plain(out)
+    plain["fields"]["num_examples"] = plain["fields"].pop("num_real_rows")
+    old = from_plain(plain)
+    assert type(old) is type(out) and torch.equal(old.num_real_rows, out.num_real_rows)
+    assert torch.equal(old.grads["w"], out.grads["w"]) and old.sensitivity == out.sensitivity
+    back = pickle.loads(pickle.dumps(out))  # NamedTuple pickles are positional
+    assert torch.equal(back.num_real_rows, out.num_real_rows)

@@ -68,7 +68,7 @@ def assert_matches_oracle(model, batch, clipping, mask=None, loss=regression_los
         assert o.grads[k].shape == params[k].shape and o.grads[k].dtype == params[k].dtype
         torch.testing.assert_close(o.grads[k], r.grads[k], rtol=RTOL, atol=ATOL, msg=lambda m: f"{k}: {m}")
     assert o.sensitivity == r.sensitivity
-    assert int(o.num_examples) == int(r.num_examples)
+    assert int(o.num_real_rows) == int(r.num_real_rows)
     torch.testing.assert_close(out.losses, ref.losses, rtol=RTOL, atol=ATOL)
     return out
 

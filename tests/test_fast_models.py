@@ -214,7 +214,7 @@ def test_empty_batch_and_all_masked():
     for x, y, mask in [(*_images(0, 0), None), (*_images(3, 0), torch.zeros(3, dtype=torch.bool))]:
         out = engine(params, buffers, (x, y), mask)
         assert out.grads.norms.shape == (x.shape[0],) and out.losses.shape == (x.shape[0],)
-        assert torch.count_nonzero(out.grads.norms) == 0 and int(out.grads.num_examples) == 0
+        assert torch.count_nonzero(out.grads.norms) == 0 and int(out.grads.num_real_rows) == 0
         assert all(torch.count_nonzero(g) == 0 and g.shape == params[k].shape for k, g in out.grads.grads.items())
         ref = vmap_engine(oracle_loss(apply_fn, cross_entropy), clipping=PerLayerClipping(1.0))(params, buffers, (x, y), mask)
         assert set(out.grads.group_norms) == set(ref.grads.group_norms)

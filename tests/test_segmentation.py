@@ -166,7 +166,7 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C(seed, counts, k, clip, d
     assert float(diff) <= clip * (1 + 1e-9)
     assert float(_flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
     torch.testing.assert_close(diff, _flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
-    assert full.grads.sensitivity == clip and int(full.grads.num_examples) == len(counts)
+    assert full.grads.sensitivity == clip and int(full.grads.num_real_rows) == len(counts)
 
 
 def test_patient_batch_weights_padding_and_slice_draws():
