@@ -56,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                                    "runs/<task>-nodp-seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
     p.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
+    from dpfunc.cli import add_compute_arguments
+
+    add_compute_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -88,8 +91,10 @@ def _print(result) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from dpfunc.cli import compute_device
     from dpfunc.segmentation._train import train_segmentation
 
+    device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is read
     cfg = _config(args)
     if args.run_dir is None:
         tag = "nodp" if not cfg.private else (f"{cfg.unit.value}-eps{cfg.epsilon}" if cfg.epsilon is not None
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.run_dir)
     print(f"run folder: {run_dir}   data: {args.data_dir}")
     result = train_segmentation(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                                bootstrap_resamples=args.bootstrap)
+                                bootstrap_resamples=args.bootstrap, device=device)
     _print(result)
     print(f"run folder: {run_dir}  (metrics.json, checkpoint.pt, overlays.png, training.png)")
     return 0
@@ -107,9 +112,11 @@ def run(args: argparse.Namespace) -> int:
 
 def evaluate(args: argparse.Namespace) -> int:
     """``dpfunc evaluate RUN`` on a segmentation run folder (``--data-dir`` overrides the saved one)."""
+    from dpfunc.cli import compute_device
     from dpfunc.segmentation._train import evaluate_segmentation_run
 
-    result = evaluate_segmentation_run(args.run_dir, data_dir=args.data_dir, bootstrap_resamples=args.bootstrap)
+    result = evaluate_segmentation_run(args.run_dir, data_dir=args.data_dir, bootstrap_resamples=args.bootstrap,
+                                       device=compute_device(args))
     print(f"run {args.run_dir}: task {result.config['task']}, best validation epoch {result.best_epoch}")
     _print(result)
     return 0

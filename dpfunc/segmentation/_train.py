@@ -27,6 +27,7 @@ from dpfunc._progress import progress as progress_bar
 from dpfunc._validate import check_delta, check_enum, check_int_range, check_number, check_positive_finite
 from dpfunc.accounting.methods import Method
 from dpfunc.clipping import FlatClipping
+from dpfunc.devices import describe_device, resolve_device, to_device, tree_to_device
 from dpfunc.keys import Key
 from dpfunc.models import unet_gn
 from dpfunc.private import dpadam, privacy_ledger
@@ -154,6 +155,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _net_apply(apply_fn: Callable) -> Callable:
     """Bare-net predictions ``(N, 1, H, W) -> logits`` through the packed model (dummy label/weight)."""
     def run(params, buffers, images):
+        images = to_device(images, next(iter(params.values())).device)  # slices go where the model is
         zeros = images.new_zeros(images.shape)
         return apply_fn(params, buffers, torch.cat([images, zeros, zeros], 1))[0]
     return run
@@ -180,7 +182,7 @@ def evaluate_patients(apply_fn: Callable, params: dict, buffers: dict, patients:
     net = _net_apply(apply_fn)
     dice, iou, hd = [], [], []
     for p in patients:
-        pred = predict_volume(net, params, buffers, p.images)
+        pred = predict_volume(net, params, buffers, p.images).cpu()
         dice.append(dice_score(pred, p.labels))
         iou.append(iou_score(pred, p.labels))
         if hd95:
@@ -226,8 +228,8 @@ def _ema(average: dict, params: dict, decay: float, step: int) -> dict:
 
 
 def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir: str | Path | None = None, resume: bool = False,
-                       progress: bool | None = None, log: Callable[[str], None] = print, bootstrap_resamples: int = 1000
-                       ) -> SegmentationResult:
+                       progress: bool | None = None, log: Callable[[str], None] = print, bootstrap_resamples: int = 1000,
+                       device: str | torch.device = "cpu") -> SegmentationResult:
     """Train, select the epoch on validation Dice, evaluate on the test patients, write the run folder.
 
     Args:
@@ -238,6 +240,10 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
         resume: continue from ``run_dir/checkpoint.pt`` (same config required).
         progress: progress bar (None: the project default).
         log: where per-epoch lines go.
+        device: where the run computes (``"auto" | "cpu" | "cuda" | "cuda:N"``, ``--device``): the model, its
+            optimizer state and every batch (built on the host, sent through pinned memory) go there; the keyed
+            noise is drawn there. Not part of the configuration: the checkpoint resumes on any device (same
+            ledger and keys; not bit for bit across devices); metrics and plots are computed on the host.
 
     Raises:
         FileExistsError: ``run_dir`` holds a run and ``resume`` is False.
@@ -248,13 +254,14 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     fn = "train_segmentation"
     if not isinstance(cfg, SegmentationConfig):
         raise TypeError(f"{fn}: cfg must be a SegmentationConfig, got {type(cfg).__name__}")
+    where = resolve_device(device, fn=fn, name="device (--device)")  # refused before any data is read
     train_set, val_set, test_set = _load(cfg, data_dir)
     patient_unit = cfg.unit is PrivacyUnit.PATIENT
     if patient_unit:
         n = len(train_set)
     else:
-        slice_images = torch.cat([p.images for p in train_set])
-        slice_labels = torch.cat([p.labels for p in train_set])
+        slice_images = to_device(torch.cat([p.images for p in train_set]), where)  # resident on the device
+        slice_labels = to_device(torch.cat([p.labels for p in train_set]), where)
         n = slice_images.shape[0]
     q = min(1.0, cfg.batch_size / n)
     steps_per_epoch = max(1, round(n / cfg.batch_size))
@@ -263,6 +270,8 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     if cfg.private:
         sigma = cfg.noise_multiplier if cfg.epsilon is None else accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, q, total_steps, method=cfg.accountant.value)
     model, apply_fn, params, buffers = _build(cfg)
+    model.to(where)
+    params, buffers = tree_to_device(params, where), tree_to_device(buffers, where)
     sample_key, slice_key, noise_key = Key(cfg.seed).fold_in(2).split(3)
     if cfg.private:
         tx = dpadam(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q, num_examples=n, key=noise_key)
@@ -288,7 +297,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
         run_path.mkdir(parents=True, exist_ok=True)
         ckpt = run_path / "checkpoint.pt"
         if resume and ckpt.exists():
-            state = load_checkpoint(ckpt)
+            state = load_checkpoint(ckpt, map_location=where)  # written on any device
             if state["config"] != cfg:
                 raise ValueError(f"{fn}: {ckpt} was written by another configuration; start a new run folder or resume "
                                  f"with the same flags.\n saved: {state['config']}\n given: {cfg}")
@@ -322,8 +331,8 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
                 t = epoch * steps_per_epoch + i
                 idx = (poisson_sample(sample_key.fold_in(t), n, q) if cfg.private
                        else perm[(i * cfg.batch_size) % n:][: cfg.batch_size])
-                x = (patient_batch(train_set, idx, cfg.slices_per_patient, slice_key.fold_in(t)) if patient_unit
-                     else slice_batch(slice_images, slice_labels, idx))
+                x = (to_device(patient_batch(train_set, idx, cfg.slices_per_patient, slice_key.fold_in(t)), where)
+                     if patient_unit else slice_batch(slice_images, slice_labels, to_device(idx, where)))
                 if cfg.private:
                     params, opt_state, m = step_fn(params, opt_state, (x,), buffers=buffers)
                     if m.batch_size:
@@ -363,6 +372,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     val_dice, val_iou, _ = evaluate_patients(apply_fn, best["params"], buffers, val_set, hd95=False)
     result = _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, total_steps, eps_spent, elapsed,
                      history, bootstrap_resamples)
+    result.device = describe_device(where)
     if run_path is not None:
         _write_outputs(run_path, result, apply_fn, best["params"], buffers, test_set)
     return result
@@ -390,29 +400,33 @@ def _write_outputs(run_path: Path, result: SegmentationResult, apply_fn, params,
     from dpfunc.segmentation._figures import plot_overlays
 
     _write_json(run_path / "metrics.json", dataclasses.asdict(result))
-    plot_overlays(test_set[:4], [predict_volume(_net_apply(apply_fn), params, buffers, p.images) for p in test_set[:4]],
+    plot_overlays(test_set[:4], [predict_volume(_net_apply(apply_fn), params, buffers, p.images).cpu() for p in test_set[:4]],
                   run_path / "overlays.png")
     plot_training_curves(result.history, run_path / "training.png", metric="val_dice",
                          epsilon="epsilon" if result.config["private"] else "__none__")
 
 
-def evaluate_segmentation_run(run_dir: str | Path, *, data_dir: str | Path | None = None, bootstrap_resamples: int = 1000
-                              ) -> SegmentationResult:
-    """Recompute the test metrics of a segmentation run folder from its checkpoint (``dpfunc evaluate``)."""
+def evaluate_segmentation_run(run_dir: str | Path, *, data_dir: str | Path | None = None, bootstrap_resamples: int = 1000,
+                              device: str | torch.device = "cpu") -> SegmentationResult:
+    """Recompute the test metrics of a segmentation run folder from its checkpoint (``dpfunc evaluate``), with the
+    model on ``device`` (whatever device wrote the checkpoint)."""
     from dpfunc.bridge.checkpoint import load_checkpoint
 
     ckpt = Path(run_dir) / "checkpoint.pt"
     if not ckpt.exists():
         raise FileNotFoundError(f"evaluate_segmentation_run: no checkpoint at {ckpt}")
-    state = load_checkpoint(ckpt)
+    where = resolve_device(device, fn="evaluate_segmentation_run", name="device (--device)")
+    state = load_checkpoint(ckpt, map_location=where)
     cfg = state["config"]
     _, val_set, test_set = _load(cfg, data_dir if data_dir is not None else state["data_dir"])
     _, apply_fn, _, _ = _build(cfg)
     val_dice, val_iou, _ = evaluate_patients(apply_fn, state["best_params"], state["buffers"], val_set, hd95=False)
     eps = accounting.epsilon(privacy_ledger(state["opt_state"]), cfg.delta, method=cfg.accountant.value) if cfg.private else None
     best = {"epoch": state["best_epoch"], "params": state["best_params"]}
-    return _report(cfg, apply_fn, best, state["buffers"], test_set, val_dice, val_iou, state["noise_multiplier"],
-                   state["sampling_rate"], state["steps_done"], eps, state["elapsed"], state["history"], bootstrap_resamples)
+    result = _report(cfg, apply_fn, best, state["buffers"], test_set, val_dice, val_iou, state["noise_multiplier"],
+                     state["sampling_rate"], state["steps_done"], eps, state["elapsed"], state["history"], bootstrap_resamples)
+    result.device = describe_device(where)
+    return result
 
 
 def is_segmentation_run(run_dir: str | Path) -> bool:
