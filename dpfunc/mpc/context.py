@@ -33,6 +33,7 @@ Ranks: 0 = model owner, 1 = data owner, 2 = dealer.
 from __future__ import annotations
 
 import enum
+import functools
 import queue
 import threading
 import time
@@ -43,7 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from dpfunc.keys import Key
-from dpfunc.mpc.ring import FixedPoint, uniform_bits, uniform_ring
+from dpfunc.mpc.prg import Keystream
+from dpfunc.mpc.ring import FixedPoint
 
 __all__ = [
     "MODEL_OWNER",
@@ -111,10 +113,19 @@ class Request(NamedTuple):
 
 def _output_shape(req: Request) -> tuple[int, ...]:
     if req.kind in (Kind.TRIPLE, Kind.FIXED_TRIPLE):
-        a = torch.empty(req.shape_x, device="meta", dtype=torch.float32)
-        b = torch.empty(req.shape_y, device="meta", dtype=torch.float32)
-        return tuple(apply_bilinear(req.op, a, b, req.params).shape)
+        return _bilinear_shape(req.op, req.shape_x, req.shape_y, req.params)
     return req.shape_x
+
+
+@functools.lru_cache(maxsize=4096)
+def _bilinear_shape(op: Bilinear, shape_x: tuple, shape_y: tuple, params: tuple) -> tuple[int, ...]:
+    """The output shape of ``op`` (cached: a program asks for the same few shapes again and again,
+    and shape inference on meta tensors costs about 0.4 ms a call)."""
+    if op is Bilinear.MUL:
+        return tuple(torch.broadcast_shapes(shape_x, shape_y))
+    a = torch.empty(shape_x, device="meta", dtype=torch.float32)
+    b = torch.empty(shape_y, device="meta", dtype=torch.float32)
+    return tuple(apply_bilinear(op, a, b, params).shape)
 
 
 def _material_shapes(req: Request) -> list[tuple[int, ...]]:
@@ -144,23 +155,11 @@ def _material_dtypes(req: Request) -> list[torch.dtype]:
     return [torch.int64] * len(_material_shapes(req))
 
 
-def uniform_words(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
-    """Uniform words of ``dtype`` (every bit uniform): the bytes of ``⌈n·size/8⌉`` uniform int64."""
-    if dtype == torch.int64:
-        return uniform_ring(shape, generator)
-    n = 1
-    for d in shape:
-        n *= d
-    size = torch.empty((), dtype=dtype).element_size()
-    words = uniform_ring((-(-n * size // 8),), generator)
-    return words.view(dtype)[:n].view(shape)
-
-
 def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     n = 1
     for d in shape:
         n *= d
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = n * dtype.itemsize
     return -(-nbytes // 8) * 8  # segments start at multiples of 8 bytes (aligned views)
 
 
@@ -172,16 +171,16 @@ def material_nbytes(req: Request) -> int:
 def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Generate the material for ``req`` from ``key``; return (party-0 shares, party-1 shares).
 
-    Party 0's shares are uniform from ``key`` (so each party's shares alone are uniform); party 1
-    gets the difference (additive) or XOR (binary). ``masks`` is the dealer's store of fixed masks:
+    Every random word comes from ``key``'s ChaCha20 keystream (:class:`~dpfunc.mpc.prg.Keystream`).
+    Party 0's shares are uniform (so each party's shares alone are uniform); party 1 gets the difference (additive) or XOR (binary). ``masks`` is the dealer's store of fixed masks:
     a :attr:`Kind.MASK` request adds ``b`` under ``req.mask_id`` (each id once), a
     :attr:`Kind.FIXED_TRIPLE` request reads it.
     """
-    g = key.generator()
+    ks = Keystream(key)
     if req.kind is Kind.MASK:
         if masks is None or req.mask_id in masks:
             raise ValueError(f"deal: mask {req.mask_id} is drawn twice (or there is no mask store)")
-        b = uniform_ring(req.shape_y, g)
+        b = ks.ring(req.shape_y)
         masks[req.mask_id] = b
         values, xor = [b], False
     elif req.kind is Kind.FIXED_TRIPLE:
@@ -190,26 +189,26 @@ def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None
         b = masks[req.mask_id]
         if tuple(b.shape) != tuple(req.shape_y):
             raise ValueError(f"deal: mask {req.mask_id} has shape {tuple(b.shape)}, the request {req.shape_y}")
-        a = uniform_ring(req.shape_x, g)
+        a = ks.ring(req.shape_x)
         values, xor = [a, apply_bilinear(req.op, a, b, req.params)], False
     elif req.kind is Kind.TRIPLE:
-        a, b = uniform_ring(req.shape_x, g), uniform_ring(req.shape_y, g)
+        a, b = ks.ring(req.shape_x), ks.ring(req.shape_y)
         values, xor = [a, b, apply_bilinear(req.op, a, b, req.params)], False
     elif req.kind is Kind.SQUARE:
-        a = uniform_ring(req.shape_x, g)
+        a = ks.ring(req.shape_x)
         values, xor = [a, a * a], False
     elif req.kind is Kind.AND:
         # only the low `bits` bits are used: uniform words of the narrowest dtype holding them
         dtype = word_dtype(req.params[0] if req.params else 64)
-        a, b = uniform_words(req.shape_x, dtype, g), uniform_words(req.shape_x, dtype, g)
-        s0 = [uniform_words(req.shape_x, dtype, g) for _ in range(3)]
+        a, b = ks.words(req.shape_x, dtype), ks.words(req.shape_x, dtype)
+        s0 = [ks.words(req.shape_x, dtype) for _ in range(3)]
         return s0, [v ^ t for v, t in zip([a, b, a & b], s0)]
     else:
-        r = uniform_bits(req.shape_x, g)
-        r0 = uniform_bits(req.shape_x, g)
-        m = uniform_ring(req.shape_x, g)
-        return [r0.to(torch.uint8), m], [(r ^ r0).to(torch.uint8), r - m]
-    s0 = [uniform_ring(v.shape, g) for v in values]
+        r = ks.bits(req.shape_x)
+        r0 = ks.bits(req.shape_x)
+        m = ks.ring(req.shape_x)
+        return [r0, m], [r ^ r0, r.to(torch.int64) - m]
+    s0 = [ks.ring(v.shape) for v in values]
     s1 = [v ^ s if xor else v - s for v, s in zip(values, s0)]
     return s0, s1
 
@@ -490,7 +489,7 @@ class MaterialStream:
             n = 1
             for d in s:
                 n *= d
-            size = n * torch.empty((), dtype=dtype).element_size()
+            size = n * dtype.itemsize
             out.append(self.flat[self.offset : self.offset + size].view(dtype).view(s))
             self.offset += _padded_nbytes(s, dtype)
         return out
