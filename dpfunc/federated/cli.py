@@ -5,6 +5,7 @@ Examples::
     dpfunc federated --sites 3 --rounds 15 --epsilon 3                      # in process, IID split
     dpfunc federated --partition dirichlet --alpha 0.5 --run-dir runs/fed-dir
     dpfunc federated --engine flower --sites 3 --rounds 5                    # one process per site (Flower)
+    dpfunc federated --device cuda --threads 1                               # sites compute on the GPU
     dpfunc federated --run-dir runs/fed-dir --resume                         # continue after an interruption
 """
 
@@ -38,6 +39,8 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--sites", type=int, default=d.sites, help="number of sites (hospitals)")
     p.add_argument("--rounds", type=int, default=d.rounds, help="server rounds")
     p.add_argument("--local-epochs", type=int, default=d.local_epochs, help="local epochs per round at each site")
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="local DP-SGD steps per round at each site, instead of --local-epochs (1 = FedSGD: no client drift)")
     p.add_argument("--epsilon", type=float, default=d.epsilon, help="target ε of EACH site (its patients' guarantee)")
     p.add_argument("--delta", type=float, default=d.delta, help="target δ of each site")
     p.add_argument("--partition", choices=["iid", "dirichlet"], default=d.partition, help="how the training split is shared out")
@@ -83,6 +86,11 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="only write the Flower app for this run (RUN/flower/app) and print the `flwr run` command: "
                         "for a deployment whose SuperLink and SuperNodes run on other machines")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the test intervals")
+    from dpfunc.cli import add_compute_arguments
+
+    add_compute_arguments(p, help="where the sites compute (in process: all of them; flower: each SuperNode, "
+                                  "node-config device=...); the server's averaging and evaluation stay on the CPU. "
+                                  "auto = the GPU when CUDA is available")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -91,7 +99,7 @@ def config_from_args(args: argparse.Namespace):
     from dpfunc.federated.job import FederatedConfig
 
     return FederatedConfig(
-        sites=args.sites, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=args.epsilon, delta=args.delta,
+        sites=args.sites, rounds=args.rounds, local_epochs=args.local_epochs, local_steps=args.local_steps, epsilon=args.epsilon, delta=args.delta,
         partition=args.partition, alpha=args.alpha, fraction=args.fraction, min_sites=args.min_sites,
         batch_size=args.batch_size, learning_rate=args.lr, momentum=args.momentum, max_grad_norm=args.max_grad_norm,
         server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr, average_decay=args.average_decay,
@@ -109,6 +117,10 @@ def run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run_dir = Path(args.run_dir or f"runs/federated-{cfg.partition}-s{cfg.sites}-eps{cfg.epsilon:g}-seed{cfg.seed}")
+    if not getattr(args, "write_flower_app", False):  # a deployment's sites choose their own device (node config)
+        from dpfunc.cli import compute_device
+
+        device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is written
     if getattr(args, "write_flower_app", False):
         from dpfunc.federated.flower.driver import write_app
 
@@ -126,12 +138,14 @@ def run(args: argparse.Namespace) -> int:
             from dpfunc.federated.flower.driver import run_flower
 
             result = run_flower(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                                bootstrap_resamples=args.bootstrap, log=print, supernode_auth=args.supernode_auth)
+                                bootstrap_resamples=args.bootstrap, log=print, supernode_auth=args.supernode_auth,
+                                device=str(device), threads=getattr(args, "threads", None))
         else:
             from dpfunc.federated.job import run_federated
 
             result = run_federated(cfg, data_dir=args.data_dir, run_dir=run_dir, resume=args.resume,
-                                   progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap)
+                                   progress=False if args.quiet else None, bootstrap_resamples=args.bootstrap,
+                                   device=device)
     except RoundFailedError as e:
         print(f"dpfunc federated: error: {e}", file=sys.stderr)
         return 2
@@ -147,9 +161,11 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry (``python -m dpfunc.federated.cli``), the same as ``dpfunc federated``."""
     p = _declare(argparse.ArgumentParser(prog="dpfunc federated", formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     args = p.parse_args(argv)
+    from dpfunc.cli import CommandError
+
     try:
         return run(args)
-    except (ValueError, OSError) as e:
+    except (CommandError, ValueError, OSError) as e:
         print(f"dpfunc federated: error: {e}", file=sys.stderr)
         return 2
 

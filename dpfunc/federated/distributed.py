@@ -97,12 +97,14 @@ def _site_report(state: DistributedState, sizes: list[int], cfg) -> list[dict]:
 
 def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, progress: bool | None = None,
                     log: Callable[[str], None] = print, bootstrap_resamples: int = 1000,
-                    dropouts: Mapping[int, Mapping] | None = None) -> dict:
+                    dropouts: Mapping[int, Mapping] | None = None, device: str | torch.device = "cpu") -> dict:
     """Run (or resume) a distributed-noise federated job; the run folder of :func:`dpfunc.federated.job.run_federated`.
 
     Args:
         cfg: a :class:`~dpfunc.federated.job.FederatedConfig` with ``distributed_noise=True``.
         dropouts: test hook ``{round: {Stage: sites}}`` passed to the secure-aggregation round.
+        device: where the sites' clipped sums are computed (``--device``); the sums, the secure aggregation
+            and the server's step are on the CPU (as in :func:`~dpfunc.federated.job.run_federated`).
 
     Returns:
         The metrics dict (``metrics.json``), with a ``"distributed_noise"`` entry stating σ, t, c, the grid
@@ -128,13 +130,16 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     train_set, val_set = pneumoniamnist("train", data_dir), pneumoniamnist("val", data_dir)
     setup = prepare(cfg, train_set.labels)
     sizes = [len(i) for i in setup.indices]
+    from dpfunc.devices import resolve_device, to_device, tree_to_device
+
+    where = resolve_device(device, fn="run_distributed", name="device (--device)")
     module, apply_fn, params, buffers = build(cfg)
-    engine = make_engine(cfg, module, apply_fn)
+    engine = make_engine(cfg, module.to(where), apply_fn)
     d = sum(int(v.numel()) for v in params.values())
     noise = distributed_noise_for(cfg, d, sizes)
     ring_bits = noise.ring_bits_for(cfg.sites, float(max(sizes)) * cfg.max_grad_norm)
     tx = sgd(cfg.learning_rate, cfg.momentum)
-    data = [(train_set.images[i], train_set.labels[i]) for i in setup.indices]
+    data = [(to_device(train_set.images[i], where), to_device(train_set.labels[i], where)) for i in setup.indices]
     rates = [min(1.0, cfg.batch_size / n) for n in sizes]
     state = DistributedState(0, dict(params), tx.init(params), tuple(PrivacyLedger() for _ in sizes), (0,) * len(sizes))
     history: list[dict] = []
@@ -156,11 +161,12 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             r = state.round
             selected = select_sites(setup.select_key, r, len(sizes), cfg.fraction)
             sums = {}
+            on_device = tree_to_device(state.params, where), tree_to_device(buffers, where)
             for s in selected:
                 sample_key, _ = site_keys(site_key(setup.sites_key, s))
-                idx = poisson_sample(sample_key.fold_in(r), sizes[s], rates[s])
-                out = engine(state.params, buffers, tuple(t[idx] for t in data[s]), None)
-                sums[s] = {k: v.detach().to(torch.float64) for k, v in out.grads.grads.items()}
+                idx = to_device(poisson_sample(sample_key.fold_in(r), sizes[s], rates[s]), where)
+                out = engine(*on_device, tuple(t[idx] for t in data[s]), None)
+                sums[s] = {k: v.detach().to("cpu", torch.float64) for k, v in out.grads.grads.items()}
             # no training loss is reported: only the noisy sum leaves the sites (a raw-batch loss would not be DP)
             report = RoundReport(r, tuple(selected), tuple(selected), {}, math.nan)
             try:

@@ -55,6 +55,9 @@ class FederatedConfig:
         sites: number of sites S (hospitals).
         rounds: server rounds R.
         local_epochs: E, passes over its own data each site makes per round (in expectation).
+        local_steps: if set, each site makes exactly this many local DP-SGD steps per round instead
+            (``1``: FedSGD — with plain FedAvg a round is one DP-SGD step on the weighted mean of the sites'
+            noisy gradients, momentum kept at the sites; no client drift under label skew).
         epsilon, delta: each site's target (ε, δ); σ_s is calibrated per site (PLD) for the worst
             case of training in all R rounds.
         partition: ``"iid"`` or ``"dirichlet"`` (label skew with concentration ``alpha``).
@@ -89,6 +92,7 @@ class FederatedConfig:
     sites: int = 3
     rounds: int = 15
     local_epochs: int = 1
+    local_steps: int | None = None
     epsilon: float = 3.0
     delta: float = 1e-5
     partition: str = "iid"
@@ -122,6 +126,8 @@ class FederatedConfig:
         check_int_range(fn, "sites", self.sites, low=1)
         check_int_range(fn, "rounds", self.rounds, low=1)
         check_int_range(fn, "local_epochs", self.local_epochs, low=1)
+        if self.local_steps is not None:
+            check_int_range(fn, "local_steps", self.local_steps, low=1)
         check_positive_finite(fn, "epsilon", self.epsilon)
         check_delta(fn, "delta", self.delta)
         if self.partition not in [p.value for p in Partition]:
@@ -193,6 +199,8 @@ def _check_distributed(cfg: FederatedConfig, asked: int) -> None:
                    "per step: not implemented over Flower; use --engine inprocess)")
     if cfg.local_epochs != 1:
         why.append(f"local_epochs={cfg.local_epochs} (a round is one DP-SGD step over the union of the sites' data)")
+    if cfg.local_steps not in (None, 1):
+        why.append(f"local_steps={cfg.local_steps} (a round is one DP-SGD step over the union of the sites' data)")
     if cfg.server_optimizer != "fedavg":
         why.append(f"server_optimizer={cfg.server_optimizer!r} (the server's step is SGD with --lr/--momentum)")
     if cfg.alone is not None:
@@ -248,9 +256,11 @@ def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
     """Each site's plan with σ_s calibrated so that R rounds of its local steps spend ε ≤ target."""
     plans = []
     for n in sizes:
-        draft = SitePlan(n, cfg.batch_size, cfg.local_epochs, 1.0, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum)
+        draft = SitePlan(n, cfg.batch_size, cfg.local_epochs, 1.0, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum,
+                         cfg.local_steps)
         sigma = _calibrate(cfg.epsilon, cfg.delta, draft.sampling_rate, cfg.rounds * draft.steps_per_round, cfg.accountant)
-        plans.append(SitePlan(n, cfg.batch_size, cfg.local_epochs, sigma, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum))
+        plans.append(SitePlan(n, cfg.batch_size, cfg.local_epochs, sigma, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum,
+                              cfg.local_steps))
     return plans
 
 
@@ -316,7 +326,7 @@ def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool)
     saved = None
     if resume and ckpt.exists():
         saved = load_checkpoint(ckpt)
-        if saved["config"] != asdict(cfg):
+        if {**_added_defaults(cfg), **saved["config"]} != asdict(cfg):
             raise ValueError(f"{fn}: {ckpt} was written by another configuration; resume with the same "
                              f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
     elif ckpt.exists():
@@ -325,17 +335,39 @@ def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool)
     return run_path, saved
 
 
+def _added_defaults(cfg: Any) -> dict:
+    """Defaults of the config fields that a checkpoint written before they existed lacks (``local_steps``):
+    such a checkpoint resumes under a config that leaves them at their defaults."""
+    return {"local_steps": None} if isinstance(cfg, FederatedConfig) else {}
+
+
 def _write_json(path: Path, obj: Any) -> None:
     from dpfunc.train import _write_json as write
 
     write(path, obj)
 
 
-def _site_report(state: ServerState, plans: list[SitePlan], delta: float, method: str) -> list[dict]:
+EPSILON_REPORTS = 30
+
+
+def epsilon_due(round: int, rounds: int) -> bool:
+    """Whether the per-round report after ``round`` (1-based) computes each site's ε: every round for runs of
+    at most :data:`EPSILON_REPORTS` rounds, else every ``ceil(rounds / EPSILON_REPORTS)``-th round and the last
+    (one PLD ε takes ~1 s per distinct ledger; a FedSGD run has hundreds of short rounds). The final
+    ``metrics.json`` ``sites`` entry always holds every site's ε."""
+    return round >= rounds or round % max(1, math.ceil(rounds / EPSILON_REPORTS)) == 0
+
+
+def _site_report(state: ServerState, plans: list[SitePlan], delta: float, method: str, *,
+                 with_epsilon: bool = True) -> list[dict]:
+    """Each site's n, ε (None when ``with_epsilon`` is False), σ, q, steps, rounds and ledger."""
     out = []
     for s, plan in enumerate(plans):
         ledger = state.sites[s].ledger
-        eps = _epsilon(ledger, delta, method) if ledger.total_steps else 0.0
+        if not with_epsilon:
+            eps = None
+        else:
+            eps = _epsilon(ledger, delta, method) if ledger.total_steps else 0.0
         out.append({"site": s, "n": plan.num_examples, "epsilon": eps, "delta": delta,
                     "noise_multiplier": plan.noise_multiplier, "sampling_rate": plan.sampling_rate,
                     "steps": ledger.total_steps, "rounds": state.sites[s].rounds, "ledger": ledger.to_dict()})
@@ -378,6 +410,7 @@ def run_federated(
     executor: Callable[[FederatedSetup, Any], Executor] | None = None,
     aggregator: Aggregator | None = None,
     bootstrap_resamples: int = 1000,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Run (or resume) a federated DP job and write the run folder.
 
@@ -392,6 +425,11 @@ def run_federated(
         executor: ``executor(setup, model) -> answers_fn`` with ``answers_fn(state, selected) -> {site: answer}``;
             default trains every site in this process. The Flower ServerApp passes one that messages the sites.
         aggregator: overrides ``cfg.aggregator``.
+        device: where the in-process sites compute (``"auto" | "cpu" | "cuda" | "cuda:N"``, ``--device``): their
+            shards, the model, their optimizer states and batches go there (:func:`~dpfunc.federated.site_round`).
+            The server's part (aggregation, server optimizer, evaluation, checkpoint, ``model.pt``) stays on
+            the CPU, so the run folder reads the same on any machine. Not part of the configuration: a run
+            resumes on another device with the same ledgers and keys (not bit for bit across devices).
 
     Returns:
         The metrics dict also written as ``metrics.json``.
@@ -403,22 +441,26 @@ def run_federated(
     from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.train import evaluate_scores
 
+    from dpfunc.devices import resolve_device, to_device
+
+    where = resolve_device(device, fn="run_federated", name="device (--device)")
     if cfg.distributed_noise:  # one DP-SGD step per round, noise shared among the sites (issue 14)
         if executor is not None or aggregator is not None:
             raise ValueError("run_federated: distributed_noise runs in process only (no executor or aggregator)")
         from dpfunc.federated.distributed import run_distributed
 
         return run_distributed(cfg, data_dir=data_dir, run_dir=run_dir, resume=resume, progress=progress, log=log,
-                               bootstrap_resamples=bootstrap_resamples)
+                               bootstrap_resamples=bootstrap_resamples, device=where)
     train_set = pneumoniamnist("train", data_dir)
     val_set = pneumoniamnist("val", data_dir)
     setup = prepare(cfg, train_set.labels)
     module, apply_fn, params, buffers = build(cfg)
     server_tx = cfg.server_tx()
     aggregator = aggregator if aggregator is not None else make_aggregator(cfg.aggregator)
-    if executor is None:
-        data = [(train_set.images[i], train_set.labels[i]) for i in setup.indices]
-        answers_fn = InProcessSites(data, setup.plans, make_engine(cfg, module, apply_fn), setup.sites_key, buffers=buffers)
+    if executor is None:  # each site's shard lives on the device; site_round computes there
+        data = [(to_device(train_set.images[i], where), to_device(train_set.labels[i], where)) for i in setup.indices]
+        answers_fn = InProcessSites(data, setup.plans, make_engine(cfg, module.to(where), apply_fn), setup.sites_key,
+                                    buffers=buffers)
     else:
         answers_fn = executor(setup, (module, apply_fn, params, buffers))
 
@@ -449,11 +491,13 @@ def run_federated(
             elapsed += time.perf_counter() - t0
             released = state.average if state.average is not None else state.params  # the averaged global model
             vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, released, buffers, val_set))
-            sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant)
+            sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant,
+                                 with_epsilon=epsilon_due(state.round, cfg.rounds))
             record = {"round": state.round, "epoch": state.round, "train_loss": report.loss, "val_auc": vm.roc_auc,
                       "val_accuracy": vm.accuracy, "sites_answered": list(report.applied),
                       "excluded": {str(k): v for k, v in report.excluded.items()},
-                      "site_epsilon": [s["epsilon"] for s in sites], "epsilon": max(s["epsilon"] for s in sites),
+                      "site_epsilon": [s["epsilon"] for s in sites],
+                      "epsilon": None if sites[0]["epsilon"] is None else max(s["epsilon"] for s in sites),
                       "seconds": elapsed}
             secure = getattr(aggregator, "last_round", None)  # secure aggregation: what the server learned
             if secure is not None and getattr(secure, "round", None) == state.round - 1 and hasattr(secure, "to_record"):
@@ -468,7 +512,7 @@ def run_federated(
             for s, why in sorted(report.excluded.items()):
                 with _external(bar):
                     log(f"round {state.round}: site {s} excluded: {why}")
-            eps_text = " ".join(f"{e:.2f}" for e in record["site_epsilon"])
+            eps_text = " ".join("…" if e is None else f"{e:.2f}" for e in record["site_epsilon"])
             bar.set_postfix_str(f"sites {len(report.applied)}/{len(selected)} loss {report.loss:.3f} "
                                 f"val AUC {vm.roc_auc:.3f} ε [{eps_text}]")
             bar.update(1)
@@ -529,7 +573,8 @@ def _plots(run_path: Path, result: dict, labels: torch.Tensor, scores: torch.Ten
     ax1.set(xlabel="round", ylabel="validation ROC-AUC", title="global model, validation AUC")
     ax1.grid(alpha=0.3)
     for s, site in enumerate(result["sites"]):
-        ax2.plot(rounds, [r["site_epsilon"][s] for r in h], marker="o", markersize=3,
+        known = [r for r in h if r["site_epsilon"][s] is not None]  # long runs: ε every few rounds (epsilon_due)
+        ax2.plot([r["round"] for r in known], [r["site_epsilon"][s] for r in known], marker="o", markersize=3,
                  label=f"site {s} (n={site['n']})")
     ax2.axhline(result["config"]["epsilon"], color="grey", ls="--", lw=1, label="target")
     ax2.set(xlabel="round", ylabel="ε spent (PLD)", title=f"per-site ε at δ={result['delta']:g} ({result['config']['accountant'].upper()})")

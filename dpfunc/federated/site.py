@@ -28,6 +28,7 @@ import torch
 from dpfunc._tree import Params
 from dpfunc._validate import check_int_range, check_nonnegative, check_number, check_positive_finite
 from dpfunc.accounting.ledger import PrivacyLedger
+from dpfunc.devices import to_device, tree_to_device
 from dpfunc.keys import Key
 from dpfunc.private import DPAggregateState, dpsgd, find_dp_state, privacy_ledger
 from dpfunc.sampling import poisson_sample
@@ -47,11 +48,14 @@ class SitePlan:
     Attributes:
         num_examples: n_s, the site's own number of training examples (its sampling rate uses it).
         expected_batch_size: B; the site's Poisson rate is ``q_s = min(1, B / n_s)``.
-        local_epochs: E; a round is ``E · max(1, round(n_s / B))`` local DP-SGD steps.
+        local_epochs: E; a round is ``E · max(1, round(n_s / B))`` local DP-SGD steps (unless ``local_steps``).
         noise_multiplier: σ_s (calibrated by the job so that the site's worst case, taking part in
             every round, spends ε ≤ target).
         max_grad_norm: the per-example clipping bound C.
         learning_rate, momentum: the local SGD.
+        local_steps: if set, a round is exactly this many local steps instead of ``local_epochs`` passes
+            (``local_steps=1`` is FedSGD: with plain FedAvg each round is one DP-SGD step on the weighted
+            mean of the sites' noisy gradients, the site's momentum buffer carried over; no client drift).
     """
 
     num_examples: int
@@ -61,6 +65,7 @@ class SitePlan:
     max_grad_norm: float = 1.0
     learning_rate: float = 1.0
     momentum: float = 0.9
+    local_steps: int | None = None
 
     def __post_init__(self) -> None:
         fn = "SitePlan"
@@ -71,6 +76,8 @@ class SitePlan:
         check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
         check_positive_finite(fn, "learning_rate", self.learning_rate)
         check_number(fn, "momentum", self.momentum, low=0.0, high=1.0, high_open=True)
+        if self.local_steps is not None:
+            check_int_range(fn, "local_steps", self.local_steps, low=1)
 
     @property
     def sampling_rate(self) -> float:
@@ -78,6 +85,8 @@ class SitePlan:
 
     @property
     def steps_per_round(self) -> int:
+        if self.local_steps is not None:
+            return self.local_steps
         return self.local_epochs * max(1, round(self.num_examples / self.expected_batch_size))
 
 
@@ -163,7 +172,9 @@ def site_round(
     Args:
         global_params: the server's model, ``dict`` name → tensor.
         state: the site's :class:`SiteState`.
-        data: the site's training tensors ``(x, y)`` with leading dim n_s.
+        data: the site's training tensors ``(x, y)`` with leading dim n_s. The round computes on their
+            device (``--device``): the model, its optimizer state and each batch are moved there, and the
+            update and the new state come back on the device of ``global_params``.
         key: the site's key (:func:`site_key`); sampling step ``t`` uses ``sample_key.fold_in(t)``,
             noise step ``t`` uses ``noise_key(noise_key, t)`` as in :func:`dpfunc.dp_aggregate`.
         plan: the :class:`SitePlan` (n_s must equal ``len(data[0])``).
@@ -184,14 +195,19 @@ def site_round(
     sample_key, _ = site_keys(key)
     tx = site_optimizer(plan, key)
     step = make_step(None, tx, engine=engine)
-    params, opt_state = dict(global_params), state.opt_state
+    # The site computes where its data lives (e.g. a GPU); what it returns lives where the global model does.
+    where = data[0].device
+    home = next(iter(global_params.values())).device if global_params else where
+    params, opt_state = tree_to_device(dict(global_params), where), tree_to_device(state.opt_state, where)
+    buffers = tree_to_device(buffers, where)
     losses = []
     for t in range(state.steps, state.steps + plan.steps_per_round):
-        idx = poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate)
+        idx = to_device(poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate), where)
         params, opt_state, m = step(params, opt_state, tuple(d[idx] for d in data), buffers=buffers)
         if m.batch_size:
             losses.append(float(m.loss))
     loss = sum(losses) / len(losses) if losses else math.nan
+    params, opt_state = tree_to_device(params, home), tree_to_device(opt_state, home)
     new_state = SiteState(state.site, opt_state, state.steps + plan.steps_per_round, state.rounds + 1)
     return SiteUpdate(state.site, round, params, float(plan.num_examples), plan.steps_per_round, loss), new_state
 

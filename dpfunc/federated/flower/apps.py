@@ -69,6 +69,7 @@ def _site_id(context: Context) -> int:
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     from dpfunc.federated.job import FederatedConfig, _keys, build, make_engine, site_data
+    from dpfunc.devices import to_device
     from dpfunc.federated.site import SitePlan, site_key, site_round
     from dpfunc.keys import Key
 
@@ -79,8 +80,10 @@ def _train(msg: Message, context: Context) -> Message:
     cfg = FederatedConfig(**json.loads(str(task["config"])))
     plan = SitePlan(**json.loads(str(task[f"plan-{site}"])))
     data_dir = context.node_config.get("data-dir") or task["data_dir"] or None
-    data = site_data(cfg, site, data_dir)
+    where = _site_device(context)  # node config device=auto|cpu|cuda|cuda:N (default auto), threads=N
+    data = tuple(to_device(t, where) for t in site_data(cfg, site, data_dir))  # site_round computes where the data is
     module, apply_fn, _, buffers = build(cfg)
+    module.to(where)
     global_params = msg.content["global"].to_torch_state_dict()
     state = decode_state(bytes(task[f"state-{site}"]))
     # The noise key must be secret from the server in a real deployment: a SuperNode started with
@@ -108,6 +111,17 @@ def _train(msg: Message, context: Context) -> Message:
     if secure:
         return Message(RecordDict({"reply": reply}), reply_to=msg)
     return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+def _site_device(context: Context):
+    """The site's ``torch.device`` from its node config (``device``, default ``auto``), after applying ``threads``
+    (torch's CPU threads; absent: torch's default). A device the node lacks fails the message with the reason."""
+    from dpfunc.devices import resolve_device, set_threads
+
+    threads = context.node_config.get("threads")
+    if threads not in (None, ""):
+        set_threads(int(threads), fn="dpfunc ClientApp", name="node-config threads")
+    return resolve_device(str(context.node_config.get("device") or "auto"), fn="dpfunc ClientApp", name="node-config device")
 
 
 def _secagg_store(context: Context) -> dict:
@@ -243,6 +257,10 @@ def _main(grid: Grid, context: Context) -> None:
     from dpfunc.federated.rounds import RoundFailedError
 
     req = json.loads(Path(str(context.run_config["request"])).read_text())
+    if req.get("threads") is not None:  # --threads: the server's evaluation, like the sites' training
+        from dpfunc.devices import set_threads
+
+        set_threads(int(req["threads"]), fn="dpfunc ServerApp", name="threads")
     cfg = FederatedConfig(**req["config"])
     run_dir = Path(req["run_dir"])
     data_dir = req["data_dir"] or None

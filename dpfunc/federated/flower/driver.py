@@ -92,7 +92,7 @@ request = {json.dumps(str(request))}
 
 
 def write_app(cfg: FederatedConfig, *, run_dir: str | Path, data_dir: str | Path | None = None, resume: bool = False,
-              bootstrap_resamples: int = 1000) -> Path:
+              bootstrap_resamples: int = 1000, threads: int | None = None) -> Path:
     """Write the Flower app of a run (``RUN/flower/app/pyproject.toml`` and the request it points to) and
     return its folder: what ``flwr run <folder> <superlink>`` submits, here or on a real deployment."""
     run_path = Path(run_dir).resolve()
@@ -101,7 +101,8 @@ def write_app(cfg: FederatedConfig, *, run_dir: str | Path, data_dir: str | Path
     request = run_path / "flower" / "request.json"
     request.write_text(json.dumps({"config": asdict(cfg), "run_dir": str(run_path),
                                    "data_dir": str(Path(data_dir).resolve()) if data_dir else "",
-                                   "resume": bool(resume), "bootstrap": int(bootstrap_resamples)}))
+                                   "resume": bool(resume), "bootstrap": int(bootstrap_resamples),
+                                   "threads": threads}))
     (app / "pyproject.toml").write_text(app_pyproject(request))
     return app
 
@@ -291,6 +292,8 @@ def run_flower(
     site_node_config: dict[int, dict[str, str]] | None = None,
     on_registered: Callable[[dict[int, subprocess.Popen]], None] | None = None,
     supernode_auth: bool = False,
+    device: str = "auto",
+    threads: int | None = None,
 ) -> dict:
     """Run ``cfg`` on a local Flower deployment (SuperLink + one SuperNode per site) and return its metrics.
 
@@ -306,6 +309,10 @@ def run_flower(
             (tests use it to kill a site).
         supernode_auth: TLS and SuperNode authentication (credentials in ``RUN/flower/credentials``, see
             the module docstring); default: plain ``--insecure`` localhost.
+        device: where each site computes (``--device``; the SuperNodes' ``device`` node config, resolved by
+            each ClientApp). The ServerApp's averaging and evaluation run on the CPU.
+        threads: torch CPU threads of the ServerApp and of every ClientApp (``--threads``; node config
+            ``threads``); None leaves torch's default.
 
     Returns:
         The metrics dict (``run_dir/metrics.json``).
@@ -321,7 +328,8 @@ def run_flower(
     status_file = run_path / "flower_status.json"
     status_file.unlink(missing_ok=True)
     (run_path / "server.log").unlink(missing_ok=True)
-    app = write_app(cfg, run_dir=run_path, data_dir=data_dir, resume=resume, bootstrap_resamples=bootstrap_resamples)
+    app = write_app(cfg, run_dir=run_path, data_dir=data_dir, resume=resume, bootstrap_resamples=bootstrap_resamples,
+                    threads=threads)
     port = _free_port()
     creds = make_credentials(fl / "credentials", cfg.sites) if supernode_auth else None
     security = f'root-certificates = "{creds.ca_cert}"' if creds else "insecure = true"
@@ -352,7 +360,9 @@ def run_flower(
                     raise FlowerRunError(f"run_flower: `flwr supernode register` failed for site {s} (exit "
                                          f"{out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
         for s in range(cfg.sites):
-            node_cfg = {"partition-id": str(s), "num-partitions": str(cfg.sites)}
+            node_cfg = {"partition-id": str(s), "num-partitions": str(cfg.sites), "device": str(device)}
+            if threads is not None:
+                node_cfg["threads"] = str(threads)
             node_cfg.update((site_node_config or {}).get(s, {}))
             text = " ".join(f"{k}={v}" if v.isdigit() else f'{k}="{v}"' for k, v in node_cfg.items())
             node_tls = (["--root-certificates", str(creds.ca_cert), "--auth-supernode-private-key", str(creds.site_keys[s])]
