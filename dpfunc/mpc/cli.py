@@ -35,12 +35,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA)")
     p.add_argument("--port", type=int, default=0, help="rendezvous port on localhost (0: a free one)")
     p.add_argument("--timeout", type=float, default=3600.0, help="hard limit in seconds for the parties")
+    from dpfunc.cli import add_compute_arguments
+
+    add_compute_arguments(p, help="where the plaintext model runs (auto = the GPU when CUDA is available). "
+                                  "--encrypted computes on the CPU only (the parties talk over gloo; an explicit cuda "
+                                  "device is refused), and so does its plaintext reference")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
 
 def load_run_model(run_dir: str):
-    """``(config, module with the run's best parameters, model kwargs)`` of a run folder."""
+    """``(config, module with the run's best parameters, model kwargs)`` of a run folder (on the CPU, whatever
+    device trained it)."""
     from dpfunc.keys import Key
     from dpfunc.models import build_model
     from dpfunc.train import load_run
@@ -66,19 +72,29 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--limit must be an integer >= 1, got {args.limit}")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be an integer >= 1, got {args.batch_size}")
+    from dpfunc.cli import CommandError, compute_device
+    from dpfunc.devices import describe_device, to_device
+
+    if args.encrypted and args.device.startswith("cuda"):
+        raise CommandError(f"--encrypted computes on the CPU (the three parties exchange shares over gloo), so "
+                           f"--device {args.device} does not apply; drop --device or use --device cpu")
+    device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is read
+    if args.encrypted:
+        device = torch.device("cpu")  # auto: the plaintext reference on the parties' arithmetic device
     cfg, module, kwargs = load_run_model(args.run_dir)
     data = pneumoniamnist(args.split, args.data_dir, size=cfg.image_size)
     n = len(data) if args.limit is None else min(args.limit, len(data))
     images, labels = data.images[:n], data.labels[:n]
     t0 = time.perf_counter()
     with torch.no_grad():
-        plain_logits = module(images).double()
-    plain_seconds = time.perf_counter() - t0
+        plain_logits = module.to(device)(to_device(images, device)).double().cpu()
+    plain_seconds = time.perf_counter() - t0  # on CUDA: includes the upload and the read-back
+    module.cpu()
     plain_pred = plain_logits.argmax(-1)
     plain_scores = torch.softmax(plain_logits, -1)[:, 1]
     plain = {"accuracy": float((plain_pred == labels).double().mean()),
              "auc": binary_metrics(labels, plain_scores).roc_auc,
-             "seconds_per_image": plain_seconds / n}
+             "seconds_per_image": plain_seconds / n, "device": describe_device(device)}
     if not args.encrypted:
         print(json.dumps({"images": n, "split": args.split, "plaintext": plain}, indent=2))
         return 0
