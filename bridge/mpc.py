@@ -45,6 +45,7 @@ __all__ = [
     "MPCOp",
     "MPCProgram",
     "compile_module",
+    "pool_before_activation",
     "encode_weights",
     "encrypted_inference",
     "InferenceOutput",
@@ -256,8 +257,11 @@ def _path(node: fx.Node) -> str:
     return list(stack)[-1] if stack else ""
 
 
-def compile_module(module: nn.Module) -> MPCProgram:
+def compile_module(module: nn.Module, *, pool_first: bool = True) -> MPCProgram:
     """Trace ``module`` (in eval mode semantics) into an :class:`MPCProgram`.
+
+    ``pool_first`` moves a max-pooling in front of the monotone activation before it
+    (:func:`pool_before_activation`; the same function, fewer comparisons).
 
     Raises:
         MPCCompileError: an unsupported op; the message names it and its module path.
@@ -300,8 +304,42 @@ def compile_module(module: nn.Module) -> MPCProgram:
             raise _fail(node, str(node.target), f"{node.op} {node.target}")
     if len(inputs) != 1 or output is None:
         raise MPCCompileError(f"compile_module: the module must take one tensor input, got {inputs}")
+    if pool_first:
+        ops = pool_before_activation(ops, output)
     shapes = tuple((n, tuple(p.shape)) for n, p in module.named_parameters())
     return MPCProgram(tuple(ops), inputs[0], output, shapes)
+
+
+MONOTONE_KINDS = (OpKind.RELU, OpKind.TANH, OpKind.SIGMOID)
+"""Activations that are monotone non-decreasing: ``maxpool(act(x)) = act(maxpool(x))``."""
+
+
+def pool_before_activation(ops: list[MPCOp], output: str) -> list[MPCOp]:
+    """Rewrite ``activation → MaxPool2d`` into ``MaxPool2d → activation`` (a peephole pass).
+
+    For a monotone non-decreasing activation ``a`` (ReLU, tanh, sigmoid) and any window,
+    ``max_i a(x_i) = a(max_i x_i)``; padded positions are ignored by both orders (PyTorch pads
+    max-pooling with −∞, the MPC protocol with a very negative public value, and every window holds at
+    least one real element since PyTorch requires ``padding ≤ kernel / 2``). So the activation runs on
+    the pooled tensor — ``stride²`` times fewer elements (4× for ResNet's stem). The rewrite applies
+    only when the activation's output feeds nothing but that pooling and is not the program's output.
+    """
+    uses: dict[str, int] = {}
+    for op in ops:
+        for name in op.inputs:
+            uses[name] = uses.get(name, 0) + 1
+    out = list(ops)
+    i = 0
+    while i + 1 < len(out):
+        act, pool = out[i], out[i + 1]
+        if (act.kind in MONOTONE_KINDS and pool.kind is OpKind.MAX_POOL2D and pool.inputs == (act.output,)
+                and uses.get(act.output) == 1 and act.output != output):
+            out[i] = pool._replace(inputs=act.inputs, output=act.output)  # pooled pre-activation
+            out[i + 1] = act._replace(inputs=(act.output,), output=pool.output)
+            i += 2
+        else:
+            i += 1
+    return out
 
 
 def encode_weights(module: nn.Module, program: MPCProgram, fp=None) -> torch.Tensor:
@@ -346,14 +384,15 @@ def _x_gn(ctx, op, xs, w, b, cfg):
     return group_norm(ctx, xs[0], op.attr("groups"), w, b, op.attr("eps"), cfg["rsqrt"])
 
 
-_EXEC[OpKind.TANH] = lambda ctx, op, xs, w, b, cfg: tanh(ctx, xs[0], cfg["tanh"])
-_EXEC[OpKind.SIGMOID] = lambda ctx, op, xs, w, b, cfg: sigmoid(ctx, xs[0], cfg["tanh"])
-_EXEC[OpKind.RELU] = lambda ctx, op, xs, w, b, cfg: P.relu(ctx, xs[0])
+_EXEC[OpKind.TANH] = lambda ctx, op, xs, w, b, cfg: tanh(ctx, xs[0], cfg["tanh"], cfg["bits"])
+_EXEC[OpKind.SIGMOID] = lambda ctx, op, xs, w, b, cfg: sigmoid(ctx, xs[0], cfg["tanh"], cfg["bits"])
+_EXEC[OpKind.RELU] = lambda ctx, op, xs, w, b, cfg: P.relu(ctx, xs[0], cfg["bits"])
 _EXEC[OpKind.IDENTITY] = lambda ctx, op, xs, w, b, cfg: xs[0]
 _EXEC[OpKind.FLATTEN] = lambda ctx, op, xs, w, b, cfg: xs[0].reshape(xs[0].shape[0], -1)
 _EXEC[OpKind.ADD] = lambda ctx, op, xs, w, b, cfg: xs[0] + xs[1]
 _EXEC[OpKind.AVG_POOL2D] = lambda ctx, op, xs, w, b, cfg: P.avg_pool2d(ctx, xs[0], op.attr("kernel"))
-_EXEC[OpKind.MAX_POOL2D] = lambda ctx, op, xs, w, b, cfg: P.max_pool2d(ctx, xs[0], op.attr("kernel"), op.attr("stride"), op.attr("padding"))
+_EXEC[OpKind.MAX_POOL2D] = lambda ctx, op, xs, w, b, cfg: P.max_pool2d(
+    ctx, xs[0], op.attr("kernel"), op.attr("stride"), op.attr("padding"), cfg["bits"])
 
 
 @_executes(OpKind.MEAN_HW)
@@ -439,6 +478,7 @@ def encrypted_inference(
     model: Optional[SharedModel] = None,
     tanh_approx: TanhApprox = TanhApprox(),
     rsqrt_cfg: RsqrtConfig = RsqrtConfig(),
+    comparison_bits: int = 32,
 ) -> Optional[InferenceOutput]:
     """The SPMD program of encrypted inference; every party calls it with its own arguments.
 
@@ -452,16 +492,26 @@ def encrypted_inference(
             this call, with fresh triples for every product. Ignored when ``model`` is given.
         model: the session's :func:`share_model` result (all parties), to share and mask the weights
             once for many batches.
+        comparison_bits: word width of the activations' comparisons (tanh, sigmoid, ReLU, max-pool;
+            :func:`dpfunc.mpc.protocols.ltz`): 32 (default) is exact while every activation input
+            satisfies ``|v| < 2^(31 − f)`` (32768 for f = 16; max-pool inputs ``|v| < 16384``) and
+            costs about half of 64, which is exact on the whole ring. After a GroupNorm the bound
+            holds by construction: a normalised value is at most ``√n`` in magnitude (``n`` the
+            group's size), so ``|v| ≤ |γ|·√n + |β|``. The GroupNorm's own comparisons and the
+            argmax always use 64 bits.
 
     Returns:
         :class:`InferenceOutput` on the data owner, ``None`` on the others.
     """
+    if comparison_bits not in (32, 64) or comparison_bits - 2 - ctx.fp.fractional_bits < 4:
+        raise ValueError(f"encrypted_inference: comparison_bits must be 32 or 64 (and leave at least 4 integer "
+                         f"bits above the {ctx.fp.fractional_bits} fractional bits), got {comparison_bits!r}")
     if model is None:
         model = share_model(ctx, program, weights, key=key, reuse_masks=False)
     params = model.params
     x = P.share_from(ctx, DATA_OWNER, image, tuple(input_shape), key)
     env = {program.input: x}
-    cfg = {"tanh": tanh_approx, "rsqrt": rsqrt_cfg}
+    cfg = {"tanh": tanh_approx, "rsqrt": rsqrt_cfg, "bits": comparison_bits}
     for op in program.ops:
         w = None
         if len(op.params) > 0 and op.params[0]:

@@ -47,3 +47,138 @@ def test_keystream_fill_spans_blocks_and_rejects_bad_outputs():
         ks.fill_(torch.zeros(4, 4, dtype=torch.int64).t())
     with pytest.raises(TypeError, match="Key"):
         Keystream(3)
+
+
+# ----------------------------------------------------------------------- comparisons on fewer bits
+def _run(fn, x, seed, record=False):
+    from dpfunc.mpc import reveal_to, share_from, simulate
+
+    def program(ctx):
+        xs = share_from(ctx, 1, x if ctx.rank == 1 else None, tuple(x.shape), Key(seed).fold_in(1))
+        out = fn(ctx, xs)
+        return out if record else reveal_to(ctx, 1, out)
+
+    res = simulate(program, dealer_key=Key(seed).fold_in(3), record=record)
+    return res if record else res.outputs[1]
+
+
+@given(seeds, st.sampled_from([8, 16, 32, 64]))
+@settings(max_examples=12)
+def test_ltz_on_fewer_bits_is_exact_within_its_range(seed, bits):
+    from dpfunc.mpc.protocols import ltz, relu
+
+    g = Key(seed).generator()
+    half = 2 ** (bits - 1)
+    x = torch.cat([
+        torch.randint(-half, half - 1, (300,), generator=g),
+        torch.tensor([0, 1, -1, half - 1, -half, half // 2, -half // 2]),
+    ])
+    assert torch.equal(_run(lambda c, xs: ltz(c, xs, bits=bits), x, seed), (x < 0).long())
+    assert torch.equal(_run(lambda c, xs: relu(c, xs, bits=bits), x, seed), x.clamp(min=0))
+
+
+def test_ltz_on_fewer_bits_fails_outside_its_range_as_documented():
+    from dpfunc.mpc.protocols import ltz
+
+    x = torch.tensor([2**31, -(2**31) - 1, 2**32 + 5, -(2**32) - 5])  # outside ±2^31: the wrapped sign
+    wrapped = (x.to(torch.int32) < 0).long()
+    assert torch.equal(_run(lambda c, xs: ltz(c, xs, bits=32), x, 0), wrapped)
+    assert not torch.equal(wrapped, (x < 0).long())
+    with pytest.raises(RuntimeError, match="msb_xor: bits must be one of"):  # raised in the dealer
+        _run(lambda c, xs: ltz(c, xs, bits=12), x, 0)
+
+
+@given(seeds, st.sampled_from([(2, 2, 0), (3, 2, 1), (3, 1, 1), (2, 1, 0)]), st.sampled_from([32, 64]))
+@settings(max_examples=10)
+def test_separable_max_pool_matches_torch(seed, cfg, bits):
+    import torch.nn.functional as F
+
+    from dpfunc.mpc import decode, encode
+    from dpfunc.mpc.protocols import max_pool2d
+
+    k, s, p = cfg
+    x = torch.randn(2, 3, 7, 6, generator=Key(seed).generator(), dtype=torch.float64) * 100
+    out = decode(_run(lambda c, xs: max_pool2d(c, xs, k, s, p, bits), encode(x), seed))
+    assert torch.equal(out, decode(encode(F.max_pool2d(x, k, s, p))))
+
+
+def test_cross_and_view_is_a_one_time_pad():
+    """The first level of the carry tree (cross_and): each party's received words are uniform bytes
+    for two very different secrets (chi-square contingency, α = 1e-3)."""
+    from scipy.stats import chi2_contingency
+
+    from dpfunc.mpc.protocols import ltz
+
+    def view(value, runs=4):
+        counts = torch.zeros(256, dtype=torch.int64)
+        for r in range(runs):
+            x = torch.full((4000,), value, dtype=torch.int64)
+            res = _run(lambda c, xs: ltz(c, xs, bits=32), x, 100 + r, record=True)
+            first = res.transcripts[0][1]  # party 0: [the data owner's input mask, e of cross_and, ...]
+            assert first.dtype == torch.int32
+            counts += torch.bincount(first.view(torch.uint8).long(), minlength=256)
+        return counts
+
+    a, b = view(0), view(-12345)
+    assert chi2_contingency(torch.stack([a, b]).numpy()).pvalue > 1e-3
+    assert chisquare(a.numpy()).pvalue > 1e-3
+
+
+# ------------------------------------------------------------------ compiler: pool before activation
+def test_pool_before_activation_rewrite_matches_plaintext():
+    from torch import nn
+
+    from dpfunc.bridge.mpc import OpKind, compile_module, encode_weights, encrypted_inference
+    from dpfunc.mpc import decode, encode, simulate
+
+    g = Key(11).generator()
+    model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3, 2, 1), nn.Conv2d(3, 2, 3),
+                          nn.Tanh(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    plain, rewritten = compile_module(model, pool_first=False), compile_module(model)
+    kinds = [op.kind for op in rewritten.ops]
+    assert kinds.index(OpKind.MAX_POOL2D) < kinds.index(OpKind.RELU)  # pooled first
+    assert [op.kind for op in plain.ops].index(OpKind.RELU) < [op.kind for op in plain.ops].index(OpKind.MAX_POOL2D)
+    x = torch.randn(2, 1, 12, 12, generator=g)
+    outs = []
+    for program in (plain, rewritten):
+        w, img = encode_weights(model, program), encode(x)
+
+        def party(ctx, program=program, w=w, img=img):
+            return encrypted_inference(ctx, program, tuple(x.shape), key=Key(20 + ctx.rank),
+                                       image=img if ctx.rank == 1 else None, weights=w if ctx.rank == 0 else None)
+
+        res = simulate(party, dealer_key=Key(5))
+        outs.append(decode(res.outputs[1].logits))
+        ops_relu = sum(1 for op in program.ops if op.kind is OpKind.RELU)
+        assert ops_relu == 1
+    with torch.no_grad():
+        ref = model(x).double()
+    for out in outs:
+        assert (out - ref).abs().max() < 5e-3
+
+
+def test_pool_before_activation_leaves_shared_activations_alone():
+    from dpfunc.bridge.mpc import MPCOp, OpKind, pool_before_activation
+
+    act = MPCOp(OpKind.RELU, ("a",), "r")
+    pool = MPCOp(OpKind.MAX_POOL2D, ("r",), "p", attrs=(("kernel", 2), ("stride", 2), ("padding", 0)))
+    other = MPCOp(OpKind.ADD, ("r", "p"), "s")
+    assert pool_before_activation([act, pool, other], "s") == [act, pool, other]  # r used twice
+    assert pool_before_activation([act, pool], "r") == [act, pool]  # r is the output
+    swapped = pool_before_activation([act, pool], "p")
+    assert [op.kind for op in swapped] == [OpKind.MAX_POOL2D, OpKind.RELU]
+    assert swapped[0].inputs == ("a",) and swapped[1].output == "p"
+
+
+def test_encrypted_inference_validates_comparison_bits():
+    from dpfunc.bridge.mpc import compile_module, encrypted_inference
+    from dpfunc.models import SmallCNN
+    from dpfunc.mpc import simulate
+
+    program = compile_module(SmallCNN(key=Key(0), widths=(4,), groups=2))
+    with pytest.raises(RuntimeError, match="comparison_bits must be 32 or 64"):
+        simulate(lambda ctx: encrypted_inference(ctx, program, (1, 1, 4, 4), key=Key(1), comparison_bits=16),
+                 dealer_key=Key(2), timeout=10)

@@ -95,6 +95,7 @@ class Kind(enum.Enum):
     TRIPLE = "triple"  # (a, b, c = op(a, b)), additive shares
     SQUARE = "square"  # (a, c = a*a), additive shares
     AND = "and"  # (a, b, c = a & b) on 64-bit words, XOR shares
+    CROSS_AND = "cross_and"  # party 0 gets (A, c0), party 1 (B, c1), c0 ^ c1 = A & B (words)
     BIT = "bit"  # a random bit r as XOR shares of {0,1} and as additive shares
     MASK = "mask"  # a uniform b for a fixed operand (kept by the dealer under Request.mask_id)
     FIXED_TRIPLE = "fixed_triple"  # (a, c = op(a, b)) with b the mask Request.mask_id, fresh a
@@ -139,7 +140,7 @@ def _material_shapes(req: Request) -> list[tuple[int, ...]]:
         return [req.shape_x, req.shape_x]
     if req.kind is Kind.AND:
         return [req.shape_x] * 3
-    return [req.shape_x, req.shape_x]
+    return [req.shape_x, req.shape_x]  # BIT, CROSS_AND
 
 
 def word_dtype(bits: int) -> torch.dtype:
@@ -150,6 +151,8 @@ def word_dtype(bits: int) -> torch.dtype:
 def _material_dtypes(req: Request) -> list[torch.dtype]:
     if req.kind is Kind.AND:
         return [word_dtype(req.params[0] if req.params else 64)] * 3
+    if req.kind is Kind.CROSS_AND:
+        return [word_dtype(req.params[0])] * 2
     if req.kind is Kind.BIT:
         return [torch.uint8, torch.int64]
     return [torch.int64] * len(_material_shapes(req))
@@ -203,6 +206,11 @@ def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None
         a, b = ks.words(req.shape_x, dtype), ks.words(req.shape_x, dtype)
         s0 = [ks.words(req.shape_x, dtype) for _ in range(3)]
         return s0, [v ^ t for v, t in zip([a, b, a & b], s0)]
+    elif req.kind is Kind.CROSS_AND:
+        # party 0's mask A, party 1's mask B, XOR shares of A & B (see protocols.cross_and)
+        dtype = word_dtype(req.params[0])
+        a, b, c0 = (ks.words(req.shape_x, dtype) for _ in range(3))
+        return [a, c0], [b, (a & b) ^ c0]
     else:
         r = ks.bits(req.shape_x)
         r0 = ks.bits(req.shape_x)

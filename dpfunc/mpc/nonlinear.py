@@ -120,14 +120,18 @@ def _powers(ctx: Context, u: torch.Tensor, degree: int) -> list[torch.Tensor]:
     return pw[1:]
 
 
-def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> torch.Tensor:
-    """Shares of ``approx(x) ≈ tanh(x)`` (see the module docstring for the error and cost)."""
+def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits: int = 64) -> torch.Tensor:
+    """Shares of ``approx(x) ≈ tanh(x)`` (see the module docstring for the error and cost).
+
+    ``bits < 64`` runs the comparisons on ``bits``-bit words (:func:`~dpfunc.mpc.protocols.ltz`):
+    exact when ``|x| < 2^(bits − 1 − f)`` (32768 for 32 bits and f = 16).
+    """
     fp = ctx.fp
     enc = lambda v: int(round(v * fp.scale))  # noqa: E731
     d = approx.degree
     rows = [(c, tuple(coef)) for c, coef in zip(approx.centres, approx.coefficients)] + [(0.0, (1.0,) + (0.0,) * d)]
     if approx.odd:
-        neg = ltz(ctx, x)  # [x < 0], a shared integer
+        neg = ltz(ctx, x, bits=bits)  # [x < 0], a shared integer
         z = x - 2 * mul_int(ctx, x, neg)  # |x|, exact
         thresholds = approx.breakpoints[1:]  # [|x| ≥ t_k], k = 1 … pieces
     else:
@@ -135,7 +139,7 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> to
         rows = [(0.0, (-1.0,) + (0.0,) * d)] + rows
         thresholds = approx.breakpoints
     stacked = torch.stack([add_public(ctx, z, -enc(tk)) for tk in thresholds])
-    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # (K, *x): [z >= t_k], shared integers
+    steps = add_public(ctx, -ltz(ctx, stacked, bits=bits), 1)  # (K, *x): [z >= t_k], shared integers
     table = torch.tensor([[enc(c)] + [enc(a) for a in coef] for c, coef in rows], dtype=torch.int64)
     deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
@@ -150,9 +154,9 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> to
     return y
 
 
-def sigmoid(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox()) -> torch.Tensor:
+def sigmoid(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits: int = 64) -> torch.Tensor:
     """``σ(x) = (tanh(x/2) + 1) / 2`` with the tanh approximation (error ≤ half of tanh's)."""
-    th = tanh(ctx, truncate(ctx, x, 2), approx)
+    th = tanh(ctx, truncate(ctx, x, 2), approx, bits)
     return truncate(ctx, add_public(ctx, th, ctx.fp.scale), 2)
 
 

@@ -28,8 +28,9 @@ Command line (one per party)::
     python -m dpfunc.mpc.parties --role data-owner  ... --spec spec.json --images x.pt --out out.pt --seed 13
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
-"batches": n, "fractional_bits": 16, "chunk_bytes": 8388608, "reuse_weight_masks": true}``
-(public; the last three optional).
+"batches": n, "fractional_bits": 16, "chunk_bytes": 8388608, "reuse_weight_masks": true,
+"comparison_bits": 32}`` (public; the last four optional; ``comparison_bits``: see
+:func:`dpfunc.bridge.mpc.encrypted_inference`).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
     batches = int(spec["batches"])
     chunk_bytes = int(spec.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     reuse = bool(spec.get("reuse_weight_masks", True))
+    bits = int(spec.get("comparison_bits", 32))
     model = build_public_model(spec)
     weights = None
     if rank == MODEL_OWNER:
@@ -200,7 +202,8 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: int, timeout
                     x = torch.cat([x, x.new_zeros((shape[0] - x.shape[0],) + tuple(x.shape[1:]))])
                 img = encode(x, fp)
             t0 = time.perf_counter()
-            out = encrypted_inference(ctx, program, shape, key=key.fold_in(b), image=img, model=shared)
+            out = encrypted_inference(ctx, program, shape, key=key.fold_in(b), image=img, model=shared,
+                                      comparison_bits=bits)
             times.append(time.perf_counter() - t0)
             if out is not None:
                 outputs.append(out)
