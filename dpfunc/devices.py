@@ -152,8 +152,9 @@ def tree_to_device(tree: Any, device: torch.device) -> Any:
     """``tree`` with every tensor on ``device`` (:func:`to_device`); containers rebuilt, other leaves kept.
 
     Walks dicts, lists, tuples, NamedTuples (an optimizer state: ``DPAggregateState``, momentum traces)
-    and dataclass instances; anything else (a ``Key``, a ``PrivacyLedger``, numbers) is returned as is,
-    and a tree whose tensors are all on ``device`` already comes back unchanged (the same objects).
+    and dataclass instances, rebuilding only the containers that hold a moved tensor; anything else (a
+    ``Key``, a ``PrivacyLedger``, numbers) is returned as is, and a tree whose tensors are all on ``device``
+    already comes back unchanged (the very same object).
 
     Example:
         >>> s = {"w": torch.ones(2), "meta": (3, "x")}
@@ -163,11 +164,13 @@ def tree_to_device(tree: Any, device: torch.device) -> Any:
     if isinstance(tree, torch.Tensor):
         return to_device(tree, device)
     if isinstance(tree, dict):
-        return type(tree)((k, tree_to_device(v, device)) for k, v in tree.items()) if tree else tree
-    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
-        return type(tree)(*(tree_to_device(v, device) for v in tree))
+        items = {k: tree_to_device(v, device) for k, v in tree.items()}
+        return tree if all(items[k] is v for k, v in tree.items()) else type(tree)(items)
     if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_to_device(v, device) for v in tree)
+        items = [tree_to_device(v, device) for v in tree]
+        if all(a is b for a, b in zip(items, tree)):
+            return tree
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
     if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
         changes = {f.name: tree_to_device(getattr(tree, f.name), device) for f in dataclasses.fields(tree) if f.init}
         if all(changes[k] is getattr(tree, k) for k in changes):

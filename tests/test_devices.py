@@ -370,3 +370,171 @@ def test_non_private_divergence_is_reported_once_per_epoch_with_its_step():
     _check_finite_losses(losses[:1], 0, 0.05)
     assert _mean_loss([(torch.tensor(1.0), torch.tensor(3)), (torch.tensor(9.0), torch.tensor(0)), (2.0, 1)]) == 1.5
     assert math.isnan(_mean_loss([]))
+
+
+# ------------------------------------------------------------------------------- every command: --device and --threads
+
+#: One command line per command that computes with a model (the run folder / data paths filled in by the test):
+#: each must refuse a device this machine lacks before it reads or writes anything.
+_COMPUTE_COMMANDS = {
+    "train": (["train", "--data-dir", "{missing}", "--run-dir", "{run}"], "train"),
+    "evaluate": (["evaluate", "{run}"], "evaluate"),
+    "federated": (["federated", "--data-dir", "{missing}", "--run-dir", "{run}"], "federated"),
+    "federated-flower": (["federated", "--engine", "flower", "--data-dir", "{missing}", "--run-dir", "{run}"], "federated"),
+    "segment": (["segment", "--data-dir", "{missing}", "--run-dir", "{run}"], "segment"),
+    "train-task-liver": (["train", "--task", "liver", "--data-dir", "{missing}", "--run-dir", "{run}"], "segment"),
+    "attack": (["attack", "--run-dir", "{run}", "--scenario", "dp", "--data-dir", "{missing}"], "attack"),
+    "audit": (["audit", "--run-dir", "{run}", "--noise-multiplier", "1", "--data-dir", "{missing}"], "audit"),
+    "infer": (["infer", "{run}", "--data-dir", "{missing}"], "infer"),
+}
+
+
+def _absent_cuda() -> str:
+    return f"cuda:{torch.cuda.device_count() + 7}" if torch.cuda.is_available() else "cuda"
+
+
+@pytest.mark.parametrize("name", list(_COMPUTE_COMMANDS))
+def test_every_compute_command_refuses_an_absent_device_and_applies_threads(name, tmp_path, monkeypatch, capsys):
+    """``--device`` naming a GPU this machine lacks: exit code 2 and one line naming --device, the value and what
+    the machine offers, before any data is read or any file written; ``--threads`` was applied first."""
+    from dpfunc.cli import main
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)  # record, without changing this process
+    argv, shown = _COMPUTE_COMMANDS[name]
+    run = tmp_path / "run"
+    argv = [a.format(missing=tmp_path / "no-data", run=run) for a in argv]
+    absent = _absent_cuda()
+    assert main([*argv, "--device", absent, "--threads", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"dpfunc {shown}: error: --device '{absent}' ") and "this machine offers: cpu" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert calls == [3]
+    assert not run.exists() and not (tmp_path / "runs").exists()  # nothing written
+
+
+@pytest.mark.parametrize("name", list(_COMPUTE_COMMANDS))
+def test_threads_must_be_a_positive_integer(name, tmp_path, capsys):
+    from dpfunc.cli import main
+
+    argv = [a.format(missing=tmp_path / "no-data", run=tmp_path / "run") for a in _COMPUTE_COMMANDS[name][0]]
+    for bad in ("0", "-2", "two"):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--threads", bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "--threads must be" in err and repr(bad) in err, err
+
+
+def test_the_compute_flags_are_on_every_command_that_computes():
+    """The registry: every subcommand except the two that compute nothing with a model has both flags."""
+    from dpfunc.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name in COMMANDS:
+        flags = {s for a in sub.choices[name]._actions for s in a.option_strings}
+        has = {"--device", "--threads"} <= flags
+        assert has == (name not in ("account", "make-phantoms")), name
+
+
+def test_set_threads_validates_and_applies():
+    from dpfunc.devices import set_threads
+
+    before = torch.get_num_threads()
+    try:
+        assert set_threads(1) == 1 == torch.get_num_threads()
+        assert set_threads(None) == 1  # None: leave it as it is
+    finally:
+        torch.set_num_threads(before)
+    for bad in (0, -1, 1.0, True, "2"):
+        with pytest.raises(ValueError, match=r"^f: --threads must be an int >= 1"):
+            set_threads(bad, fn="f", name="--threads")
+    assert torch.get_num_threads() == before
+
+
+def test_tree_to_device_moves_every_tensor_and_keeps_the_rest(device):
+    import dataclasses
+    from typing import NamedTuple
+
+    from dpfunc.accounting.ledger import PrivacyLedger
+    from dpfunc.devices import tree_to_device
+
+    class Pair(NamedTuple):
+        a: torch.Tensor
+        b: object
+
+    @dataclasses.dataclass(frozen=True)
+    class Box:
+        t: torch.Tensor
+        n: int = 3
+
+    ledger = PrivacyLedger().step(1.0, 0.1, 5)
+    tree = {"p": torch.arange(3.0), "s": Pair(torch.ones(2), (Key(1), ledger, [torch.zeros(1)])), "box": Box(torch.eye(2)), "e": {}}
+    moved = tree_to_device(tree, device)
+    leaves = [moved["p"], moved["s"].a, moved["s"].b[2][0], moved["box"].t]
+    assert all(t.device == device for t in leaves)
+    assert isinstance(moved["s"], Pair) and isinstance(moved["box"], Box) and moved["box"].n == 3
+    assert moved["s"].b[0] == Key(1) and moved["s"].b[1] is ledger and moved["e"] == {}
+    back = tree_to_device(moved, CPU)
+    assert torch.equal(back["p"], tree["p"]) and torch.equal(back["box"].t, tree["box"].t)
+    if device == CPU:  # nothing to move: the very same objects
+        assert moved["p"] is tree["p"] and moved["box"] is tree["box"]
+
+
+def test_a_federated_site_round_computes_on_the_data_device(device):
+    """``site_round`` with the shard on ``device`` and the global model on the CPU: the update and the new state
+    come back on the CPU, the ledger is the CPU run's, and with σ = 0 (float64) the update equals it."""
+    from dpfunc.federated.site import SitePlan, init_site_state, site_round
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(24, 5, generator=gen, dtype=torch.float64), torch.randint(0, 2, (24,), generator=gen)
+    params = {"w": torch.randn(5, 2, generator=gen, dtype=torch.float64), "b": torch.zeros(2, dtype=torch.float64)}
+    plan = SitePlan(24, 8, 1, 0.0, max_grad_norm=0.5, learning_rate=0.5, momentum=0.9)
+    engine = vmap_engine(lambda p, b, xi, yi: F.cross_entropy((xi @ p["w"] + p["b"])[None], yi[None]),
+                         clipping=FlatClipping(0.5))
+    out = []
+    for where in (CPU, device):
+        state = init_site_state(0, plan, Key(3), params)
+        update, new = site_round(params, state, (to_device(x, where), to_device(y, where)), Key(3), plan=plan,
+                                 engine=engine, round=0)
+        update, new = site_round(update.params, new, (to_device(x, where), to_device(y, where)), Key(3), plan=plan,
+                                 engine=engine, round=1)  # the momentum carried on the host between rounds
+        assert all(v.device == CPU for v in update.params.values())
+        assert all(v.device == CPU for v in new.opt_state[1][0].trace.values())
+        out.append((update, new))
+    (u_cpu, s_cpu), (u_dev, s_dev) = out
+    assert s_dev.ledger == s_cpu.ledger and s_dev.steps == s_cpu.steps == 6
+    for k in params:
+        torch.testing.assert_close(u_dev.params[k], u_cpu.params[k], rtol=1e-9, atol=1e-12)
+
+
+def test_infer_plaintext_runs_on_the_device(device, tmp_path, data_dir, capsys):
+    """``dpfunc infer --device D --threads 1`` (plaintext): the same predictions as the CPU, the device named."""
+    import json
+    from dataclasses import asdict
+
+    from dpfunc.cli import main
+    from dpfunc.models import build_model
+    from dpfunc.train import TrainConfig
+
+    run = tmp_path / "run"
+    run.mkdir()
+    model = build_model("cnn", key=Key(5))
+    save_checkpoint(run / "checkpoint.pt", {"config": asdict(TrainConfig(model="cnn", image_size=28, seed=3)),
+                                            "best_params": {n: p.detach().clone() for n, p in model.named_parameters()}})
+    before = torch.get_num_threads()
+    results = {}
+    try:
+        for where in ("cpu", str(device)):
+            assert main(["infer", str(run), "--data-dir", str(data_dir), "--limit", "16", "--device", where, "--threads", "1"]) == 0
+            assert torch.get_num_threads() == 1
+            results[where] = json.loads(capsys.readouterr().out)["plaintext"]
+    finally:
+        torch.set_num_threads(before)
+    assert results[str(device)]["device"].startswith(str(device))
+    assert results[str(device)]["accuracy"] == results["cpu"]["accuracy"]
+    assert results[str(device)]["auc"] == pytest.approx(results["cpu"]["auc"], abs=1e-6)
+    assert not (run / "encrypted_inference.json").exists()
+    assert main(["infer", str(run), "--encrypted", "--device", "cuda"]) == 2  # gloo: CPU only, said so
+    assert "--encrypted computes on the CPU" in capsys.readouterr().err
