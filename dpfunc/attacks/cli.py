@@ -1,6 +1,6 @@
 """``dpfunc attack``: gradient inversion against a run's model in one threat scenario.
 
-    dpfunc attack --run-dir runs/cnn-eps3.0-seed0 --scenario dp --batch-size 1 --images 4 --iterations 400
+    dpfunc attack --run-dir runs/cnn-eps3.0-seed0 --scenario dp --batch-size 1 --images 4 --iterations 400 [--device cuda]
 
 Writes ``RUN/attack-<scenario>.json`` (per-image and mean/median ``psnr``, ``ssim``, ``mse``, the
 baselines, ``baseline_psnr``) and ``RUN/attack-<scenario>.png`` (originals over reconstructions, PSNR
@@ -38,6 +38,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--noise-multiplier", type=float, default=None, help="σ of the dp/secagg scenarios (default: the run's)")
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz")
     p.add_argument("--seed", type=int, default=0, help="which images, the noise and the initial guesses")
+    from dpfunc.cli import add_compute_arguments
+
+    add_compute_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -52,14 +55,16 @@ def run(args: argparse.Namespace) -> int:
     from dpfunc.data import pneumoniamnist
     from dpfunc.keys import Key
     from dpfunc.models import build_model
+    from dpfunc.cli import compute_device
     from dpfunc.train import TrainConfig, load_run
 
+    device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is read
     run_dir = Path(args.run_dir)
     has_run = (run_dir / "checkpoint.pt").is_file()
     cfg, state = load_run(run_dir) if has_run else (TrainConfig(), None)
     train_set = pneumoniamnist("train", args.data_dir, size=cfg.image_size)
     module = build_model(cfg.model, key=Key(cfg.seed).split(4)[0], **({"input_size": cfg.image_size} if cfg.model == "resnet18" else {}))
-    apply_fn, params, buffers = functionalize(module)
+    apply_fn, params, buffers = functionalize(module.to(device))
     where = "initialisation"
     if has_run and args.weights == "last":
         params, buffers, where = state["params"], state["buffers"], f"last iterate (epoch {state['epoch']})"
@@ -77,10 +82,14 @@ def run(args: argparse.Namespace) -> int:
     total = math.ceil(images / args.batch_size) * args.iterations * args.restarts
     bar = progress(total=total, desc=f"attack {args.scenario}", unit="it")
     try:
-        out = attack_images(apply_fn, params, buffers, train_set.images, train_set.labels, job, threat, on_step=bar.update)
+        out = attack_images(apply_fn, params, buffers, train_set.images, train_set.labels, job, threat, on_step=bar.update,
+                            device=device)
     finally:
         bar.close()
     out["model"] = {"name": cfg.model, "weights": where, "run_dir": str(run_dir)}
+    from dpfunc.devices import describe_device
+
+    out["device"] = describe_device(device)
     run_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = run_dir / f"attack-{args.scenario}.json", run_dir / f"attack-{args.scenario}.png"
     originals, recs = out.pop("_originals"), out.pop("_reconstructions")

@@ -212,6 +212,11 @@ def total_variation(images: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
+def _device_of(params: Mapping[str, torch.Tensor]) -> torch.device:
+    """Where the model lives: the reconstruction is optimised there (the initial guess is drawn on the host)."""
+    return next(iter(params.values())).device if params else torch.device("cpu")
+
+
 def _flat(g: Mapping[str, torch.Tensor], names: list[str]) -> torch.Tensor:
     return torch.cat([g[k].reshape(-1) for k in names])
 
@@ -271,8 +276,8 @@ def invert_gradients(
     best, results = None, []
     done = 0
     for r in range(config.restarts):
-        x0 = torch.randn((update.batch_size, *image_shape), generator=key.fold_in(r).generator())
-        x = x0.clamp(lo, hi).requires_grad_()
+        x0 = torch.randn((update.batch_size, *image_shape), generator=key.fold_in(r).generator())  # same guess on any device
+        x = x0.to(_device_of(params)).clamp(lo, hi).requires_grad_()
         opt = torch.optim.Adam([x], lr=config.learning_rate)
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
         for _ in range(config.iterations):
@@ -327,7 +332,8 @@ def dlg(
     lo, hi = config.box
     best, results, done = None, [], 0
     for r in range(config.restarts):
-        x = torch.randn((update.batch_size, *image_shape), generator=key.fold_in(r).generator()).clamp(lo, hi).requires_grad_()
+        x = (torch.randn((update.batch_size, *image_shape), generator=key.fold_in(r).generator()).to(_device_of(params))
+             .clamp(lo, hi).requires_grad_())
         opt = torch.optim.LBFGS([x], lr=config.learning_rate, max_iter=1, history_size=config.history_size,
                                 line_search_fn="strong_wolfe")
 

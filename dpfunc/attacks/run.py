@@ -97,6 +97,7 @@ def attack_images(
     threat: ThreatModel,
     *,
     on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Run ``job`` against private images drawn from ``(images, labels)`` (a training split).
 
@@ -106,11 +107,20 @@ def attack_images(
     attacker's best case), and the reconstruction is matched to the originals and scored against the
     mean-image and random-image baselines.
 
+    ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"``; None: where ``params`` are) is where the model, the
+    attacked batches, the keyed noise of the update and the reconstruction live; the images are drawn and
+    the reconstructions scored on the host, so the results do not depend on the device (up to arithmetic).
+
     Returns:
         A JSON-ready dict (``psnr``, ``ssim``, ``mse`` per image and their means/medians, the baselines,
         ``baseline_psnr`` = the mean-image baseline's median PSNR, label accuracy, timings) plus the
         tensors ``"_originals"`` and ``"_reconstructions"`` (matched, same order) for pictures.
     """
+    from dpfunc.devices import resolve_device, tree_to_device
+
+    where = (next(iter(params.values())).device if device is None
+             else resolve_device(device, fn="attack_images", name="device (--device)"))
+    params, buffers = tree_to_device(params, where), tree_to_device(buffers, where)
     key = Key(job.seed)
     pick_key, noise_key, init_key = key.split(3)
     n = images.shape[0]
@@ -128,12 +138,14 @@ def attack_images(
                    for s in range(sites)]
         x = torch.cat([b[0] for b in batches])
         y = torch.cat([b[1] for b in batches])
+        batches = [tree_to_device(b, where) for b in batches]  # the private batches go where the model is
         update = shared_update(job.scenario, apply_fn, params, buffers, batches, threat=threat, key=noise_key.fold_in(u))
         if update.batch_size == 1:
             guess = torch.tensor([recover_label(update)])
             label_ok.append(bool(guess[0] == y[0]))
         else:
             guess = y
+        guess = guess.to(where)
         t0 = time.perf_counter()
         cb = (lambda i, loss: on_step(1)) if on_step is not None else None
         if job.attack is Attack.INVERTING_GRADIENTS:
@@ -144,6 +156,7 @@ def attack_images(
             res = dlg(apply_fn, params, buffers, update, guess, tuple(x.shape[1:]), key=init_key.fold_in(u), config=cfg, callback=cb)
         seconds += time.perf_counter() - t0
         rand_idx = perm[-(u + 1) * x.shape[0]:][: x.shape[0]]  # images from the end: never in a batch
+        res = res._replace(images=res.images.cpu())  # scored and drawn on the host
         sc = score_reconstructions(res.images, x, data_range=DATA_RANGE, mean_image=mean_image, random_images=images[rand_idx])
         originals.append(x)
         recs.append(res.images[sc.order])

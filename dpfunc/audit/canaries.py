@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from dpfunc._tree import Params
 from dpfunc._validate import check_int_range, check_positive_finite, check_probability
 from dpfunc.clipping import FlatClipping
+from dpfunc.devices import to_device
 from dpfunc.keys import Key
 from dpfunc.sampling import poisson_sample
 from dpfunc.step import vmap_engine
@@ -36,7 +37,7 @@ __all__ = ["CanaryRun", "white_box_run", "black_box_run", "per_example_cross_ent
 
 class CanaryRun(NamedTuple):
     """``scores`` ``(m,)`` float64 (higher = more likely included), ``included`` ``(m,)`` bool (the coin
-    flips), and the final ``params``."""
+    flips), both on the host whatever device the run computed on, and the final ``params`` (on that device)."""
 
     scores: torch.Tensor
     included: torch.Tensor
@@ -97,6 +98,8 @@ def white_box_run(
     if canaries > total:
         raise ValueError(f"{fn}: canaries must be <= the number of parameters ({total}) (one coordinate each), got {canaries}")
     coin_key, coord_key, sample_key, canary_sample_key = key.split(4)
+    # coins, coordinates and samples are drawn on the host (the same on every device); the run computes where params are
+    where = next(iter(params.values())).device
     included = torch.rand(canaries, generator=coin_key.generator()) < 0.5
     coords = torch.randperm(total, generator=coord_key.generator())[:canaries]
     if engine is None:
@@ -104,22 +107,24 @@ def white_box_run(
     x, y = data
     n = x.shape[0]
     state = aggregate.init(params)
-    scores = torch.zeros(canaries, dtype=torch.float64)
+    scores = torch.zeros(canaries, dtype=torch.float64, device=where)
+    coords_on = to_device(coords, where)
     for t in range(steps):
-        idx = poisson_sample(sample_key.fold_in(t), n, sampling_rate)
+        idx = to_device(poisson_sample(sample_key.fold_in(t), n, sampling_rate), x.device)
         out = engine(params, buffers, (x[idx], y[idx]), None)
         clipped = out.grads
         flat = torch.cat([clipped.grads[k].reshape(-1) for k in names])
         drawn = included & (torch.rand(canaries, generator=canary_sample_key.fold_in(t).generator()) < sampling_rate)
-        flat = flat.index_add(0, coords[drawn], torch.full((int(drawn.sum()),), float(max_grad_norm), dtype=flat.dtype))
+        flat = flat.index_add(0, to_device(coords[drawn], where),
+                              torch.full((int(drawn.sum()),), float(max_grad_norm), dtype=flat.dtype, device=where))
         grads = dict(zip(names, (c.view_as(params[k]) for c, k in zip(torch.split(flat, sizes), names))))
         noisy, state = aggregate.update(clipped._replace(grads=grads), state, params)
         noisy_flat = torch.cat([noisy[k].reshape(-1) for k in names])
-        scores += noisy_flat[coords].to(torch.float64)
+        scores += noisy_flat[coords_on].to(torch.float64)
         params = {k: (params[k] - learning_rate * noisy[k]).detach() for k in names}
         if on_step is not None:
             on_step(1)
-    return CanaryRun(scores, included, params)
+    return CanaryRun(scores.cpu(), included, params)
 
 
 def black_box_run(
@@ -150,14 +155,14 @@ def black_box_run(
     m = cx.shape[0]
     _check(fn, m, sampling_rate, steps, learning_rate)
     coin_key, sample_key = key.split(2)
-    included = torch.rand(m, generator=coin_key.generator()) < 0.5
-    x = torch.cat([data[0], cx[included]])
-    y = torch.cat([data[1], cy[included]])
+    included = torch.rand(m, generator=coin_key.generator()) < 0.5  # on the host; the run computes where the data is
+    x = torch.cat([data[0], cx[to_device(included, cx.device)]])
+    y = torch.cat([data[1], cy[to_device(included, cy.device)]])
     if engine is None:
         engine = vmap_engine(per_example_cross_entropy(apply_fn), clipping=FlatClipping(max_grad_norm))
     state = aggregate.init(params)
     for t in range(steps):
-        idx = poisson_sample(sample_key.fold_in(t), x.shape[0], sampling_rate)
+        idx = to_device(poisson_sample(sample_key.fold_in(t), x.shape[0], sampling_rate), x.device)
         out = engine(params, buffers, (x[idx], y[idx]), None)
         noisy, state = aggregate.update(out.grads, state, params)
         params = {k: (params[k] - learning_rate * noisy[k]).detach() for k in params}
@@ -165,4 +170,4 @@ def black_box_run(
             on_step(1)
     with torch.no_grad():
         losses = F.cross_entropy(apply_fn(params, buffers, cx), cy, reduction="none")
-    return CanaryRun(-losses.to(torch.float64), included, params)
+    return CanaryRun(-losses.to("cpu", torch.float64), included, params)

@@ -1,6 +1,6 @@
 """``dpfunc audit``: the one-run empirical ε lower bound of DP-SGD on the case-study CNN.
 
-    dpfunc audit --run-dir runs/audit-sigma1 --noise-multiplier 1.0 --epochs 3 --canaries 1000
+    dpfunc audit --run-dir runs/audit-sigma1 --noise-multiplier 1.0 --epochs 3 --canaries 1000 [--device cuda]
 
 Trains once with m canaries (each included with probability ½), scores them (white box: Dirac gradient
 canaries read from every update; black box: −loss of flipped-label validation images on the final
@@ -33,6 +33,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["fast", "vmap"], default="fast", help="per-example clipping engine")
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz")
     p.add_argument("--seed", type=int, default=0)
+    from dpfunc.cli import add_compute_arguments
+
+    add_compute_arguments(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -57,8 +60,11 @@ def run(args: argparse.Namespace) -> int:
     from dpfunc.bridge import functionalize
     from dpfunc.data import pneumoniamnist
     from dpfunc.keys import Key
+    from dpfunc.cli import compute_device
+    from dpfunc.devices import describe_device
     from dpfunc.models import build_model
 
+    device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is read
     train_set = pneumoniamnist("train", args.data_dir)
     n = len(train_set)
     q = min(1.0, args.batch_size / n)
@@ -67,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
                    max_grad_norm=args.max_grad_norm, learning_rate=args.lr, delta=args.delta, confidence=args.confidence,
                    seed=args.seed)
     module = build_model("cnn", key=Key(args.seed).split(4)[0])
-    apply_fn, params, buffers = functionalize(module)
+    apply_fn, params, buffers = functionalize(module.to(device))
     pool = None
     if job.mode.value == "black-box":
         val = pneumoniamnist("val", args.data_dir)
@@ -75,12 +81,13 @@ def run(args: argparse.Namespace) -> int:
     bar = progress(total=steps, desc=f"audit σ={args.noise_multiplier}", unit="step")
     try:
         out = run_audit(apply_fn, params, buffers, (train_set.images, train_set.labels), job, canary_pool=pool,
-                        engine=make_engine(args.engine, module, args.max_grad_norm), on_step=bar.update)
+                        engine=make_engine(args.engine, module, args.max_grad_norm), on_step=bar.update, device=device)
     finally:
         bar.close()
     run_dir = Path(args.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     scores, included = out.pop("_scores"), out.pop("_included")
+    out["device"] = describe_device(device)
     write_json(run_dir / "audit.json", out)
     plot_scores([(f"{job.mode.value}, σ = {job.noise_multiplier}: ε claimed {out['epsilon_claimed']:.2f}, "
                   f"lower bound {out['epsilon_lower_bound']:.2f}", scores, included)], run_dir / "audit.png")

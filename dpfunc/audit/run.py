@@ -83,13 +83,24 @@ def run_audit(
     canary_pool: tuple[torch.Tensor, torch.Tensor] | None = None,
     engine: Callable | None = None,
     on_step: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Train once with canaries, then bound ε from below. Returns a JSON-ready dict (``epsilon_claimed``,
     ``epsilon_lower_bound``, ``m``, ``confidence``, …) plus ``"_scores"``/``"_included"`` tensors.
 
     ``canary_pool`` (black box): images not in ``data`` (e.g. the validation split); the first m
     are the canaries, with flipped labels so that membership moves their loss.
+
+    ``device`` (``"auto" | "cpu" | "cuda" | "cuda:N"``; None: where ``params`` are) is where the model, the
+    data, the canaries and the keyed noise live; coins and samples are drawn on the host and the scores
+    come back there, so the bound is computed the same way on every device.
     """
+    from dpfunc.devices import resolve_device, tree_to_device
+
+    where = (next(iter(params.values())).device if device is None
+             else resolve_device(device, fn="run_audit", name="device (--device)"))
+    params, buffers, data = tree_to_device(params, where), tree_to_device(buffers, where), tree_to_device(data, where)
+    canary_pool = tree_to_device(canary_pool, where)
     key = Key(job.seed)
     run_key, noise_key = key.split(2)
     n = data[0].shape[0]
