@@ -111,7 +111,7 @@ def test_short_private_run_writes_the_run_folder_and_resumes(data_dir, tmp_path,
     assert main(common + ["--epochs", "1"]) == 2
     assert "--resume" in capsys.readouterr().err
     # The ledger survives a resume: evaluate recomputes ε from the checkpoint's ledger.
-    assert main(["evaluate", str(run), "--data-dir", str(data_dir), "--bootstrap", "50"]) == 0
+    assert main(["evaluate", str(run), "--data-dir", str(data_dir), "--bootstrap", "50", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "roc_auc" in out and f"{first['epsilon']:.3f}" in out
     m = first["test"]

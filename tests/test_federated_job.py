@@ -43,7 +43,7 @@ def _faulty(fail_at_round: int, exc: BaseException | None, seen: dict):
 def test_cli_writes_run_folder_with_train_schema(tmp_path, data_dir, capsys):
     run = tmp_path / "run"
     argv = ["federated", "--sites", "2", "--rounds", "2", "--train-subset", "160", "--batch-size", "40", "--accountant", "rdp",
-            "--epsilon", "3", "--data-dir", str(data_dir), "--run-dir", str(run), "--bootstrap", "20", "--quiet"]
+            "--epsilon", "3", "--data-dir", str(data_dir), "--run-dir", str(run), "--bootstrap", "20", "--quiet", "--device", "cpu"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "test ROC-AUC" in out and "site 1 (n=80)" in out

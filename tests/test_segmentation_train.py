@@ -125,14 +125,14 @@ def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypat
     assert main(["make-phantoms", "--out", "ph", "--patients", "1", "--quiet"]) == 2
     assert "already holds a dataset.json" in capsys.readouterr().err
     flags = ["--data-dir", "ph", "--image-size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "2",
-             "--slices-per-patient", "2", "--accountant", "rdp", "--bootstrap", "20", "--quiet"]
+             "--slices-per-patient", "2", "--accountant", "rdp", "--bootstrap", "20", "--quiet", "--device", "cpu"]
     assert main(["segment", *flags, "--epsilon", "5"]) == 0
     out = capsys.readouterr().out
     run = tmp_path / "runs" / "liver-patient-eps5.0-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test Dice (mean over 1 patients" in out and f"{metrics['test']['dice']:.4f}" in out and "per patient" in out
     assert f"test HD95 (voxels, mean over patients): {metrics['test']['hd95']:.2f}" in out
-    assert main(["evaluate", str(run), "--bootstrap", "20", "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--bootstrap", "20", "--quiet", "--device", "cpu"]) == 0
     assert f"{metrics['test']['dice']:.4f}" in capsys.readouterr().out
     assert main(["segment", *flags, "--epsilon", "5"]) == 2  # the run folder holds a run
     assert "--resume" in capsys.readouterr().err
