@@ -538,3 +538,90 @@ def test_infer_plaintext_runs_on_the_device(device, tmp_path, data_dir, capsys):
     assert not (run / "encrypted_inference.json").exists()
     assert main(["infer", str(run), "--encrypted", "--device", "cuda"]) == 2  # gloo: CPU only, said so
     assert "--encrypted computes on the CPU" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------- the commands on a GPU (CUDA only)
+# The CPU case of each is the command's existing small CLI test run with --device cpu (tests/test_cli.py,
+# test_federated_job.py, test_segmentation_train.py, test_attacks_cli.py; infer above): these repeat them on
+# the GPU and check that what they write reads back on the CPU without map_location.
+# DPFUNC_TEST_GPU_CASES_ON_CPU=1 runs them with device cpu too (how they were checked on a machine without a GPU).
+
+_ON_CPU = "the CPU case is the command's existing CLI test with --device cpu"
+
+
+def _gpu_only(device):
+    if device.type == "cpu" and not os.environ.get("DPFUNC_TEST_GPU_CASES_ON_CPU"):
+        pytest.skip(_ON_CPU)
+
+
+def _all_on_cpu(tree) -> bool:
+    """Every tensor of a checkpoint as ``torch.load(weights_only=True)`` reads it (plain containers) is on the CPU."""
+    found = []
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            found.append(x.device.type == "cpu")
+        elif isinstance(x, dict):
+            for v in x.values():
+                walk(v)
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+
+    walk(tree)
+    return bool(found) and all(found)
+
+
+def test_federated_command_on_the_device(device, tmp_path, data_dir):
+    """Sites on the GPU: checkpoint and model.pt are written on the CPU (load anywhere without map_location)."""
+    import json
+
+    from dpfunc.cli import main
+
+    _gpu_only(device)
+    run = tmp_path / "fed"
+    argv = ["federated", "--sites", "2", "--rounds", "1", "--train-subset", "160", "--batch-size", "40", "--accountant",
+            "rdp", "--data-dir", str(data_dir), "--run-dir", str(run), "--bootstrap", "20", "--quiet", "--device", str(device)]
+    assert main(argv) == 0
+    assert _all_on_cpu(torch.load(run / "checkpoint.pt", weights_only=True))
+    assert all(t.device.type == "cpu" for t in torch.load(run / "model.pt", weights_only=True).values())
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["rounds"] == 1 and all(0 < s["epsilon"] <= 3.0 for s in m["sites"])
+
+
+def test_segment_command_on_the_device_evaluates_on_the_cpu(device, tmp_path, monkeypatch, capsys):
+    """Trained on the GPU; ``dpfunc evaluate --device cpu`` reads the checkpoint and gives the same Dice."""
+    import json
+
+    from dpfunc.cli import main
+
+    _gpu_only(device)
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-phantoms", "--out", "ph", "--patients", "5", "--seed", "1", "--size", "32", "--slices", "5", "--quiet"]) == 0
+    flags = ["--data-dir", "ph", "--image-size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "2",
+             "--slices-per-patient", "2", "--accountant", "rdp", "--bootstrap", "20", "--quiet", "--run-dir", "seg"]
+    assert main(["segment", *flags, "--epsilon", "5", "--device", str(device)]) == 0
+    metrics = json.loads((tmp_path / "seg" / "metrics.json").read_text())
+    assert metrics["device"].startswith(str(device))
+    capsys.readouterr()
+    assert main(["evaluate", "seg", "--bootstrap", "20", "--quiet", "--device", "cpu"]) == 0
+    import re
+
+    dice = float(re.search(r"test Dice \(mean over .*?\): ([0-9.]+)", capsys.readouterr().out).group(1))
+    assert abs(dice - metrics["test"]["dice"]) <= 0.05  # the same model; CPU and GPU arithmetic may flip a few voxels
+
+
+def test_attack_and_audit_commands_on_the_device(device, tmp_path, data_dir):
+    import json
+
+    from dpfunc.cli import main
+
+    _gpu_only(device)
+    assert main(["attack", "--run-dir", str(tmp_path / "a"), "--scenario", "dp", "--noise-multiplier", "1", "--batch-size", "1",
+                 "--images", "1", "--iterations", "3", "--data-dir", str(data_dir), "--quiet", "--device", str(device)]) == 0
+    out = json.loads((tmp_path / "a" / "attack-dp.json").read_text())
+    assert out["device"].startswith(str(device)) and len(out["psnr"]) == 1
+    assert main(["audit", "--run-dir", str(tmp_path / "b"), "--noise-multiplier", "1.0", "--epochs", "1", "--batch-size", "4708",
+                 "--canaries", "200", "--data-dir", str(data_dir), "--quiet", "--device", str(device)]) == 0
+    out = json.loads((tmp_path / "b" / "audit.json").read_text())
+    assert out["device"].startswith(str(device)) and 0 <= out["epsilon_lower_bound"] <= out["epsilon_claimed"]
