@@ -28,6 +28,8 @@ Usage::
     python bench/mpc.py --threads 1           # SmallCNN 28² and 64², ResNet-18-GN 64², batch 1 and 32
     python bench/mpc.py --quick               # SmallCNN only, batch 1
     python bench/mpc.py --run-dir runs/cnn-eps3.0-seed0   # trained weights for the SmallCNN rows
+    python bench/mpc.py --threads 1 --processes cnn:64:1:16,cnn:64:32:2,resnet18:64:1:4
+        # the real deployment: three OS processes over gloo, wall time per image (mpc_processes.json)
 
 Writes ``bench/results/mpc.json`` (rows saved as they finish) and prints a table.
 """
@@ -105,6 +107,93 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
     }
 
 
+def measure_processes(name: str, size: int, batch: int, batches: int, seed: int = 0, run_dir: str | None = None,
+                      threads: int = 1) -> dict:
+    """The real deployment: model owner, data owner and dealer as three OS processes over gloo on
+    localhost (:func:`dpfunc.mpc.parties.launch_parties`), ``batches`` batches of ``batch`` images.
+
+    ``wall_s_per_image``: the data owner's online time over all batches / images (the three processes
+    share the machine's cores, so this is what a user waits per image once the session is set up;
+    the dealer streams its material meanwhile). ``command_wall_s_per_image``: the whole launch
+    (process start, imports, rendezvous, sharing and masking the weights, all batches) / images.
+    """
+    import socket
+    import tempfile
+
+    from dpfunc.mpc.parties import launch_parties
+
+    kwargs = {"input_size": size} if name == "resnet18" else {}
+    if run_dir:
+        from dpfunc.mpc.cli import load_run_model
+
+        _, model, kwargs = load_run_model(run_dir)
+    else:
+        model = (SmallCNN(key=Key(0)) if name == "cnn" else resnet18_gn(key=Key(0), **kwargs)).eval()
+    n = batch * batches
+    x = torch.rand(n, 1, size, size, generator=Key(seed).generator())
+    spec = {"model": name, "model_kwargs": kwargs, "input_shape": [batch, 1, size, size], "batches": batches}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="dpfunc-bench-mpc-") as tmp:
+        w_path, x_path, o_path = (os.path.join(tmp, f) for f in ("w.pt", "x.pt", "out.pt"))
+        torch.save(model.state_dict(), w_path)
+        torch.save(x, x_path)
+        t0 = time.perf_counter()
+        out = launch_parties(spec=spec, weights_path=w_path, images_path=x_path, out_path=o_path, port=port,
+                             timeout=900, threads=threads)
+        command_wall = time.perf_counter() - t0
+    with torch.no_grad():
+        model(x[:batch])
+        t0 = time.perf_counter()
+        ref = model(x).double()
+        plain_s = time.perf_counter() - t0
+    st = out["stats"]
+    online = out["online_seconds"]
+    return {
+        "model": name, "image": size, "batch": batch, "batches": batches, "mode": "3 processes (gloo)",
+        "wall_s_per_image": sum(online) / n,
+        "wall_s_per_image_best_batch": min(online) / batch,
+        "command_wall_s_per_image": command_wall / n,
+        "setup_s": out["setup_seconds"],
+        "plain_s_per_image": plain_s / n,
+        "bytes_per_image": (st["bytes_sent"] + st["bytes_received"]) / n,
+        "dealer_bytes_per_image": 2 * (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
+        "rounds": st["rounds"] // batches,
+        "max_rss_bytes": out["max_rss_bytes"],
+        "process_cpu_s": out["cpu_seconds"],
+        "max_abs_logit_error": float((decode(out["logits"]) - ref).abs().max()),
+        "agreement": float((out["onehot"].argmax(-1) == ref.argmax(-1)).double().mean()),
+        "loadavg_1min": os.getloadavg()[0],
+    }
+
+
+def main_processes(args) -> int:
+    rows = [(m, int(s), int(b), int(k)) for m, s, b, k in (r.split(":") for r in args.processes.split(","))]
+    out_path = Path(args.out if args.out != str(OUT) else OUT.with_name("mpc_processes.json"))
+    env = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads_per_process": args.threads,
+           "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
+           "mode": "model owner, data owner, dealer as three OS processes over gloo on localhost (launch_parties)"}
+    results = []
+    for name, size, batch, batches in rows:
+        row = measure_processes(name, size, batch, batches, run_dir=args.run_dir if name == "cnn" else None,
+                                threads=args.threads)
+        results.append(row)
+        print(json.dumps(row), flush=True)
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
+        os.replace(tmp, out_path)
+    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'batches':>8}{'wall s/img':>11}{'best batch':>11}{'command s/img':>14}"
+          f"{'plain s/img':>12}{'MB/img':>8}{'dealer MB/img':>14}{'rounds':>7}{'agree':>6}{'max|Δlogit|':>12}")
+    for r in results:
+        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['batches']:>8}{r['wall_s_per_image']:>11.3f}"
+              f"{r['wall_s_per_image_best_batch']:>11.3f}{r['command_wall_s_per_image']:>14.3f}{r['plain_s_per_image']:>12.5f}"
+              f"{r['bytes_per_image'] / 1e6:>8.1f}{r['dealer_bytes_per_image'] / 1e6:>14.1f}{r['rounds']:>7}"
+              f"{r['agreement']:>6.2f}{r['max_abs_logit_error']:>12.2e}")
+    print(f"\n{env}\nload average now: {os.getloadavg()}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="SmallCNN 28² batch 1 only")
@@ -112,8 +201,13 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--out", default=str(OUT), help="JSON file for the rows")
     p.add_argument("--rows", default=None, help="comma list of model:size:batch, e.g. cnn:28:1,resnet18:64:1")
+    p.add_argument("--processes", default=None, metavar="ROWS",
+                   help="three real processes over gloo instead of threads: comma list of model:size:batch:batches, "
+                        "e.g. cnn:64:1:8,cnn:64:32:2,resnet18:64:1:4 (writes bench/results/mpc_processes.json)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.processes:
+        return main_processes(args)
     cnn = SmallCNN(key=Key(0))
     if args.run_dir:
         from dpfunc.mpc.cli import load_run_model

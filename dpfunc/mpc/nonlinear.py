@@ -3,18 +3,22 @@
 * **tanh**: a piecewise polynomial. By default odd: ``tanh(x) = sign(x)·p(|x|)``, with one
   comparison ``[x < 0]`` and one product for ``|x|``; ``[0, L]`` is cut into ``pieces`` equal
   intervals; on each, a degree-``degree`` Chebyshev least-squares fit of tanh in the local variable
-  ``u = |x| − centre`` (``|u| ≤ half-width``, so monomial coefficients stay small in fixed point);
-  beyond ``L``, 1. The interval is selected without revealing it: with steps ``s_k = [|x| ≥ t_k]``
-  at the breakpoints ``t_1 … t_pieces``, the selected interval's centre and coefficients are
-  ``row_0 + Σ_k s_k (row_k − row_{k−1})`` of a public table (local: shared integers times public
-  constants; the last row is the constant 1 with zero higher coefficients), then one set of powers
-  of ``u`` and one batched product with the shared coefficients, and a last product applies the
-  sign. Beyond ``L`` the higher coefficients are exactly 0 in the ring, so overflowing powers of a
-  large ``u`` contribute exactly nothing. Default ``L = 5, pieces = 2, degree = 9``: maximum error
-  of the approximation 9.1e-5 (the saturation beyond 5) and about 1e-4 with 16-bit fixed point
-  (measured in the tests). Cost: 3 comparisons (the sign, then 2 batched; 16 rounds) + 1 round for
-  ``|x|`` + 4 rounds of powers + 1 product round + 1 sign round = 23 rounds; bytes per element and
-  party ≈ 3·55 + 16 + 16·(degree − 1) + 16·degree + 16 ≈ 470.
+  ``v = (|x| − centre) / h`` (``h`` the half-width, so ``|v| ≤ 1`` and the monomial coefficients
+  ``a_i·h^i`` stay small in fixed point); beyond ``L``, 1. The interval is selected without revealing
+  it: with steps ``s_k = [|x| ≥ t_k]`` at the breakpoints ``t_1 … t_pieces``, the selected
+  interval's centre and coefficients are ``row_0 + Σ_k s_k (row_k − row_{k−1})`` of a public table
+  (local: shared integers times public constants; the last row is the constant 1 with zero higher
+  coefficients); the polynomial is evaluated by Horner's rule (``degree`` products, each rounding
+  error damped by ``|v| ≤ 1``), and a last product applies the sign. Beyond ``L`` the higher
+  coefficients are exactly 0 in the ring, so a large (or wrongly truncated) ``v`` contributes
+  exactly nothing. Default ``L = 5, pieces = 2, degree = 9``: maximum error of the approximation
+  9.1e-5 (the saturation beyond 5) and about 1e-4 with 16-bit fixed point (measured in the tests).
+  Cost: 3 comparisons (the sign, then 2 batched) + 1 product for ``|x|`` + ``degree`` Horner
+  products + 1 for the sign: with 64-bit comparisons 16 + 1 + 9 + 1 = 27 rounds and
+  ≈ 3·47 + 16 + 16·9 + 16 ≈ 320 bytes per element and party; with 32-bit comparisons
+  (``bits=32``, what :func:`dpfunc.bridge.mpc.encrypted_inference` uses) 14 + 11 = 25 rounds and
+  ≈ 3·27 + 176 ≈ 260 bytes. (Before Horner: the powers of ``u`` and a batched coefficient product,
+  ``2·degree − 1`` products in 5 rounds, 470 bytes.)
   ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
   batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).
 * **rsqrt** (``1/√v``, ``v > 0``): initial guess from comparisons with powers of two
@@ -38,7 +42,7 @@ import torch
 
 from dpfunc._validate import check_int_range, check_number
 from dpfunc.mpc.context import Bilinear, Context
-from dpfunc.mpc.protocols import add_public, beaver, ltz, mul, mul_int, square, truncate
+from dpfunc.mpc.protocols import add_public, beaver, ltz, mul, mul_int, mul_public, square, truncate
 
 __all__ = ["TanhApprox", "tanh", "sigmoid", "RsqrtConfig", "rsqrt", "group_norm"]
 
@@ -105,21 +109,6 @@ class TanhApprox:
         return float((self.plaintext(x) - torch.tanh(x)).abs().max())
 
 
-def _powers(ctx: Context, u: torch.Tensor, degree: int) -> list[torch.Tensor]:
-    """``[u^1, …, u^degree]`` in ``⌈log2 degree⌉`` rounds (each level batched into one product)."""
-    pw = [None, u]
-    top = 1
-    while top < degree:
-        hi = min(2 * top, degree)
-        ks = list(range(top + 1, hi + 1))
-        left = torch.cat([pw[top].unsqueeze(0)] * len(ks))
-        right = torch.cat([pw[k - top].unsqueeze(0) for k in ks])
-        prod = mul(ctx, left, right)
-        pw.extend(prod.unbind(0))
-        top = hi
-    return pw[1:]
-
-
 def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits: int = 64) -> torch.Tensor:
     """Shares of ``approx(x) ≈ tanh(x)`` (see the module docstring for the error and cost).
 
@@ -140,15 +129,23 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
         thresholds = approx.breakpoints
     stacked = torch.stack([add_public(ctx, z, -enc(tk)) for tk in thresholds])
     steps = add_public(ctx, -ltz(ctx, stacked, bits=bits), 1)  # (K, *x): [z >= t_k], shared integers
-    table = torch.tensor([[enc(c)] + [enc(a) for a in coef] for c, coef in rows], dtype=torch.int64)
+    # coefficients in v = u / half-width (|v| ≤ 1 inside a piece, so Horner's rounding errors are not
+    # amplified from step to step): a_i·h^i
+    h = (approx.breakpoints[1] - approx.breakpoints[0]) / 2
+    table = torch.tensor([[enc(c)] + [enc(a * h**i) for i, a in enumerate(coef)] for c, coef in rows], dtype=torch.int64)
     deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
     shape = (len(thresholds),) + (1,) * x.dim()
     sel = [add_public(ctx, (steps * deltas[:, j].view(shape)).sum(0), int(table[0, j])) for j in range(d + 2)]
-    u = z - sel[0]  # |u| ≤ half-width inside the range; beyond it, the coefficients are exactly 0
-    pw = torch.stack(_powers(ctx, u, d))  # (d, *x)
-    acc = beaver(ctx, torch.stack(sel[2:]), pw, Bilinear.MUL).sum(0)
-    y = truncate(ctx, acc) + sel[1]
+    # |v| ≤ 1 inside the range (a local multiplication by 1/h); beyond it the coefficients are exactly 0
+    v = mul_public(ctx, z - sel[0], 1.0 / h)
+    # Horner's rule: d products of the input's size (the powers and a batched coefficient product
+    # took 2d − 1), in d rounds. Beyond the range every coefficient but the constant is exactly 0 in
+    # the ring, so the sum stays exactly 0 (Beaver products are exact) however large (or, after a
+    # failed truncation, wrong) v is.
+    y = sel[d + 1]
+    for k in range(d, 0, -1):
+        y = mul(ctx, y, v) + sel[k]
     if approx.odd:
         y = y - 2 * mul_int(ctx, y, neg)  # sign(x)·p(|x|), exact
     return y

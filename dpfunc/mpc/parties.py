@@ -240,7 +240,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
 
     Each process runs in its own session; all are killed (process group SIGKILL) if any fails or
     the hard ``timeout`` passes. Returns the data owner's output file's contents, plus
-    ``max_rss_bytes``: each process's peak resident memory (by role, from ``wait4``).
+    ``max_rss_bytes``: each process's peak resident memory and ``cpu_seconds`` its user + system CPU time
+    (by role, from ``wait4``; start-up and imports included).
 
     Raises:
         RuntimeError: a party exited with an error (its stderr tail is in the message).
@@ -257,6 +258,7 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     procs: dict[str, subprocess.Popen] = {}
     max_rss: dict[str, int] = {}
+    cpu: dict[str, float] = {}
 
     def poll(role: str) -> Optional[int]:
         """``Popen.poll`` that also keeps the child's peak resident memory (``wait4``'s rusage)."""
@@ -266,6 +268,7 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
             if pid:
                 p.returncode = os.waitstatus_to_exitcode(status)
                 max_rss[role] = usage.ru_maxrss * 1024  # kilobytes on Linux
+                cpu[role] = usage.ru_utime + usage.ru_stime
         return p.returncode
 
     try:
@@ -291,6 +294,7 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
                 raise RuntimeError(f"launch_parties: the {role} process failed:\n{err}")
         out = torch.load(out_path, map_location="cpu", weights_only=True)
         out["max_rss_bytes"] = dict(max_rss)
+        out["cpu_seconds"] = dict(cpu)  # whole process (start-up and imports included), user + system
         return out
     finally:
         for p in procs.values():
