@@ -4,7 +4,9 @@
 #
 #     bash bench/gpu.sh [DATA_DIR] [EPOCHS]
 #
-# 1. the device-parametrised tests on the GPU (their CUDA cases skip on machines without one);
+# 1. the device-parametrised tests on the GPU (their CUDA cases skip on machines without one), among them
+#    `dpfunc federated`, `segment` (+ `evaluate --device cpu`), `attack`, `audit` and `infer` with --device cuda;
+#    a failing test is reported and the measurements still run;
 # 2. the case study on ResNet-18-GN, ε = 3, δ = 1e-5: 64×64 and 224×224, fp32, plus 224×224 in bf16;
 # 3. bench/speed.py rows on the GPU (--quick, no memory column: VmHWM measures host memory).
 #
@@ -16,12 +18,14 @@ EPOCHS=${2:-15}
 PY=${PYTHON:-python}
 OUT=bench/results/gpu
 mkdir -p "$OUT" runs/gpu
+: > "$OUT/summary.txt"
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name(0))" | tee -a "$OUT/gpu.txt"
 
-CI=true HYPOTHESIS_PROFILE=ci $PY -m pytest -q -rs tests/test_devices.py tests/test_noise.py \
-    tests/test_fast_models.py::test_small_cnn 2>&1 | tee "$OUT/tests.txt"
+DPFUNC_DATA="$DATA" CI=true HYPOTHESIS_PROFILE=ci $PY -m pytest -q -rs tests/test_devices.py tests/test_noise.py \
+    tests/test_fast_models.py::test_small_cnn 2>&1 | tee "$OUT/tests.txt" \
+    || echo "some tests failed (see $OUT/tests.txt); the measurements run anyway" | tee -a "$OUT/summary.txt"
 
 run() {  # run NAME FLAGS...
     local name=$1; shift
@@ -36,7 +40,6 @@ print(f"{sys.argv[1]}: {m['device']}  train {m['train_seconds']:.0f} s  test AUC
       f"acc {m['test']['accuracy']:.4f}  ε {m['epsilon']:.3f}  precision {m['config']['precision']}")
 EOF
 }
-: > "$OUT/summary.txt"
 run resnet18-64 --image-size 64
 run resnet18-224 --image-size 224
 run resnet18-224-bf16 --image-size 224 --precision bf16

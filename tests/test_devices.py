@@ -586,7 +586,7 @@ def test_federated_command_on_the_device(device, tmp_path, data_dir):
     assert _all_on_cpu(torch.load(run / "checkpoint.pt", weights_only=True))
     assert all(t.device.type == "cpu" for t in torch.load(run / "model.pt", weights_only=True).values())
     m = json.loads((run / "metrics.json").read_text())
-    assert m["rounds"] == 1 and all(0 < s["epsilon"] <= 3.0 for s in m["sites"])
+    assert m["rounds"] == 1 and all(0 < s["epsilon"] <= 3.0 for s in m["sites"]) and m["device"].startswith(str(device))
 
 
 def test_segment_command_on_the_device_evaluates_on_the_cpu(device, tmp_path, monkeypatch, capsys):

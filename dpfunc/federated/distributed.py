@@ -130,7 +130,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     train_set, val_set = pneumoniamnist("train", data_dir), pneumoniamnist("val", data_dir)
     setup = prepare(cfg, train_set.labels)
     sizes = [len(i) for i in setup.indices]
-    from dpfunc.devices import resolve_device, to_device, tree_to_device
+    from dpfunc.devices import describe_device, resolve_device, to_device, tree_to_device
 
     where = resolve_device(device, fn="run_distributed", name="device (--device)")
     module, apply_fn, params, buffers = build(cfg)
@@ -226,6 +226,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
                               "share_variance_grid": noise.share.variance, "ring_bits": ring_bits,
                               "mechanism": "distributed discrete Gaussian (Kairouz, Liu & Steinke 2021)",
                               "noise_reproducible": False, "trust": trust},
+        "device": describe_device(where),  # where the sites' clipped sums were computed
     }
     if run_path is not None:
         _write_json(run_path / "metrics.json", result)

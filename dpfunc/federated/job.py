@@ -537,6 +537,10 @@ def run_federated(
         "train_seconds": elapsed, "history": history,
         "rounds": state.round, "best_round": best["round"], "sites": sites,
     }
+    if executor is None:  # the in-process sites' device (over Flower each site's node config decides)
+        from dpfunc.devices import describe_device
+
+        result["device"] = describe_device(where)
     if run_path is not None:
         _write_json(run_path / "metrics.json", result)
         torch.save({**{k: v.detach().clone() for k, v in best["params"].items()}, **buffers}, run_path / "model.pt.tmp")
