@@ -625,3 +625,26 @@ def test_attack_and_audit_commands_on_the_device(device, tmp_path, data_dir):
                  "--canaries", "200", "--data-dir", str(data_dir), "--quiet", "--device", str(device)]) == 0
     out = json.loads((tmp_path / "b" / "audit.json").read_text())
     assert out["device"].startswith(str(device)) and 0 <= out["epsilon_lower_bound"] <= out["epsilon_claimed"]
+
+
+def test_flower_sites_take_device_and_threads_from_their_node_config(tmp_path, monkeypatch):
+    """A ClientApp reads ``device`` (default auto) and ``threads`` from its SuperNode's node config; a device the node
+    lacks fails the message with a reason naming the node config; the ServerApp gets ``threads`` in its request."""
+    import json
+    from types import SimpleNamespace
+
+    pytest.importorskip("flwr")
+    from dpfunc.federated.flower.apps import _site_device
+    from dpfunc.federated.flower.driver import write_app
+    from dpfunc.federated.job import FederatedConfig
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    assert _site_device(SimpleNamespace(node_config={"partition-id": 0, "device": "cpu", "threads": 2})) == CPU
+    assert _site_device(SimpleNamespace(node_config={"partition-id": 0})) == resolve_device("auto") and calls == [2]
+    with pytest.raises(ValueError, match=rf"^dpfunc ClientApp: node-config device '{_absent_cuda()}' .*offers: cpu"):
+        _site_device(SimpleNamespace(node_config={"device": _absent_cuda()}))
+    with pytest.raises(ValueError, match=r"^dpfunc ClientApp: node-config threads must be an int >= 1"):
+        _site_device(SimpleNamespace(node_config={"threads": 0}))
+    app = write_app(FederatedConfig(), run_dir=tmp_path / "run", threads=3)
+    assert json.loads((tmp_path / "run" / "flower" / "request.json").read_text())["threads"] == 3 and app.is_dir()
