@@ -120,3 +120,23 @@ def test_phantoms_round_trip_deterministic_and_split(tmp_path):
     assert len(names) == len(set(names)) == 6 and len(val) == len(test) == 1
     again = split_patients(list(reversed(a + [p._replace(name=f"x{i}") for i, p in enumerate(a)])), Key(0))
     assert [p.name for p in again[2]] == [p.name for p in test]  # independent of the input order
+
+
+@pytest.mark.parametrize("storage", sorted(_AFFINES))
+def test_loader_spacing_in_mm_follows_orientation_and_resizing(tmp_path, storage):
+    # RAS voxel size 0.5 mm (x, patient left-right) × 0.8 mm (y, anterior-posterior) × 3 mm (z, slices)
+    # on a 16 (x) × 8 (y) × 4 (z) grid, read at 8×8: rows are y (8 -> 8: 0.8 mm), columns x (16 -> 8: 1.0 mm).
+    ras = np.full((16, 8, 4), 40, dtype=np.int16)
+    lab = np.zeros((16, 8, 4), dtype=np.uint8)
+    lab[3:9, 2:5, 1:3] = 1
+    scale = np.diag([0.5, 0.8, 3.0, 1.0])
+    affine = _AFFINES[storage] @ scale if storage != "swapped" else _AFFINES[storage] @ np.diag([0.8, 0.5, 3.0, 1.0])
+    _write(tmp_path / "img.nii.gz", _store(storage, ras), affine)
+    _write(tmp_path / "lab.nii.gz", _store(storage, lab), affine)
+    vol = read_nifti_slices(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz", image_size=8, selection="all")
+    assert vol.spacing == pytest.approx((3.0, 0.8, 1.0))
+    # HD95 in mm: the label against itself shifted by one slice is one slice thickness (3 mm) away
+    from dpfunc.segmentation import hausdorff95
+
+    shifted = torch.roll(vol.labels, 1, dims=0)
+    assert hausdorff95(shifted, vol.labels, spacing=vol.spacing) == pytest.approx(3.0)

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("nibabel", reason="the phantom path writes NIfTI: pip install 'dpfunc[segmentation]'")
 
+from dpfunc.keys import Key  # noqa: E402
 from dpfunc.segmentation import SegmentationConfig, evaluate_segmentation_run, make_phantoms, train_segmentation  # noqa: E402
 from dpfunc.train import RunResult  # noqa: E402
 
@@ -41,8 +42,8 @@ def test_dp_run_folder_resume_and_evaluate(phantoms, tmp_path):
     assert 0 < metrics["epsilon"] <= 8.0 * (1 + 1e-9) and metrics["steps"] == 2 * 2  # 4 train patients / 2 per step
     assert metrics["config"]["unit"] == "patient" and math.isclose(metrics["sampling_rate"], 0.5)
     assert [h["epoch"] for h in metrics["history"]] == [1, 2]
-    # HD95 per test patient (voxels; null where exactly one mask is empty) and its mean with the grid diagonal standing in
-    assert metrics["test"]["hd95_unit"] == "voxel" and set(metrics["test"]["hd95_per_patient"]) == set(metrics["test"]["dice_per_patient"])
+    # HD95 per test patient (mm from the NIfTI spacing; null where exactly one mask is empty) and its mean with the grid diagonal standing in
+    assert metrics["test"]["hd95_unit"] == "mm" and set(metrics["test"]["hd95_per_patient"]) == set(metrics["test"]["dice_per_patient"])
     per = [v for v in metrics["test"]["hd95_per_patient"].values()]
     assert (metrics["test"]["hd95_empty_mismatch"] == sum(v is None for v in per)) and metrics["test"]["hd95"] >= 0
     assert metrics["test_ci"]["hd95"]["lower"] <= metrics["test"]["hd95"] <= metrics["test_ci"]["hd95"]["upper"]
@@ -88,6 +89,32 @@ def test_non_private_and_slice_unit_runs(phantoms):
     assert n_slices > 4 and sl.config["unit"] == "slice"  # accounted over slices, not patients
 
 
+def test_public_pretraining_start_is_shared_by_both_arms_and_cached(phantoms, tmp_path, monkeypatch):
+    from dpfunc.segmentation._public import public_shapes
+    from dpfunc.segmentation._train import _build, _public_weights
+
+    monkeypatch.setenv("DPFUNC_CACHE_DIR", str(tmp_path / "cache"))
+    _public_weights.cache_clear()
+    x, y = public_shapes(Key(5), 3, 32)
+    x2, y2 = public_shapes(Key(5), 3, 32)
+    assert torch.equal(x, x2) and torch.equal(y, y2) and 0 <= float(x.min()) and float(x.max()) <= 1
+    assert set(y.unique().tolist()) <= {0, 1}
+    cfg = SegmentationConfig(epsilon=8.0, pretrain_steps=2, **TINY)
+    _, _, dp_params, _ = _build(cfg)
+    _, _, np_params, _ = _build(dataclasses.replace(cfg, private=False, seed=4))
+    _, _, fresh, _ = _build(dataclasses.replace(cfg, pretrain_steps=0))
+    assert len(list((tmp_path / "cache").glob("public_unet_v*.pt"))) == 1  # computed once, then read back
+    for name in dp_params:  # both arms and every run seed start from the same public weights
+        assert torch.equal(dp_params[name], np_params[name]), name
+    assert torch.equal(dp_params["net.head.bias"], fresh["net.head.bias"])  # the output bias is the public prior again
+    assert not torch.equal(dp_params["net.head.weight"], fresh["net.head.weight"])
+    _public_weights.cache_clear()
+    again = _build(cfg)[2]  # from the disk cache
+    assert all(torch.equal(again[k], dp_params[k]) for k in dp_params)
+    with pytest.raises(ValueError, match="SegmentationConfig: pretrain_steps"):
+        SegmentationConfig(pretrain_steps=-1)
+
+
 def test_config_refuses_bad_values():
     with pytest.raises(ValueError, match="SegmentationConfig: unit must be"):
         SegmentationConfig(unit="hospital")
@@ -131,7 +158,7 @@ def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypat
     run = tmp_path / "runs" / "liver-patient-eps5.0-seed0"
     metrics = json.loads((run / "metrics.json").read_text())
     assert "test Dice (mean over 1 patients" in out and f"{metrics['test']['dice']:.4f}" in out and "per patient" in out
-    assert f"test HD95 (voxels, mean over patients): {metrics['test']['hd95']:.2f}" in out
+    assert f"test HD95 (mm, mean over patients): {metrics['test']['hd95']:.2f}" in out
     assert main(["evaluate", str(run), "--bootstrap", "20", "--quiet", "--device", "cpu"]) == 0
     assert f"{metrics['test']['dice']:.4f}" in capsys.readouterr().out
     assert main(["segment", *flags, "--epsilon", "5"]) == 2  # the run folder holds a run

@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--foreground-prior", type=_unit_interval("--foreground-prior"), default=0.05,
                    help="the untrained net predicts organ with this probability (output-bias prior; a public constant, "
                         "not counted from the labels); keeps rare-organ runs from collapsing to Dice 0")
+    p.add_argument("--pretrain-steps", type=_int_at_least("--pretrain-steps", 0), default=0,
+                   help="start from a U-Net pretrained for this many steps on PUBLIC synthetic shape scenes (not CT, "
+                        "no patient data; both arms start there; cached in $DPFUNC_CACHE_DIR); 0 = random init")
     p.add_argument("--ema-decay", type=float, default=0.9,
                    help="evaluate an exponential moving average of the iterates (post-processing); 0 = last iterate")
     p.add_argument("--window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"), help="HU window")
@@ -75,7 +78,8 @@ def _config(args: argparse.Namespace):
         slices_per_patient=args.slices_per_patient, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
         unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
         window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
-        accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay)
+        accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
+        pretrain_steps=args.pretrain_steps)
 
 
 def _print(result) -> None:
@@ -83,7 +87,7 @@ def _print(result) -> None:
     print(f"test Dice (mean over {result.test['num_patients']} patients, 95% bootstrap CI over patients): "
           f"{result.test['dice']:.4f} [{ci['dice']['lower']:.4f}, {ci['dice']['upper']:.4f}]; IoU {result.test['iou']:.4f}")
     missed = result.test["hd95_empty_mismatch"]
-    print(f"test HD95 (voxels, mean over patients): {result.test['hd95']:.2f} [{ci['hd95']['lower']:.2f}, {ci['hd95']['upper']:.2f}]"
+    print(f"test HD95 ({'mm' if result.test.get('hd95_unit') == 'mm' else 'voxels'}, mean over patients): {result.test['hd95']:.2f} [{ci['hd95']['lower']:.2f}, {ci['hd95']['upper']:.2f}]"
           + (f"; {missed} patient(s) with exactly one empty mask counted as the grid diagonal" if missed else ""))
     eps = "∞ (non-private)" if result.epsilon is None else f"{result.epsilon:.3f}"
     unit = result.config["unit"]

@@ -97,22 +97,32 @@ class PatientVolume(NamedTuple):
         name: the image file name without ``.nii.gz`` (e.g. ``"liver_7"``).
         images: ``(S, 1, H, W)`` float32 in ``[0, 1]`` (windowed).
         labels: ``(S, H, W)`` int64, 1 = organ, 0 = background.
+        spacing: voxel size in mm of the evaluated grid, ``(slice, row, column)``: the NIfTI header's
+            slice thickness, and its in-plane pixel size scaled by original size / resized size; None
+            when unknown (volumes built in code). Used for HD95 in mm.
     """
 
     name: str
     images: torch.Tensor
     labels: torch.Tensor
+    spacing: tuple[float, float, float] | None = None
 
 
 def _canonical_slices(nib, path: Path) -> np.ndarray:
     """``(Z, H, W)`` float32 axial slices in the radiological display convention."""
+    return _canonical(nib, path)[0]
+
+
+def _canonical(nib, path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    """:func:`_canonical_slices` and the voxel size in mm along its axes ``(Z, H, W)`` (from the RAS+ header)."""
     img = nib.as_closest_canonical(nib.load(str(path)))
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
     arr = np.asarray(img.get_fdata(dtype=np.float32))
     if arr.ndim == 4 and arr.shape[3] == 1:
         arr = arr[..., 0]
     if arr.ndim != 3:
         raise ValueError(f"read_msd: {path} must hold a 3-D volume, got shape {arr.shape}")
-    return np.ascontiguousarray(arr[::-1, ::-1, :].transpose(2, 1, 0))
+    return np.ascontiguousarray(arr[::-1, ::-1, :].transpose(2, 1, 0)), (zooms[2], zooms[1], zooms[0])
 
 
 def read_nifti_slices(image_path: str | Path, label_path: str | Path, *, image_size: int = 64,
@@ -126,7 +136,7 @@ def read_nifti_slices(image_path: str | Path, label_path: str | Path, *, image_s
     fn = "read_nifti_slices"
     nib = require_nibabel(fn)
     image_path, label_path = Path(image_path), Path(label_path)
-    hu = _canonical_slices(nib, image_path)
+    hu, zooms = _canonical(nib, image_path)
     lab = _canonical_slices(nib, label_path)
     if hu.shape != lab.shape:
         raise ValueError(f"{fn}: image {image_path.name} has shape {hu.shape} but its label has {lab.shape} (after reorientation)")
@@ -147,7 +157,8 @@ def read_nifti_slices(image_path: str | Path, label_path: str | Path, *, image_s
         images = F.interpolate(images[:, None], size=size, mode="bilinear", antialias=True, align_corners=False)[:, 0]
         labels = F.interpolate(labels[:, None], size=size, mode="nearest-exact")[:, 0]
     name = image_path.name.removesuffix(".gz").removesuffix(".nii")
-    return PatientVolume(name, images[:, None].contiguous().float(), labels.round().to(torch.int64).contiguous())
+    spacing = (zooms[0], zooms[1] * hu.shape[1] / image_size, zooms[2] * hu.shape[2] / image_size)
+    return PatientVolume(name, images[:, None].contiguous().float(), labels.round().to(torch.int64).contiguous(), spacing)
 
 
 def read_msd(data_dir: str | Path, *, image_size: int = 64, window: HUWindow = HUWindow(),

@@ -9,6 +9,7 @@ patients. The privacy unit and its guarantee are described in :mod:`dpfunc.segme
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -75,6 +76,12 @@ class SegmentationConfig:
             it, runs could collapse to "no organ anywhere" (Dice 0; see the README's segmentation section).
         accountant: ``Method.PLD`` (default, tight) or ``Method.RDP`` (an upper bound, much faster at
             large sampling rates such as the few-patient runs of the tests) for calibration and ε.
+        pretrain_steps: 0 (default) starts from the keyed random initialisation; N > 0 starts from a
+            U-Net pretrained for N steps on PUBLIC synthetic shape scenes (:func:`pretrain_unet`: ellipses
+            vs rectangles and lines, not CT, not the phantom generator, nothing of the private patients;
+            one fixed public key for every run seed), with the output bias reset to ``foreground_prior``.
+            Both arms (non-private and DP) start from the same public weights; pretraining spends no
+            privacy budget.
     """
 
     task: str = "liver"
@@ -103,6 +110,7 @@ class SegmentationConfig:
     ema_decay: float = 0.9
     accountant: Method = Method.PLD
     foreground_prior: float | None = 0.05
+    pretrain_steps: int = 0
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
@@ -126,6 +134,7 @@ class SegmentationConfig:
         for name in ("epochs", "batch_size", "slices_per_patient", "width", "depth", "groups"):
             check_int_range(fn, name, getattr(self, name), low=1)
         check_int_range(fn, "margin", self.margin, low=0)
+        check_int_range(fn, "pretrain_steps", self.pretrain_steps, low=0)
         check_int_range(fn, "seed", self.seed)
         check_positive_finite(fn, "learning_rate", self.learning_rate)
         check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
@@ -166,9 +175,10 @@ class PatientScores(NamedTuple):
 
     Attributes:
         dice, iou: 3-D Dice and IoU per patient.
-        hd95: 3-D Hausdorff-95 per patient in voxels of the evaluated grid (slice index, resized row,
-            resized column); ``inf`` where exactly one of prediction and truth is empty, 0 where both
-            are; empty when not computed (``hd95=False``).
+        hd95: 3-D Hausdorff-95 per patient, in mm when the patient's ``spacing`` is known (NIfTI
+            volumes: slice thickness × resized pixel size), else in voxels of the evaluated grid (slice
+            index, resized row, resized column); ``inf`` where exactly one of prediction and truth is
+            empty, 0 where both are; empty when not computed (``hd95=False``).
     """
 
     dice: list[float]
@@ -186,19 +196,23 @@ def evaluate_patients(apply_fn: Callable, params: dict, buffers: dict, patients:
         dice.append(dice_score(pred, p.labels))
         iou.append(iou_score(pred, p.labels))
         if hd95:
-            hd.append(hausdorff95(pred, p.labels))
+            hd.append(hausdorff95(pred, p.labels, spacing=p.spacing))
     return PatientScores(dice, iou, hd)
 
 
-def summarize_hd95(values: list[float], shape_of: list[tuple[int, ...]]) -> tuple[list[float], int]:
+def summarize_hd95(values: list[float], shape_of: list[tuple[int, ...]],
+                   spacing_of: list[tuple[float, ...] | None] | None = None) -> tuple[list[float], int]:
     """HD95 values with every ``inf`` (exactly one mask empty) replaced by the diagonal of that patient's
-    grid ``sqrt(Σ (n_i − 1)²)`` — the largest distance two voxels of the grid can have, so a patient
+    grid ``sqrt(Σ ((n_i − 1)·s_i)²)`` (``s_i`` the spacing of axis ``i``, 1 when ``spacing_of`` or the
+    patient's entry is None) — the largest distance two voxels of the grid can have, so a patient
     whose organ was missed (or invented) counts as the worst case instead of being dropped — and the
     number of patients replaced."""
     out, replaced = [], 0
-    for v, shape in zip(values, shape_of):
+    spacing_of = spacing_of if spacing_of is not None else [None] * len(values)
+    for v, shape, spacing in zip(values, shape_of, spacing_of):
         if math.isinf(v):
-            out.append(math.sqrt(sum((n - 1) ** 2 for n in shape)))
+            sp = spacing if spacing is not None else (1.0,) * len(shape)
+            out.append(math.sqrt(sum(((n - 1) * s) ** 2 for n, s in zip(shape, sp))))
             replaced += 1
         else:
             out.append(v)
@@ -219,7 +233,27 @@ def _build(cfg: SegmentationConfig):
     net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior)
     model = PackedSegmenter(net)
     apply_fn, params, buffers = functionalize(model)
+    if cfg.pretrain_steps:
+        public = _public_weights(cfg.width, cfg.depth, cfg.groups, cfg.image_size, cfg.pretrain_steps, cfg.foreground_prior)
+        head_bias = params["net.head.bias"]
+        params = {k: public[k].clone() for k in params}
+        params["net.head.bias"] = head_bias.detach().clone()  # the public organ prior again, as a fresh net
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(params[name])
     return model, apply_fn, params, buffers
+
+
+PUBLIC_PRETRAIN_KEY = 20_260_117
+"""The key of the public pretraining (the same for every run seed, like one published checkpoint)."""
+
+
+@functools.lru_cache(maxsize=4)
+def _public_weights(width: int, depth: int, groups: int, image_size: int, steps: int, prior: float | None) -> dict:
+    from dpfunc.segmentation._public import cached_pretrained_unet
+
+    return cached_pretrained_unet(key=Key(PUBLIC_PRETRAIN_KEY), seed_tag=PUBLIC_PRETRAIN_KEY, width=width, depth=depth,
+                                  groups=groups, image_size=image_size, steps=steps, foreground_prior=prior)
 
 
 def _ema(average: dict, params: dict, decay: float, step: int) -> dict:
@@ -380,9 +414,10 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
 
 def _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, steps, eps, elapsed, history, resamples):
     dice, iou, hd_raw = evaluate_patients(apply_fn, best["params"], buffers, test_set)
-    hd, hd_missed = summarize_hd95(hd_raw, [tuple(p.labels.shape) for p in test_set])
+    hd, hd_missed = summarize_hd95(hd_raw, [tuple(p.labels.shape) for p in test_set], [p.spacing for p in test_set])
+    hd_unit = "mm" if all(p.spacing is not None for p in test_set) else "voxel"
     test = {"dice": sum(dice) / len(dice), "iou": sum(iou) / len(iou), "hd95": sum(hd) / len(hd),
-            "hd95_median": float(np.median(hd)), "hd95_empty_mismatch": hd_missed, "hd95_unit": "voxel",
+            "hd95_median": float(np.median(hd)), "hd95_empty_mismatch": hd_missed, "hd95_unit": hd_unit,
             "dice_per_patient": {p.name: d for p, d in zip(test_set, dice)},
             "hd95_per_patient": {p.name: (None if math.isinf(h) else h) for p, h in zip(test_set, hd_raw)},
             "num_patients": len(test_set)}
