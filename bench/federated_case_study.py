@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--partitions", nargs="+", default=["iid", "dirichlet"])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--local-epochs", type=int, default=1)
+    p.add_argument("--local-steps", type=int, default=None,
+                   help="local steps per round instead of --local-epochs (1: FedSGD); rounds are then steps")
     p.add_argument("--batch-size", type=int, default=85, help="each site's expected batch (85 ≈ 256/3: the centralised q)")
     p.add_argument("--runs", default="runs/federated_case_study")
     p.add_argument("--no-alone", action="store_true", help="skip the sites-alone baselines")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # IID first (the issue's target), then the skewed split; within a split the centralised baselines, then
     # the federation for every seed, then the sites alone: what runs first is what a shortened session finishes.
-    e = args.rounds * args.local_epochs
+    e = _epochs(args)
     for part in args.partitions:
         setups = []
         for seed in args.seeds:
@@ -168,12 +170,13 @@ def main(argv: list[str] | None = None) -> int:
                 step("central", runs / f"central-e{e}-seed{seed}", lambda: _central(seed, e, args.data_dir, runs))
             base = dict(sites=3, rounds=args.rounds, local_epochs=args.local_epochs, epsilon=3.0, partition=part,
                         alpha=0.5, batch_size=args.batch_size, learning_rate=args.lr,
-                        average_decay=args.average_decay, seed=seed)
+                        average_decay=args.average_decay, seed=seed, local_steps=args.local_steps)
             server = ""
             if args.server_momentum is not None:
                 base.update(server_optimizer="fedavgm", server_learning_rate=1.0, server_momentum=args.server_momentum)
                 server = f"-fedavgm{args.server_momentum:g}"
-            tag = (f"{part}-r{args.rounds}-e{args.local_epochs}-b{args.batch_size}-lr{args.lr:g}"
+            local = f"e{args.local_epochs}" if args.local_steps is None else f"ls{args.local_steps}"
+            tag = (f"{part}-r{args.rounds}-{local}-b{args.batch_size}-lr{args.lr:g}"
                    f"-avg{args.average_decay:g}{server}-seed{seed}")
             fracs = [float(labels[i].float().mean()) for i in site_indices(FederatedConfig(**base), labels)]
             setups.append((seed, base, tag, fracs))
@@ -193,6 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         _write(rows, args)
         _report(rows, args)
     return 0
+
+
+def _epochs(args) -> int:
+    """Passes over the pooled data the federation makes: R × E, or with --local-steps R × steps × 3B / n."""
+    if args.local_steps is None:
+        return args.rounds * args.local_epochs
+    return max(1, round(args.rounds * args.local_steps * 3 * args.batch_size / 4708))
 
 
 def _write(rows: list[dict], args) -> None:
@@ -218,13 +228,15 @@ def _report(rows: list[dict], args) -> None:
     central = json.loads((RESULTS / "case_study.json").read_text()).get("3", [])
     c_auc = [r["roc_auc"] for r in central]
     lines = [f"# Federated DP, PneumoniaMNIST, 3 sites, ε = 3 per site (δ = 1e-5), seeds {args.seeds}",
-             "", f"{args.rounds} rounds × {args.local_epochs} local epoch, per-site expected batch {args.batch_size}, "
+             "", f"{args.rounds} rounds × "
+             f"{f'{args.local_epochs} local epoch' if args.local_steps is None else f'{args.local_steps} local step'}"
+             f", per-site expected batch {args.batch_size}, "
              f"local SGD lr {args.lr:g} momentum 0.9, "
              f"{'FedAvg' if args.server_momentum is None else f'FedAvgM (server lr 1, momentum {args.server_momentum:g})'}, "
              f"server-side average decay {args.average_decay:g}; "
              "test ROC-AUC of the round selected on validation, mean ± std (number of seeds).", "",
              "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | "
-             f"centralised, same {args.rounds * args.local_epochs} epochs | centralised, 15 epochs (README) |",
+             f"centralised, same {_epochs(args)} epochs | centralised, 15 epochs (README) |",
              "|---|---|---|---|---|---|---|"]
     same = [r["test_auc"] for r in rows if r["kind"].startswith("centralised")]
     for part in args.partitions:
@@ -257,7 +269,7 @@ def _plot(rows, args, c_auc) -> None:
     same = [r["test_auc"] for r in rows if r["kind"].startswith("centralised")]
     if same:
         ax.axhline(statistics.mean(same), color="grey", ls=":", lw=1.2,
-                   label=f"centralised DP, same {args.rounds * args.local_epochs} epochs")
+                   label=f"centralised DP, same {_epochs(args)} epochs")
     if c_auc:
         ax.axhline(statistics.mean(c_auc), color="black", ls="--", lw=1, label="centralised DP, 15 epochs (README)")
     ax.set_xticks(range(len(kinds)), kinds)
