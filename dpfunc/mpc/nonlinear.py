@@ -135,8 +135,12 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     table = torch.tensor([[enc(c)] + [enc(a * h**i) for i, a in enumerate(coef)] for c, coef in rows], dtype=torch.int64)
     deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
-    shape = (len(thresholds),) + (1,) * x.dim()
-    sel = [add_public(ctx, (steps * deltas[:, j].view(shape)).sum(0), int(table[0, j])) for j in range(d + 2)]
+    sel = []
+    for j in range(d + 2):  # in place, no (K, *x) temporaries: row_0 + Σ_k s_k·Δ_kj
+        acc = torch.mul(steps[0], int(deltas[0, j]))
+        for k in range(1, len(thresholds)):
+            acc.add_(steps[k], alpha=int(deltas[k, j]))
+        sel.append(add_public(ctx, acc, int(table[0, j])))
     # |v| ≤ 1 inside the range (a local multiplication by 1/h); beyond it the coefficients are exactly 0
     v = mul_public(ctx, z - sel[0], 1.0 / h)
     # Horner's rule: d products of the input's size (the powers and a batched coefficient product

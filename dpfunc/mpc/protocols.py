@@ -123,6 +123,34 @@ def open_shares(ctx: Context, *xs: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def open_masked(ctx: Context, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Open ``x − a`` for several pairs in one round: the same as ``open_shares(ctx, *(x − a))``,
+    with each difference written straight into the message buffer (no concatenation copy)."""
+    sizes = [x.numel() for x, _ in pairs]
+    flat = torch.empty(sum(sizes), dtype=torch.int64)
+    i = 0
+    for (x, a), n in zip(pairs, sizes):
+        torch.sub(x.reshape(-1), a.reshape(-1), out=flat[i : i + n])
+        i += n
+    total = flat + ctx.exchange(flat)
+    out, i = [], 0
+    for (x, _), n in zip(pairs, sizes):
+        out.append(total[i : i + n].view(x.shape))
+        i += n
+    return out
+
+
+def _beaver_mul_local(rank: int, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
+                      f: torch.Tensor) -> torch.Tensor:
+    """This party's share of ``x·y`` (elementwise, same shapes) from its triple share and the opened
+    ``e, f``: ``c + e·b + a·f`` (+ ``e·f`` on party 0), accumulated in place in one new tensor."""
+    out = torch.mul(e, b)
+    out.addcmul_(a, f)
+    if rank == 0:
+        out.addcmul_(e, f)
+    return out.add_(c)
+
+
 def open_xor(ctx: Context, *xs: torch.Tensor) -> list[torch.Tensor]:
     """Open several XOR sharings in one round."""
     flat = torch.cat([x.reshape(-1) for x in xs])
@@ -184,15 +212,13 @@ def _beaver_mul_sliced(ctx: Context, x: torch.Tensor, y: torch.Tensor, limit: in
     mats = [ctx.draw(Request(Kind.TRIPLE, (j - i,), (j - i,), Bilinear.MUL)) for i, j in cuts]
     if ctx.is_dealer:
         return torch.zeros(x.shape, dtype=torch.int64)
-    opened = open_shares(ctx, *[xf[i:j] - m[0] for (i, j), m in zip(cuts, mats)],
-                         *[yf[i:j] - m[1] for (i, j), m in zip(cuts, mats)])
+    opened = open_masked(ctx, [(xf[i:j], m[0]) for (i, j), m in zip(cuts, mats)]
+                         + [(yf[i:j], m[1]) for (i, j), m in zip(cuts, mats)])
     es, fs = opened[: len(cuts)], opened[len(cuts) :]
-    out = []
-    for (a, b, c), e, f in zip(mats, es, fs):
-        if ctx.rank == 0:
-            b = b + f
-        out.append(c + e * b + a * f)
-    return torch.cat(out).view(x.shape)
+    out = torch.empty(n, dtype=torch.int64)
+    for (i, j), (a, b, c), e, f in zip(cuts, mats, es, fs):
+        out[i:j] = _beaver_mul_local(ctx.rank, a, b, c, e, f)
+    return out.view(x.shape)
 
 
 def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params: tuple = (),
@@ -217,10 +243,14 @@ def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params:
     a, b, c = ctx.draw(req)
     if ctx.is_dealer:
         return _dealer_zeros(req)
-    e, f = open_shares(ctx, x - a, y - b)
+    e, f = open_masked(ctx, [(x, a), (y, b)])
+    if op is Bilinear.MUL and x.shape == y.shape:
+        return _beaver_mul_local(ctx.rank, a, b, c, e, f)
     if ctx.rank == 0:
         b = b + f
-    return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, f, params)
+    out = apply_bilinear(op, e, b, params)
+    out += apply_bilinear(op, a, f, params)
+    return out.add_(c)
 
 
 class MaskedOperand(NamedTuple):
@@ -284,9 +314,11 @@ def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, 
     a, c = ctx.draw(req)
     if ctx.is_dealer:
         return _dealer_zeros(req)
-    (e,) = open_shares(ctx, x - a)
+    (e,) = open_masked(ctx, [(x, a)])
     b = y.mask + y.opened if ctx.rank == 0 else y.mask
-    return c + apply_bilinear(op, e, b, params) + apply_bilinear(op, a, y.opened, params)
+    out = apply_bilinear(op, e, b, params)
+    out += apply_bilinear(op, a, y.opened, params)
+    return out.add_(c)
 
 
 def mul(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -304,10 +336,11 @@ def square(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     a, c = ctx.draw(Request(Kind.SQUARE, tuple(x.shape)))
     if ctx.is_dealer:
         return torch.zeros_like(x)
-    (e,) = open_shares(ctx, x - a)
-    z = c + 2 * e * a
+    (e,) = open_masked(ctx, [(x, a)])
+    z = torch.mul(e, 2 * a)
     if local_rank(ctx) == 0:
-        z = z + e * e
+        z.addcmul_(e, e)
+    z.add_(c)
     return truncate(ctx, z)
 
 

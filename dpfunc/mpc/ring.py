@@ -152,7 +152,10 @@ def div_public_local(share_: torch.Tensor, divisor: int, rank: int) -> torch.Ten
         return share_
     if divisor & (divisor - 1) == 0:  # a power of two: floor division is an arithmetic shift
         k = divisor.bit_length() - 1
-        return share_ >> k if rank == 0 else -((-share_) >> k)
+        # party 1: ⌈x1 / 2^k⌉ = (x1 + 2^k − 1) >> k (the same as −⌊−x1 / 2^k⌋ except when the
+        # addition wraps, for the 2^k − 1 largest shares: probability 2^(k−64), another failure of
+        # the same kind as the one above)
+        return share_ >> k if rank == 0 else (share_ + (divisor - 1)) >> k
     if rank == 0:
         return torch.div(share_, divisor, rounding_mode="floor")
     return -torch.div(-share_, divisor, rounding_mode="floor")
