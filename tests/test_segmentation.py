@@ -100,9 +100,28 @@ def _flat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
 
 
-@pytest.mark.parametrize("clip", [1e-3, 1e3])
-def test_fast_engine_equals_vmap_oracle_on_the_unet_patient_and_slice_units(clip):
-    net = unet_gn(key=Key(3), width=2, depth=2, groups=1).double()  # two levels: nested skips
+def test_unet_coord_channels_add_position_inputs_only():
+    plain, coord = unet_gn(key=Key(0), width=4, depth=2, groups=2), unet_gn(key=Key(0), width=4, depth=2, groups=2, coord_channels=True)
+    # the first convolution reads 1 + 2 channels; nothing else changes
+    assert coord.down[0][0].weight.shape == (4, 3, 3, 3) and plain.down[0][0].weight.shape == (4, 1, 3, 3)
+    extra = sum(p.numel() for p in coord.parameters()) - sum(p.numel() for p in plain.parameters())
+    assert extra == 2 * 4 * 9
+    with torch.no_grad():  # zero weights on the position channels: the same function as the plain net
+        w = coord.down[0][0].weight
+        w.zero_()
+        w[:, :1].copy_(plain.down[0][0].weight)
+        for (n, a), (_, b) in zip(coord.named_parameters(), plain.named_parameters()):
+            if n != "down.0.0.weight":
+                a.copy_(b)
+    x = torch.rand(2, 1, 16, 16)
+    torch.testing.assert_close(coord(x), plain(x))
+    with pytest.raises(TypeError, match="UNetGN: coord_channels must be a bool"):
+        unet_gn(key=Key(0), coord_channels=1)
+
+
+@pytest.mark.parametrize("clip,coord", [(1e-3, False), (1e3, False), (1e-3, True)])
+def test_fast_engine_equals_vmap_oracle_on_the_unet_patient_and_slice_units(clip, coord):
+    net = unet_gn(key=Key(3), width=2, depth=2, groups=1, coord_channels=coord).double()  # two levels: nested skips
     model = PackedSegmenter(net)
     _, params, buffers = functionalize(model)
     patients = _patients(1, [1, 3, 5, 2], size=8)

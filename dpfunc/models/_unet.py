@@ -64,6 +64,9 @@ class UNetGN(nn.Module):
             the first steps from driving every pixel to background, after which the softmax
             saturates and a run can stay at Dice 0. Use a PUBLIC prior (a constant, not a count of
             the training labels, which would be an unaccounted release under DP).
+        coord_channels: True appends two constant channels to the input, the row and column position
+            in [-1, 1] (CoordConv, Liu et al. 2018), so that where a pixel lies in the image is a
+            feature the first convolution can weigh directly (organs have typical positions).
 
     Example:
         >>> from dpfunc.keys import Key
@@ -90,6 +93,7 @@ class UNetGN(nn.Module):
         groups: int = 4,
         activation: Callable[[], nn.Module] = nn.ReLU,
         class_prior: Sequence[float] | None = None,
+        coord_channels: bool = False,
     ):
         super().__init__()
         fn = "UNetGN"
@@ -111,12 +115,15 @@ class UNetGN(nn.Module):
             if len(prior) != num_classes or not all(0 < v < 1 for v in prior) or abs(sum(prior) - 1) > 1e-6:
                 raise ValueError(f"{fn}: class_prior must give {num_classes} probabilities in (0, 1) summing to 1, "
                                  f"got {tuple(class_prior)!r}")
+        if not isinstance(coord_channels, bool):
+            raise TypeError(f"{fn}: coord_channels must be a bool, got {coord_channels!r}")
         self.depth = depth
+        self.coord_channels = coord_channels
         widths = [width * 2**level for level in range(depth + 1)]
 
         def build() -> None:
             self.down = nn.ModuleList()
-            c = in_channels
+            c = in_channels + (2 if coord_channels else 0)
             for w in widths:
                 self.down.append(_double_conv(c, w, groups, activation))
                 c = w
@@ -139,6 +146,10 @@ class UNetGN(nn.Module):
         m = 2**self.depth
         if h % m or w % m:
             raise ValueError(f"UNetGN: input height and width must be divisible by 2**depth = {m}, got {h}×{w}")
+        if self.coord_channels:
+            rows = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device).view(1, 1, h, 1).expand(x.shape[0], 1, h, w)
+            cols = torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device).view(1, 1, 1, w).expand(x.shape[0], 1, h, w)
+            x = torch.cat([x, rows, cols], dim=1)
         skips = []
         for level, block in enumerate(self.down):
             if level:
@@ -153,7 +164,8 @@ class UNetGN(nn.Module):
 
 
 def unet_gn(in_channels: int = 1, num_classes: int = 2, *, key: Key, width: int = 8, depth: int = 3, groups: int = 4,
-            activation: Callable[[], nn.Module] = nn.ReLU, class_prior: Sequence[float] | None = None) -> UNetGN:
+            activation: Callable[[], nn.Module] = nn.ReLU, class_prior: Sequence[float] | None = None,
+            coord_channels: bool = False) -> UNetGN:
     """A :class:`UNetGN` (the registry's ``"unet"``); see there for the arguments.
 
     Example:
@@ -162,4 +174,4 @@ def unet_gn(in_channels: int = 1, num_classes: int = 2, *, key: Key, width: int 
         torch.Size([1, 2, 16, 16])
     """
     return UNetGN(in_channels, num_classes, key=key, width=width, depth=depth, groups=groups, activation=activation,
-                  class_prior=class_prior)
+                  class_prior=class_prior, coord_channels=coord_channels)

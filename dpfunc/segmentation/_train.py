@@ -111,6 +111,7 @@ class SegmentationConfig:
     accountant: Method = Method.PLD
     foreground_prior: float | None = 0.05
     pretrain_steps: int = 0
+    coord_channels: bool = False
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
@@ -230,7 +231,8 @@ def _build(cfg: SegmentationConfig):
     from dpfunc.bridge import functionalize
 
     prior = None if cfg.foreground_prior is None else (1 - cfg.foreground_prior, cfg.foreground_prior)
-    net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior)
+    net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior,
+                  coord_channels=cfg.coord_channels)
     model = PackedSegmenter(net)
     apply_fn, params, buffers = functionalize(model)
     if cfg.pretrain_steps:
