@@ -5,6 +5,7 @@ One command regenerates everything under ``bench/results/`` (Markdown table, JSO
     python bench/speed.py            # full: CNN 28×28, transformer, ResNet-18-GN 64×64, each at B = 64/256/1024
     python bench/speed.py --quick    # CNN and transformer at B = 64/256, 3 repeats, no memory runs
     python bench/speed.py --device cuda --no-memory   # on a GPU (timings synchronise the device per step)
+    python bench/speed.py --threads 1 --clock cpu ... # a loaded CPU: one thread, process CPU time per step
 
 Method (figures, not a test):
     * Same model, same data, same process; the methods of one configuration run alternately, one
@@ -16,6 +17,10 @@ Method (figures, not a test):
       (``model(x)``, ``loss.backward()``, ``optimizer.step()``); Opacus steps are ``PrivacyEngine``
       with ``grad_sample_mode`` ``hooks`` / ``functorch`` / ``ghost`` (flat clipping, no Poisson
       sampling so that every step sees the same batch).
+    * ``--clock cpu`` times each step by the process's CPU time (``time.process_time``) instead of the
+      wall clock: with ``--threads 1`` on a machine that other jobs load, that is close to the step's
+      wall time on an idle core (time spent waiting for the core is not counted; cache and memory
+      bandwidth shared with the other jobs still are). The load average before and after is recorded.
     * Peak memory: each (configuration, method) runs alone in a fresh subprocess, which reports the
       growth of its peak resident set (``VmHWM``) over its resident set after building model
       and data and one warm-up step whose leftovers (``.grad``, Opacus' ``.grad_sample``) are then
@@ -245,7 +250,10 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu")):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu"), clock=time.perf_counter):
     model, x, y = build(name, batch)
     model, x, y = model.to(device), x.to(device), y.to(device)
     steps = {m: make_method(m, model, x, y) for m in methods}
@@ -254,10 +262,10 @@ def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu"
         for m in methods:
             gc.collect()
             _sync(device)
-            t0 = time.perf_counter()
+            t0 = clock()
             steps[m]()
             _sync(device)
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if r >= warmup:
                 times[m].append(dt)
     return {m: statistics.median(v) for m, v in times.items()}, times
@@ -332,6 +340,7 @@ def write_report(results, notes, args, show=True):
     meta = {
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": _cpu_model(), "device": _device_name(args.device), "repeats": args.repeats, "warmup": args.warmup,
+        "clock": args.clock, "load_average": getattr(args, "loads", None),
         "command": "python bench/speed.py" + (" " + " ".join(args.argv) if args.argv else ""),
     }
     try:
@@ -346,7 +355,9 @@ def write_report(results, notes, args, show=True):
         f"# One DP-SGD step: time ÷ non-private step (median of {args.repeats}), peak memory growth (MiB)",
         "",
         f"`{meta['command']}` — {meta['device']}, CPU {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, "
-        f"opacus {meta['opacus']}; "
+        f"opacus {meta['opacus']}; clock: {'process CPU time' if args.clock == 'cpu' else 'wall'}; "
+        + (f"1-min load average {' → '.join(f'{v:.1f}' for v in meta['load_average'])} (start → end); " if meta["load_average"] else "")
+        + 
         "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step "
         "(the warm-up step's leftovers, `.grad` / `.grad_sample`, released).",
         "",
@@ -413,6 +424,9 @@ def main(argv=None):
     parser.add_argument("--memory-only", action="store_true", help="redo only the memory column of the last JSON")
     parser.add_argument("--report-only", action="store_true", help="rewrite the Markdown table and plot from the last JSON")
     parser.add_argument("--device", default="cpu", help="torch device of model and data: cpu, cuda, cuda:N or auto (CUDA when available)")
+    parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="wall (default) or cpu: process CPU time per step, for one thread on a loaded machine")
     parser.add_argument("--output-suffix", default=None, help="results/speed<SUFFIX>.{json,md,png} (default '' or '_quick')")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -427,11 +441,15 @@ def main(argv=None):
     if args._memory:
         name, batch, method = args._memory
         return memory_child(name, int(batch), method)
-    torch.set_num_threads(2)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    args.loads = [os.getloadavg()[0]]
     args.repeats = args.repeats or (3 if args.quick else 5)
     if args.report_only or args.memory_only:  # work from the last run's JSON
         saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
         args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
+        args.loads, args.clock = saved["meta"].get("load_average"), saved["meta"].get("clock", "wall")
     if args.report_only:
         return write_report(saved["results"], saved["notes"], args)
     if args.memory_only:
@@ -475,7 +493,7 @@ def main(argv=None):
     for name, batch in configs:
         run = methods if args.methods else [m for m in methods if fits(name, batch, m)]
         print(f"== {name} B={batch}: timing {run}", flush=True)
-        med, raw = time_config(name, batch, run, args.warmup, args.repeats, device)
+        med, raw = time_config(name, batch, run, args.warmup, args.repeats, device, CLOCKS[args.clock])
         row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw}
         print("   " + ", ".join(f"{m} {t:.3f}s ({t / med['nonprivate']:.2f}×)" for m, t in med.items()), flush=True)
         if not (args.quick or args.no_memory or device.type != "cpu"):  # memory is the CPU RSS
@@ -487,6 +505,7 @@ def main(argv=None):
                 row["peak_mib"][m] = statistics.median(mems) / 2**20 if mems else None
             print("   peak MiB " + ", ".join(f"{m} {v:.0f}" for m, v in row["peak_mib"].items() if v is not None), flush=True)
         results.append(row)
+        args.loads = [args.loads[0], os.getloadavg()[0]]
         write_report(results, notes, args, show=False)  # after every configuration: a run that dies keeps its rows
     write_report(results, notes, args)
 

@@ -5,6 +5,8 @@ The oracle helpers here are shared with ``test_fast_models.py``.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,13 +146,35 @@ def conv_geometry(draw, nd):
 
 def _check_conv_against_oracle(data, layer, x, seed):
     # instantiated per-example conv gradients have two kernels (grouped conv / unfold + bmm), picked by
-    # the number of output positions: force each
-    before = fast_layers.GROUPED_MIN_POSITIONS
+    # the number of output positions, and the unfold two layouts (channels first / last), picked by
+    # run length: force each
+    before = fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD
     fast_layers.GROUPED_MIN_POSITIONS = data.draw(st.sampled_from([0, 10**9]), label="grouped_min_positions")
+    fast_layers.CHANNELS_LAST_UNFOLD = data.draw(st.sampled_from([None, True, False]), label="channels_last_unfold")
     try:
         _check_against_oracle(data, layer, x, seed)
     finally:
-        fast_layers.GROUPED_MIN_POSITIONS = before
+        fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD = before
+
+
+@pytest.mark.parametrize("nd", [1, 2])
+@given(data=st.data(), seed=seeds)
+def test_channels_last_unfold_is_unfold_with_reordered_columns(nd, data, seed):
+    """Oracle: torch's own F.unfold (2-D; 1-D as a height-1 image), columns (C_g, K) -> (K, C_g) per group."""
+    kw, size = data.draw(conv_geometry(nd))
+    b = data.draw(st.integers(1, 3))
+    x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pad = tuple(kw["padding"]) if isinstance(kw["padding"], tuple) else (0,) * nd  # plain zero padding of the unfold
+    k, st_, dil, groups = kw["kernel_size"], kw["stride"], kw["dilation"], kw["groups"]
+    got = fast_layers._unfold_channels_last(x, k, st_, pad, dil, groups)  # (b, G, T, K·C_g)
+    if nd == 1:
+        x2, k2, st2, pad2, dil2 = x.unsqueeze(2), (1, *k), (1, *st_), (0, *pad), (1, *dil)
+    else:
+        x2, k2, st2, pad2, dil2 = x, k, st_, pad, dil
+    ref = F.unfold(x2, k2, dilation=dil2, padding=pad2, stride=st2)  # (b, C·K, T), columns (C, K)
+    cg, kk = kw["in_channels"] // groups, math.prod(k)
+    ref = ref.view(b, groups, cg, kk, -1).permute(0, 1, 4, 3, 2).reshape(b, groups, -1, kk * cg)
+    assert torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])

@@ -1,9 +1,13 @@
 """``nn.Conv1d`` / ``nn.Conv2d`` (stride, padding incl. modes and 'same', dilation, groups).
 
-The input is unfolded to ``(B, d_in·K, T)`` and each group treated as a Linear layer on ``T`` output
-positions (ghost norm or instantiation by the same cost model). Instantiated per-example gradients use
-the grouped-convolution trick (batch folded into groups) on large outputs, unfold + bmm on small ones.
-The clipped sum is the conv weight-gradient kernel on the scaled ``g`` (same cost as non-private).
+The input is unfolded to ``(B, T, d_in·K)`` per group and each group treated as a Linear layer on ``T``
+output positions (ghost norm or instantiation by the same cost model). Instantiated per-example
+gradients use the grouped-convolution trick (batch folded into groups) on large outputs, unfold + bmm
+on small ones. The unfold copies the input once, from whichever layout gives the longer contiguous
+runs: the input's own (channels first: runs of one output row) or a channels-last copy (runs of
+``k_w·C_in`` values); on CPU the channels-last one is 3-7× faster for late layers (many channels,
+small maps) and several times slower for a first layer with one input channel. The clipped sum is the
+conv weight-gradient kernel on the scaled ``g`` (same cost as non-private).
 
 References:
     Z. Bu, J. Mao, S. Xu, "Scalable and Efficient Training of Large Convolutional Neural Networks
@@ -29,6 +33,9 @@ __all__ = ["conv", "GROUPED_MIN_POSITIONS"]
 # input channels, slower on small maps and on single-channel inputs).
 GROUPED_MIN_POSITIONS = 128
 
+# Unfold layout: None picks by contiguous run length (see _channels_last); True / False force one (tests).
+CHANNELS_LAST_UNFOLD: bool | None = None
+
 
 class _ConvInput(NamedTuple):
     x: torch.Tensor  # the input as the kernel sees it: explicitly padded where padding is not plain zeros
@@ -50,21 +57,55 @@ def _conv_input(module: nn.Module, x: torch.Tensor) -> _ConvInput:
     return _ConvInput(x, tuple(pad))
 
 
+def _out_sizes(x: torch.Tensor, kernel, stride, padding, dilation) -> list[int]:
+    return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(x.dim() - 2)]
+
+
 def _unfold(x: torch.Tensor, kernel, stride, padding, dilation, t: int) -> torch.Tensor:
     """``F.unfold`` for 1-D and 2-D convs, ``(n, C, *S) -> (n, C·K, T)``, as a strided view copied once
     (several times faster than ``im2col`` on CPU)."""
     if any(padding):
         x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
     n, c = x.shape[:2]
-    nd = x.dim() - 2
     sp = x.stride()[2:]
-    out_sizes = [(x.shape[2 + i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(nd)]
+    out_sizes = _out_sizes(x, kernel, stride, (0,) * len(kernel), dilation)
     view = x.as_strided(
         (n, c, *kernel, *out_sizes),
         (x.stride(0), x.stride(1), *(d * s for d, s in zip(dilation, sp)), *(st * s for st, s in zip(stride, sp))),
         x.storage_offset(),
     )
     return view.reshape(n, c * math.prod(kernel), t)
+
+
+def _unfold_channels_last(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
+    """``(n, C, *S) -> (n, G, T, K·C_g)``: per group, one row per output position holding its receptive
+    field in ``(*K, C_g)`` order (channels fastest), copied once from a channels-last (padded) copy of
+    ``x``. Equal to ``_unfold`` up to the order of the columns: ``[..., k·C_g + c] = _unfold[..., c·K + k]``."""
+    n, c = x.shape[:2]
+    nd, cg = x.dim() - 2, c // groups
+    out_sizes = _out_sizes(x, kernel, stride, padding, dilation)
+    last = x.movedim(1, -1)  # (n, *S, C): a view; contiguous already when x is channels-last
+    if any(padding):
+        xp = x.new_zeros((n, *(s + 2 * p for s, p in zip(x.shape[2:], padding)), c))
+        xp[(slice(None), *(slice(p, p + s) for p, s in zip(padding, x.shape[2:])))] = last
+    else:
+        xp = last.contiguous()
+    st = xp.stride()
+    sp = st[1 : 1 + nd]
+    view = xp.as_strided(
+        (n, groups, *out_sizes, *kernel, cg),
+        (st[0], cg, *(s * v for s, v in zip(stride, sp)), *(d * v for d, v in zip(dilation, sp)), 1),
+        xp.storage_offset(),
+    )
+    return view.reshape(n, groups, math.prod(out_sizes), math.prod(kernel) * cg)
+
+
+def _channels_last(c_g: int, kernel, out_sizes, stride) -> bool:
+    """Whether the channels-last unfold copies longer contiguous runs: ``k_w·C_g`` values (``C_g`` when the
+    kernel is 1 wide) against one output row (``W_out``, contiguous only at stride 1)."""
+    if CHANNELS_LAST_UNFOLD is not None:
+        return CHANNELS_LAST_UNFOLD
+    return c_g * kernel[-1] > (out_sizes[-1] if stride[-1] == 1 else 1)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
@@ -96,6 +137,8 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
             per_ex = 2 * weight.numel() + calls[0].x[0].numel() + calls[0].g[0].numel()
         else:
             per_ex = unfold_el + (2 * groups * t_total * t_total if use_ghost else weight.numel())
+        out0 = _out_sizes(inputs[0].x, kernel, stride, inputs[0].padding, dilation)
+        channels_last = _channels_last(d_g // math.prod(kernel), kernel, out0, stride)  # one layout for all calls
         for lo, hi in _chunks(b, per_ex):
             n = hi - lo
             if grouped:
@@ -109,19 +152,23 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                 if keep:
                     pe_w[lo:hi] = pe
                 continue
-            cols, gcols = [], []
+            rows, gcols = [], []  # per call: (n, G, T, d_g) receptive fields, (n, G, p_g, T) output gradients
             for (xin, pad), g in zip(inputs, gs):
-                u = _unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2])  # (n, C_in·K, T)
-                cols.append(u.view(n, groups, d_g, -1))
+                if channels_last:  # columns in (*K, C_g) order
+                    rows.append(_unfold_channels_last(xin[lo:hi], kernel, stride, pad, dilation, groups))
+                else:  # columns in the weight's (C_g, *K) order
+                    rows.append(_unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2]).view(n, groups, d_g, -1).transpose(2, 3))
                 gcols.append(g[lo:hi].view(n, groups, p_g, -1))
-            if use_ghost:
-                u, gg = _cat(cols, 3), _cat(gcols, 3)  # (n, G, ·, T)
-                sq_w[lo:hi] = ((u.transpose(2, 3) @ u) * (gg.transpose(2, 3) @ gg)).sum((1, 2, 3))
+            if use_ghost:  # Σ_ts (u_t·u_s)(g_t·g_s): the column order of u does not matter
+                u, gg = _cat(rows, 2), _cat(gcols, 3)
+                sq_w[lo:hi] = ((u @ u.transpose(2, 3)) * (gg.transpose(2, 3) @ gg)).sum((1, 2, 3))
             else:
-                pe = sum(gg @ u.transpose(2, 3) for u, gg in zip(cols, gcols))  # (n, G, p_g, d_g)
+                # (n, G, p_g, d_g), columns in the unfold's order; as (uᵀ gᵀ)ᵀ on the contiguous channels-first
+                # unfold (a plain GEMM there; measured 1.5-1.8× faster than g·u on its transposed view)
+                pe = sum(gg @ u if channels_last else (u.transpose(2, 3) @ gg.transpose(2, 3)).transpose(2, 3) for u, gg in zip(rows, gcols))
                 sq_w[lo:hi] = _sq(pe)
                 if keep:
-                    pe_w[lo:hi] = pe.reshape(n, *weight.shape)
+                    pe_w[lo:hi] = (_kc_to_ck(pe, kernel) if channels_last else pe).reshape(n, *weight.shape)
         sq["weight"] = sq_w
         if keep:
             kept["weight"] = pe_w
@@ -141,5 +188,10 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
         return out
 
     return LayerGrads(sq, clipped)
+
+
+def _kc_to_ck(pe: torch.Tensor, kernel) -> torch.Tensor:
+    """``(n, G, p_g, d_g)`` per-example gradients, columns from ``(*K, C_g)`` to the weight's ``(C_g, *K)`` order."""
+    return pe.unflatten(3, (math.prod(kernel), -1)).transpose(3, 4).flatten(3)
 
 

@@ -45,7 +45,7 @@ def _kept_grads(kept: dict) -> LayerGrads:
 
 def _group_norm_rule(module, calls, attrs, ghost):
     """Per example and channel ``Σ_s x̂ g = rstd·(Σ_s x g − μ·Σ_s g)`` with the forward's own μ, rstd:
-    one batched dot product over ``x`` and ``g``, no ``x̂`` temporary. (The subtraction costs about
+    one fused dot product over ``x`` and ``g`` (``vecdot``), no ``x̂`` temporary. (The subtraction costs about
     ``log10(|μ|/σ)`` digits, as computing ``x − μ`` in the forward does.)"""
     kept: dict[str, torch.Tensor] = {}
     groups = module.num_groups
@@ -56,11 +56,11 @@ def _group_norm_rule(module, calls, attrs, ghost):
         if "weight" in attrs:
             if c.saved is not None:
                 mean, rstd = (s.to(g.dtype).reshape(b, groups, 1).expand(b, groups, ch // groups).reshape(b, ch) for s in c.saved)
-                xg = torch.einsum("ncs,ncs->nc", c.x.reshape(b, ch, -1), g)
+                xg = torch.linalg.vecdot(c.x.reshape(b, ch, -1), g)  # not einsum: that is a (1×S)·(S×1) bmm, 5-8× slower on CPU
                 pe = (xg - mean * gsum) * rstd
             else:
                 xhat = F.group_norm(c.x, groups, None, None, module.eps)
-                pe = torch.einsum("ncs,ncs->nc", xhat.reshape(b, ch, -1), g)
+                pe = torch.linalg.vecdot(xhat.reshape(b, ch, -1), g)
             _accumulate(kept, "weight", pe)
         if "bias" in attrs:
             _accumulate(kept, "bias", gsum)
