@@ -182,3 +182,51 @@ def test_encrypted_inference_validates_comparison_bits():
     with pytest.raises(RuntimeError, match="comparison_bits must be 32 or 64"):
         simulate(lambda ctx: encrypted_inference(ctx, program, (1, 1, 4, 4), key=Key(1), comparison_bits=16),
                  dealer_key=Key(2), timeout=10)
+
+
+# ------------------------------------------------------------------- Horner's chain with one mask
+@given(seeds, st.sampled_from([None, 7]))
+@settings(max_examples=8)
+def test_mul_fixed_chain_matches_float_and_the_dealer_forgets_the_mask(seed, slice_elements):
+    from dpfunc.mpc import DEALER, decode, encode, reveal_to, share_from, simulate
+    from dpfunc.mpc import protocols as P
+
+    old = P.PRODUCT_SLICE
+    if slice_elements:
+        P.PRODUCT_SLICE = slice_elements  # 20 elements in slices of 7: three half-triples per product
+    try:
+        g = Key(seed).generator()
+        y0 = torch.rand(4, 5, generator=g, dtype=torch.float64) * 2 - 1
+        v = torch.rand(4, 5, generator=g, dtype=torch.float64) * 2 - 1
+        stores = {}
+
+        def program(ctx):
+            ys = share_from(ctx, 1, encode(y0) if ctx.rank == 1 else None, (4, 5), Key(seed).fold_in(1))
+            vs = share_from(ctx, 0, encode(v) if ctx.rank == 0 else None, (4, 5), Key(seed).fold_in(2))
+            vm = P.mul_chain_operand(ctx, vs)
+            for k in range(3):
+                ys = P.mul_fixed(ctx, ys, vm, release=k == 2)
+            if ctx.rank == DEALER:
+                stores["masks"] = dict(ctx.source.masks)
+            return reveal_to(ctx, 1, ys)
+
+        res = simulate(program, dealer_key=Key(seed).fold_in(3))
+        out = decode(res.outputs[1])
+        assert (out - y0 * v**3).abs().max() < 4 * 2.0**-16
+        assert stores["masks"] == {}  # released after the last product
+        # the data owner sends its input's mask, v − b once, then only the masked y per product (20 words each)
+        assert res.stats[1].bytes_sent == 8 * 20 * (1 + 1 + 3)
+    finally:
+        P.PRODUCT_SLICE = old
+
+
+def test_mul_fixed_refuses_other_shapes():
+    from dpfunc.mpc import simulate
+    from dpfunc.mpc import protocols as P
+
+    def program(ctx):
+        vm = P.mul_chain_operand(ctx, torch.zeros(3, dtype=torch.int64))
+        return P.mul_fixed(ctx, torch.zeros(4, dtype=torch.int64), vm)
+
+    with pytest.raises(RuntimeError, match="mul_fixed: y and v must have the same shape"):
+        simulate(program, dealer_key=Key(0), timeout=10)

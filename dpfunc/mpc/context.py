@@ -110,6 +110,7 @@ class Request(NamedTuple):
     op: Optional[Bilinear] = None
     params: tuple = ()
     mask_id: int = -1  # MASK / FIXED_TRIPLE: which fixed operand (public, e.g. a weight's index)
+    release: bool = False  # FIXED_TRIPLE: the last product with this mask (the dealer forgets it)
 
 
 def _output_shape(req: Request) -> tuple[int, ...]:
@@ -189,7 +190,9 @@ def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None
     elif req.kind is Kind.FIXED_TRIPLE:
         if masks is None or req.mask_id not in masks:
             raise ValueError(f"deal: fixed triple for mask {req.mask_id}, which was never drawn")
-        b = masks[req.mask_id]
+        b = masks.pop(req.mask_id) if req.release else masks[req.mask_id]
+        if req.op is Bilinear.MUL and req.params:  # a slice (start, stop) of the flattened mask
+            b = b.reshape(-1)[req.params[0] : req.params[1]]
         if tuple(b.shape) != tuple(req.shape_y):
             raise ValueError(f"deal: mask {req.mask_id} has shape {tuple(b.shape)}, the request {req.shape_y}")
         a = ks.ring(req.shape_x)
@@ -531,6 +534,13 @@ class Context:
     fp: FixedPoint = FixedPoint()
     stats: CommStats = field(default_factory=CommStats)
     transcript: Optional[list] = None
+    next_mask_id: int = 1 << 40  # ids of masks made during a run (below: the weights' ids)
+
+    def new_mask_id(self) -> int:
+        """A fresh public id for a mask made during the run (the same sequence on every party and the
+        dealer, since they run the same program)."""
+        self.next_mask_id += 1
+        return self.next_mask_id
 
     def __post_init__(self) -> None:
         if self.rank not in (MODEL_OWNER, DATA_OWNER, DEALER):

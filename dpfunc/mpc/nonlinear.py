@@ -42,7 +42,18 @@ import torch
 
 from dpfunc._validate import check_int_range, check_number
 from dpfunc.mpc.context import Bilinear, Context
-from dpfunc.mpc.protocols import add_public, beaver, ltz, mul, mul_int, mul_public, square, truncate
+from dpfunc.mpc.protocols import (
+    add_public,
+    beaver,
+    ltz,
+    mul,
+    mul_chain_operand,
+    mul_fixed,
+    mul_int,
+    mul_public,
+    square,
+    truncate,
+)
 
 __all__ = ["TanhApprox", "tanh", "sigmoid", "RsqrtConfig", "rsqrt", "group_norm"]
 
@@ -135,8 +146,8 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     table = torch.tensor([[enc(c)] + [enc(a * h**i) for i, a in enumerate(coef)] for c, coef in rows], dtype=torch.int64)
     deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
-    sel = []
-    for j in range(d + 2):  # in place, no (K, *x) temporaries: row_0 + Σ_k s_k·Δ_kj
+    sel = [steps[0]] * (d + 2) if ctx.is_dealer else []  # the dealer needs only the shapes
+    for j in range(0 if ctx.is_dealer else d + 2):  # in place, no (K, *x) temporaries: row_0 + Σ_k s_k·Δ_kj
         acc = torch.mul(steps[0], int(deltas[0, j]))
         for k in range(1, len(thresholds)):
             acc.add_(steps[k], alpha=int(deltas[k, j]))
@@ -147,9 +158,11 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     # took 2d − 1), in d rounds. Beyond the range every coefficient but the constant is exactly 0 in
     # the ring, so the sum stays exactly 0 (Beaver products are exact) however large (or, after a
     # failed truncation, wrong) v is.
+    # v is the same at every step: masked once (one round), then each product opens only y − a
+    vm = mul_chain_operand(ctx, v)
     y = sel[d + 1]
     for k in range(d, 0, -1):
-        y = mul(ctx, y, v) + sel[k]
+        y = mul_fixed(ctx, y, vm, release=k == 1) + sel[k]
     if approx.odd:
         y = y - 2 * mul_int(ctx, y, neg)  # sign(x)·p(|x|), exact
     return y

@@ -54,6 +54,8 @@ __all__ = [
     "MaskedOperand",
     "mask_operands",
     "beaver_fixed",
+    "mul_chain_operand",
+    "mul_fixed",
     "mul",
     "mul_int",
     "square",
@@ -187,6 +189,8 @@ def truncate(ctx: Context, x: torch.Tensor, divisor: int | None = None) -> torch
     failure probability ``|x| / 2^64`` per element (``x`` the ring integer being divided; for a
     product of two reals whose product is ``v``, ``|x| = |v|·2^2f``, i.e. ``|v|·2^-32`` for f = 16).
     """
+    if ctx.is_dealer:  # the dealer's values are never used; only shapes matter
+        return x
     d = ctx.fp.scale if divisor is None else divisor
     return div_public_local(x, d, local_rank(ctx))
 
@@ -299,6 +303,39 @@ def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0) -> li
         return [MaskedOperand(y, b, torch.zeros_like(y), r.mask_id) for y, b, r in zip(ys, masks, reqs)]
     opened = open_shares(ctx, *[y - b for y, b in zip(ys, masks)])
     return [MaskedOperand(y, b, f, r.mask_id) for y, b, f, r in zip(ys, masks, opened, reqs)]
+
+
+def mul_chain_operand(ctx: Context, v: torch.Tensor) -> MaskedOperand:
+    """Mask a value that will be multiplied several times *within* one run (Horner's rule multiplies
+    by the same ``v`` at every step): one round opens ``f = v − b``, then each
+    :func:`mul_fixed` opens only ``e = y − a`` with a fresh ``(a, a·b)`` — the argument of
+    :func:`mask_operands` (a one-time pad on a fixed value, opened once; triples never reused). The
+    last product passes ``release=True`` so the dealer forgets ``b``."""
+    return mask_operands(ctx, [v], first_id=ctx.new_mask_id())[0]
+
+
+def mul_fixed(ctx: Context, y: torch.Tensor, v: MaskedOperand, release: bool = False) -> torch.Tensor:
+    """Fixed-point elementwise ``y·v`` (same shapes) with a masked ``v`` (:func:`mul_chain_operand`),
+    truncated; one round, ``|y|`` words sent. Elementwise products over :data:`PRODUCT_SLICE`
+    elements take one half-triple per slice (still one round)."""
+    if tuple(y.shape) != tuple(v.shape):
+        raise ValueError(f"mul_fixed: y and v must have the same shape, got {tuple(y.shape)} and {tuple(v.shape)}")
+    n = y.numel()
+    cuts = [(i, min(i + PRODUCT_SLICE, n)) for i in range(0, n, PRODUCT_SLICE)]
+    params = (lambda i, j: (i, j)) if len(cuts) > 1 else (lambda i, j: ())
+    mats = [ctx.draw(Request(Kind.FIXED_TRIPLE, (j - i,) if len(cuts) > 1 else tuple(y.shape),
+                             (j - i,) if len(cuts) > 1 else tuple(v.shape), Bilinear.MUL, params(i, j),
+                             mask_id=v.mask_id, release=release and k == len(cuts) - 1))
+            for k, (i, j) in enumerate(cuts)]
+    if ctx.is_dealer:
+        return torch.zeros(y.shape, dtype=torch.int64)
+    yf = y.reshape(-1)
+    es = open_masked(ctx, [(yf[i:j], a.reshape(-1)) for (i, j), (a, _) in zip(cuts, mats)])
+    b, f = v.mask.reshape(-1), v.opened.reshape(-1)
+    out = torch.empty(n, dtype=torch.int64)
+    for (i, j), (a, c), e in zip(cuts, mats, es):
+        out[i:j] = _beaver_mul_local(ctx.rank, a.reshape(-1), b[i:j], c.reshape(-1), e, f[i:j])
+    return truncate(ctx, out.view(y.shape))
 
 
 def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, params: tuple = ()) -> torch.Tensor:
