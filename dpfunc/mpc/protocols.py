@@ -410,25 +410,36 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits
     from dpfunc.mpc.context import word_dtype
 
     dtype = word_dtype(bits)
-    x = torch.cat([t.reshape(-1) for t in xs])
-    y = torch.cat([t.reshape(-1) for t in ys])
-    if x.dtype != dtype or y.dtype != dtype:
-        raise TypeError(f"and_words: {bits}-bit words must be {dtype}, got {x.dtype} and {y.dtype}")
-    a, b, c = ctx.draw(Request(Kind.AND, tuple(x.shape), params=(bits,)))
+    for t in (*xs, *ys):
+        if t.dtype != dtype:
+            raise TypeError(f"and_words: {bits}-bit words must be {dtype}, got {t.dtype}")
+    sizes = [t.numel() for t in xs]
+    n = sum(sizes)
+    if [t.numel() for t in ys] != sizes:
+        raise ValueError(f"and_words: xs and ys must pair up, got sizes {sizes} and {[t.numel() for t in ys]}")
+    a, b, c = ctx.draw(Request(Kind.AND, (n,), params=(bits,)))
     if ctx.is_dealer:
         return [torch.zeros_like(t) for t in xs]
-    flat = torch.cat([x ^ a, y ^ b])
+    # the masked words written straight into the message buffer (no concatenation copies)
+    flat = torch.empty(2 * n, dtype=dtype)
+    i = 0
+    for tx, ty, k in zip(xs, ys, sizes):
+        torch.bitwise_xor(tx.reshape(-1), a[i : i + k], out=flat[i : i + k])
+        torch.bitwise_xor(ty.reshape(-1), b[i : i + k], out=flat[n + i : n + i + k])
+        i += k
     opened = flat ^ ctx.exchange(flat)
-    e, f = opened[: x.numel()], opened[x.numel() :]
-    z = c ^ (e & b) ^ (f & a)
+    e, f = opened[:n], opened[n:]
+    z = torch.bitwise_and(e, b)
+    z ^= torch.bitwise_and(f, a)
+    z ^= c
     if local_rank(ctx) == 0:
         z ^= e & f
     if bits < 8:
         z &= (1 << bits) - 1
     out, i = [], 0
-    for t in xs:
-        out.append(z[i : i + t.numel()].view(t.shape))
-        i += t.numel()
+    for t, k in zip(xs, sizes):
+        out.append(z[i : i + k].view(t.shape))
+        i += k
     return out
 
 
@@ -535,10 +546,13 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     while width > 1:
         # split each width-bit word into halves, in the current dtype, then narrow to half bits
         half = width // 2
-        mask = (1 << half) - 1
         dt = word_dtype(half)
-        g_hi, g_lo = ((g >> half) & mask).to(dt), (g & mask).to(dt)
-        p_hi, p_lo = ((p >> half) & mask).to(dt), (p & mask).to(dt)
+        if half >= 8:  # the cast to the half-width dtype keeps exactly the low `half` bits
+            g_hi, g_lo, p_hi, p_lo = (g >> half).to(dt), g.to(dt), (p >> half).to(dt), p.to(dt)
+        else:
+            mask = (1 << half) - 1
+            g_hi, g_lo = ((g >> half) & mask).to(dt), (g & mask).to(dt)
+            p_hi, p_lo = ((p >> half) & mask).to(dt), (p & mask).to(dt)
         if half > 1:
             gg, p = and_words(ctx, [p_hi, p_hi], [g_lo, p_lo], bits=half)
         else:
