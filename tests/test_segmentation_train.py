@@ -83,6 +83,11 @@ def test_non_private_and_slice_unit_runs(phantoms):
     nodp = train_segmentation(SegmentationConfig(private=False, **{**TINY, "epochs": 1}), data_dir=phantoms, progress=False,
                               log=lambda s: None, bootstrap_resamples=20)
     assert nodp.epsilon is None and nodp.noise_multiplier is None
+    post = train_segmentation(SegmentationConfig(private=False, largest_component=True, lr_schedule="cosine",
+                                                 **{**TINY, "epochs": 1}), data_dir=phantoms, progress=False,
+                              log=lambda s: None, bootstrap_resamples=20)
+    assert post.config["largest_component"] and post.config["lr_schedule"] == "cosine"
+    assert post.history[0]["train_loss"] == nodp.history[0]["train_loss"]  # the first step is at the full rate
     sl = train_segmentation(SegmentationConfig(unit="slice", epsilon=8.0, **{**TINY, "epochs": 1, "batch_size": 4}),
                             data_dir=phantoms, progress=False, log=lambda s: None, bootstrap_resamples=20)
     n_slices = round(4 / sl.sampling_rate)
@@ -130,6 +135,8 @@ def test_config_refuses_bad_values():
         with pytest.raises(ValueError, match="SegmentationConfig: foreground_prior must be in \\(0, 1\\)"):
             SegmentationConfig(foreground_prior=bad)
     assert SegmentationConfig(foreground_prior=None).foreground_prior is None  # the default initialisation
+    with pytest.raises(ValueError, match="SegmentationConfig: lr_schedule must be"):
+        SegmentationConfig(lr_schedule="linear")
 
 
 def test_train_task_liver_is_forwarded_to_segment():

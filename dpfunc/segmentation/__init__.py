@@ -6,7 +6,8 @@ see :mod:`dpfunc.segmentation._patient` for the adjacency and the guarantee. nib
 """
 
 from dpfunc.segmentation._figures import plot_overlays
-from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, mean_ci, predict_volume, surface_voxels
+from dpfunc.segmentation._metrics import (dice_score, hausdorff95, iou_score, largest_component, mean_ci, predict_volume,
+                                          surface_voxels)
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, read_nifti_slices, split_patients
 from dpfunc.segmentation._patient import (
     Engine,
@@ -52,6 +53,7 @@ __all__ = [
     "iou_score",
     "hausdorff95",
     "surface_voxels",
+    "largest_component",
     "mean_ci",
     "predict_volume",
     "plot_overlays",

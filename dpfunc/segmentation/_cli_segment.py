@@ -51,6 +51,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--pretrain-steps", type=_int_at_least("--pretrain-steps", 0), default=0,
                    help="start from a U-Net pretrained for this many steps on PUBLIC synthetic shape scenes (not CT, "
                         "no patient data; both arms start there; cached in $DPFUNC_CACHE_DIR); 0 = random init")
+    p.add_argument("--coord-channels", action="store_true", help="row/column position channels into the U-Net (CoordConv)")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="Adam step size over the steps")
+    p.add_argument("--largest-component", action="store_true",
+                   help="evaluate the largest 3-D connected component of each predicted volume (post-processing, no privacy cost)")
     p.add_argument("--ema-decay", type=float, default=0.9,
                    help="evaluate an exponential moving average of the iterates (post-processing); 0 = last iterate")
     p.add_argument("--window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"), help="HU window")
@@ -79,7 +83,8 @@ def _config(args: argparse.Namespace):
         unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
         window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
         accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
-        pretrain_steps=args.pretrain_steps)
+        pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, lr_schedule=args.lr_schedule,
+        largest_component=args.largest_component)
 
 
 def _print(result) -> None:

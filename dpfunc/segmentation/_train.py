@@ -9,6 +9,7 @@ patients. The privacy unit and its guarantee are described in :mod:`dpfunc.segme
 from __future__ import annotations
 
 import dataclasses
+import enum
 import functools
 import json
 import math
@@ -33,7 +34,7 @@ from dpfunc.keys import Key
 from dpfunc.models import unet_gn
 from dpfunc.private import dpadam, privacy_ledger
 from dpfunc.sampling import poisson_sample
-from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, mean_ci, predict_volume
+from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, largest_component, mean_ci, predict_volume
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, split_patients
 from dpfunc.segmentation._patient import Engine, PackedSegmenter, PrivacyUnit, packed_losses, patient_batch, segmentation_engine, slice_batch
 from dpfunc.step import make_step
@@ -44,6 +45,20 @@ __all__ = ["SegmentationConfig", "SegmentationResult", "train_segmentation", "ev
            "PatientScores", "summarize_hd95", "is_segmentation_run"]
 
 TASKS = ("liver",)
+
+
+class LRSchedule(enum.Enum):
+    """The learning rate over the run's steps: ``CONSTANT`` or ``COSINE`` (from ``learning_rate`` down to 0 at the
+    last step; Loshchilov & Hutter 2017). A function of the step count only: no privacy cost."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+def _schedule(kind: "LRSchedule", lr: float, total_steps: int):
+    if kind is LRSchedule.CONSTANT:
+        return lr
+    return lambda t: lr * 0.5 * (1 + math.cos(math.pi * min(int(t), total_steps) / total_steps))
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,11 @@ class SegmentationConfig:
             one fixed public key for every run seed), with the output bias reset to ``foreground_prior``.
             Both arms (non-private and DP) start from the same public weights; pretraining spends no
             privacy budget.
+        coord_channels: two input channels with the row and column position (:class:`~dpfunc.models.UNetGN`).
+        lr_schedule: :class:`LRSchedule` of the Adam step size (``CONSTANT`` default, ``COSINE`` to 0).
+        largest_component: evaluate (validation selection, test metrics, overlays) on the largest 3-D
+            connected component of each predicted volume (:func:`largest_component`; post-processing of
+            the model's output on that patient, no privacy cost).
     """
 
     task: str = "liver"
@@ -112,12 +132,15 @@ class SegmentationConfig:
     foreground_prior: float | None = 0.05
     pretrain_steps: int = 0
     coord_channels: bool = False
+    lr_schedule: LRSchedule = LRSchedule.CONSTANT
+    largest_component: bool = False
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
         if self.task not in TASKS:
             raise ValueError(f"{fn}: task must be one of {TASKS}, got {self.task!r}")
-        for name, enum_type in (("unit", PrivacyUnit), ("engine", Engine), ("selection", SliceSelection), ("accountant", Method)):
+        for name, enum_type in (("unit", PrivacyUnit), ("engine", Engine), ("selection", SliceSelection), ("accountant", Method),
+                                ("lr_schedule", LRSchedule)):
             object.__setattr__(self, name, check_enum(fn, name, getattr(self, name), enum_type))
         check_int_range(fn, "image_size", self.image_size, low=8, high=1024)
         if self.image_size % 2**self.depth:
@@ -187,13 +210,18 @@ class PatientScores(NamedTuple):
     hd95: list[float]
 
 
+def _predict(apply_fn: Callable, params: dict, buffers: dict, images: torch.Tensor, largest_only: bool) -> torch.Tensor:
+    pred = predict_volume(_net_apply(apply_fn), params, buffers, images).cpu()
+    return largest_component(pred) if largest_only else pred
+
+
 def evaluate_patients(apply_fn: Callable, params: dict, buffers: dict, patients: list[PatientVolume], *,
-                      hd95: bool = True) -> PatientScores:
-    """Per-patient 3-D Dice, IoU and (``hd95=True``) Hausdorff-95 (``apply_fn`` of a :class:`PackedSegmenter`)."""
-    net = _net_apply(apply_fn)
+                      hd95: bool = True, largest_only: bool = False) -> PatientScores:
+    """Per-patient 3-D Dice, IoU and (``hd95=True``) Hausdorff-95 (``apply_fn`` of a :class:`PackedSegmenter`);
+    ``largest_only`` keeps only the largest connected component of each predicted volume first."""
     dice, iou, hd = [], [], []
     for p in patients:
-        pred = predict_volume(net, params, buffers, p.images).cpu()
+        pred = _predict(apply_fn, params, buffers, p.images, largest_only)
         dice.append(dice_score(pred, p.labels))
         iou.append(iou_score(pred, p.labels))
         if hd95:
@@ -310,12 +338,12 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     params, buffers = tree_to_device(params, where), tree_to_device(buffers, where)
     sample_key, slice_key, noise_key = Key(cfg.seed).fold_in(2).split(3)
     if cfg.private:
-        tx = dpadam(cfg.learning_rate, noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q, num_examples=n, key=noise_key)
+        tx = dpadam(_schedule(cfg.lr_schedule, cfg.learning_rate, total_steps), noise_multiplier=sigma, max_grad_norm=cfg.max_grad_norm, sampling_rate=q, num_examples=n, key=noise_key)
         engine = segmentation_engine(model, FlatClipping(cfg.max_grad_norm), unit=cfg.unit,
                                      slices_per_patient=cfg.slices_per_patient if patient_unit else None, engine=cfg.engine)
         step_fn = make_step(None, tx, engine=engine)
     else:
-        tx = adam(cfg.learning_rate)
+        tx = adam(_schedule(cfg.lr_schedule, cfg.learning_rate, total_steps))
 
         def mean_loss(p, b, x):
             losses = packed_losses(apply_fn(p, b, x.flatten(0, 1) if patient_unit else x))
@@ -385,7 +413,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
                 bar.set_postfix_str(f"loss {losses[-1] if losses else math.nan:.3f}")
             elapsed += time.perf_counter() - t0
             eps_spent = eps_now(opt_state)
-            val_dice = evaluate_patients(apply_fn, average, buffers, val_set, hd95=False).dice
+            val_dice = evaluate_patients(apply_fn, average, buffers, val_set, hd95=False, largest_only=cfg.largest_component).dice
             record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_dice": sum(val_dice) / len(val_dice),
                       "epsilon": eps_spent, "seconds": elapsed}
             history.append(record)
@@ -405,7 +433,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     finally:
         bar.close()
 
-    val_dice, val_iou, _ = evaluate_patients(apply_fn, best["params"], buffers, val_set, hd95=False)
+    val_dice, val_iou, _ = evaluate_patients(apply_fn, best["params"], buffers, val_set, hd95=False, largest_only=cfg.largest_component)
     result = _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, total_steps, eps_spent, elapsed,
                      history, bootstrap_resamples)
     result.device = describe_device(where)
@@ -415,7 +443,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
 
 
 def _report(cfg, apply_fn, best, buffers, test_set, val_dice, val_iou, sigma, q, steps, eps, elapsed, history, resamples):
-    dice, iou, hd_raw = evaluate_patients(apply_fn, best["params"], buffers, test_set)
+    dice, iou, hd_raw = evaluate_patients(apply_fn, best["params"], buffers, test_set, largest_only=cfg.largest_component)
     hd, hd_missed = summarize_hd95(hd_raw, [tuple(p.labels.shape) for p in test_set], [p.spacing for p in test_set])
     hd_unit = "mm" if all(p.spacing is not None for p in test_set) else "voxel"
     test = {"dice": sum(dice) / len(dice), "iou": sum(iou) / len(iou), "hd95": sum(hd) / len(hd),
@@ -437,7 +465,8 @@ def _write_outputs(run_path: Path, result: SegmentationResult, apply_fn, params,
     from dpfunc.segmentation._figures import plot_overlays
 
     _write_json(run_path / "metrics.json", dataclasses.asdict(result))
-    plot_overlays(test_set[:4], [predict_volume(_net_apply(apply_fn), params, buffers, p.images).cpu() for p in test_set[:4]],
+    largest_only = bool(result.config.get("largest_component", False))
+    plot_overlays(test_set[:4], [_predict(apply_fn, params, buffers, p.images, largest_only) for p in test_set[:4]],
                   run_path / "overlays.png")
     plot_training_curves(result.history, run_path / "training.png", metric="val_dice",
                          epsilon="epsilon" if result.config["private"] else "__none__")
@@ -457,7 +486,8 @@ def evaluate_segmentation_run(run_dir: str | Path, *, data_dir: str | Path | Non
     cfg = state["config"]
     _, val_set, test_set = _load(cfg, data_dir if data_dir is not None else state["data_dir"])
     _, apply_fn, _, _ = _build(cfg)
-    val_dice, val_iou, _ = evaluate_patients(apply_fn, state["best_params"], state["buffers"], val_set, hd95=False)
+    val_dice, val_iou, _ = evaluate_patients(apply_fn, state["best_params"], state["buffers"], val_set, hd95=False,
+                                             largest_only=cfg.largest_component)
     eps = accounting.epsilon(privacy_ledger(state["opt_state"]), cfg.delta, method=cfg.accountant.value) if cfg.private else None
     best = {"epoch": state["best_epoch"], "params": state["best_params"]}
     result = _report(cfg, apply_fn, best, state["buffers"], test_set, val_dice, val_iou, state["noise_multiplier"],
