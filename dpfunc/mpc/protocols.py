@@ -16,8 +16,9 @@ mul / matmul / conv2d         1       W·(|x| + |y|) (the masked inputs e, f)
   with a masked fixed weight  1       W·|x| (``f = w − b`` opened once per session)
 square                        1       W·|x|
 truncation (local)            0       0
-ltz (A2B + B2A)               8       54 (AND openings) + 1 = 55 (8 per slice of 2^20)
-relu                          9       ltz + 2W = 71
+ltz (A2B + B2A), 64 bits      8       46 (AND openings) + 1 = 47 (8 per slice of 2^20)
+ltz on 32-bit words           7       26 + 1 = 27 (exact while |x| < 2^31 in the ring)
+relu                          9 (8)   ltz + 2W = 63 (43)
 ============================  ======  =============================================
 
 Comparison is CrypTen's arithmetic→binary conversion (Knott et al. 2021, §C): party 0's share and
