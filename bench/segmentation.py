@@ -67,7 +67,9 @@ def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
 # ------------------------------------------------------------------------------------------ Dice
 
 
-SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0)}
+SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
+            "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice")}
+DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
 def dice_part(args, payload: dict) -> None:
@@ -77,30 +79,55 @@ def dice_part(args, payload: dict) -> None:
     rows = payload.setdefault("dice", [])
     done = {(r["setting"], r["seed"]) for r in rows}
     for seed in args.seeds:
-        for name, extra in SETTINGS.items():
+        for name in args.settings:
+            extra = dict(SETTINGS[name])
             if (name, seed) in done:
                 continue
-            cfg = SegmentationConfig(seed=seed, epochs=args.epochs, batch_size=args.batch_size, slices_per_patient=4,
+            batch = args.batch_size
+            if extra.get("unit") == "slice":  # the same expected slices per step as the patient unit
+                batch = args.batch_size * args.slices_per_patient
+            cfg = SegmentationConfig(seed=seed, epochs=args.epochs, batch_size=batch, slices_per_patient=args.slices_per_patient,
                                      learning_rate=args.lr, width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2,
-                                     foreground_prior=args.foreground_prior, ema_decay=args.ema_decay, **extra)
+                                     foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
+                                     pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, **extra)
             t0 = time.perf_counter()
-            r = train_segmentation(cfg, data_dir=data, progress=False, log=lambda s: None, bootstrap_resamples=1000)
+            run_dir = Path(tempfile.mkdtemp(prefix="dpfunc-seg-run-"))
+            r = train_segmentation(cfg, data_dir=data, run_dir=run_dir / "run", progress=False, log=lambda s: None,
+                                   bootstrap_resamples=1000)
+            post = largest_component_scores(run_dir / "run", data)
             row = {"setting": name, "seed": seed, "test_dice": r.test["dice"], "ci_lower": r.test_ci["dice"]["lower"],
                    "ci_upper": r.test_ci["dice"]["upper"], "test_iou": r.test["iou"], "test_hd95": r.test["hd95"],
                    "hd95_ci_lower": r.test_ci["hd95"]["lower"], "hd95_ci_upper": r.test_ci["hd95"]["upper"],
-                   "hd95_empty_mismatch": r.test["hd95_empty_mismatch"], "val_dice": r.val["dice"], "epsilon": r.epsilon,
+                   "hd95_empty_mismatch": r.test["hd95_empty_mismatch"], "hd95_unit": r.test["hd95_unit"],
+                   "val_dice": r.val["dice"], "epsilon": r.epsilon,
                    "noise_multiplier": r.noise_multiplier, "steps": r.steps, "best_epoch": r.best_epoch,
                    "train_seconds": r.train_seconds, "seconds_per_epoch": r.train_seconds / args.epochs,
-                   "wall_seconds": time.perf_counter() - t0, "load_average": os.getloadavg()[0]}
+                   "wall_seconds": time.perf_counter() - t0, "load_average": os.getloadavg()[0], **post}
             rows.append(row)
             print(f"{name:<12} seed {seed}: Dice {row['test_dice']:.4f} [{row['ci_lower']:.4f}, {row['ci_upper']:.4f}] "
                   f"HD95 {row['test_hd95']:.2f} "
                   f"ε {row['epsilon']} σ {row['noise_multiplier']} {row['seconds_per_epoch']:.1f}s/epoch", flush=True)
             payload["dice_setup"] = {"patients": args.patients, "epochs": args.epochs, "image_size": 64, "width": args.width,
-                                     "depth": 3, "batch_patients": args.batch_size, "slices_per_patient": 4,
+                                     "depth": 3, "batch_patients": args.batch_size, "slices_per_patient": args.slices_per_patient,
                                      "learning_rate": args.lr, "delta": 1e-5, "foreground_prior": args.foreground_prior,
-                                     "ema_decay": args.ema_decay}
+                                     "ema_decay": args.ema_decay, "pretrain_steps": args.pretrain_steps,
+                                     "coord_channels": args.coord_channels}
             _save(payload, args.results)
+
+
+def largest_component_scores(run_dir: Path, data: Path) -> dict:
+    """Test Dice / HD95 of the SAME selected model (the run's checkpoint) after keeping the largest 3-D connected
+    component of each predicted volume (post-processing on the test patient's own prediction; no privacy cost)."""
+    from dpfunc.bridge.checkpoint import load_checkpoint
+    from dpfunc.segmentation._train import _build, _load, evaluate_patients, summarize_hd95
+
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    cfg = state["config"]
+    _, _, test_set = _load(cfg, data)
+    _, apply_fn, _, _ = _build(cfg)
+    dice, _, hd_raw = evaluate_patients(apply_fn, state["best_params"], state["buffers"], test_set, largest_only=True)
+    hd, _ = summarize_hd95(hd_raw, [tuple(p.labels.shape) for p in test_set], [p.spacing for p in test_set])
+    return {"test_dice_lcc": statistics.mean(dice), "test_hd95_lcc": statistics.mean(hd)}
 
 
 # ----------------------------------------------------------------------------------------- speed
@@ -108,7 +135,7 @@ def dice_part(args, payload: dict) -> None:
 
 def speed_part(args, payload: dict, path: Path) -> None:
     torch.set_num_threads(args.threads)
-    net = unet_gn(key=Key(0), width=8, depth=3)
+    net = unet_gn(key=Key(0), width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2)
     model = PackedSegmenter(net)
     apply_fn, params, buffers = functionalize(model)
     g = torch.Generator().manual_seed(0)
@@ -172,27 +199,32 @@ def report(payload: dict) -> str:
         dm = payload.get("dice_machine")
         if dm:
             lines += [f"Dice runs: {dm.get('cpu')}, torch {dm.get('torch')}, {dm.get('threads')} thread per run, one process per "
-                      f"seed in parallel (load average {dm.get('load_average', float('nan')):.1f} at the start; per-row load below).", ""]
-        lines += [f"Dice: {s.get('patients')} phantom patients (24 train / 8 val / 8 test per seed), 64×64, U-Net width "
+                      f"run (seed × setting) in parallel (load average {dm.get('load_average', float('nan')):.1f} at the start; per-row load below).", ""]
+        lines += [f"Dice: {s.get('patients')} phantom patients (split 60/20/20 % by patient per seed: 24/8/8 at 40), 64×64, U-Net width "
                   f"{s.get('width')} depth {s.get('depth')}, {s.get('epochs')} epochs, {s.get('batch_patients')} expected "
                   f"patients × {s.get('slices_per_patient')} slices per step, Adam lr {s.get('learning_rate')}, output-bias "
-                  f"prior {s.get('foreground_prior')}, EMA {s.get('ema_decay')}, δ = 1e-5. HD95 in voxels of the 64² grid "
-                  f"(a patient whose prediction is empty counts as the grid diagonal).", "",
-                  "| setting | seed | test Dice (95% CI over patients) | HD95 (95% CI) | val Dice | ε | σ | s/epoch | load |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+                  f"prior {s.get('foreground_prior')}, EMA {s.get('ema_decay')}, public pretraining steps {s.get('pretrain_steps', 0)}, "
+                  f"position channels {s.get('coord_channels', False)}, δ = 1e-5. HD95 in "
+                  f"{'mm (NIfTI spacing of the resized grid)' if all(r.get('hd95_unit') == 'mm' for r in payload['dice']) else 'voxels of the 64² grid'} "
+                  f"(a patient whose prediction is empty counts as the grid diagonal). The slice-level row (if any) is "
+                  f"deepee's weaker unit — ε per SLICE, batch = patients × slices per step expected slices — not the target.", "",
+                  "| setting | seed | test Dice (95% CI over patients) | HD95 (95% CI) | Dice / HD95, largest component | val Dice | ε | σ | s/epoch | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in sorted(payload["dice"], key=lambda r: (r["seed"], list(SETTINGS).index(r["setting"]))):
             eps = "∞" if r["epsilon"] is None else f"{r['epsilon']:.2f}"
             sig = "–" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
             hd = (f"{r['test_hd95']:.2f} [{r['hd95_ci_lower']:.2f}, {r['hd95_ci_upper']:.2f}]"
                   + (f" ({r['hd95_empty_mismatch']} empty)" if r.get("hd95_empty_mismatch") else "")) if "test_hd95" in r else "–"
-            lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] | {hd} | "
+            lcc = f"{r['test_dice_lcc']:.3f} / {r['test_hd95_lcc']:.2f}" if "test_dice_lcc" in r else "–"
+            lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] | {hd} | {lcc} | "
                          f"{r.get('val_dice', float('nan')):.3f} | {eps} | {sig} | {r['seconds_per_epoch']:.1f} | "
                          f"{r.get('load_average', float('nan')):.1f} |")
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
             lines += ["", "Rows with Dice < 0.3 (" + ", ".join(f"{r['setting']} seed {r['seed']}" for r in low) + "): the model "
                       "predicts (almost) no organ; kept in the means."]
-        lines += ["", "| setting | seeds | mean test Dice ± sd over seeds | mean HD95 |", "|---|---|---|---|"]
+        lines += ["", "| setting | seeds | mean test Dice ± sd over seeds | mean HD95 | largest component: Dice ± sd / HD95 |",
+                  "|---|---|---|---|---|"]
         for name in SETTINGS:
             rows = [r for r in payload["dice"] if r["setting"] == name]
             if rows:
@@ -200,7 +232,11 @@ def report(payload: dict) -> str:
                 sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
                 hds = [r["test_hd95"] for r in rows if "test_hd95" in r]
                 hd = f"{statistics.mean(hds):.2f}" if hds else "–"
-                lines.append(f"| {name} | {len(vals)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {hd} |")
+                lv = [r["test_dice_lcc"] for r in rows if "test_dice_lcc" in r]
+                lh = [r["test_hd95_lcc"] for r in rows if "test_hd95_lcc" in r]
+                lcc = (f"{statistics.mean(lv):.3f} ± {statistics.stdev(lv) if len(lv) > 1 else float('nan'):.3f} / "
+                       f"{statistics.mean(lh):.2f}") if lv else "–"
+                lines.append(f"| {name} | {len(vals)} | {statistics.mean(vals):.3f} ± {sd:.3f} | {hd} | {lcc} |")
         lines.append("")
     if payload.get("dice_previous"):
         prev = payload.get("dice_setup_previous", {})
@@ -230,7 +266,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of adding to the last one")
-    p.add_argument("--width", type=int, default=8, help="U-Net width")
+    p.add_argument("--width", type=int, default=4, help="U-Net width")
+    p.add_argument("--slices-per-patient", type=int, default=4, help="K, slices of a sampled patient per step")
+    p.add_argument("--coord-channels", action="store_true", help="row/column position channels into the U-Net")
+    p.add_argument("--pretrain-steps", type=int, default=0, help="public shape-scene pretraining steps (0 = none)")
+    p.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS,
+                   help="which rows to run (the slice-level row uses batch-size × slices-per-patient expected slices)")
     p.add_argument("--batch-size", type=int, default=8, help="expected patients per step")
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     p.add_argument("--foreground-prior", type=float, default=0.05, help="output-bias prior (see SegmentationConfig)")
