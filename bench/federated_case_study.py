@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import sys
@@ -128,10 +129,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--central-only", action="store_true", help="only the centralised runs (for a parallel process)")
     p.add_argument("--no-fed", action="store_true", help="skip the federated runs (for a parallel process)")
     p.add_argument("--no-report", action="store_true", help="train only; write no results (a --report-only pass does)")
+    p.add_argument("--alone-from", default=None,
+                   help="take the sites-alone rows of the table and plot from bench/results/<NAME>.json (another "
+                        "recipe's baselines, e.g. when the alone runs of that recipe were better on validation)")
+    p.add_argument("--diagnosis", action="store_true",
+                   help="only collect the seed-0 runs of the README's 'Why' table (run folders under --runs; the "
+                        "batch-768 centralised run: dpfunc train --batch-size 768 --epochs 15 --epsilon 3 --seed 0 "
+                        "--run-dir RUNS/central-b768-e15-seed0) into bench/results/federated_case_study_diagnosis.*")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: the table, JSON and plot from the run folders that are finished")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.diagnosis:
+        return _diagnosis(Path(args.runs))
     if args.average_decay is None:
         args.average_decay = FederatedConfig().average_decay
     labels = pneumoniamnist("train", args.data_dir).labels
@@ -193,8 +203,47 @@ def main(argv: list[str] | None = None) -> int:
                                                  _run(FederatedConfig(**base, alone=s), args.data_dir, d), d),
                                           "pneumonia_fraction": [fracs[s]]})
     if not args.no_report:
+        if args.alone_from:
+            other = json.loads((RESULTS / f"{args.alone_from}.json").read_text())["rows"]
+            rows[:] = [r for r in rows if "alone" not in r["kind"]] + [
+                {**r, "from": args.alone_from} for r in other if "alone" in r["kind"] and r["partition"] in args.partitions]
         _write(rows, args)
         _report(rows, args)
+    return 0
+
+
+DIAGNOSIS = [  # (run folder, what it isolates)
+    ("central-e15-seed0", "centralised DP, batch 256, 270 steps"),
+    ("central-b768-e15-seed0", "centralised DP, batch 768 (the federation's per-step batch), 90 steps, central noise"),
+    ("fed-iid-r90-ls1-b256-lr1-avg0.9-seed0", "FedSGD, 3 sites x batch 256, 90 steps, local noise (sqrt 3 x)"),
+    ("fed-iid-r15-e1-b256-lr1-avg0.5-seed0", "FedAvg, 15 rounds x 6 local steps (client drift), 90 steps"),
+    ("fed-iid-r15-e1-b85-lr1-avg0.7-seed0", "FedAvg, per-site batch 85, 270 steps"),
+    ("fed-iid-r45-e1-b256-lr1-avg0.5-seed0", "FedAvg, 45 rounds x 6 local steps (3x compute), 270 steps"),
+]
+
+
+def _diagnosis(runs: Path) -> int:
+    """Seed 0, IID: which of step count, local noise and client drift separates federated from centralised DP."""
+    rows = []
+    for name, what in DIAGNOSIS:
+        f = runs / name / "metrics.json"
+        if not f.exists():
+            print(f"  (not run: {name})")
+            continue
+        m = json.loads(f.read_text())
+        sigma, q = m["noise_multiplier"], m["sampling_rate"]
+        batch = m["config"]["batch_size"]
+        sites = 3 if "sites" in m and isinstance(m["sites"], list) else 1
+        rows.append({"run": name, "what": what, "steps": m["steps"], "noise_multiplier": sigma, "sampling_rate": q,
+                     "batch_per_site": batch, "noise_std_of_mean_step": sigma / (batch * math.sqrt(sites)),
+                     "val_auc": m["val"]["roc_auc"], "test_auc": m["test"]["roc_auc"], "epsilon": m["epsilon"],
+                     "train_seconds": m["train_seconds"], **_timing(runs / name)})
+    (RESULTS / "federated_case_study_diagnosis.json").write_text(json.dumps({"machine": _machine(), "rows": rows}, indent=2) + "\n")
+    lines = ["| run (seed 0, IID) | steps | σ | noise std of the averaged step (× C) | val AUC | test AUC |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['what']} | {r['steps']} | {r['noise_multiplier']:.2f} | {r['noise_std_of_mean_step']:.4f} | "
+              f"{r['val_auc']:.3f} | {r['test_auc']:.3f} |" for r in rows]
+    (RESULTS / "federated_case_study_diagnosis.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
     return 0
 
 
@@ -234,7 +283,9 @@ def _report(rows: list[dict], args) -> None:
              f"local SGD lr {args.lr:g} momentum 0.9, "
              f"{'FedAvg' if args.server_momentum is None else f'FedAvgM (server lr 1, momentum {args.server_momentum:g})'}, "
              f"server-side average decay {args.average_decay:g}; "
-             "test ROC-AUC of the round selected on validation, mean ± std (number of seeds).", "",
+             "test ROC-AUC of the round selected on validation, mean ± std (number of seeds)."
+             + (f" Sites-alone columns: from bench/results/{args.alone_from}.json (that recipe's alone runs)."
+                if args.alone_from else ""), "",
              "| split | federated (3 sites) | site 0 alone | site 1 alone | site 2 alone | "
              f"centralised, same {_epochs(args)} epochs | centralised, 15 epochs (README) |",
              "|---|---|---|---|---|---|---|"]
