@@ -68,7 +68,8 @@ def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
 
 
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
-            "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice")}
+            "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
+            "non-private, slice batches": dict(private=False, unit="slice")}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
