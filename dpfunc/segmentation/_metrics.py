@@ -88,7 +88,7 @@ def surface_voxels(mask: torch.Tensor) -> torch.Tensor:
     """
     m = torch.as_tensor(mask).to(torch.bool)
     if m.ndim == 0:
-        raise ValueError(f"surface_voxels: mask must have at least one dimension, got a scalar")
+        raise ValueError("surface_voxels: mask must have at least one dimension, got a scalar")
     inner = m.clone()  # voxels of M whose 2·ndim face neighbours all lie in M (and inside the array)
     for axis in range(m.ndim):
         lo, hi = [slice(None)] * m.ndim, [slice(None)] * m.ndim
