@@ -251,7 +251,7 @@ def _epochs(args) -> int:
     """Passes over the pooled data the federation makes: R × E, or with --local-steps R × steps × 3B / n."""
     if args.local_steps is None:
         return args.rounds * args.local_epochs
-    return max(1, round(args.rounds * args.local_steps * 3 * args.batch_size / 4708))
+    return max(1, math.ceil(args.rounds * args.local_steps * 3 * args.batch_size / 4708))
 
 
 def _write(rows: list[dict], args) -> None:
