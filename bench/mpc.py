@@ -168,6 +168,13 @@ def measure_processes(name: str, size: int, batch: int, batches: int, seed: int 
     }
 
 
+def _write_rows(path: Path, env: dict, rows: list) -> None:
+    """The results so far, written atomically (a crash mid-bench keeps the finished rows)."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=2))
+    os.replace(tmp, path)
+
+
 def main_processes(args) -> int:
     rows = [(m, int(s), int(b), int(k)) for m, s, b, k in (r.split(":") for r in args.processes.split(","))]
     out_path = Path(args.out if args.out != str(OUT) else OUT.with_name("mpc_processes.json"))
@@ -180,9 +187,7 @@ def main_processes(args) -> int:
                                 threads=args.threads)
         results.append(row)
         print(json.dumps(row), flush=True)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
-        os.replace(tmp, out_path)
+        _write_rows(out_path, env, results)
     print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'batches':>8}{'wall s/img':>11}{'best batch':>11}{'command s/img':>14}"
           f"{'plain s/img':>12}{'MB/img':>8}{'dealer MB/img':>14}{'rounds':>7}{'agree':>6}{'max|Δlogit|':>12}")
     for r in results:
@@ -233,9 +238,7 @@ def main(argv=None) -> int:
         print(json.dumps(row))
         out_path = Path(args.out)
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"env": env, "rows": results}, indent=2))
-        os.replace(tmp, out_path)
+        _write_rows(out_path, env, results)
     print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'wall s/img':>11}{'CPU s/img P0+P1':>16}{'dealer CPU s/img':>17}"
           f"{'plain s/img':>12}{'MB/img':>9}{'dealer MB/img':>14}{'rounds':>7}{'max|Δlogit|':>12}")
     for r in results:
