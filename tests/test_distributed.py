@@ -350,6 +350,11 @@ def test_train_nproc_relaunches_the_same_flags_on_every_rank(monkeypatch, tmp_pa
 def test_noise_that_differs_between_ranks_is_caught_not_released(tmp_path):
     """secure=True draws its noise from os.urandom on each rank; the replica check refuses the step."""
     codes = _launch(tmp_path, 2, "--last", "1", "--secure")
-    assert codes[0] > 0 and codes[1] > 0, (codes, _logs(tmp_path))
+    # Both ranks fail. Not "> 0": after raising, a rank sometimes dies by SIGABRT (-6) at interpreter exit
+    # ("terminate called without an active exception", no Python frame: the gloo group torn down while both
+    # ranks exit at the same moment; 1-4 of 6 local runs on 2026-11-28, not in earlier CI runs). The refusal
+    # itself is checked below: both ranks raised it, and neither wrote its result.
+    assert codes[0] != 0 and codes[1] != 0, (codes, _logs(tmp_path))
     for r in range(2):
         assert "the ranks' updates differ" in (tmp_path / "logs" / f"rank{r}.err").read_text(), _logs(tmp_path)
+        assert not (tmp_path / f"rank{r}.pt").exists()
