@@ -1,7 +1,6 @@
 """``python -m dpfunc`` = the ``dpfunc`` command line."""
 
-import sys
-
 from dpfunc.cli import main
+from dpfunc.distributed import run_and_exit
 
-sys.exit(main())
+run_and_exit(main)

@@ -55,6 +55,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -71,6 +72,7 @@ from dpfunc.transforms import GradientTransformation, apply_updates
 __all__ = [
     "World", "backend_for", "init_world", "single_process", "slice_bounds", "rank_slice", "rank_batch_size",
     "all_reduce_clipped_sum", "check_replicas", "shared_entropy", "make_distributed_step", "sync", "save_on_rank0", "launch_local", "free_port",
+    "run_and_exit",
 ]
 
 
@@ -149,6 +151,42 @@ def init_world(device: torch.device | str | None = None, *, timeout_s: float = 1
     if not dist.is_initialized():
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return World(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+
+
+def run_and_exit(main: Callable[[], int | None]) -> None:
+    """Run a rank's ``main()`` and exit with its code — a nonzero one, never SIGABRT, when it fails.
+
+    A process that leaves the interpreter with a live gloo process group can die by SIGABRT during
+    teardown ("terminate called without an active exception", no Python frame), most often when a rank
+    raises while its peer exits at the same moment; its own exit code (and a launcher's ``> 0`` check)
+    is lost. Destroying the group first does not avoid it. So, inside a process group, this flushes
+    stdout/stderr and leaves by ``os._exit`` (the traceback of an exception printed first, exit code 1,
+    as Python's own); outside one it is ``sys.exit(main())``. Files are closed by then: everything
+    dpfunc writes is written atomically and closed before ``main`` returns.
+
+    Example (the last line of a training script started by ``torchrun``)::
+
+        if __name__ == "__main__":
+            run_and_exit(main)
+    """
+    try:
+        code = main()
+    except SystemExit as e:
+        code = e.code
+    except BaseException:
+        if not dist.is_initialized():
+            raise
+        traceback.print_exc()
+        code = 1
+    if not dist.is_initialized():
+        sys.exit(code)
+    if not isinstance(code, int):  # sys.exit semantics: None is 0, any other object is printed and 1
+        if code is not None:
+            print(code, file=sys.stderr)
+        code = 0 if code is None else 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def slice_bounds(batch_size: int, world_size: int) -> list[tuple[int, int]]:

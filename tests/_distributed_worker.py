@@ -15,7 +15,7 @@ import sys
 import torch
 
 from dpfunc import Key, dpsgd, pad_batch, padded_batch_size, poisson_sample, privacy_ledger, run_keys
-from dpfunc.distributed import (World, init_world, make_distributed_step, rank_batch_size, rank_slice, save_on_rank0,
+from dpfunc.distributed import (World, init_world, run_and_exit, make_distributed_step, rank_batch_size, rank_slice, save_on_rank0,
                                 shared_entropy)
 
 N, Q, SEED, LR = 48, 0.25, 7, 0.5
@@ -115,4 +115,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)
