@@ -39,6 +39,17 @@ import pytest
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for a test module of tiny tensors (restored afterwards): thread hand-off
+    costs dominate there, and on a loaded 2-core machine two threads were up to 30× slower. Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> pathlib.Path:
     """The folder holding ``pneumoniamnist.npz``: ``$DPFUNC_DATA``, else ``../shared/data`` beside the

@@ -42,13 +42,7 @@ from dpfunc.adaptive_clipping import (
 seeds = st.integers(0, 2**32 - 1)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread (a loaded 2-core machine made 2 threads 30× slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _rule(c0=1.0, gamma=0.5, eta=0.2, sigma_b=0.0, **kw):

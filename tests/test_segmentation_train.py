@@ -18,12 +18,7 @@ from dpfunc.train import RunResult  # noqa: E402
 TINY = dict(accountant="rdp", image_size=32, width=4, depth=2, groups=2, batch_size=2, slices_per_patient=2, epochs=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
