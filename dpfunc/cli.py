@@ -16,6 +16,8 @@ their own module when they are more than a few lines) and add one line to :data:
 raises :class:`CommandError` (or ``ValueError``/``OSError``) for user errors: :func:`main` prints
 them as ``dpfunc <command>: error: …`` without a traceback and exits 2 (``DPFUNC_DEBUG=1`` re-raises).
 A ``--quiet`` flag on a subcommand turns every :mod:`dpfunc._progress` bar off for that command.
+A subcommand that computes with a model declares ``--device``/``--threads`` with
+:func:`add_compute_arguments` and calls :func:`compute_device` first thing in ``run``.
 ``$DPFUNC_<COMMAND>_ARGS`` (``-`` read as ``_``; e.g. ``DPFUNC_TRAIN_ARGS="--epochs 1"``) is appended to that subcommand's
 command line, as ``PYTEST_ADDOPTS`` is for pytest: later flags win, so it shrinks any documented
 command to a smoke test (the README test does this), and a note on stderr says it happened.
@@ -37,7 +39,8 @@ from typing import NamedTuple
 
 from dpfunc._argtypes import device_spec as _device_spec, int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
 
-__all__ = ["main", "build_parser", "Command", "CommandError", "COMMANDS"]
+__all__ = ["main", "build_parser", "Command", "CommandError", "COMMANDS",
+           "add_compute_arguments", "compute_device", "add_device_argument", "check_device_available"]
 
 
 class CommandError(Exception):
@@ -164,7 +167,12 @@ def _add_train(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def check_device_available(spec: str):
     """The ``torch.device`` that --device ``spec`` names; :class:`CommandError` (naming --device and what this
-    machine offers) for a device it lacks."""
+    machine offers) for a device it lacks.
+
+    Example:
+        >>> check_device_available("cpu")
+        device(type='cpu')
+    """
     from dpfunc.devices import resolve_device
 
     try:
@@ -184,7 +192,18 @@ def add_device_argument(p: argparse.ArgumentParser, help: str = "where to comput
 def add_compute_arguments(p: argparse.ArgumentParser, **device_help: str) -> None:
     """``--device`` (:func:`add_device_argument`) and ``--threads N``: the two flags of every command that
     computes with a model (train, evaluate, federated, segment, attack, audit, infer). The command calls
-    :func:`compute_device` when it starts."""
+    :func:`compute_device` when it starts.
+
+    Example:
+        >>> import argparse
+        >>> p = argparse.ArgumentParser(prog="dpfunc mine")
+        >>> add_compute_arguments(p)
+        >>> p.parse_args(["--threads", "1"]).threads
+        1
+        >>> args = p.parse_args(["--device", "cpu"])  # no --threads: torch's own thread count is kept
+        >>> compute_device(args)  # checks that the device exists (a missing one is a CommandError)
+        device(type='cpu')
+    """
     add_device_argument(p, **device_help)
     p.add_argument("--threads", type=_int_at_least("--threads", 1), default=None, metavar="N",
                    help="CPU threads of torch (torch.set_num_threads; default: torch's own, one per core). On a "
@@ -193,7 +212,9 @@ def add_compute_arguments(p: argparse.ArgumentParser, **device_help: str) -> Non
 
 def compute_device(args: argparse.Namespace):
     """Apply ``--threads`` and return the ``torch.device`` of ``--device`` (:func:`check_device_available`:
-    a device this machine lacks is refused with a :class:`CommandError` before any work is done)."""
+    a device this machine lacks is refused with a :class:`CommandError` before any work is done).
+    ``args`` without those flags mean ``auto`` and torch's own thread count (example:
+    :func:`add_compute_arguments`)."""
     from dpfunc.devices import set_threads
 
     set_threads(getattr(args, "threads", None), fn="", name="--threads")
