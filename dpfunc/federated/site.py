@@ -204,9 +204,9 @@ def site_round(
     for t in range(state.steps, state.steps + plan.steps_per_round):
         idx = to_device(poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate), where)
         params, opt_state, m = step(params, opt_state, tuple(d[idx] for d in data), buffers=buffers)
-        if m.batch_size:
-            losses.append(float(m.loss))
-    loss = sum(losses) / len(losses) if losses else math.nan
+        if len(idx):  # the batch size is known on the host: no device read per step (the loss is read once below)
+            losses.append(m.loss)
+    loss = float(torch.stack(losses).double().mean()) if losses else math.nan
     params, opt_state = tree_to_device(params, home), tree_to_device(opt_state, home)
     new_state = SiteState(state.site, opt_state, state.steps + plan.steps_per_round, state.rounds + 1)
     return SiteUpdate(state.site, round, params, float(plan.num_examples), plan.steps_per_round, loss), new_state
