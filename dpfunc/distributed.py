@@ -162,7 +162,11 @@ def run_and_exit(main: Callable[[], int | None]) -> None:
     is lost. Destroying the group first does not avoid it. So, inside a process group, this flushes
     stdout/stderr and leaves by ``os._exit`` (the traceback of an exception printed first, exit code 1,
     as Python's own); outside one it is ``sys.exit(main())``. Files are closed by then: everything
-    dpfunc writes is written atomically and closed before ``main`` returns.
+    dpfunc writes is written atomically and closed before ``main`` returns. Upstream, the cause is known:
+    gloo's worker threads can still hold work objects with tensors when the interpreter finalises, and
+    freeing them then needs the GIL (pytorch/pytorch pull request 179291 proposed an ``atexit``
+    ``destroy_process_group``; it was abandoned, and our own measurement above says that alone is not
+    enough).
 
     Example (the last line of a training script started by ``torchrun``)::
 
