@@ -108,18 +108,3 @@ def test_three_processes_over_gloo_match_plaintext(tmp_path):
     assert torch.equal(out["onehot"][:3].argmax(-1), ref.argmax(-1))
     assert out["stats"]["rounds"] > 0 and out["offline_bytes_received"] > 0
     assert not (tmp_path / "out.spec.json").exists()
-
-
-def test_parties_draw_their_own_seeds_unless_given():
-    """A fixed seed per role (the old default, 11 / 13 / 7) would let any party regenerate the dealer's
-    triples or the other owner's shares: by default no --seed is passed and each party draws its own."""
-    from dpfunc.mpc.parties import party_argv, party_seed
-
-    kw = dict(addr="127.0.0.1", port=1, spec_path="s.json", timeout=9.0, weights_path="w", images_path="x", out_path="o")
-    assert not any("--seed" in a for a in party_argv(**kw).values())
-    given = party_argv(**kw, seeds=(1, 2, 3))
-    assert [given[r][given[r].index("--seed") + 1] for r in ("model-owner", "data-owner", "dealer")] == ["1", "2", "3"]
-    assert party_seed(5) == 5
-    assert len({party_seed() for _ in range(8)}) == 8  # 64 bits of OS entropy each
-    with pytest.raises(TypeError, match="party_seed: seed must be an int or None"):
-        party_seed("7")

@@ -5,7 +5,7 @@ correlated randomness from its own key; never sees inputs or outputs and receive
 
 * :mod:`~dpfunc.mpc.ring` — encode/decode, sharing, local division (pure functions)
 * :mod:`~dpfunc.mpc.context` — a party's context, channels, dealer material
-* :mod:`~dpfunc.mpc.prg` — the dealer's ChaCha20 keystream (uniform words into tensors)
+* :mod:`~dpfunc.mpc.prg` — ChaCha20 keystreams (uniform words into tensors) and 256-bit party keys
 * :mod:`~dpfunc.mpc.protocols` — Beaver products, truncation, comparison, ReLU, pooling, argmax
 * :mod:`~dpfunc.mpc.nonlinear` — tanh, sigmoid, rsqrt, GroupNorm
 * :mod:`~dpfunc.mpc.simulation` — both parties in one process (threads), for tests and benchmarks
@@ -29,7 +29,7 @@ from dpfunc.mpc.context import (
     queue_channel_pair,
 )
 from dpfunc.mpc.nonlinear import RsqrtConfig, TanhApprox, group_norm, rsqrt, sigmoid, tanh
-from dpfunc.mpc.prg import Keystream
+from dpfunc.mpc.prg import Keystream, StreamKey
 from dpfunc.mpc.protocols import (
     add_public,
     argmax_onehot,
@@ -76,7 +76,7 @@ __all__ = [
     "FixedPoint", "encode", "decode", "share", "reconstruct", "share_xor", "reconstruct_xor",
     "uniform_ring", "div_public_local",
     "Context", "CommStats", "Kind", "Bilinear", "Request", "DealerSource", "MaterialStream", "MaterialQueue",
-    "queue_channel_pair", "Keystream",
+    "queue_channel_pair", "Keystream", "StreamKey",
     "share_from", "reveal_to", "open_shares", "add_public", "mul_public", "truncate", "beaver",
     "MaskedOperand", "mask_operands", "beaver_fixed", "cross_and", "mul_chain_operand", "mul_fixed",
     "mul", "mul_int", "square", "matmul", "conv2d", "msb_xor", "ltz", "relu", "maximum",

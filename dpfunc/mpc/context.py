@@ -43,8 +43,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from dpfunc.keys import Key
-from dpfunc.mpc.prg import Keystream
+from dpfunc.mpc.prg import AnyKey, Keystream
 from dpfunc.mpc.ring import FixedPoint
 
 __all__ = [
@@ -172,7 +171,7 @@ def material_nbytes(req: Request) -> int:
     return sum(_padded_nbytes(s, d) for s, d in zip(_material_shapes(req), _material_dtypes(req)))
 
 
-def deal(req: Request, key: Key, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Generate the material for ``req`` from ``key``; return (party-0 shares, party-1 shares).
 
     Every random word comes from ``key``'s ChaCha20 keystream (:class:`~dpfunc.mpc.prg.Keystream`).
@@ -313,7 +312,7 @@ class DealerSource:
     The dealer's randomness is ``key.fold_in(i)`` for the ``i``-th request; it never receives data.
 
     Args:
-        key: the dealer's own key.
+        key: the dealer's own key (a 256-bit :class:`~dpfunc.mpc.prg.StreamKey` in a deployment).
         sink: ``None`` keeps all material until :meth:`flat` (the whole program's material in
             memory: the simple oracle of the streamed form). Otherwise ``sink(rank, chunk)`` gets each
             party's next chunk once the pending shares reach ``chunk_bytes`` (at a request boundary),
@@ -330,7 +329,7 @@ class DealerSource:
             whole session — the size of the weights, not of the batch or the depth).
     """
 
-    def __init__(self, key: Key, sink: Optional[Sink] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, key: AnyKey, sink: Optional[Sink] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"DealerSource: chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
         self.key, self.sink, self.chunk_bytes = key, sink, chunk_bytes

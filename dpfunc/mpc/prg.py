@@ -7,10 +7,16 @@ shares), so its cost is the generator's. ``torch.Generator`` (Mersenne Twister) 
 cryptographic PRG — the standard way a trusted dealer expands a short seed (CrypTen's trusted third
 party does the same with its own PRG).
 
-Guarantee: for a fixed :class:`~dpfunc.keys.Key` the stream is deterministic (the dealer's material
-is a function of its key and the public program only); distinct keys give independent streams
-(256-bit ChaCha20 keys derived from the key's 64-bit state with SHA-256 and a domain label). The
-key space is the :class:`Key`'s 64 bits — a deployment seeds the dealer from OS entropy.
+Keys. A deployed party keys its generator with a :class:`StreamKey`: 256 bits of OS entropy
+(:meth:`StreamKey.generate`, ``secrets.token_bytes(32)``) used *directly* as the ChaCha20 key, with
+child keys for each request or batch derived by a keyed BLAKE2b (a PRF): :meth:`StreamKey.fold_in`.
+That is the cryptographic security level the dealer's correlated randomness and the owners' shares
+need (a 64-bit seed can be searched). :meth:`StreamKey.from_seed` turns an integer into a key only to
+reproduce a run: such a key is NOT secret (anyone who knows the seed has it). A :class:`~dpfunc.keys.Key`
+(64-bit state, tests and reproducible examples) also keys a stream, through SHA-256 of its state.
+
+Guarantee: for a fixed key the stream is deterministic (the dealer's material is a function of its
+key and the public program only); distinct keys give independent streams.
 
 Example:
     >>> ks = Keystream(Key(0))
@@ -18,39 +24,115 @@ Example:
     (torch.int64, torch.Size([5]))
     >>> torch.equal(Keystream(Key(0)).ring((4,)), Keystream(Key(0)).ring((4,)))
     True
+    >>> k = StreamKey.generate()                    # 256 bits from os.urandom, in this process
+    >>> len(k.raw), k != StreamKey.generate(), k.fold_in(3) == k.fold_in(3)
+    (32, True, True)
+    >>> torch.equal(Keystream(StreamKey.from_seed(5)).ring((4,)), Keystream(StreamKey.from_seed(5)).ring((4,)))
+    True
 """
 
 from __future__ import annotations
 
 import hashlib
+import secrets
+from typing import Union
 
 import torch
 
 from dpfunc.keys import Key
 
-__all__ = ["Keystream"]
+__all__ = ["Keystream", "StreamKey", "AnyKey"]
 
 _BLOCK = 1 << 20  # keystream bytes per OpenSSL call (a reusable zero input buffer of this size)
 _ZEROS = bytes(_BLOCK)
 _DOMAIN = b"dpfunc.mpc.dealer.chacha20"
 
 
-class Keystream:
-    """Uniform words from a ChaCha20 keystream keyed by a :class:`Key` (one stream per key).
+_FOLD = b"dpfunc.mpc.fold"  # BLAKE2b personalisation (at most 16 bytes) of child keys
+_SEED = b"dpfunc.mpc.seed"  # ... of keys made from an integer seed (reproduction only)
+
+
+class StreamKey:
+    """A 256-bit key of a party's ChaCha20 generator (immutable; the bytes are not shown by ``repr``).
 
     Args:
-        key: the stream's key (the dealer derives one per request with ``Key.fold_in``).
+        raw: exactly 32 bytes. Use :meth:`generate` for a secret key, :meth:`from_seed` to reproduce
+            a run (not secret).
+
+    Guarantees: :meth:`fold_in` is a keyed BLAKE2b of the data (a pseudo-random function of the key),
+    so child keys for distinct data are independent 256-bit keys and reveal nothing about the parent;
+    the key bytes are never part of a keystream's output (ChaCha20 is a PRG in its key).
+    """
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: bytes):
+        if not isinstance(raw, (bytes, bytearray)) or len(raw) != 32:
+            got = f"{len(raw)} bytes" if isinstance(raw, (bytes, bytearray)) else type(raw).__name__
+            raise ValueError(f"StreamKey: raw must be exactly 32 bytes (a 256-bit key), got {got}")
+        object.__setattr__(self, "raw", bytes(raw))
+
+    def __setattr__(self, name, value):
+        raise AttributeError("StreamKey is immutable")
+
+    @classmethod
+    def generate(cls) -> "StreamKey":
+        """A fresh secret key: 32 bytes from the operating system's CSPRNG (``secrets.token_bytes``)."""
+        return cls(secrets.token_bytes(32))
+
+    @classmethod
+    def from_seed(cls, seed: int) -> "StreamKey":
+        """A key made from an integer, only to reproduce a run: NOT secret (whoever knows ``seed`` has it)."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"StreamKey.from_seed: seed must be an int, got {seed!r}")
+        data = seed.to_bytes(max(16, (seed.bit_length() + 8) // 8 + 1), "little", signed=True)
+        return cls(hashlib.blake2b(data, digest_size=32, person=_SEED).digest())
+
+    def fold_in(self, data: int) -> "StreamKey":
+        """A child key for ``data`` (a request index, a batch number, …): ``BLAKE2b_key(data)``."""
+        if isinstance(data, bool) or not isinstance(data, int):
+            raise TypeError(f"StreamKey.fold_in: data must be an int, got {type(data).__name__} {data!r}")
+        msg = data.to_bytes(max(16, (data.bit_length() + 8) // 8 + 1), "little", signed=True)
+        return StreamKey(hashlib.blake2b(msg, key=self.raw, digest_size=32, person=_FOLD).digest())
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StreamKey) and secrets.compare_digest(self.raw, other.raw)
+
+    def __hash__(self) -> int:
+        return hash(self.raw)
+
+    def __repr__(self) -> str:
+        return "StreamKey(<256 bits, not shown>)"
+
+    def __reduce__(self):
+        raise TypeError("StreamKey: a party's key is not pickled (it never leaves its process)")
+
+
+AnyKey = Union[Key, StreamKey]
+"""What keys a :class:`Keystream`: a 256-bit :class:`StreamKey` (deployment) or a 64-bit :class:`Key`."""
+
+
+class Keystream:
+    """Uniform words from a ChaCha20 keystream (one stream per key).
+
+    Args:
+        key: a :class:`StreamKey` (its 32 bytes are the ChaCha20 key) or a :class:`~dpfunc.keys.Key`
+            (ChaCha20 keyed by SHA-256 of a domain label and its 64-bit state: a 64-bit key space, for
+            tests and reproducible examples). The dealer derives one per request with ``fold_in``.
     """
 
     __slots__ = ("_enc",)
 
-    def __init__(self, key: Key):
+    def __init__(self, key: AnyKey):
         from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
-        if not isinstance(key, Key):
-            raise TypeError(f"Keystream: key must be a dpfunc.keys.Key, got {type(key).__name__}")
-        digest = hashlib.sha256(_DOMAIN + key.state.to_bytes(8, "little")).digest()
-        self._enc = Cipher(algorithms.ChaCha20(digest, bytes(16)), mode=None).encryptor()
+        if isinstance(key, StreamKey):
+            raw = key.raw
+        elif isinstance(key, Key):
+            raw = hashlib.sha256(_DOMAIN + key.state.to_bytes(8, "little")).digest()
+        else:
+            raise TypeError(f"Keystream: key must be a StreamKey or a dpfunc.keys.Key, got {type(key).__name__}")
+        self._enc = Cipher(algorithms.ChaCha20(raw, bytes(16)), mode=None).encryptor()
 
     def fill_(self, out: torch.Tensor) -> torch.Tensor:
         """Overwrite a contiguous CPU tensor with the next keystream bytes (in place); returns it."""

@@ -87,11 +87,12 @@ def local_rank(ctx: Context) -> int:
 def share_from(ctx: Context, owner: int, value: torch.Tensor | None, shape: tuple[int, ...], key) -> torch.Tensor:
     """Secret-share an input held by ``owner`` (one one-way message).
 
-    The owner draws a uniform mask ``r`` from its own ``key``, keeps ``x − r`` and sends ``r``; the
-    other party's share is ``r`` alone — uniform and independent of ``x``. ``value`` is the owner's
-    ring tensor (ignored elsewhere); ``shape`` is public.
+    The owner draws a uniform mask ``r`` from the ChaCha20 keystream of its own ``key`` (a 256-bit
+    :class:`~dpfunc.mpc.prg.StreamKey` in a deployment, or a :class:`~dpfunc.keys.Key`), keeps
+    ``x − r`` and sends ``r``; the other party's share is ``r`` alone — uniform and independent of
+    ``x``. ``value`` is the owner's ring tensor (ignored elsewhere); ``shape`` is public.
     """
-    from dpfunc.mpc.ring import uniform_ring
+    from dpfunc.mpc.prg import Keystream
 
     like = torch.zeros(shape, dtype=torch.int64)
     if ctx.is_dealer:
@@ -99,7 +100,7 @@ def share_from(ctx: Context, owner: int, value: torch.Tensor | None, shape: tupl
     if ctx.rank == owner:
         if value is None or tuple(value.shape) != tuple(shape) or value.dtype != torch.int64:
             raise ValueError(f"share_from: the owner needs an int64 value of shape {tuple(shape)}")
-        r = uniform_ring(shape, key.generator())
+        r = Keystream(key).ring(shape)
         ctx.send(r)
         return value - r
     return ctx.recv(like)
@@ -311,14 +312,38 @@ def mul_chain_operand(ctx: Context, v: torch.Tensor) -> MaskedOperand:
     by the same ``v`` at every step): one round opens ``f = v − b``, then each
     :func:`mul_fixed` opens only ``e = y − a`` with a fresh ``(a, a·b)`` — the argument of
     :func:`mask_operands` (a one-time pad on a fixed value, opened once; triples never reused). The
-    last product passes ``release=True`` so the dealer forgets ``b``."""
+    last product passes ``release=True`` so the dealer forgets ``b``.
+
+    Example (``v³`` by two products with the same masked ``v``; :func:`mul_fixed`):
+        >>> from dpfunc.mpc import decode, encode, mul_chain_operand, mul_fixed, reveal_to, share_from, simulate
+        >>> def program(ctx):
+        ...     v = share_from(ctx, 1, encode(torch.tensor([0.5, -2.0])) if ctx.rank == 1 else None, (2,), Key(1))
+        ...     vm = mul_chain_operand(ctx, v)            # one round: f = v − b opened once
+        ...     y = mul_fixed(ctx, v, vm)                 # v·v, opens only v − a
+        ...     y = mul_fixed(ctx, y, vm, release=True)   # v²·v; the dealer forgets b
+        ...     return reveal_to(ctx, 1, y)
+        >>> decode(simulate(program, dealer_key=Key(2)).outputs[1]).round(decimals=3).tolist()  # ± 2^-15
+        [0.125, -8.0]
+    """
     return mask_operands(ctx, [v], first_id=ctx.new_mask_id())[0]
 
 
 def mul_fixed(ctx: Context, y: torch.Tensor, v: MaskedOperand, release: bool = False) -> torch.Tensor:
     """Fixed-point elementwise ``y·v`` (same shapes) with a masked ``v`` (:func:`mul_chain_operand`),
     truncated; one round, ``|y|`` words sent. Elementwise products over :data:`PRODUCT_SLICE`
-    elements take one half-triple per slice (still one round)."""
+    elements take one half-triple per slice (still one round).
+
+    Example (``y·v`` for two values ``y`` with the same masked ``v``):
+        >>> from dpfunc.mpc import decode, encode, mul_chain_operand, mul_fixed, reveal_to, share_from, simulate
+        >>> def program(ctx):
+        ...     own = lambda t: encode(torch.tensor(t)) if ctx.rank == 1 else None
+        ...     v = mul_chain_operand(ctx, share_from(ctx, 1, own([3.0, 0.25]), (2,), Key(1)))
+        ...     y1 = mul_fixed(ctx, share_from(ctx, 1, own([2.0, 4.0]), (2,), Key(2)), v)
+        ...     y2 = mul_fixed(ctx, share_from(ctx, 1, own([-1.0, 8.0]), (2,), Key(3)), v, release=True)
+        ...     return reveal_to(ctx, 1, torch.stack([y1, y2]))
+        >>> decode(simulate(program, dealer_key=Key(4)).outputs[1]).round(decimals=3).tolist()  # ± 2^-16
+        [[6.0, 1.0], [-3.0, 2.0]]
+    """
     if tuple(y.shape) != tuple(v.shape):
         raise ValueError(f"mul_fixed: y and v must have the same shape, got {tuple(y.shape)} and {tuple(v.shape)}")
     n = y.numel()
@@ -455,6 +480,15 @@ def cross_and(ctx: Context, mine: torch.Tensor, bits: int) -> torch.Tensor:
     ``(e & f) ^ (e & B) ^ c1``. A general AND triple would open two masked words per party (one of
     them a share of zero); this is the first level of :func:`msb_xor`, where each party's addend is
     its own.
+
+    Example:
+        >>> from dpfunc.mpc import cross_and, simulate
+        >>> def program(ctx):  # party 0 holds 0b1100, 0b1010; party 1 holds 0b1010, 0b0110
+        ...     mine = [0b1100, 0b1010] if ctx.rank == 0 else [0b1010, 0b0110]
+        ...     return cross_and(ctx, torch.tensor(mine, dtype=torch.uint8), bits=8)
+        >>> s0, s1 = simulate(program, dealer_key=Key(0)).outputs
+        >>> (s0 ^ s1).tolist()  # XOR shares of 0b1000, 0b0010
+        [8, 2]
     """
     from dpfunc.mpc.context import word_dtype
 
