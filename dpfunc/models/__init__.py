@@ -17,24 +17,28 @@ from typing import Any
 from torch import nn
 
 from dpfunc.models._cnn import SmallCNN, TemperedSigmoid
+from dpfunc.models._features import FeatureSegmenter, FixedFeatures, feature_segmenter
 from dpfunc.models._resnet import BasicBlockGN, ResNetGN, resnet18_gn
 from dpfunc.models._unet import UNetGN, unet_gn
 
 __all__ = [
     "MODELS",
     "BasicBlockGN",
+    "FeatureSegmenter",
+    "FixedFeatures",
     "ResNetGN",
     "SmallCNN",
     "TemperedSigmoid",
     "UNetGN",
     "build_model",
+    "feature_segmenter",
     "resnet18_gn",
     "unet_gn",
 ]
 
 #: Read-only registry: name -> constructor (all take ``key=`` and keyword hyper-parameters).
 MODELS: MappingProxyType[str, Callable[..., nn.Module]] = MappingProxyType(
-    {"cnn": SmallCNN, "resnet18": resnet18_gn, "unet": unet_gn}
+    {"cnn": SmallCNN, "resnet18": resnet18_gn, "unet": unet_gn, "features": feature_segmenter}
 )
 
 
@@ -42,8 +46,9 @@ def build_model(name: str, /, **kwargs: Any) -> nn.Module:
     """Build a registered model by name.
 
     Args:
-        name: ``"cnn"`` (:class:`SmallCNN`), ``"resnet18"`` (:func:`resnet18_gn`) or ``"unet"``
-            (:func:`unet_gn`, segmentation).
+        name: ``"cnn"`` (:class:`SmallCNN`), ``"resnet18"`` (:func:`resnet18_gn`), ``"unet"``
+            (:func:`unet_gn`, segmentation) or ``"features"`` (:func:`feature_segmenter`: fixed filter bank +
+            small learned head, segmentation).
         **kwargs: passed to the constructor; ``key=`` is required.
 
     Example:

@@ -55,6 +55,15 @@ class LRSchedule(enum.Enum):
     COSINE = "cosine"
 
 
+class SegModel(enum.Enum):
+    """The segmentation network: ``UNET`` (:func:`~dpfunc.models.unet_gn`, learned end to end; the default) or
+    ``FEATURES`` (:func:`~dpfunc.segmentation.feature_segmenter`: a fixed, data-independent filter bank and a
+    small learned per-pixel head — Tramèr & Boneh 2021 — a few hundred trained parameters instead of 34k)."""
+
+    UNET = "unet"
+    FEATURES = "features"
+
+
 def _schedule(kind: "LRSchedule", lr: float, total_steps: int):
     if kind is LRSchedule.CONSTANT:
         return lr
@@ -102,6 +111,11 @@ class SegmentationConfig:
         largest_component: evaluate (validation selection, test metrics, overlays) on the largest 3-D
             connected component of each predicted volume (:func:`largest_component`; post-processing of
             the model's output on that patient, no privacy cost).
+        model: :class:`SegModel` (``UNET`` default; ``FEATURES`` = fixed filter bank + small head, where
+            ``width``, ``depth``, ``groups``, ``pretrain_steps`` and ``coord_channels`` do not apply: the
+            filter bank has its own position channels).
+        head_hidden, head_smooth: the ``FEATURES`` head's hidden width (0 = linear) and the side of its final
+            logit convolution (0 = none; odd) (:class:`~dpfunc.segmentation.FeatureSegmenter`).
     """
 
     task: str = "liver"
@@ -134,16 +148,19 @@ class SegmentationConfig:
     coord_channels: bool = False
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     largest_component: bool = False
+    model: SegModel = SegModel.UNET
+    head_hidden: int = 16
+    head_smooth: int = 0
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
         if self.task not in TASKS:
             raise ValueError(f"{fn}: task must be one of {TASKS}, got {self.task!r}")
         for name, enum_type in (("unit", PrivacyUnit), ("engine", Engine), ("selection", SliceSelection), ("accountant", Method),
-                                ("lr_schedule", LRSchedule)):
+                                ("lr_schedule", LRSchedule), ("model", SegModel)):
             object.__setattr__(self, name, check_enum(fn, name, getattr(self, name), enum_type))
         check_int_range(fn, "image_size", self.image_size, low=8, high=1024)
-        if self.image_size % 2**self.depth:
+        if self.model is SegModel.UNET and self.image_size % 2**self.depth:
             raise ValueError(f"{fn}: image_size must be divisible by 2**depth = {2**self.depth}, got {self.image_size}")
         check_delta(fn, "delta", self.delta)
         if self.accountant is Method.GDP:
@@ -159,6 +176,13 @@ class SegmentationConfig:
             check_int_range(fn, name, getattr(self, name), low=1)
         check_int_range(fn, "margin", self.margin, low=0)
         check_int_range(fn, "pretrain_steps", self.pretrain_steps, low=0)
+        check_int_range(fn, "head_hidden", self.head_hidden, low=0)
+        check_int_range(fn, "head_smooth", self.head_smooth, low=0)
+        if self.head_smooth % 2 == 0 and self.head_smooth:
+            raise ValueError(f"{fn}: head_smooth must be 0 or odd, got {self.head_smooth}")
+        if self.model is SegModel.FEATURES and (self.pretrain_steps or self.coord_channels):
+            raise ValueError(f"{fn}: pretrain_steps and coord_channels apply to model=SegModel.UNET only, got "
+                             f"pretrain_steps={self.pretrain_steps}, coord_channels={self.coord_channels} with model={self.model}")
         check_int_range(fn, "seed", self.seed)
         check_positive_finite(fn, "learning_rate", self.learning_rate)
         check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
@@ -259,8 +283,14 @@ def _build(cfg: SegmentationConfig):
     from dpfunc.bridge import functionalize
 
     prior = None if cfg.foreground_prior is None else (1 - cfg.foreground_prior, cfg.foreground_prior)
-    net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior,
-                  coord_channels=cfg.coord_channels)
+    if cfg.model is SegModel.FEATURES:
+        from dpfunc.models import feature_segmenter
+
+        net = feature_segmenter(key=Key(cfg.seed).fold_in(1), image_size=cfg.image_size, hidden=cfg.head_hidden,
+                                smooth_kernel=cfg.head_smooth, class_prior=prior)
+    else:
+        net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior,
+                      coord_channels=cfg.coord_channels)
     model = PackedSegmenter(net)
     apply_fn, params, buffers = functionalize(model)
     if cfg.pretrain_steps:

@@ -1,0 +1,153 @@
+"""Fixed-feature segmenter (Tramèr & Boneh 2021): no trained feature parameters, fast engine ≡ vmap oracle,
+patient-level clipping bound, filter-bank oracles, configuration wiring."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpfunc.bridge import functionalize
+from dpfunc.clipping import FlatClipping
+from dpfunc.keys import Key
+from dpfunc.models import MODELS, FeatureSegmenter, FixedFeatures, build_model, feature_segmenter
+from dpfunc.segmentation import PackedSegmenter, PatientVolume, SegmentationConfig, patient_batch, segmentation_engine, slice_batch
+from dpfunc.segmentation._train import SegModel, _build
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
+
+
+def _patients(seed: int, counts, size: int = 16):
+    g = torch.Generator().manual_seed(seed)
+    return [PatientVolume(f"p{i}", torch.rand(s, 1, size, size, generator=g, dtype=torch.float64),
+                          (torch.rand(s, size, size, generator=g) > 0.6).long()) for i, s in enumerate(counts)]
+
+
+def _flat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
+
+
+def _tiny(hidden: int, smooth: int = 0):
+    net = feature_segmenter(key=Key(5), image_size=16, hidden=hidden, smooth_kernel=smooth, class_prior=(0.9, 0.1)).double()
+    model = PackedSegmenter(net)
+    _, params, buffers = functionalize(model)
+    return model, params, buffers
+
+
+def test_fixed_features_have_no_parameters_and_only_the_head_is_trained():
+    feats = FixedFeatures()
+    assert list(feats.parameters()) == [] and list(feats.buffers()) == []
+    model = build_model("features", key=Key(0), hidden=0)
+    assert MODELS["features"] is feature_segmenter and isinstance(model, FeatureSegmenter)
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["head.0.weight", "head.0.bias"]  # the linear head: F·2 + 2
+    assert sum(p.numel() for p in model.parameters()) == feats.num_features * 2 + 2 == 94
+    _, params, buffers = functionalize(PackedSegmenter(model))
+    assert all(k.startswith("net.head.") for k in params) and buffers == {}
+    hidden = feature_segmenter(key=Key(0), hidden=8, smooth_kernel=3)
+    assert sum(p.numel() for p in hidden.parameters()) == 46 * 8 + 8 + 8 * 2 + 2 + (2 * 2 * 9 + 2)
+
+
+def test_features_are_a_fixed_function_of_each_slice():
+    x = torch.rand(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    f1 = FixedFeatures(32)(x)
+    f2 = FixedFeatures(32)(x)  # rebuilt: no state, no randomness
+    torch.testing.assert_close(f1, f2, rtol=0, atol=0)
+    x2 = x.clone()
+    x2[1] = 1 - x2[1]
+    g = FixedFeatures(32)(x2)  # one slice changed: only its own features change
+    torch.testing.assert_close(g[[0, 2]], f1[[0, 2]], rtol=0, atol=0)
+    assert not torch.allclose(g[1], f1[1])
+    assert torch.isfinite(FixedFeatures(32)(torch.zeros(1, 1, 32, 32))).all()  # flat image: sqrt kept finite
+
+
+def test_blur_equals_a_direct_2d_convolution_oracle():
+    feats = FixedFeatures(64, blur_scales=(2.0,), edge_scales=(), std_scales=(), bin_scales=(), position=False)
+    x = torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    k1 = torch.tensor([math.exp(-t * t / 8) for t in range(-6, 7)], dtype=torch.float64)
+    k1 /= k1.sum()
+    oracle = F.conv2d(F.pad(x, (6, 6, 6, 6), mode="replicate"), torch.outer(k1, k1)[None, None])
+    torch.testing.assert_close(feats(x)[:, 1:2], oracle, rtol=1e-12, atol=1e-12)
+    const = torch.full((1, 1, 40, 40), 0.3, dtype=torch.float64)
+    torch.testing.assert_close(feats(const)[:, 1:2], const)  # a constant image stays constant at the border too
+
+
+def test_soft_bins_and_position_channels():
+    feats = FixedFeatures(16, blur_scales=(), edge_scales=(), std_scales=(), bin_scales=(1.0,), bin_centres=(0.2, 0.5, 0.8))
+    out = feats(torch.full((1, 1, 16, 16), 0.5))
+    assert out.shape == (1, 1 + 3 + 2, 16, 16)
+    torch.testing.assert_close(out[0, 2], torch.ones(16, 16))  # the bin at the intensity: 1
+    torch.testing.assert_close(out[0, 1], torch.full((16, 16), math.exp(-0.5)))  # one bin width away
+    assert float(out[0, 4, 0, 0]) == -1 and float(out[0, 4, -1, 0]) == 1 and float(out[0, 5, 0, -1]) == 1
+
+
+def test_bad_arguments_are_refused_by_name():
+    with pytest.raises(ValueError, match="FixedFeatures: blur_scales must be positive"):
+        FixedFeatures(blur_scales=(0.0,))
+    with pytest.raises(ValueError, match="FixedFeatures: bin_centres must be"):
+        FixedFeatures(bin_centres=(0.5, 0.4))
+    with pytest.raises(ValueError, match="FeatureSegmenter: smooth_kernel must be 0 or odd"):
+        feature_segmenter(key=Key(0), smooth_kernel=2)
+    with pytest.raises(ValueError, match="FixedFeatures: input must be"):
+        FixedFeatures()(torch.rand(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="SegmentationConfig: pretrain_steps and coord_channels apply to model=SegModel.UNET"):
+        SegmentationConfig(model="features", coord_channels=True)
+    with pytest.raises(ValueError, match="SegmentationConfig: head_smooth must be 0 or odd"):
+        SegmentationConfig(model="features", head_smooth=4)
+
+
+def test_config_builds_the_feature_model_with_the_prior():
+    cfg = SegmentationConfig(model="features", head_hidden=0, image_size=48)  # 48: no 2**depth constraint here
+    assert cfg.model is SegModel.FEATURES and cfg.to_dict()["model"] == "features"
+    model, _, params, _ = _build(cfg)
+    assert isinstance(model.net, FeatureSegmenter) and set(params) == {"net.head.0.weight", "net.head.0.bias"}
+    torch.testing.assert_close(params["net.head.0.bias"], torch.tensor([math.log(0.95), math.log(0.05)]))
+    assert isinstance(_build(SegmentationConfig())[0].net, type(build_model("unet", key=Key(0))))  # default unchanged
+
+
+@pytest.mark.parametrize("hidden,smooth,clip", [(0, 0, 1e-3), (0, 3, 1e3), (4, 0, 1e-3)])
+def test_fast_engine_equals_vmap_oracle_on_the_feature_model(hidden, smooth, clip):
+    model, params, buffers = _tiny(hidden, smooth)
+    patients = _patients(1, [1, 3, 5, 2])
+    x = patient_batch(patients, [0, 1, 2, 3], 3, Key(2))
+    for mask in (None, torch.tensor([True, False, True, True])):
+        fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=3, engine=e)(
+            params, buffers, (x,), mask) for e in ("fast", "vmap"))
+        torch.testing.assert_close(fast.grads.norms, oracle.grads.norms, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(fast.losses, oracle.losses, rtol=1e-10, atol=1e-12)
+    xs = slice_batch(torch.cat([p.images for p in patients]), torch.cat([p.labels for p in patients]), torch.arange(6))
+    fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="slice", engine=e)(params, buffers, (xs,), None)
+                    for e in ("fast", "vmap"))
+    torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
+
+
+_LINEAR = _tiny(0)
+_ENGINES: dict = {}
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**32 - 1), counts=st.lists(st.integers(1, 6), min_size=2, max_size=4),
+       k=st.sampled_from([1, 3, 8]), clip=st.sampled_from([1e-3, 0.05, 10.0]), drop=st.integers(0, 3))
+def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(seed, counts, k, clip, drop):
+    """The patient-level sensitivity bound holds unchanged for the feature model: one patient's
+    contribution (all of their slices, k = 8 >= every count) has norm <= C, and removing them moves the
+    clipped sum by exactly that contribution."""
+    model, params, buffers = _LINEAR
+    patients = _patients(seed, counts)
+    drop %= len(counts)
+    if (clip, k) not in _ENGINES:
+        _ENGINES[clip, k] = segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=k)
+    engine = _ENGINES[clip, k]
+    x = patient_batch(patients, range(len(counts)), k, Key(seed))
+    keep = torch.ones(len(counts), dtype=torch.bool)
+    keep[drop] = False
+    full, without = engine(params, buffers, (x,), None), engine(params, buffers, (x,), keep)
+    alone = engine(params, buffers, (x[drop:drop + 1],), None)
+    diff = (_flat(full.grads.grads) - _flat(without.grads.grads)).norm()
+    assert float(diff) <= clip * (1 + 1e-9) and float(_flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
+    torch.testing.assert_close(diff, _flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
