@@ -148,13 +148,15 @@ def _check_conv_against_oracle(data, layer, x, seed):
     # instantiated per-example conv gradients have two kernels (grouped conv / unfold + bmm), picked by
     # the number of output positions, and the unfold two layouts (channels first / last), picked by
     # run length: force each
-    before = fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD
+    # and the ghost norm two forms (unfolded / pixel Gram), picked by a cost model: force each too
+    before = fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM
     fast_layers.GROUPED_MIN_POSITIONS = data.draw(st.sampled_from([0, 10**9]), label="grouped_min_positions")
     fast_layers.CHANNELS_LAST_UNFOLD = data.draw(st.sampled_from([None, True, False]), label="channels_last_unfold")
+    fast_layers.PIXEL_GRAM = data.draw(st.sampled_from([None, True, False]), label="pixel_gram")
     try:
         _check_against_oracle(data, layer, x, seed)
     finally:
-        fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD = before
+        fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM = before
 
 
 @pytest.mark.parametrize("nd", [1, 2])
@@ -186,6 +188,40 @@ def test_conv(conv, data, seed):
     b = data.draw(st.integers(0, 4))
     x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     _check_conv_against_oracle(data, layer, x, seed)
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv2d])
+@given(data=st.data(), seed=seeds)
+def test_conv_pixel_gram_ghost_norm(conv, data, seed):
+    """The pixel-Gram ghost norm (no unfold) equals the vmap oracle on every conv geometry, forced on."""
+    nd = 1 if conv is nn.Conv1d else 2
+    kw, size = data.draw(conv_geometry(nd))
+    layer = reinit(conv(bias=data.draw(st.booleans()), **kw), seed)
+    b = data.draw(st.integers(0, 4))
+    x = torch.randn((b, kw["in_channels"], *size), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    with torch.no_grad():
+        y = _targets(layer(x).shape, seed)
+    before = fast_layers.PIXEL_GRAM
+    fast_layers.PIXEL_GRAM = True
+    try:
+        assert_matches_oracle(layer, (x, y), data.draw(clippings()), data.draw(masks(b)), ghost_norm=True)
+    finally:
+        fast_layers.PIXEL_GRAM = before
+
+
+def test_conv_norm_plan_is_shape_only_and_picks_pixel_gram_on_small_maps():
+    """The cost model sees shapes only; on the CNN's layers it picks instantiation for the 28×28 and 14×14
+    layers and the pixel-Gram ghost norm for the 7×7, 32 → 64 layer (3×3 kernels, padding 1)."""
+    def plan(c_in, c_out, size, ghost=None):
+        t = size * size
+        return fast_layers._norm_plan(ghost, t, 9 * c_in, c_out, c_in, (3, 3), (size + 2, size + 2), (size, size))
+
+    assert plan(1, 16, 28) == (False, False)
+    assert plan(16, 32, 14) == (False, False)
+    assert plan(32, 64, 7) == (True, True)
+    assert plan(32, 64, 7, ghost=False) == (False, False)
+    assert plan(1, 16, 28, ghost=True) == (True, False)  # forced ghost: the unfolded form is cheaper here
+    assert fast_layers._norm_plan(True, 49, 288, 64, 32, (3, 3), None, (7, 7)) == (True, False)  # several calls: unfolded
 
 
 @given(st.data(), seeds)
@@ -226,6 +262,32 @@ def test_group_norm(data, seed):
         spatial = (2,)  # a group of one element normalises to 0
     x = torch.randn((b, channels, *spatial), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     _check_against_oracle(data, layer, x, seed)
+
+
+@given(st.data(), seeds)
+def test_group_norm_fused_from_saved_statistics(data, seed):
+    """GroupNorm after a layer (its input needs a gradient, so the forward saves μ and rstd): the fused
+    one-pass rule (GroupNorm's backward kernel on the batch folded into channels) equals the oracle."""
+    from dpfunc.bridge.fast.rules import RULES as rules
+
+    groups = data.draw(st.integers(1, 3))
+    channels = groups * data.draw(st.integers(1, 3))
+    spatial = data.draw(st.sampled_from([(), (5,), (3, 4)]))
+    if not spatial and channels == groups:
+        spatial = (2,)  # a group of one element normalises to 0
+    layer = nn.Sequential(nn.Conv1d(channels, channels, 1) if spatial else nn.Linear(channels, channels),
+                          nn.GroupNorm(groups, channels, affine=True))
+    if len(spatial) == 2:
+        layer[0] = nn.Conv2d(channels, channels, 1)
+    b = data.draw(st.integers(0, 5))
+    x = torch.randn((b, channels, *spatial), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    rule, seen = rules[nn.GroupNorm], []
+    rules[nn.GroupNorm] = rule._replace(capture=lambda m, out: seen.append(rule.capture(m, out)) or seen[-1])
+    try:
+        _check_against_oracle(data, layer, x, seed)
+    finally:
+        rules[nn.GroupNorm] = rule
+    assert b == 0 or all(s is not None for s in seen), "the fused path (saved statistics) did not run"
 
 
 @given(st.data(), seeds)

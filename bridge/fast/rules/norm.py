@@ -44,26 +44,38 @@ def _kept_grads(kept: dict) -> LayerGrads:
 
 
 def _group_norm_rule(module, calls, attrs, ghost):
-    """Per example and channel ``Σ_s x̂ g = rstd·(Σ_s x g − μ·Σ_s g)`` with the forward's own μ, rstd:
-    one fused dot product over ``x`` and ``g`` (``vecdot``), no ``x̂`` temporary. (The subtraction costs about
-    ``log10(|μ|/σ)`` digits, as computing ``x − μ`` in the forward does.)"""
+    """Per example and channel ``Σ_s x̂ g`` and ``Σ_s g`` with the forward's own μ, rstd, in one fused pass.
+
+    With the batch folded into the channels — ``(1, B·C, S)`` in ``B·G`` groups, each with its example's
+    μ and rstd — GroupNorm's own backward kernel returns as its weight and bias gradients the sums over
+    a batch of one: exactly the per-example ``(B, C)`` gradients. It reads ``x`` and ``g`` once
+    (``rstd·(Σ_s x g − μ·Σ_s g)``, as the non-private backward does): 2.5-3× faster on CPU than a
+    ``vecdot`` and a separate ``Σ_s g``. (The subtraction costs about ``log10(|μ|/σ)`` digits, as
+    computing ``x − μ`` in the forward does.)"""
     kept: dict[str, torch.Tensor] = {}
     groups = module.num_groups
+    want_w, want_b = "weight" in attrs, "bias" in attrs
     for c in calls:
         b, ch = c.x.shape[:2]
+        if c.saved is not None:
+            s = math.prod(c.x.shape[2:])
+            # the kernel reads raw memory: contiguous inputs (a view of K views' rows may have any strides)
+            mean, rstd = (t.to(c.g.dtype).reshape(1, b * groups).contiguous() for t in c.saved)
+            _, pe_w, pe_b = torch.ops.aten.native_group_norm_backward(
+                c.g.reshape(1, b * ch, s).contiguous(), c.x.to(c.g.dtype).reshape(1, b * ch, s).contiguous(), mean, rstd,
+                c.g.new_ones(b * ch), 1, b * ch, s, b * groups, [False, want_w, want_b],
+            )
+            if want_w:
+                _accumulate(kept, "weight", pe_w.view(b, ch))
+            if want_b:
+                _accumulate(kept, "bias", pe_b.view(b, ch))
+            continue
         g = c.g.reshape(b, ch, -1)
-        gsum = g.sum(2)
-        if "weight" in attrs:
-            if c.saved is not None:
-                mean, rstd = (s.to(g.dtype).reshape(b, groups, 1).expand(b, groups, ch // groups).reshape(b, ch) for s in c.saved)
-                xg = torch.linalg.vecdot(c.x.reshape(b, ch, -1), g)  # not einsum: that is a (1×S)·(S×1) bmm, 5-8× slower on CPU
-                pe = (xg - mean * gsum) * rstd
-            else:
-                xhat = F.group_norm(c.x, groups, None, None, module.eps)
-                pe = torch.linalg.vecdot(xhat.reshape(b, ch, -1), g)
-            _accumulate(kept, "weight", pe)
-        if "bias" in attrs:
-            _accumulate(kept, "bias", gsum)
+        if want_w:
+            xhat = F.group_norm(c.x, groups, None, None, module.eps)
+            _accumulate(kept, "weight", torch.linalg.vecdot(xhat.reshape(b, ch, -1), g))
+        if want_b:
+            _accumulate(kept, "bias", g.sum(2))
     return _kept_grads(kept)
 
 
