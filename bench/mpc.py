@@ -14,7 +14,8 @@ Each session first shares and masks the weights once (not timed), then runs one 
 * ``dealer_cpu_s_per_image``: CPU seconds of the dealer's thread (setup included) / batch size;
 * ``bytes_per_image``: bytes one party sends plus receives from the other in the batch / batch size;
 * ``dealer_bytes_per_image``: material the dealer sends to both parties for the batch / batch size
-  (``setup_dealer_bytes``: the one-time weight masks, 8 bytes per masked weight and party);
+  (seeded shares: only the data owner's corrections; ``setup_dealer_bytes``: the two 40-byte
+  headers with each party's seed — the weight masks are expanded from the seeds);
 * ``rounds``: communication rounds of the batch (independent of the batch size below 2^20 compared
   elements);
 * ``peak_material_bytes``: the most dealer material held at once for one party (streamed chunks);
@@ -52,6 +53,7 @@ from dpfunc.bridge.mpc import compile_module, encode_weights, encrypted_inferenc
 from dpfunc.keys import Key  # noqa: E402
 from dpfunc.models import SmallCNN, resnet18_gn  # noqa: E402
 from dpfunc.mpc import DEALER, CommStats, decode, encode, simulate  # noqa: E402
+from dpfunc.mpc.context import HEADER_BYTES  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results" / "mpc.json"
 
@@ -73,7 +75,7 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
         shared = share_model(ctx, program, weights if ctx.rank == 0 else None, key=Key(seed).fold_in(ctx.rank))
         before = CommStats(**ctx.stats.to_dict())
         t0, c0 = time.perf_counter(), time.thread_time()
-        setup_material[ctx.rank] = 8 * sum(m.share.numel() for m in shared.masked.values())  # the masks
+        setup_material[ctx.rank] = HEADER_BYTES  # the dealer's header; masks are expanded from the seed
         out = encrypted_inference(ctx, program, tuple(x.shape), key=Key(seed).fold_in(10 + ctx.rank),
                                   image=image if ctx.rank == 1 else None, model=shared)
         clocks[ctx.rank] = (time.perf_counter() - t0, time.thread_time() - c0)
@@ -98,7 +100,7 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
         "plain_s_per_image": plain_s / batch,
         "bytes_per_image": (st.bytes_sent + st.bytes_received) / batch,
         "dealer_bytes_per_image": (sum(res.dealer_bytes) - setup_material[0] - setup_material[1]) / batch,
-        "setup_dealer_bytes": setup_material[0] + setup_material[1],  # the one-time weight masks
+        "setup_dealer_bytes": setup_material[0] + setup_material[1],  # the two headers (seeds)
         "rounds": st.rounds,
         "peak_material_bytes": max(res.peak_material_bytes),
         "max_abs_logit_error": float((decode(out.logits) - ref).abs().max()),
@@ -158,7 +160,7 @@ def measure_processes(name: str, size: int, batch: int, batches: int, seed: int 
         "setup_s": out["setup_seconds"],
         "plain_s_per_image": plain_s / n,
         "bytes_per_image": (st["bytes_sent"] + st["bytes_received"]) / n,
-        "dealer_bytes_per_image": 2 * (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
+        "dealer_bytes_per_image": (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
         "rounds": st["rounds"] // batches,
         "max_rss_bytes": out["max_rss_bytes"],
         "process_cpu_s": out["cpu_seconds"],

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from dpfunc.mpc import StreamKey, decode, encode, mul, reveal_to, run_dealer, share_from, simulate, tanh
+from dpfunc.mpc.context import party_stream_key
 from dpfunc.mpc.parties import party_argv, party_key
 from dpfunc.mpc.prg import Keystream
 
@@ -76,7 +77,8 @@ def _message_bytes(tensors) -> bytes:
 def test_no_key_appears_in_any_message_a_party_sends():
     """Every byte a party sends — party to party (the other's transcript) and dealer to party (its
     material stream) — searched for every key in play: the three parties' keys and each child key
-    they derive (per batch, per request)."""
+    they derive (per batch, per request); the seed the dealer shares with a party appears only at the
+    start of that party's stream."""
     dealer, owner0, owner1 = StreamKey.generate(), StreamKey.generate(), StreamKey.generate()
     x = encode(torch.linspace(-3, 3, 24, dtype=torch.float64).view(2, 12))
     w = encode(torch.linspace(-1, 1, 24, dtype=torch.float64).view(2, 12))
@@ -93,10 +95,67 @@ def test_no_key_appears_in_any_message_a_party_sends():
     sent = [_message_bytes(res.transcripts[0]), _message_bytes(res.transcripts[1]),
             source.flat(0).numpy().tobytes(), source.flat(1).numpy().tobytes()]
     assert all(len(s) > 0 for s in sent)
+    seed0, seed1 = party_stream_key(dealer, 0), party_stream_key(dealer, 1)
     keys = [dealer, owner0, owner1, owner0.fold_in(0), owner1.fold_in(0)]
-    keys += [dealer.fold_in(i) for i in range(source.requests)]
+    keys += [seed.fold_in(i) for seed in (seed0, seed1) for i in range(source.requests)]
     for k in keys:
         for s in sent:
             assert s.find(k.raw) < 0 and s.find(k.raw[:16]) < 0
+    # the seed the dealer shares with a party: in the header of that party's stream, nowhere else
+    assert sent[2].find(seed0.raw) == 0 and sent[3].find(seed1.raw) == 0
+    for s in (sent[0], sent[1], sent[3]):
+        assert s.find(seed0.raw[:16]) < 0
+    for s in (sent[0], sent[1], sent[2]):
+        assert s.find(seed1.raw[:16]) < 0
     # the search finds a key that is there (the check can fail)
     assert (sent[0][:40] + dealer.raw + sent[0][40:]).find(dealer.raw) == 40
+
+
+# --------------------------------------------------------------------- seeded shares (the dealer)
+def test_seeded_material_is_correct_uniform_and_sent_only_as_corrections():
+    """Each party expands its shares from its seed; the dealer sends party 1 only the corrections.
+    The shares add up (triples, AND triples, bits, fixed triples), party 0 receives nothing but its
+    header, and the correction bytes are uniform (chi-square, α = 1e-4, keyed so every run decides
+    the same) and the same for any input (the dealer sees none)."""
+    from dpfunc.mpc import Bilinear, DealerSource, Kind, MaterialStream, Request
+    from dpfunc.mpc.context import HEADER_BYTES
+
+    reqs = [Request(Kind.TRIPLE, (3, 4), (4, 5), Bilinear.MATMUL), Request(Kind.SQUARE, (2000,)),
+            Request(Kind.AND, (1000,), params=(16,)), Request(Kind.CROSS_AND, (1000,), params=(32,)),
+            Request(Kind.BIT, (500,)), Request(Kind.MASK, (), (4, 5), mask_id=1),
+            Request(Kind.FIXED_TRIPLE, (3, 4), (4, 5), Bilinear.MATMUL, mask_id=1)]
+    dealer = DealerSource(StreamKey.from_seed(11))
+    for r in reqs:
+        dealer.draw(r)
+    flat0, flat1 = dealer.flat(0), dealer.flat(1)
+    assert flat0.numel() == HEADER_BYTES  # the model owner gets its seed only
+    p0, p1 = MaterialStream(flat0), MaterialStream(flat1)
+    for r in reqs:
+        s0, s1 = p0.draw(r), p1.draw(r)
+        if r.kind is Kind.TRIPLE:
+            a, b, c = (u + v for u, v in zip(s0, s1))
+            assert torch.equal(c, a @ b)
+        elif r.kind is Kind.SQUARE:
+            a, c = (u + v for u, v in zip(s0, s1))
+            assert torch.equal(c, a * a)
+        elif r.kind is Kind.AND:
+            a, b, c = (u ^ v for u, v in zip(s0, s1))
+            assert torch.equal(c, a & b)
+        elif r.kind is Kind.CROSS_AND:
+            assert torch.equal(s0[1] ^ s1[1], s0[0] & s1[0])
+        elif r.kind is Kind.BIT:
+            bit = (s0[0] ^ s1[0]).long()
+            assert set(bit.unique().tolist()) <= {0, 1} and torch.equal(s0[1] + s1[1], bit)
+        elif r.kind is Kind.MASK:
+            mask = s0[0] + s1[0]
+        else:
+            a, c = (u + v for u, v in zip(s0, s1))
+            assert torch.equal(c, a @ mask)
+    assert p0.exhausted and p1.exhausted
+    counts = torch.bincount(flat1[HEADER_BYTES:].long(), minlength=256).numpy()
+    assert chisquare(counts).pvalue > 1e-4
+    # a correction depends on the dealer's key only, and differs between keys
+    other = DealerSource(StreamKey.from_seed(12))
+    for r in reqs:
+        other.draw(r)
+    assert not torch.equal(other.flat(1)[HEADER_BYTES:], flat1[HEADER_BYTES:])

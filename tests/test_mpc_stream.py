@@ -25,7 +25,7 @@ from dpfunc.mpc import (
     share_from,
     simulate,
 )
-from dpfunc.mpc.context import DEALER, deal, material_nbytes
+from dpfunc.mpc.context import DEALER, HEADER_BYTES, deal, material_nbytes
 from dpfunc.mpc.protocols import beaver_fixed, mask_operands, matmul, reveal_to
 
 seeds = st.integers(0, 2**32 - 1)
@@ -95,7 +95,7 @@ def test_streamed_material_gives_bit_identical_results(chunk_bytes):
 def test_material_held_is_bounded_independent_of_depth():
     """The dealer's queue holds at most queue_chunks + 2 chunks (one being put, the queued ones, one
     being read) of at most chunk_bytes + one request each, for a 2-layer and a 12-layer network alike, while the total grows with the depth."""
-    chunk, queue_chunks = 64 << 10, 1
+    chunk, queue_chunks = 16 << 10, 1
     x = torch.rand(2, 4, 6, 6, generator=Key(1).generator())
     peaks, totals = {}, {}
     for depth in (2, 12):
@@ -107,7 +107,7 @@ def test_material_held_is_bounded_independent_of_depth():
         assert max(res.peak_material_bytes) <= bound
         assert res.dealer_peak_pending_bytes <= chunk + probe.largest_request_bytes
         peaks[depth], totals[depth] = max(res.peak_material_bytes), res.dealer_bytes[1]
-        assert probe.total_bytes == totals[depth]
+        assert probe.flat(1).numel() == totals[depth]  # the header and party 1's corrections
     assert totals[12] > 4 * totals[2] and totals[12] > 4 * (queue_chunks + 2) * chunk
     assert peaks[12] <= 1.5 * peaks[2]  # the same widths: the same chunks, whatever the depth
     # without streaming the whole material is held (what the streaming removes)
@@ -131,15 +131,20 @@ def test_material_queue_counts_held_bytes():
 
 
 def test_a_program_mismatch_is_caught_in_the_stream():
-    req = Request(Kind.SQUARE, (3,))
-    chunks = iter([deal(req, Key(0))[1][0].view(torch.uint8), None])
+    dealer = DealerSource(Key(0))
+    dealer.draw(Request(Kind.SQUARE, (3,)))
+    flat = dealer.flat(1)  # party 1: the 40-byte header, then the square's correction (3 words)
+    assert flat.numel() == HEADER_BYTES + 24 and dealer.flat(0).numel() == HEADER_BYTES
+    chunks = iter([flat[:HEADER_BYTES], flat[HEADER_BYTES:], None])
     stream = MaterialStream(next_chunk=lambda: next(chunks))
     with pytest.raises(RuntimeError, match="material ran out at triple"):
         stream.draw(Request(Kind.TRIPLE, (4, 4), (4, 4), Bilinear.MATMUL))
-    leftover = iter([torch.zeros(16, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)])
+    leftover = iter([flat[:HEADER_BYTES], flat[HEADER_BYTES:], torch.zeros(8, dtype=torch.uint8)])
     stream = MaterialStream(next_chunk=lambda: next(leftover))
-    stream.draw(Request(Kind.SQUARE, (1,)))
+    stream.draw(Request(Kind.SQUARE, (3,)))
     assert not stream.exhausted  # a further chunk after the program's last request
+    with pytest.raises(RuntimeError, match="does not start with a 40-byte header"):
+        MaterialStream(torch.zeros(8, dtype=torch.uint8)).draw(Request(Kind.SQUARE, (1,)))
     with pytest.raises(TypeError, match="exactly one of flat and next_chunk"):
         MaterialStream()
     with pytest.raises(ValueError, match="DealerSource: chunk_bytes must be an int >= 1, got 0"):
@@ -166,7 +171,9 @@ def test_session_with_reused_masks_matches_plaintext_and_sends_fewer_bytes():
     diff = fresh.stats[1].bytes_sent - reused.stats[1].bytes_sent
     assert diff == len(xs) * 8 * masked - setup_diff
     assert {op.kind.value for op in program.ops} >= {"conv2d", "linear"}
-    assert reused.dealer_bytes[1] < fresh.dealer_bytes[1]
+    # the dealer sends party 1 one output-sized correction per product either way (seeded shares),
+    # and nothing for the masks
+    assert reused.dealer_bytes == fresh.dealer_bytes
 
 
 def test_fixed_triples_and_masks_from_the_dealer_are_correct():
@@ -181,7 +188,9 @@ def test_fixed_triples_and_masks_from_the_dealer_are_correct():
         deal(Request(Kind.MASK, (), (3, 2), mask_id=4), Key(2), masks)
     with pytest.raises(ValueError, match="fixed triple for mask 5, which was never drawn"):
         deal(Request(Kind.FIXED_TRIPLE, (5, 3), (3, 2), Bilinear.MATMUL, mask_id=5), Key(2), masks)
-    assert material_nbytes(Request(Kind.FIXED_TRIPLE, (5, 3), (3, 2), Bilinear.MATMUL, mask_id=4)) == 8 * (15 + 10)
+    req = Request(Kind.FIXED_TRIPLE, (5, 3), (3, 2), Bilinear.MATMUL, mask_id=4)
+    assert material_nbytes(req) == 8 * 10 and material_nbytes(req, 0) == 0  # only party 1's c1 is sent
+    assert material_nbytes(Request(Kind.MASK, (), (3, 2), mask_id=4)) == 0
 
 
 @given(seeds)

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         "seconds_per_image": sum(out["online_seconds"]) / n,
         "wall_seconds_per_image": wall / n,
         "bytes_per_image": (stats["bytes_sent"] + stats["bytes_received"]) / n,
-        "dealer_bytes_per_image": 2 * (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
+        "dealer_bytes_per_image": (out["offline_bytes_received"] - out["setup_offline_bytes_received"]) / n,
         "rounds": stats["rounds"] // batches,
         "setup": {"seconds": out["setup_seconds"], "rounds": out["setup_stats"]["rounds"],
                   "bytes": out["setup_stats"]["bytes_sent"] + out["setup_stats"]["bytes_received"],

@@ -43,7 +43,7 @@ from typing import Any, Callable, NamedTuple, Optional, Protocol
 import torch
 import torch.nn.functional as F
 
-from dpfunc.mpc.prg import AnyKey, Keystream
+from dpfunc.mpc.prg import AnyKey, Keystream, StreamKey
 from dpfunc.mpc.ring import FixedPoint
 
 __all__ = [
@@ -166,61 +166,94 @@ def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return -(-nbytes // 8) * 8  # segments start at multiples of 8 bytes (aligned views)
 
 
-def material_nbytes(req: Request) -> int:
-    """Bytes of one party's share of the material for ``req`` in the dealer's stream."""
-    return sum(_padded_nbytes(s, d) for s, d in zip(_material_shapes(req), _material_dtypes(req)))
+def _explicit(req: Request) -> bool:
+    """Whether party 1's last tensor of ``req`` is sent by the dealer (every kind but a mask)."""
+    return req.kind is not Kind.MASK
 
 
-def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Generate the material for ``req`` from ``key``; return (party-0 shares, party-1 shares).
+def material_nbytes(req: Request, rank: int = 1) -> int:
+    """Bytes the dealer *sends* to party ``rank`` for ``req``: party 1's correction (its share of the
+    output ``c``, or of the additive bit), 0 for party 0 and for a mask — the rest of each party's
+    share is expanded from its seed (see :func:`deal`)."""
+    if rank == 0 or not _explicit(req):
+        return 0
+    return _padded_nbytes(_material_shapes(req)[-1], _material_dtypes(req)[-1])
 
-    Every random word comes from ``key``'s ChaCha20 keystream (:class:`~dpfunc.mpc.prg.Keystream`).
-    Party 0's shares are uniform (so each party's shares alone are uniform); party 1 gets the difference (additive) or XOR (binary). ``masks`` is the dealer's store of fixed masks:
-    a :attr:`Kind.MASK` request adds ``b`` under ``req.mask_id`` (each id once), a
-    :attr:`Kind.FIXED_TRIPLE` request reads it.
-    """
-    ks = Keystream(key)
-    if req.kind is Kind.MASK:
-        if masks is None or req.mask_id in masks:
-            raise ValueError(f"deal: mask {req.mask_id} is drawn twice (or there is no mask store)")
-        b = ks.ring(req.shape_y)
-        masks[req.mask_id] = b
-        values, xor = [b], False
-    elif req.kind is Kind.FIXED_TRIPLE:
-        if masks is None or req.mask_id not in masks:
-            raise ValueError(f"deal: fixed triple for mask {req.mask_id}, which was never drawn")
+
+def _generate(ks: Keystream, req: Request, count: int) -> list[torch.Tensor]:
+    """The first ``count`` tensors of a party's share of ``req``, from that party's seeded stream."""
+    out = []
+    for k, (shape, dtype) in enumerate(zip(_material_shapes(req)[:count], _material_dtypes(req)[:count])):
+        if req.kind is Kind.BIT and k == 0:
+            out.append(ks.bits(shape))  # a bit in {0, 1} (uint8)
+        else:
+            out.append(ks.ring(shape) if dtype == torch.int64 else ks.words(shape, dtype))
+    return out
+
+
+def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
+                 masks: Optional[dict[int, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Both parties' shares of ``req``: party 0's all from its stream ``ks0``, party 1's from ``ks1``
+    except its last tensor, the correction that makes the shares add up (the only thing sent)."""
+    if req.kind is Kind.MASK and (masks is None or req.mask_id in masks):
+        raise ValueError(f"deal: mask {req.mask_id} is drawn twice (or there is no mask store)")
+    if req.kind is Kind.FIXED_TRIPLE and (masks is None or req.mask_id not in masks):
+        raise ValueError(f"deal: fixed triple for mask {req.mask_id}, which was never drawn")
+    n = len(_material_shapes(req))
+    s0 = _generate(ks0, req, n)
+    s1 = _generate(ks1, req, n - 1 if _explicit(req) else n)
+    kind = req.kind
+    if kind is Kind.MASK:
+        masks[req.mask_id] = s0[0] + s1[0]
+    elif kind is Kind.FIXED_TRIPLE:
         b = masks.pop(req.mask_id) if req.release else masks[req.mask_id]
         if req.op is Bilinear.MUL and req.params:  # a slice (start, stop) of the flattened mask
             b = b.reshape(-1)[req.params[0] : req.params[1]]
         if tuple(b.shape) != tuple(req.shape_y):
             raise ValueError(f"deal: mask {req.mask_id} has shape {tuple(b.shape)}, the request {req.shape_y}")
-        a = ks.ring(req.shape_x)
-        values, xor = [a, apply_bilinear(req.op, a, b, req.params)], False
-    elif req.kind is Kind.TRIPLE:
-        a, b = ks.ring(req.shape_x), ks.ring(req.shape_y)
-        values, xor = [a, b, apply_bilinear(req.op, a, b, req.params)], False
-    elif req.kind is Kind.SQUARE:
-        a = ks.ring(req.shape_x)
-        values, xor = [a, a * a], False
-    elif req.kind is Kind.AND:
-        # only the low `bits` bits are used: uniform words of the narrowest dtype holding them
-        dtype = word_dtype(req.params[0] if req.params else 64)
-        a, b = ks.words(req.shape_x, dtype), ks.words(req.shape_x, dtype)
-        s0 = [ks.words(req.shape_x, dtype) for _ in range(3)]
-        return s0, [v ^ t for v, t in zip([a, b, a & b], s0)]
-    elif req.kind is Kind.CROSS_AND:
+        s1.append(apply_bilinear(req.op, s0[0] + s1[0], b, req.params).sub_(s0[1]))
+    elif kind is Kind.TRIPLE:
+        s1.append(apply_bilinear(req.op, s0[0] + s1[0], s0[1] + s1[1], req.params).sub_(s0[2]))
+    elif kind is Kind.SQUARE:
+        a = s0[0] + s1[0]
+        s1.append(a.mul_(a).sub_(s0[1]))
+    elif kind is Kind.AND:
+        s1.append(((s0[0] ^ s1[0]) & (s0[1] ^ s1[1])) ^ s0[2])
+    elif kind is Kind.CROSS_AND:
         # party 0's mask A, party 1's mask B, XOR shares of A & B (see protocols.cross_and)
-        dtype = word_dtype(req.params[0])
-        a, b, c0 = (ks.words(req.shape_x, dtype) for _ in range(3))
-        return [a, c0], [b, (a & b) ^ c0]
-    else:
-        r = ks.bits(req.shape_x)
-        r0 = ks.bits(req.shape_x)
-        m = ks.ring(req.shape_x)
-        return [r0, m], [r ^ r0, r.to(torch.int64) - m]
-    s0 = [ks.ring(v.shape) for v in values]
-    s1 = [v ^ s if xor else v - s for v, s in zip(values, s0)]
+        s1.append((s0[0] & s1[0]) ^ s0[1])
+    else:  # BIT: r = r0 ^ r1 as XOR shares, and additive shares (m0, r − m0)
+        s1.append((s0[0] ^ s1[0]).to(torch.int64).sub_(s0[1]))
     return s0, s1
+
+
+def party_stream_key(key: AnyKey, rank: int) -> StreamKey:
+    """The seed the dealer shares with party ``rank`` (0 or 1): a child of the dealer's key (a PRF
+    output, so it says nothing about the dealer's key or the other party's seed). From a 64-bit
+    :class:`~dpfunc.keys.Key` (tests) the seed has only that key's 64 bits of entropy."""
+    if isinstance(key, StreamKey):
+        return key.fold_in(-1 - rank)
+    return StreamKey.from_seed(key.fold_in(-1 - rank).state)
+
+
+def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Generate the material for ``req`` as request 0 of a dealer with ``key``; return (party-0
+    shares, party-1 shares).
+
+    **Seeded shares** (CrypTen's trusted-third-party provider; the "PRG-seeded" dealer of the MPC
+    literature): the dealer shares a seed with each party (:func:`party_stream_key`, sent once at
+    the start of the stream), and both expand ``Keystream(seed.fold_in(i))`` for the ``i``-th
+    request. Party 0's shares are all from its seed; party 1's too, except the last tensor, the
+    *correction* (e.g. ``c1 = op(a0 + a1, b0 + b1) − c0`` for a triple, XOR for an AND triple),
+    which is the only thing the dealer sends — one output-sized tensor per request to party 1,
+    nothing to party 0, nothing for a mask ``b = b0 + b1``. Each party's shares alone are uniform
+    (pseudo-random from its own seed, the correction one-time padded by party 0's ``c0``), and a
+    party never learns the other's seed, so ``a`` and ``b`` stay hidden from each party as before.
+    ``masks`` is the dealer's store of fixed masks: a :attr:`Kind.MASK` request adds ``b`` under
+    ``req.mask_id`` (each id once), a :attr:`Kind.FIXED_TRIPLE` request reads it.
+    """
+    return _deal_seeded(req, Keystream(party_stream_key(key, 0).fold_in(0)),
+                        Keystream(party_stream_key(key, 1).fold_in(0)), masks)
 
 
 @dataclass
@@ -306,25 +339,38 @@ Sink = Callable[[int, Optional[torch.Tensor]], None]
 """``sink(rank, chunk)``: deliver a chunk of party ``rank``'s material (``None``: the end)."""
 
 
-class DealerSource:
-    """The dealer's side: answers each request from its own key and records both parties' shares.
+HEADER_BYTES = 40
+"""The first chunk of the dealer's stream to a party: its 32-byte seed and its rank (8 bytes)."""
 
-    The dealer's randomness is ``key.fold_in(i)`` for the ``i``-th request; it never receives data.
+
+def _header(seed: StreamKey, rank: int) -> torch.Tensor:
+    return torch.frombuffer(bytearray(seed.raw + rank.to_bytes(8, "little")), dtype=torch.uint8)
+
+
+class DealerSource:
+    """The dealer's side: answers each request from its own key and records what it sends.
+
+    The dealer shares one seed with each party (:func:`party_stream_key`, a child of its own key) and
+    deals the ``i``-th request from the two seeds' streams for ``i`` (:func:`deal`); it sends each
+    party a 40-byte header (seed and rank) first, then only party 1's corrections; it never receives
+    data.
 
     Args:
         key: the dealer's own key (a 256-bit :class:`~dpfunc.mpc.prg.StreamKey` in a deployment).
         sink: ``None`` keeps all material until :meth:`flat` (the whole program's material in
             memory: the simple oracle of the streamed form). Otherwise ``sink(rank, chunk)`` gets each
-            party's next chunk once the pending shares reach ``chunk_bytes`` (at a request boundary),
-            and ``sink(rank, None)`` after :meth:`finish`.
-        chunk_bytes: flush threshold, bytes per party (``>= 1``).
+            party's header at the first request, then party 1's next chunk once its pending
+            corrections reach ``chunk_bytes`` (at a request boundary), and ``sink(rank, None)`` after
+            :meth:`finish`.
+        chunk_bytes: flush threshold (``>= 1``).
 
     Attributes:
         requests: number of requests answered so far.
-        peak_pending_bytes: the largest number of bytes per party held before a flush (at most
-            ``chunk_bytes`` plus the largest single request).
-        largest_request_bytes: the largest single request's material (bytes per party).
-        total_bytes: all material so far (bytes per party).
+        peak_pending_bytes: the largest number of bytes held before a flush (at most ``chunk_bytes``
+            plus the largest single request).
+        largest_request_bytes: the largest single request's correction (bytes).
+        bytes_sent: bytes sent to party 0 and to party 1 so far (headers included; party 0 gets
+            only its header).
         masks: the fixed masks drawn so far (:attr:`Kind.MASK`; one per fixed operand, kept for the
             whole session — the size of the weights, not of the batch or the depth).
     """
@@ -332,26 +378,46 @@ class DealerSource:
     def __init__(self, key: AnyKey, sink: Optional[Sink] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int) or chunk_bytes < 1:
             raise ValueError(f"DealerSource: chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
-        self.key, self.sink, self.chunk_bytes = key, sink, chunk_bytes
+        self.sink, self.chunk_bytes = sink, chunk_bytes
+        self._seeds = (party_stream_key(key, 0), party_stream_key(key, 1))
         self.requests = 0
         self.masks: dict[int, torch.Tensor] = {}
-        self.shares: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
+        self.pending: list[torch.Tensor] = []  # party 1's corrections not yet sent
         self.pending_bytes = 0
         self.peak_pending_bytes = 0
         self.largest_request_bytes = 0
-        self.total_bytes = 0
+        self.bytes_sent = [0, 0]
+        self._sent: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # without a sink: everything
+        self._started = False
         self.finished = False
+
+    @property
+    def total_bytes(self) -> int:
+        """Party 1's corrections so far (bytes, headers excluded)."""
+        return self.bytes_sent[1] + self.pending_bytes - (HEADER_BYTES if self._started else 0)
+
+    def _start(self) -> None:
+        self._started = True
+        for rank in (0, 1):
+            header = _header(self._seeds[rank], rank)
+            self.bytes_sent[rank] += HEADER_BYTES
+            if self.sink is None:
+                self._sent[rank].append(header)
+            else:
+                self.sink(rank, header)
 
     def draw(self, req: Request) -> list[torch.Tensor]:
         if self.finished:
             raise RuntimeError("DealerSource.draw: the dealer's stream is already finished")
-        s0, s1 = deal(req, self.key.fold_in(self.requests), self.masks)
+        if not self._started:
+            self._start()
+        i = self.requests
+        s0, s1 = _deal_seeded(req, Keystream(self._seeds[0].fold_in(i)), Keystream(self._seeds[1].fold_in(i)), self.masks)
         self.requests += 1
-        self.shares[0].extend(s0)
-        self.shares[1].extend(s1)
-        nbytes = material_nbytes(req)
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
+        nbytes = material_nbytes(req, 1)
+        if nbytes:
+            self.pending.append(s1[-1])
+            self.pending_bytes += nbytes
         self.largest_request_bytes = max(self.largest_request_bytes, nbytes)
         self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
         if self.sink is not None and self.pending_bytes >= self.chunk_bytes:
@@ -360,29 +426,37 @@ class DealerSource:
 
     def _flush(self) -> None:
         if self.pending_bytes:
-            for rank in (0, 1):
-                chunk = _to_bytes(self.shares[rank])
-                self.shares[rank].clear()  # drop the tensors before the sink may block
-                self.sink(rank, chunk)
-                del chunk
-        self.pending_bytes = 0
+            chunk = _to_bytes(self.pending)
+            self.pending.clear()  # drop the tensors before the sink may block
+            self.bytes_sent[1] += self.pending_bytes
+            self.pending_bytes = 0
+            if self.sink is None:
+                self._sent[1].append(chunk)
+            else:
+                self.sink(1, chunk)
+            del chunk
 
     def finish(self) -> None:
         """Streaming: deliver the last chunk and the end marker (``sink(rank, None)``)."""
         if self.sink is None:
             raise RuntimeError("DealerSource.finish: only a streaming source (with a sink) finishes")
         if not self.finished:
+            if not self._started:
+                self._start()
             self._flush()
             for rank in (0, 1):
                 self.sink(rank, None)
             self.finished = True
 
     def flat(self, rank: int) -> torch.Tensor:
-        """Everything party ``rank`` receives from the dealer, as one uint8 byte vector (each
-        tensor's bytes padded to a multiple of 8); only without a sink."""
+        """Everything party ``rank`` receives from the dealer, as one uint8 byte vector (its header,
+        then its corrections, each tensor's bytes padded to a multiple of 8); only without a sink."""
         if self.sink is not None:
             raise RuntimeError("DealerSource.flat: a streaming source has handed its material to the sink")
-        return _to_bytes(self.shares[rank])
+        if not self._started:
+            self._start()
+        self._flush()
+        return torch.cat(self._sent[rank]) if self._sent[rank] else torch.zeros(0, dtype=torch.uint8)
 
 
 class QueueAborted(RuntimeError):
@@ -447,12 +521,17 @@ class MaterialQueue:
 
 
 class MaterialStream:
-    """A party's side: consumes the dealer's bytes in request order, checking the layout.
+    """A party's side: expands its seeded shares and consumes the dealer's corrections in request
+    order, checking the layout.
+
+    The stream begins with the dealer's 40-byte header (this party's seed and rank); for the ``i``-th
+    request the party expands ``Keystream(seed.fold_in(i))`` exactly as the dealer did (see
+    :func:`deal`) and, as party 1, reads the correction from the dealer's bytes.
 
     Args:
-        flat: all of the material at once (a 1-D uint8 tensor), or
+        flat: all of the dealer's bytes at once (a 1-D uint8 tensor), or
         next_chunk: a function returning the next chunk (1-D uint8) or ``None`` at the end of the
-            dealer's stream; chunks end at request boundaries.
+            dealer's stream; the first chunk is the header, the others end at request boundaries.
     """
 
     def __init__(self, flat: Optional[torch.Tensor] = None, *, next_chunk: Optional[Callable[[], Optional[torch.Tensor]]] = None):
@@ -465,6 +544,9 @@ class MaterialStream:
         self.next_chunk = next_chunk
         self._ended = next_chunk is None
         self.bytes_received = self.flat.numel()
+        self.seed: Optional[StreamKey] = None
+        self.rank: Optional[int] = None
+        self.requests = 0
 
     @staticmethod
     def _check(chunk: torch.Tensor) -> None:
@@ -485,22 +567,38 @@ class MaterialStream:
         self.bytes_received += chunk.numel()
         return True
 
+    def _read_header(self) -> None:
+        if self.offset == self.flat.numel():
+            self._advance()
+        if self.offset + HEADER_BYTES > self.flat.numel():
+            raise RuntimeError("MaterialStream: the dealer's stream does not start with a 40-byte header (seed, rank)")
+        raw = self.flat[self.offset : self.offset + HEADER_BYTES].numpy().tobytes()
+        self.offset += HEADER_BYTES
+        self.seed, self.rank = StreamKey(raw[:32]), int.from_bytes(raw[32:], "little")
+        if self.rank not in (0, 1):
+            raise RuntimeError(f"MaterialStream: the dealer's header names rank {self.rank}, not 0 or 1")
+
     def draw(self, req: Request) -> list[torch.Tensor]:
-        need = material_nbytes(req)
-        if self.offset == self.flat.numel() and need:
+        if self.seed is None:
+            self._read_header()
+        shapes, dtypes = _material_shapes(req), _material_dtypes(req)
+        explicit = self.rank == 1 and _explicit(req)
+        need = material_nbytes(req, self.rank)
+        if need and self.offset == self.flat.numel():
             self._advance()
         if self.offset + need > self.flat.numel():
             raise RuntimeError(
                 f"MaterialStream.draw: the dealer's material ran out at {req.kind.value} of shape "
                 f"{req.shape_x} (dealer and parties ran different programs or shapes)"
             )
-        out = []
-        for s, dtype in zip(_material_shapes(req), _material_dtypes(req)):
+        out = _generate(Keystream(self.seed.fold_in(self.requests)), req, len(shapes) - explicit)
+        self.requests += 1
+        if explicit:
+            s, dtype = shapes[-1], dtypes[-1]
             n = 1
             for d in s:
                 n *= d
-            size = n * dtype.itemsize
-            out.append(self.flat[self.offset : self.offset + size].view(dtype).view(s))
+            out.append(self.flat[self.offset : self.offset + n * dtype.itemsize].view(dtype).view(s))
             self.offset += _padded_nbytes(s, dtype)
         return out
 
@@ -508,6 +606,8 @@ class MaterialStream:
     def exhausted(self) -> bool:
         """All material consumed (streaming: the current chunk is used up and the next thing from the
         dealer is the end marker; a further chunk means the programs differed)."""
+        if self.seed is None:
+            self._read_header()
         if self.offset != self.flat.numel():
             return False
         return not self._advance()

@@ -6,9 +6,10 @@ may know:
 * rank 0, model owner: the architecture and the weights file;
 * rank 1, data owner: the architecture and the images file; it writes the revealed outputs;
 * rank 2, dealer: the architecture, the input shape and the number of batches — no weights, no
-  images. It generates all correlated randomness from its own seed and streams each party its
-  share in chunks while the parties compute (at most one chunk ahead: memory bounded by a few
-  chunks, not by the batch's material); it never receives a message.
+  images. It generates all correlated randomness from its own key: each party expands its shares
+  from a seed the dealer sends it first (:func:`dpfunc.mpc.context.deal`), and the dealer streams
+  the data owner only the corrections, in chunks while the parties compute (at most one chunk ahead:
+  memory bounded by a few chunks, not by the batch's material); it never receives a message.
 
 The same command runs across machines (``--addr`` the model owner's host, one port open).
 
@@ -57,6 +58,7 @@ from dpfunc.mpc.context import (
     DATA_OWNER,
     DEALER,
     DEFAULT_CHUNK_BYTES,
+    HEADER_BYTES,
     MODEL_OWNER,
     CommStats,
     Context,
@@ -232,7 +234,7 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
         shared = share_model(ctx, program, weights, key=key.fold_in(-1), reuse_masks=reuse)
         setup_seconds = time.perf_counter() - t0
         setup_stats = CommStats(**ctx.stats.to_dict())
-        setup_material = 8 * sum(m.share.numel() for m in shared.masked.values())  # the masks, per party
+        setup_material = HEADER_BYTES  # the dealer's header (seed, rank); the masks are expanded from the seed
         ctx.stats = CommStats()
         outputs, times = [], []
         for b in range(batches):
