@@ -266,8 +266,9 @@ def test_group_norm(data, seed):
 
 @given(st.data(), seeds)
 def test_group_norm_fused_from_saved_statistics(data, seed):
-    """GroupNorm after a layer (its input needs a gradient, so the forward saves μ and rstd): the fused
-    one-pass rule (GroupNorm's backward kernel on the batch folded into channels) equals the oracle."""
+    """GroupNorm after a layer (its input needs a gradient, so the forward saves μ and rstd): the per-example
+    gradients from GroupNorm's backward kernel on the batch folded into channels — inside the model's
+    backward (fused tap) or in the rule after it — equal the oracle."""
     from dpfunc.bridge.fast.rules import RULES as rules
 
     groups = data.draw(st.integers(1, 3))
@@ -275,19 +276,32 @@ def test_group_norm_fused_from_saved_statistics(data, seed):
     spatial = data.draw(st.sampled_from([(), (5,), (3, 4)]))
     if not spatial and channels == groups:
         spatial = (2,)  # a group of one element normalises to 0
-    layer = nn.Sequential(nn.Conv1d(channels, channels, 1) if spatial else nn.Linear(channels, channels),
-                          nn.GroupNorm(groups, channels, affine=True))
-    if len(spatial) == 2:
-        layer[0] = nn.Conv2d(channels, channels, 1)
+    first = {0: nn.Linear(channels, channels), 1: nn.Conv1d(channels, channels, 1), 2: nn.Conv2d(channels, channels, 1)}[len(spatial)]
+    layer = nn.Sequential(first, nn.GroupNorm(groups, channels, affine=True))
     b = data.draw(st.integers(0, 5))
     x = torch.randn((b, channels, *spatial), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    fused = data.draw(st.booleans(), label="fused_tap")
     rule, seen = rules[nn.GroupNorm], []
-    rules[nn.GroupNorm] = rule._replace(capture=lambda m, out: seen.append(rule.capture(m, out)) or seen[-1])
+
+    def grads(module, calls, attrs, ghost):
+        seen.extend(None if c.saved is None else len(c.saved) for c in calls)
+        return rule.grads(module, calls, attrs, ghost)
+
+    layer = reinit(layer, seed)
+    with torch.no_grad():
+        y = _targets(layer(x).shape, seed)
+    mask, kw = data.draw(masks(b)), {}
+    views = data.draw(st.sampled_from([None, 1, 2]), label="views_per_example")
+    if views is not None:
+        x, kw = views_of(x, views), {"views_per_example": views}
+    rules[nn.GroupNorm] = rule._replace(grads=grads, tap=rule.tap if fused else None)
     try:
-        _check_against_oracle(data, layer, x, seed)
+        assert_matches_oracle(layer, (x, y), data.draw(clippings()), mask, **kw)
     finally:
         rules[nn.GroupNorm] = rule
-    assert b == 0 or all(s is not None for s in seen), "the fused path (saved statistics) did not run"
+    # statistics saved (2), plus the per-example gradients when the fused tap computed them (4)
+    real = b if mask is None else int(mask.sum())
+    assert real == 0 or (seen and all(n == (4 if fused else 2) for n in seen)), seen
 
 
 @given(st.data(), seeds)

@@ -278,7 +278,11 @@ class FastPass:
         else:
             calls[0].on_grad = None  # several calls: reduce after the backward
         clone = verifying or layer.clone_output
-        tapped = _Tap.apply(output, self.anchor, record, clone)
+        tapped = None
+        if layer.rule.tap is not None and isinstance(inp, torch.Tensor):
+            tapped = layer.rule.tap(layer.module, inp, output, record, clone, self.anchor)
+        if tapped is None:
+            tapped = _Tap.apply(output, self.anchor, record, clone)
         if verifying and taps is not None:
             taps.append((layer, tapped))
         return tapped

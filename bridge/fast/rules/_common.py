@@ -78,12 +78,15 @@ def _scale(c: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 class Rule(NamedTuple):
     """How a layer type is handled: ``grads(module, calls, attrs, ghost) -> LayerGrads``; ``supports(module)``
-    (else its parameters take the vmap path); ``capture(module, output)`` → ``Call.saved``."""
+    (else its parameters take the vmap path); ``capture(module, output)`` → ``Call.saved``; optionally
+    ``tap(module, x, output, record, clone, anchor) -> tensor | None``, a tap of the rule's own that replaces the
+    layer's backward (None: the engine's plain tap)."""
 
     grads: Callable[..., LayerGrads]
     supports: Callable[[nn.Module], bool] = lambda m: True
     capture: Callable[[nn.Module, torch.Tensor], object] = lambda m, out: None
     owns: Callable[[nn.Module], dict] = lambda m: dict(m._parameters)  # attr -> parameter the rule handles
+    tap: Callable[..., torch.Tensor | None] | None = None
 
 
 RULES: dict[type, Rule] = {}
@@ -91,7 +94,7 @@ RULES: dict[type, Rule] = {}
 
 def register_rule(*module_types: type, supports: Callable[[nn.Module], bool] | None = None,
                   capture: Callable[[nn.Module, torch.Tensor], object] | None = None,
-                  owns: Callable[[nn.Module], dict] | None = None):
+                  owns: Callable[[nn.Module], dict] | None = None, tap: Callable[..., torch.Tensor | None] | None = None):
     """Decorator: register ``grads(module, calls, attrs, ghost) -> LayerGrads`` for ``module_types``.
 
     Args:
@@ -102,12 +105,15 @@ def register_rule(*module_types: type, supports: Callable[[nn.Module], bool] | N
             rule as ``Call.saved`` (e.g. normalisation statistics).
         owns: optional ``owns(module) -> {attr: parameter}``, the parameters the rule handles (default:
             the module's own; a rule may claim a submodule's, as attention claims ``out_proj.weight``).
+        tap: optional ``tap(module, x, output, record, clone, anchor)``: the output to hand on, wrapped in an
+            autograd node of the rule's own (an input of which is ``anchor``, the backward's leaf) whose backward
+            computes the layer's input gradient and calls ``record.receive(g)``; or None to take the engine's plain tap (e.g. GroupNorm's fused backward).
     """
     if not module_types or not all(isinstance(t, type) and issubclass(t, nn.Module) for t in module_types):
         raise TypeError(f"register_rule: give nn.Module classes, got {module_types!r}")
 
     def register(grads: Callable[..., LayerGrads]) -> Callable[..., LayerGrads]:
-        rule = Rule(grads, supports or (lambda m: True), capture or (lambda m, out: None), owns or (lambda m: dict(m._parameters)))
+        rule = Rule(grads, supports or (lambda m: True), capture or (lambda m, out: None), owns or (lambda m: dict(m._parameters)), tap)
         for t in module_types:
             RULES[t] = rule
         return grads

@@ -43,6 +43,57 @@ def _kept_grads(kept: dict) -> LayerGrads:
     return LayerGrads({k: _sq(v) for k, v in kept.items()}, lambda factors: {k: _weighted(factors[k], v) for k, v in kept.items()})
 
 
+def _folded_group_norm_backward(g, x, mean, rstd, gamma, groups: int, mask):
+    """GroupNorm's backward kernel on ``(B, C, *S)`` with the batch folded into the channels, ``(1, B·C, S)``
+    in ``B·G`` groups (each with its example's μ, rstd): its weight and bias gradients are then the
+    per-example ``(B, C)`` gradients, and its input gradient the ordinary one. ``mask``: which of
+    (input, weight, bias) gradients to compute. The kernel reads raw memory: inputs made contiguous."""
+    b, ch = x.shape[:2]
+    s = math.prod(x.shape[2:])
+    mean, rstd = (t.to(g.dtype).reshape(1, b * groups).contiguous() for t in (mean, rstd))
+    gamma = g.new_ones(b * ch) if gamma is None else gamma.to(g.dtype).repeat(b)
+    dx, pe_w, pe_b = torch.ops.aten.native_group_norm_backward(
+        g.reshape(1, b * ch, s).contiguous(), x.to(g.dtype).reshape(1, b * ch, s).contiguous(), mean, rstd,
+        gamma, 1, b * ch, s, b * groups, mask,
+    )
+    return (None if dx is None else dx.view(x.shape)), (None if pe_w is None else pe_w.view(b, ch)), (None if pe_b is None else pe_b.view(b, ch))
+
+
+class _FusedGroupNormTap(torch.autograd.Function):
+    """A GroupNorm output whose backward is ONE pass of GroupNorm's kernel giving both the input gradient
+    (what the model's own backward computes) and the per-example weight and bias gradients, which it
+    appends to the call's saved statistics: the rule then has nothing left to compute. The original
+    output's backward node is detached from the graph and never runs."""
+
+    @staticmethod
+    def forward(ctx, out, anchor, x, mean, rstd, gamma, record, groups, clone):
+        ctx.save_for_backward(x, mean, rstd, gamma)
+        ctx.record, ctx.groups = record, groups
+        return out.clone() if clone else out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, mean, rstd, gamma = ctx.saved_tensors
+        record, ctx.record = ctx.record, None  # the graph outlives the backward: keep nothing alive through it
+        dx, pe_w, pe_b = _folded_group_norm_backward(g, x, mean, rstd, gamma, ctx.groups, [ctx.needs_input_grad[2], True, True])
+        record.saved = (*record.saved, pe_w, pe_b)
+        record.receive(g)
+        return None, None, dx, None, None, None, None, None, None
+
+
+def _group_norm_tap(module, x, output, record, clone, anchor):
+    """The fused tap when the forward saved its statistics in the input's dtype (else None: the plain tap)."""
+    if record.saved is None or x.dtype != output.dtype:
+        return None
+    mean, rstd = record.saved
+    gamma = module.weight if module.weight is not None else None
+    if mean.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype):
+        return None
+    # the original GroupNorm node keeps (x, mean, rstd) itself; detaching `output` leaves it out of the graph
+    return _FusedGroupNormTap.apply(output.detach(), anchor, x, mean, rstd, None if gamma is None else gamma.detach(),
+                                    record, module.num_groups, clone)
+
+
 def _group_norm_rule(module, calls, attrs, ghost):
     """Per example and channel ``Σ_s x̂ g`` and ``Σ_s g`` with the forward's own μ, rstd, in one fused pass.
 
@@ -58,17 +109,14 @@ def _group_norm_rule(module, calls, attrs, ghost):
     for c in calls:
         b, ch = c.x.shape[:2]
         if c.saved is not None:
-            s = math.prod(c.x.shape[2:])
-            # the kernel reads raw memory: contiguous inputs (a view of K views' rows may have any strides)
-            mean, rstd = (t.to(c.g.dtype).reshape(1, b * groups).contiguous() for t in c.saved)
-            _, pe_w, pe_b = torch.ops.aten.native_group_norm_backward(
-                c.g.reshape(1, b * ch, s).contiguous(), c.x.to(c.g.dtype).reshape(1, b * ch, s).contiguous(), mean, rstd,
-                c.g.new_ones(b * ch), 1, b * ch, s, b * groups, [False, want_w, want_b],
-            )
+            if len(c.saved) == 4:  # the fused tap's backward computed them (mean, rstd, pe_w, pe_b)
+                pe_w, pe_b = c.saved[2:]
+            else:
+                _, pe_w, pe_b = _folded_group_norm_backward(c.g, c.x, *c.saved, None, groups, [False, want_w, want_b])
             if want_w:
-                _accumulate(kept, "weight", pe_w.view(b, ch))
+                _accumulate(kept, "weight", pe_w.reshape(b, ch))
             if want_b:
-                _accumulate(kept, "bias", pe_b.view(b, ch))
+                _accumulate(kept, "bias", pe_b.reshape(b, ch))
             continue
         g = c.g.reshape(b, ch, -1)
         if want_w:
@@ -116,5 +164,5 @@ def _group_norm_capture(m, out):
 
 
 layer_norm = register_rule(nn.LayerNorm, capture=_layer_norm_capture)(_last_dims_rule(_layer_norm_xhat))
-group_norm = register_rule(nn.GroupNorm, capture=_group_norm_capture)(_group_norm_rule)
+group_norm = register_rule(nn.GroupNorm, capture=_group_norm_capture, tap=_group_norm_tap)(_group_norm_rule)
 rms_norm = register_rule(nn.RMSNorm)(_last_dims_rule(_rms_norm_xhat)) if hasattr(nn, "RMSNorm") else None
