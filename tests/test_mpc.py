@@ -253,7 +253,7 @@ def test_tanh_approximation_error_is_as_stated():
     assert approx.max_error() < 1e-4
     xf = torch.cat([torch.linspace(-8, 8, 1201, dtype=torch.float64), torch.tensor([-100.0, 100.0, 0.0])])
     out = decode(_run(lambda c, xs: tanh(c, xs), x=encode(xf), seed=1))
-    # fixed-point error of the protocol: Horner's 9 truncations (< 1 ulp each, damped by |v| ≤ 1) and
+    # fixed-point error of the protocol: Horner's 8 truncations (< 1 ulp each, damped by |v| ≤ 1) and
     # the encoded coefficients, ≤ (degree + 1) ulps ≈ 1.5e-4 in the worst case; 5.2e-5 observed here
     assert (out - approx.plaintext(xf)).abs().max() < 8e-5
     assert (out - torch.tanh(xf)).abs().max() < 1.5e-4

@@ -11,13 +11,14 @@
   coefficients); the polynomial is evaluated by Horner's rule (``degree`` products, each rounding
   error damped by ``|v| ≤ 1``), and a last product applies the sign. Beyond ``L`` the higher
   coefficients are exactly 0 in the ring, so a large (or wrongly truncated) ``v`` contributes
-  exactly nothing. Default ``L = 5, pieces = 2, degree = 9``: maximum error of the approximation
-  9.1e-5 (the saturation beyond 5) and about 1e-4 with 16-bit fixed point (measured in the tests).
-  Cost: 3 comparisons (the sign, then 2 batched) + 1 product for ``|x|`` + ``degree`` Horner
-  products + 1 for the sign: with 64-bit comparisons 16 + 1 + 9 + 1 = 27 rounds and
-  ≈ 3·47 + 16 + 16·9 + 16 ≈ 320 bytes per element and party; with 32-bit comparisons
-  (``bits=32``, what :func:`dpfunc.bridge.mpc.encrypted_inference` uses) 14 + 11 = 25 rounds and
-  ≈ 3·27 + 176 ≈ 260 bytes. (Before Horner: the powers of ``u`` and a batched coefficient product,
+  exactly nothing. Default ``L = 5, pieces = 2, degree = 8``: maximum error of the approximation
+  9.1e-5 (the saturation beyond 5: the fit itself is below that from degree 8 on, so degree 9 — the
+  default before — cost one product and one round more for the same bound) and about 1e-4 with
+  16-bit fixed point (measured in the tests).
+  Cost: 3 comparisons (the sign, then 2 batched) + 1 product for ``|x|`` + 1 round masking ``v`` +
+  ``degree`` Horner products + 1 for the sign: with 64-bit comparisons 16 + 1 + 1 + 8 + 1 = 27 rounds;
+  with 32-bit comparisons (``bits=32``, what :func:`dpfunc.bridge.mpc.encrypted_inference` uses)
+  14 + 11 = 25 rounds and ≈ 3·27 + 8·12 ≈ 180 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
   ``2·degree − 1`` products in 5 rounds, 470 bytes.)
   ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
   batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).
@@ -50,6 +51,7 @@ from dpfunc.mpc.protocols import (
     beaver,
     ltz,
     mul,
+    mul_batch,
     mul_chain_operand,
     mul_fixed,
     mul_int,
@@ -72,7 +74,7 @@ class TanhApprox:
 
     limit: float = 5.0
     pieces: int = 2
-    degree: int = 9
+    degree: int = 8
     odd: bool = True
 
     def __post_init__(self) -> None:
@@ -206,8 +208,15 @@ class RsqrtConfig:
         return e
 
 
-def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig()) -> torch.Tensor:
-    """Shares of ``1/√v`` for shared ``v > 0`` in ``cfg``'s range (see the module docstring)."""
+def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig(),
+          times: torch.Tensor | None = None) -> torch.Tensor:
+    """Shares of ``1/√v`` for shared ``v > 0`` in ``cfg``'s range (see the module docstring).
+
+    ``times`` (shared, shape ``v.shape + (k,)``): return ``times · 1/√v`` (broadcast over the last
+    dimension) instead, at no extra round — the last Newton step ``y (3 − v·y·y)/2`` multiplies
+    ``times·y`` (made in the same round as ``v·y``) rather than ``y`` by ``(3 − v·y·y)/2``.
+    GroupNorm's affine weight uses it (one round fewer per layer).
+    """
     fp = ctx.fp
     sp = cfg.steps_per_octave
     ks = list(range(cfg.low_exp * sp, (cfg.high_exp + 1) * sp))  # thresholds 2^(k/s)
@@ -219,9 +228,20 @@ def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig()) -> to
     ).view((len(ks),) + (1,) * v.dim())
     y = add_public(ctx, (steps * deltas).sum(0), int(round(guess(ks[0] - 1) * fp.scale)))
     three = 3 * fp.scale
-    for _ in range(cfg.iterations):
-        vy2 = mul(ctx, mul(ctx, v, y), y)  # (v·y)·y keeps precision where y² would underflow
-        y = truncate(ctx, beaver(ctx, y, add_public(ctx, -vy2, three), Bilinear.MUL), 2 * fp.scale)
+    for i in range(cfg.iterations):
+        last = i == cfg.iterations - 1
+        if last and times is not None:  # v·y and times·y in one round
+            vy, ty = mul_batch(ctx, [(v, y), (times, y.unsqueeze(-1).expand(times.shape))])
+        else:
+            vy, ty = mul(ctx, v, y), None
+        vy2 = mul(ctx, vy, y)  # (v·y)·y keeps precision where y² would underflow
+        half = add_public(ctx, -vy2, three)
+        if ty is not None:
+            return truncate(ctx, beaver(ctx, ty, half.unsqueeze(-1).expand(ty.shape).contiguous(), Bilinear.MUL),
+                            2 * fp.scale)
+        y = truncate(ctx, beaver(ctx, y, half, Bilinear.MUL), 2 * fp.scale)
+    if times is not None:  # no iteration to fold into
+        return mul(ctx, times, y.unsqueeze(-1).expand(times.shape).contiguous())
     return y
 
 
@@ -242,9 +262,11 @@ def group_norm(
     xc = xg - mean
     var = truncate(ctx, square(ctx, xc).sum(-1), n)  # (B, G)
     var = add_public(ctx, var, max(0, int(round(eps * ctx.fp.scale))))
-    r = rsqrt(ctx, var, cfg).repeat_interleave(c // groups, dim=1)  # (B, C)
-    if weight is not None:
-        r = mul(ctx, r, weight.view(1, c))
+    if weight is not None:  # γ·rsqrt(var) per channel, γ folded into the last Newton step
+        g = weight.view(1, groups, c // groups).expand(b, groups, c // groups).contiguous()
+        r = rsqrt(ctx, var, cfg, times=g).reshape(b, c)  # (B, C)
+    else:
+        r = rsqrt(ctx, var, cfg).repeat_interleave(c // groups, dim=1)  # (B, C)
     y = mul(ctx, xc.reshape(b, c, -1), r.unsqueeze(-1)).reshape(x.shape)
     if bias is not None:
         y = y + bias.view((1, c) + (1,) * (x.dim() - 2))

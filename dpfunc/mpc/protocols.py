@@ -58,6 +58,7 @@ __all__ = [
     "mul_chain_operand",
     "mul_fixed",
     "mul",
+    "mul_batch",
     "mul_int",
     "square",
     "matmul",
@@ -387,6 +388,34 @@ def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, 
 def mul(ctx: Context, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Fixed-point elementwise product (broadcasting), truncated back to ``f`` fractional bits."""
     return truncate(ctx, beaver(ctx, x, y, Bilinear.MUL))
+
+
+def mul_batch(ctx: Context, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """Fixed-point elementwise products of several same-shape pairs in **one** round (independent
+    products of different shapes, e.g. GroupNorm's ``v·y`` per group and ``γ·y`` per channel), each
+    with its own triple, truncated.
+
+    Example:
+        >>> from dpfunc.mpc import decode, encode, mul_batch, reveal_to, share_from, simulate
+        >>> def program(ctx):
+        ...     own = lambda t: encode(torch.tensor(t)) if ctx.rank == 1 else None
+        ...     x, y = share_from(ctx, 1, own([1.5, 2.0]), (2,), Key(1)), share_from(ctx, 1, own([4.0]), (1,), Key(2))
+        ...     p, q = mul_batch(ctx, [(x, x), (y, y)])
+        ...     return reveal_to(ctx, 1, torch.cat([p, q])), ctx.stats.rounds
+        >>> out, rounds = simulate(program, dealer_key=Key(3)).outputs[1]
+        >>> decode(out).round(decimals=3).tolist(), rounds  # 2 input shares + 1 product round + reveal
+        ([2.25, 4.0, 16.0], 4)
+    """
+    for x, y in pairs:
+        if tuple(x.shape) != tuple(y.shape):
+            raise ValueError(f"mul_batch: each pair must have one shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+    mats = [ctx.draw(Request(Kind.TRIPLE, tuple(x.shape), tuple(y.shape), Bilinear.MUL)) for x, y in pairs]
+    if ctx.is_dealer:
+        return [torch.zeros(x.shape, dtype=torch.int64) for x, _ in pairs]
+    opened = open_masked(ctx, [(x, m[0]) for (x, _), m in zip(pairs, mats)] + [(y, m[1]) for (_, y), m in zip(pairs, mats)])
+    k = len(pairs)
+    return [truncate(ctx, _beaver_mul_local(ctx.rank, a, b, c, e, f))
+            for (a, b, c), e, f in zip(mats, opened[:k], opened[k:])]
 
 
 def mul_int(ctx: Context, x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
