@@ -16,7 +16,7 @@ from dpfunc.clipping import FlatClipping
 from dpfunc.keys import Key
 from dpfunc.models import MODELS, FeatureSegmenter, FixedFeatures, build_model, feature_segmenter
 from dpfunc.segmentation import PackedSegmenter, PatientVolume, SegmentationConfig, patient_batch, segmentation_engine, slice_batch
-from dpfunc.segmentation._train import SegModel, _build
+from dpfunc.segmentation._train import SegModel, _build, _fixed_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -83,6 +83,16 @@ def test_soft_bins_and_position_channels():
     torch.testing.assert_close(out[0, 2], torch.ones(16, 16))  # the bin at the intensity: 1
     torch.testing.assert_close(out[0, 1], torch.full((16, 16), math.exp(-0.5)))  # one bin width away
     assert float(out[0, 4, 0, 0]) == -1 and float(out[0, 4, -1, 0]) == 1 and float(out[0, 5, 0, -1]) == 1
+    prod = FixedFeatures(16, blur_scales=(), edge_scales=(), std_scales=(), bin_scales=(1.0,), bin_centres=(0.2, 0.5, 0.8),
+                         position_products=True)
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(4))
+    more, base = prod(x), feats(x)
+    assert prod.num_features == more.shape[1] == 1 + 3 + 2 + 6
+    torch.testing.assert_close(more[:, :6], base)  # the products come after the plain features
+    torch.testing.assert_close(more[:, 6:9], base[:, 1:4] * base[:, 4:5])  # bins × row
+    torch.testing.assert_close(more[:, 9:12], base[:, 1:4] * base[:, 5:6])  # bins × column
+    with pytest.raises(ValueError, match="FixedFeatures: position_products=True needs position=True"):
+        FixedFeatures(position=False, position_products=True)
 
 
 def test_bad_arguments_are_refused_by_name():
@@ -103,9 +113,14 @@ def test_bad_arguments_are_refused_by_name():
 def test_config_builds_the_feature_model_with_the_prior():
     cfg = SegmentationConfig(model="features", head_hidden=0, image_size=48)  # 48: no 2**depth constraint here
     assert cfg.model is SegModel.FEATURES and cfg.to_dict()["model"] == "features"
-    model, _, params, _ = _build(cfg)
-    assert isinstance(model.net, FeatureSegmenter) and set(params) == {"net.head.0.weight", "net.head.0.bias"}
-    torch.testing.assert_close(params["net.head.0.bias"], torch.tensor([math.log(0.95), math.log(0.05)]))
+    model, apply_fn, params, buffers = _build(cfg)
+    # the loader precomputes the features (channel 0 = the slice): the trained model is the head alone
+    assert model.image_channels == FixedFeatures(48).num_features and set(params) == {"net.0.weight", "net.0.bias"}
+    torch.testing.assert_close(params["net.0.bias"], torch.tensor([math.log(0.95), math.log(0.05)]))
+    full = feature_segmenter(key=Key(cfg.seed).fold_in(1), image_size=48, hidden=0, class_prior=(0.95, 0.05))
+    x = torch.rand(2, 1, 48, 48, generator=torch.Generator().manual_seed(3))
+    packed = torch.cat([_fixed_features(cfg, x), torch.zeros(2, 2, 48, 48)], 1)  # the same function as the end-to-end module
+    torch.testing.assert_close(apply_fn(params, buffers, packed)[0], full(x))
     assert isinstance(_build(SegmentationConfig())[0].net, type(build_model("unet", key=Key(0))))  # default unchanged
 
 

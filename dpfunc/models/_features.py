@@ -18,7 +18,9 @@ scales ``s`` (in pixels of a 64² slice, scaled with the image side), they are, 
 * soft intensity bins of ``G_s * x`` for ``s`` in ``bin_scales``: ``exp(−(G_s * x − c_k)² / (2 w²))`` at
   fixed centres ``c_k`` (``bin_centres``, spaced ``w`` apart) — a fixed nonlinear encoding that lets a
   LINEAR head pick an intensity band (organ vs the tissue around it) without learning thresholds;
-* the row and column position in ``[−1, 1]`` (``position=True``; CoordConv, Liu et al. 2018).
+* the row and column position in ``[−1, 1]`` (``position=True``; CoordConv, Liu et al. 2018);
+* with ``position_products=True`` also every soft bin times the row and times the column position, so a
+  linear head can ask for "this intensity band AND this side of the image" (a fixed second-order expansion).
 
 The head is a per-pixel MLP (``1×1`` convolutions: features → ``hidden`` → ReLU → classes, or a linear
 ``1×1`` map when ``hidden = 0``) followed by an optional ``k×k`` convolution of the logits
@@ -68,6 +70,7 @@ class FixedFeatures(nn.Module):
         bin_centres: centres ``c_k`` of the soft intensity bins (windowed units); their spacing ``w``
             (the first gap) is also the bin width.
         position: append the row and column position channels.
+        position_products: append every soft bin × row and × column position (needs ``position``).
 
     Example:
         >>> f = FixedFeatures()
@@ -78,7 +81,7 @@ class FixedFeatures(nn.Module):
     def __init__(self, image_size: int = 64, *, blur_scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
                  edge_scales: Sequence[float] = (1.0, 2.0, 4.0), std_scales: Sequence[float] = (2.0, 4.0),
                  bin_scales: Sequence[float] = (1.0, 2.0), bin_centres: Sequence[float] = DEFAULT_BIN_CENTRES,
-                 position: bool = True):
+                 position: bool = True, position_products: bool = False):
         super().__init__()
         fn = "FixedFeatures"
         check_int_range(fn, "image_size", image_size, low=8)
@@ -89,16 +92,19 @@ class FixedFeatures(nn.Module):
         centres = [float(c) for c in bin_centres]
         if bin_scales and (len(centres) < 2 or any(b <= a for a, b in zip(centres, centres[1:]))):
             raise ValueError(f"{fn}: bin_centres must be >= 2 increasing values when bin_scales is given, got {tuple(bin_centres)!r}")
+        if position_products and not position:
+            raise ValueError(f"{fn}: position_products=True needs position=True")
         factor = image_size / 64
         self.blur_scales, self.edge_scales = tuple(blur_scales), tuple(edge_scales)
         self.std_scales, self.bin_scales = tuple(std_scales), tuple(bin_scales)
-        self.position = bool(position)
+        self.position, self.position_products = bool(position), bool(position_products)
         self._factor = factor
         self._kernels = {s: _gaussian_kernel(s * factor) for s in {*self.blur_scales, *self.edge_scales, *self.std_scales, *self.bin_scales}}
         self.bin_centres = tuple(centres)
         self.bin_width = centres[1] - centres[0] if len(centres) > 1 else 1.0
         self.num_features = (1 + len(self.blur_scales) + len(self.edge_scales) + len(self.std_scales)
-                             + len(self.bin_scales) * len(centres) + (2 if self.position else 0))
+                             + len(self.bin_scales) * len(centres) * (3 if self.position_products else 1)
+                             + (2 if self.position else 0))
 
     def _blur(self, x: torch.Tensor, s: float) -> torch.Tensor:
         """Separable Gaussian blur with replicate padding (the image's edge continues outwards)."""
@@ -121,14 +127,18 @@ class FixedFeatures(nn.Module):
         for s in self.std_scales:
             var = self._blur(x * x, s) - blurred[s] ** 2
             out.append(torch.sqrt(var.clamp_min(0) + 1e-12))
+        bins = []
         for s in self.bin_scales:
             centres = torch.tensor(self.bin_centres, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-            out.append(torch.exp(-((blurred[s] - centres) ** 2) / (2 * self.bin_width**2)))
+            bins.append(torch.exp(-((blurred[s] - centres) ** 2) / (2 * self.bin_width**2)))
+        out += bins
         if self.position:
             n, _, h, w = x.shape
             rows = torch.linspace(-1, 1, h, dtype=x.dtype, device=x.device).view(1, 1, h, 1).expand(n, 1, h, w)
             cols = torch.linspace(-1, 1, w, dtype=x.dtype, device=x.device).view(1, 1, 1, w).expand(n, 1, h, w)
             out += [rows, cols]
+            if self.position_products:
+                out += [b * rows for b in bins] + [b * cols for b in bins]
         return torch.cat(out, dim=1)
 
 

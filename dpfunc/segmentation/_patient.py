@@ -86,19 +86,22 @@ def slice_losses(logits: torch.Tensor, labels: torch.Tensor, *, smooth: float = 
 
 
 class PackedSegmenter(nn.Module):
-    """Wraps a segmentation net for packed inputs ``(N, 3, H, W)`` = image, label, loss weight.
+    """Wraps a segmentation net for packed inputs ``(N, c + 2, H, W)`` = image (``c`` channels), label, loss weight.
 
-    ``forward`` returns ``(logits, labels, weights)``: the net sees channel 0 only; labels and
-    weights ride along so that a per-row loss needs no separate target tensors (which the fast
-    engine would copy to every slice of a patient).
+    ``forward`` returns ``(logits, labels, weights)``: the net sees the first ``image_channels``
+    channels only (1 for a CT slice; the number of fixed features when the input pipeline precomputes
+    them, see :class:`~dpfunc.models.FixedFeatures`); labels and weights ride along so that a per-row
+    loss needs no separate target tensors (which the fast engine would copy to every slice of a patient).
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: nn.Module, image_channels: int = 1):
         super().__init__()
         self.net = net
+        self.image_channels = check_int_range("PackedSegmenter", "image_channels", image_channels, low=1)
 
     def forward(self, x: torch.Tensor):
-        return self.net(x[:, :1]), x[:, 1].round().to(torch.int64), x[:, 2, 0, 0]
+        c = self.image_channels
+        return self.net(x[:, :c]), x[:, c].round().to(torch.int64), x[:, c + 1, 0, 0]
 
 
 def packed_losses(out) -> torch.Tensor:
@@ -141,7 +144,7 @@ def patient_batch(patients: Sequence[PatientVolume], indices: torch.Tensor | Seq
             packed = torch.cat([packed, packed.new_zeros((k - used, *packed.shape[1:]))])
         rows.append(packed)
     if not rows:
-        return torch.zeros((0, k, 3, h, w))
+        return torch.zeros((0, k, patients[0].images.shape[1] + 2, h, w))
     return torch.stack(rows)
 
 

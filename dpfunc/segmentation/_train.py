@@ -115,7 +115,9 @@ class SegmentationConfig:
             ``width``, ``depth``, ``groups``, ``pretrain_steps`` and ``coord_channels`` do not apply: the
             filter bank has its own position channels).
         head_hidden, head_smooth: the ``FEATURES`` head's hidden width (0 = linear) and the side of its final
-            logit convolution (0 = none; odd) (:class:`~dpfunc.segmentation.FeatureSegmenter`).
+            logit convolution (0 = none; odd) (:class:`~dpfunc.models.FeatureSegmenter`).
+        position_products: the ``FEATURES`` filter bank also multiplies its intensity bins by the row and
+            column position (:class:`~dpfunc.models.FixedFeatures`).
     """
 
     task: str = "liver"
@@ -151,6 +153,7 @@ class SegmentationConfig:
     model: SegModel = SegModel.UNET
     head_hidden: int = 16
     head_smooth: int = 0
+    position_products: bool = False
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
@@ -213,7 +216,7 @@ def _net_apply(apply_fn: Callable) -> Callable:
     """Bare-net predictions ``(N, 1, H, W) -> logits`` through the packed model (dummy label/weight)."""
     def run(params, buffers, images):
         images = to_device(images, next(iter(params.values())).device)  # slices go where the model is
-        zeros = images.new_zeros(images.shape)
+        zeros = images.new_zeros((images.shape[0], 1, *images.shape[2:]))
         return apply_fn(params, buffers, torch.cat([images, zeros, zeros], 1))[0]
     return run
 
@@ -275,8 +278,21 @@ def summarize_hd95(values: list[float], shape_of: list[tuple[int, ...]],
 def _load(cfg: SegmentationConfig, data_dir: str | Path):
     patients = read_msd(data_dir, image_size=cfg.image_size, window=HUWindow(cfg.window_low, cfg.window_high),
                         selection=cfg.selection, margin=cfg.margin)
+    if cfg.model is SegModel.FEATURES:  # the fixed filter bank, once per slice, in the input pipeline
+        patients = [p._replace(images=_fixed_features(cfg, p.images)) for p in patients]
     split_key = Key(cfg.seed).fold_in(0)
     return split_patients(patients, split_key, (1 - cfg.val_fraction - cfg.test_fraction, cfg.val_fraction, cfg.test_fraction))
+
+
+def _fixed_features(cfg: SegmentationConfig, images: torch.Tensor) -> torch.Tensor:
+    """``(S, 1, H, W)`` windowed slices -> ``(S, F, H, W)`` fixed features (:class:`~dpfunc.models.FixedFeatures`;
+    channel 0 is the slice itself). A fixed function of each slice alone: no parameters, nothing fitted."""
+    from dpfunc.models import FixedFeatures
+
+    bank = FixedFeatures(cfg.image_size, position_products=cfg.position_products)
+    with torch.no_grad():
+        return torch.cat([bank(images[i:i + 64]) for i in range(0, images.shape[0], 64)]) if images.shape[0] else \
+            images.new_zeros((0, bank.num_features, *images.shape[2:]))
 
 
 def _build(cfg: SegmentationConfig):
@@ -286,12 +302,14 @@ def _build(cfg: SegmentationConfig):
     if cfg.model is SegModel.FEATURES:
         from dpfunc.models import feature_segmenter
 
-        net = feature_segmenter(key=Key(cfg.seed).fold_in(1), image_size=cfg.image_size, hidden=cfg.head_hidden,
-                                smooth_kernel=cfg.head_smooth, class_prior=prior)
+        full = feature_segmenter(key=Key(cfg.seed).fold_in(1), image_size=cfg.image_size, hidden=cfg.head_hidden,
+                                 smooth_kernel=cfg.head_smooth, class_prior=prior, position_products=cfg.position_products)
+        # _load already turned every slice into its fixed features: the trained model is the head alone
+        model = PackedSegmenter(full.head, image_channels=full.features.num_features)
     else:
         net = unet_gn(key=Key(cfg.seed).fold_in(1), width=cfg.width, depth=cfg.depth, groups=cfg.groups, class_prior=prior,
                       coord_channels=cfg.coord_channels)
-    model = PackedSegmenter(net)
+        model = PackedSegmenter(net)
     apply_fn, params, buffers = functionalize(model)
     if cfg.pretrain_steps:
         public = _public_weights(cfg.width, cfg.depth, cfg.groups, cfg.image_size, cfg.pretrain_steps, cfg.foreground_prior)
