@@ -148,15 +148,19 @@ def _check_conv_against_oracle(data, layer, x, seed):
     # instantiated per-example conv gradients have two kernels (grouped conv / unfold + bmm), picked by
     # the number of output positions, and the unfold two layouts (channels first / last), picked by
     # run length: force each
-    # and the ghost norm two forms (unfolded / pixel Gram), picked by a cost model: force each too
-    before = fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM
+    # and the ghost norm two forms (unfolded / pixel Gram), picked by a cost model: force each too; and
+    # batch chunks of one example (several chunks: kept gradients gathered into one buffer) or the default
+    from dpfunc.bridge.fast.rules import _common
+
+    before = fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM, _common._CHUNK_ELEMENTS
     fast_layers.GROUPED_MIN_POSITIONS = data.draw(st.sampled_from([0, 10**9]), label="grouped_min_positions")
     fast_layers.CHANNELS_LAST_UNFOLD = data.draw(st.sampled_from([None, True, False]), label="channels_last_unfold")
     fast_layers.PIXEL_GRAM = data.draw(st.sampled_from([None, True, False]), label="pixel_gram")
+    _common._CHUNK_ELEMENTS = data.draw(st.sampled_from([_common._CHUNK_ELEMENTS, 1]), label="chunk_elements")
     try:
         _check_against_oracle(data, layer, x, seed)
     finally:
-        fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM = before
+        fast_layers.GROUPED_MIN_POSITIONS, fast_layers.CHANNELS_LAST_UNFOLD, fast_layers.PIXEL_GRAM, _common._CHUNK_ELEMENTS = before
 
 
 @pytest.mark.parametrize("nd", [1, 2])

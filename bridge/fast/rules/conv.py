@@ -227,7 +227,6 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
         # spatial outputs, by unfold + bmm on small ones: the faster of the two on CPU
         grouped = not use_ghost and len(calls) == 1 and t_total >= GROUPED_MIN_POSITIONS and d_g >= 32
         sq_w = weight.new_empty(b)
-        pe_w = weight.new_empty((b, *weight.shape)) if keep else None
         unfold_el = groups * t_total * (d_g + p_g)
         if pixel:  # the padded input, its pixel Gram (and one diagonal sum of it), the T×T output-gradient Gram
             per_ex = groups * (math.prod(padded) * (1 + 2 * math.prod(padded)) + t_total * t_total)
@@ -236,7 +235,10 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
         else:
             per_ex = unfold_el + (2 * groups * t_total * t_total if use_ghost else weight.numel())
         channels_last = _channels_last(d_g // math.prod(kernel), kernel, out0, stride)  # one layout for all calls
-        for lo, hi in _chunks(b, per_ex):
+        chunks = _chunks(b, per_ex)
+        # kept per-example gradients: one chunk's result is kept as it is (no copy into a (B, *W) buffer)
+        pe_w = weight.new_empty((b, *weight.shape)) if keep and len(chunks) > 1 else None
+        for lo, hi in chunks:
             n = hi - lo
             if pixel:
                 (xin, pad), g = inputs[0], gs[0]
@@ -250,7 +252,9 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                     (0,) * len(pad), n * groups, [False, True, False],
                 )[1].view(n, *weight.shape)
                 sq_w[lo:hi] = _sq(pe)
-                if keep:
+                if keep and pe_w is None:
+                    pe_w = pe
+                elif keep:
                     pe_w[lo:hi] = pe
                 continue
             rows, gcols = [], []  # per call: (n, G, T, d_g) receptive fields, (n, G, p_g, T) output gradients
@@ -269,7 +273,11 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                 pe = sum(gg @ u if channels_last else (u.transpose(2, 3) @ gg.transpose(2, 3)).transpose(2, 3) for u, gg in zip(rows, gcols))
                 sq_w[lo:hi] = _sq(pe)
                 if keep:
-                    pe_w[lo:hi] = (_kc_to_ck(pe, kernel) if channels_last else pe).reshape(n, *weight.shape)
+                    pe = (_kc_to_ck(pe, kernel) if channels_last else pe).reshape(n, *weight.shape)
+                    if pe_w is None:
+                        pe_w = pe
+                    else:
+                        pe_w[lo:hi] = pe
         sq["weight"] = sq_w
         if keep:
             kept["weight"] = pe_w
