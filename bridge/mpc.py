@@ -463,7 +463,7 @@ def share_model(ctx: Context, program: MPCProgram, weights: Optional[torch.Tenso
         names = list(dict.fromkeys(op.params[0] for op in program.ops if op.kind in _MASKED_KINDS and op.params[0]))
         kinds = {op.params[0]: op.kind for op in program.ops if op.kind in _MASKED_KINDS}
         ys = [params[n].t() if kinds[n] is OpKind.LINEAR else params[n] for n in names]
-        masked = dict(zip(names, P.mask_operands(ctx, ys)))
+        masked = dict(zip(names, P.mask_operands(ctx, ys, fuse=True)))
     return SharedModel(params, masked)
 
 

@@ -305,3 +305,44 @@ def test_group_norm_with_folded_weight_matches_torch_in_16_rounds(seed, groups, 
     ref = F.group_norm(x, groups, w if affine else None, b if affine else None, 1e-5)
     assert (out - ref).abs().max() < 2e-3
     assert rounds[1] == 16  # square, 8 (comparisons), 2·3 (Newton, γ folded in: no round of its own), x·r
+
+
+# ------------------------------------------------------- fused fixed weights: one convolution per product
+@pytest.mark.parametrize("min_k", [1, 1 << 30], ids=["matmul-path", "conv-path"])
+@given(seed=seeds, cin=st.integers(1, 4), cout=st.integers(1, 4), k=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       padding=st.integers(0, 1))
+@settings(max_examples=6)
+def test_fused_fixed_weight_convolution_is_exact(min_k, seed, cin, cout, k, stride, padding):
+    """beaver_fixed with fused weights ([e, a] against [b (+ f), f], one convolution or one matmul)
+    gives exactly x ⊛ w in the ring over several products with the same mask, like the unfused form."""
+    import torch.nn.functional as F
+
+    from dpfunc.mpc import Bilinear, reveal_to, share_from, simulate
+    from dpfunc.mpc import context as C
+    from dpfunc.mpc.protocols import beaver_fixed, mask_operands
+
+    from unittest import mock
+
+    g = Key(seed).generator()
+    w = torch.randint(-(2**63), 2**63 - 1, (cout, cin, k, k), generator=g)
+    xs = [torch.randint(-(2**63), 2**63 - 1, (2, cin, 5, 5), generator=g) for _ in range(2)]
+    params = ((stride, stride), (padding, padding), (1, 1), 1)
+
+    def program(fuse):
+        def run(ctx):
+            ws = share_from(ctx, 0, w if ctx.rank == 0 else None, tuple(w.shape), Key(seed).fold_in(1))
+            (m,) = mask_operands(ctx, [ws], fuse=fuse)
+            if fuse and not ctx.is_dealer:
+                assert (m.fused_t is not None) == (min_k == 1) and (m.fused is not None) == (min_k > 1)
+            outs = []
+            for i, x in enumerate(xs):
+                xsh = share_from(ctx, 1, x if ctx.rank == 1 else None, tuple(x.shape), Key(seed).fold_in(2 + i))
+                outs.append(reveal_to(ctx, 1, beaver_fixed(ctx, xsh, m, Bilinear.CONV2D, params)))
+            return outs
+        return run
+
+    with mock.patch.object(C, "CONV_MATMUL_MIN_K", min_k):
+        for fuse in (True, False):
+            outs = simulate(program(fuse), dealer_key=Key(seed).fold_in(9)).outputs[1]
+            for x, out in zip(xs, outs):
+                assert torch.equal(out, F.conv2d(x, w, None, stride, padding))

@@ -91,7 +91,8 @@ CONV_MATMUL_MIN_K = 2048
 """Ring convolutions with ``Cin·kh·kw`` at least this run as an unfold and an int64 matmul."""
 
 
-def ring_conv2d(x: torch.Tensor, w: torch.Tensor, params: tuple, via_matmul: Optional[bool] = None) -> torch.Tensor:
+def ring_conv2d(x: torch.Tensor, w: Optional[torch.Tensor], params: tuple, via_matmul: Optional[bool] = None,
+                w_t: Optional[torch.Tensor] = None, kernel: Optional[tuple[int, int]] = None) -> torch.Tensor:
     """``conv2d(x, w)`` in Z_2^64 (int64, wrapping), ``params = (stride, padding, dilation, groups)``.
 
     torch's int64 convolution has no fast kernel and slows down sharply with ``Cin·kh·kw`` and the
@@ -100,10 +101,15 @@ def ring_conv2d(x: torch.Tensor, w: torch.Tensor, params: tuple, via_matmul: Opt
     dilation, it is computed as an explicit unfold (patches ``(B·Ho·Wo, Cin·kh·kw)``) times the
     transposed weight ``(Cin·kh·kw, Cout)`` — an int64 matmul, 1.4–20× faster there (slower for
     narrow layers, which keep ``F.conv2d``). Both wrap modulo 2^64, so the results are identical
-    (tested); ``via_matmul`` forces a path.
+    (tested); ``via_matmul`` forces a path. ``w_t`` (with ``kernel = (kh, kw)``, ``w`` unused): the
+    weight already as the ``(Cin·kh·kw, Cout)`` matrix (a fixed operand, transposed once).
     """
     stride, padding, dilation, groups = params
-    cout, cin, kh, kw = w.shape
+    if w_t is not None:
+        (kh, kw), cout = kernel, w_t.shape[1]
+        cin, via_matmul = w_t.shape[0] // (kh * kw), True
+    else:
+        cout, cin, kh, kw = w.shape
     if via_matmul is None:
         via_matmul = groups == 1 and tuple(dilation) == (1, 1) and cin * kh * kw >= CONV_MATMUL_MIN_K
     if not via_matmul:
@@ -115,7 +121,7 @@ def ring_conv2d(x: torch.Tensor, w: torch.Tensor, params: tuple, via_matmul: Opt
     patches = xp.unfold(2, kh, stride[0]).unfold(3, kw, stride[1])  # (B, Cin, Ho, Wo, kh, kw)
     b, _, ho, wo = patches.shape[:4]
     cols = patches.permute(0, 2, 3, 1, 4, 5).reshape(b * ho * wo, cin * kh * kw)
-    out = cols @ w.reshape(cout, -1).t().contiguous()
+    out = cols @ (w_t if w_t is not None else w.reshape(cout, -1).t().contiguous())
     return out.view(b, ho, wo, cout).permute(0, 3, 1, 2).contiguous()
 
 

@@ -268,19 +268,38 @@ class MaskedOperand(NamedTuple):
         mask: this party's share of the dealer's mask ``b`` (uniform, drawn once for this operand).
         opened: ``f = y − b``, public to both parties (opened once).
         mask_id: the public index under which the dealer keeps ``b``.
+        fused: convolution weights only (``mask_operands(..., fuse=True)``): this party's two
+            weights of a product, ``[b (+ f on party 0), f]`` concatenated along the input channels,
+            so that :func:`beaver_fixed` makes ``conv(e, b (+ f)) + conv(a, f)`` as one convolution
+            of ``[e, a]`` (no per-product weight sum, one call).
+        fused_t: the same as a ``(2·Cin·kh·kw, Cout)`` matrix, for wide convolutions
+            (:func:`~dpfunc.mpc.context.ring_conv2d`'s matmul path; then ``fused`` is ``None``).
     """
 
     share: torch.Tensor
     mask: torch.Tensor
     opened: torch.Tensor
     mask_id: int
+    fused: torch.Tensor | None = None
+    fused_t: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
         return self.share.shape
 
 
-def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0) -> list[MaskedOperand]:
+def _fuse(rank: int, mask: torch.Tensor, opened: torch.Tensor) -> dict:
+    """This party's fused weights of a masked convolution weight (see :class:`MaskedOperand`)."""
+    from dpfunc.mpc.context import CONV_MATMUL_MIN_K
+
+    w_e = mask + opened if rank == 0 else mask
+    cout, cin, kh, kw = mask.shape
+    if cin * kh * kw >= CONV_MATMUL_MIN_K:
+        return {"fused_t": torch.cat([w_e.reshape(cout, -1), opened.reshape(cout, -1)], dim=1).t().contiguous()}
+    return {"fused": torch.cat([w_e, opened], dim=1)}
+
+
+def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0, fuse: bool = False) -> list[MaskedOperand]:
     """Mask fixed secrets once for reuse in many Beaver products; one round for all of them.
 
     For each ``y``, the dealer draws a uniform mask ``b`` (kept under the public id ``first_id + i``)
@@ -305,7 +324,8 @@ def mask_operands(ctx: Context, ys: list[torch.Tensor], first_id: int = 0) -> li
     if ctx.is_dealer:
         return [MaskedOperand(y, b, torch.zeros_like(y), r.mask_id) for y, b, r in zip(ys, masks, reqs)]
     opened = open_shares(ctx, *[y - b for y, b in zip(ys, masks)])
-    return [MaskedOperand(y, b, f, r.mask_id) for y, b, f, r in zip(ys, masks, opened, reqs)]
+    return [MaskedOperand(y, b, f, r.mask_id, **(_fuse(ctx.rank, b, f) if fuse and y.dim() == 4 else {}))
+            for y, b, f, r in zip(ys, masks, opened, reqs)]
 
 
 def mul_chain_operand(ctx: Context, v: torch.Tensor) -> MaskedOperand:
@@ -370,15 +390,20 @@ def beaver_fixed(ctx: Context, x: torch.Tensor, y: MaskedOperand, op: Bilinear, 
     ``e = x − a`` is sent (``|x|`` words instead of ``|x| + |y|``). Exact in the ring.
 
     ``op(x, y) = c + op(e, b) + op(a, f) + op(e, f)`` with ``c = op(a, b)``; party 0 computes
-    ``c + op(e, b + f) + op(a, f)`` and party 1 ``c + op(e, b) + op(a, f)``.
+    ``c + op(e, b + f) + op(a, f)`` and party 1 ``c + op(e, b) + op(a, f)``; with fused weights
+    (:class:`MaskedOperand`) the two convolutions are one, of ``[e, a]`` with ``[b (+ f), f]``.
     """
-    from dpfunc.mpc.context import apply_bilinear
+    from dpfunc.mpc.context import apply_bilinear, ring_conv2d
 
     req = Request(Kind.FIXED_TRIPLE, tuple(x.shape), tuple(y.shape), op, params, mask_id=y.mask_id)
     a, c = ctx.draw(req)
     if ctx.is_dealer:
         return _dealer_zeros(req)
     (e,) = open_masked(ctx, [(x, a)])
+    if (op is Bilinear.CONV2D and (y.fused is not None or y.fused_t is not None) and params[3] == 1
+            and (y.fused is not None or tuple(params[2]) == (1, 1))):
+        ea = torch.cat([e, a], dim=1)
+        return ring_conv2d(ea, y.fused, params, w_t=y.fused_t, kernel=tuple(y.shape[2:])).add_(c)
     b = y.mask + y.opened if ctx.rank == 0 else y.mask
     out = apply_bilinear(op, e, b, params)
     out += apply_bilinear(op, a, y.opened, params)
