@@ -215,6 +215,9 @@ def delta(event_or_ledger, epsilon: float, method: MethodLike = None, *,
           neighboring: Neighboring = Neighboring.ADD_OR_REMOVE_ONE, **options) -> float:
     """Smallest δ (an upper bound for pld/rdp) such that the composition is (ε, δ)-DP.
 
+    The default (``method=None``) is treated like :func:`epsilon_report`'s: PLD, its grid refined by the
+    same criterion (the certified ε gap at the δ found), RDP's δ where that is smaller and the gap is
+    still large; so ``delta(ledger, epsilon(ledger, δ)) ≤ δ·(1 + 1e-3)`` (a tested property).
     ``rdp`` uses the same conversion as :func:`epsilon` (Balle et al. 2020, Thm. 21, by default),
     inverted exactly, so ``epsilon(e, delta(e, ε)) ≈ ε`` for every method.
 
@@ -230,8 +233,13 @@ def delta(event_or_ledger, epsilon: float, method: MethodLike = None, *,
     if math.isinf(eps) or _no_loss(key):
         return 0.0
     if isinstance(acc, PLD):
-        return _pld.pld_delta(key, eps, neighboring=neighboring,
-                              value_discretization_interval=acc.value_discretization_interval).upper
+        b, loose = _pld._pld_delta_refined(key, eps, neighboring, acc.value_discretization_interval)
+        if method is None and not options and loose and b.upper > 0:
+            # as epsilon_report: where the refined grid still cannot certify ε within 5 %, RDP can be
+            # tighter; both bound δ, keep the smaller (so delta(epsilon(δ)) ≤ δ where ε came from RDP)
+            curve = _rdp.rdp_of_atoms(key, RDP().orders, neighboring)
+            return min(b.upper, _rdp.rdp_to_delta(curve, RDP().orders, eps, RDP().conversion.value).epsilon)
+        return b.upper
     if isinstance(acc, RDP):
         curve = _rdp.rdp_of_atoms(key, acc.orders, neighboring)
         return _rdp.rdp_to_delta(curve, acc.orders, eps, acc.conversion.value).epsilon
