@@ -13,6 +13,8 @@ at ε = 8 and ε = 3 (δ = 1e-5, PLD), the same U-Net (``--width``, depth 3, out
 ``--foreground-prior``), batches (``--batch-size`` expected patients, 4 slices each), epochs and
 learning rate. Reported: mean test Dice over the 8 test patients (3-D per patient), its
 patient-bootstrap 95% CI, HD95 (voxels, mean over the test patients), and the mean ± sd over seeds.
+``--settings "features, non-private" "features, DP ε=8" "features, DP ε=3"`` runs the fixed-feature model
+(:data:`FEATURE_RECIPE`: fixed filter bank + small head, Tramèr & Boneh 2021) on the same data and splits.
 
 Speed part: one full training step (gradients, clipping, noise, Adam update) of the same U-Net at
 64×64 for B = 16 and 64 rows (slices), non-private vs ``vmap_engine`` vs ``fast_engine``, for the
@@ -67,9 +69,17 @@ def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
 # ------------------------------------------------------------------------------------------ Dice
 
 
+FEATURE_RECIPE = dict(model="features", head_hidden=0, batch_size=24, epochs=60, learning_rate=0.02, slices_per_patient=4)
+"""The fixed-feature model's recipe (tuned on seed 0's VALIDATION patients only, README 'Segmentation under DP'):
+a linear head on the fixed filter bank (94 trained parameters), 24 expected patients per step (all 24 training
+patients: q = 1, i.e. DP full-batch gradient descent), 60 steps, Adam lr 0.02. Overrides the U-Net flags."""
+
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
-            "non-private, slice batches": dict(private=False, unit="slice")}
+            "non-private, slice batches": dict(private=False, unit="slice"),
+            "features, non-private": dict(private=False, **FEATURE_RECIPE),
+            "features, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RECIPE),
+            "features, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -87,10 +97,11 @@ def dice_part(args, payload: dict) -> None:
             batch = args.batch_size
             if extra.get("unit") == "slice":  # the same expected slices per step as the patient unit
                 batch = args.batch_size * args.slices_per_patient
-            cfg = SegmentationConfig(seed=seed, epochs=args.epochs, batch_size=batch, slices_per_patient=args.slices_per_patient,
-                                     learning_rate=args.lr, width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2,
-                                     foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
-                                     pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, **extra)
+            base = dict(seed=seed, epochs=args.epochs, batch_size=batch, slices_per_patient=args.slices_per_patient,
+                        learning_rate=args.lr, width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2,
+                        foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
+                        pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels)
+            cfg = SegmentationConfig(**{**base, **extra})  # a setting's own recipe (the feature model's) wins
             t0 = time.perf_counter()
             run_dir = Path(tempfile.mkdtemp(prefix="dpfunc-seg-run-"))
             r = train_segmentation(cfg, data_dir=data, run_dir=run_dir / "run", progress=False, log=lambda s: None,
@@ -102,7 +113,7 @@ def dice_part(args, payload: dict) -> None:
                    "hd95_empty_mismatch": r.test["hd95_empty_mismatch"], "hd95_unit": r.test["hd95_unit"],
                    "val_dice": r.val["dice"], "epsilon": r.epsilon,
                    "noise_multiplier": r.noise_multiplier, "steps": r.steps, "best_epoch": r.best_epoch,
-                   "train_seconds": r.train_seconds, "seconds_per_epoch": r.train_seconds / args.epochs,
+                   "train_seconds": r.train_seconds, "seconds_per_epoch": r.train_seconds / cfg.epochs,
                    "wall_seconds": time.perf_counter() - t0, "load_average": os.getloadavg()[0], **post}
             rows.append(row)
             print(f"{name:<12} seed {seed}: Dice {row['test_dice']:.4f} [{row['ci_lower']:.4f}, {row['ci_upper']:.4f}] "
@@ -220,6 +231,11 @@ def report(payload: dict) -> str:
             lines.append(f"| {r['setting']} | {r['seed']} | {r['test_dice']:.3f} [{r['ci_lower']:.3f}, {r['ci_upper']:.3f}] | {hd} | {lcc} | "
                          f"{r.get('val_dice', float('nan')):.3f} | {eps} | {sig} | {r['seconds_per_epoch']:.1f} | "
                          f"{r.get('load_average', float('nan')):.1f} |")
+        if any(r["setting"].startswith("features") for r in payload["dice"]):
+            f = FEATURE_RECIPE
+            lines += ["", f"'features' rows: the fixed filter bank + a linear head (94 trained parameters; Tramèr & Boneh 2021), "
+                      f"{f['batch_size']} expected patients per step (q = 1 at 24 training patients), {f['slices_per_patient']} "
+                      f"slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
             lines += ["", "Rows with Dice < 0.3 (" + ", ".join(f"{r['setting']} seed {r['seed']}" for r in low) + "): the model "

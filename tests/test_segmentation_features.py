@@ -166,3 +166,18 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(s
     diff = (_flat(full.grads.grads) - _flat(without.grads.grads)).norm()
     assert float(diff) <= clip * (1 + 1e-9) and float(_flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
     torch.testing.assert_close(diff, _flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
+
+
+def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path):
+    pytest.importorskip("nibabel", reason="the phantom path writes NIfTI: pip install 'dpfunc[segmentation]'")
+    from dpfunc.segmentation import evaluate_segmentation_run, make_phantoms, train_segmentation
+
+    data = make_phantoms(tmp_path / "liver", patients=6, seed=3, size=32, slices=6, progress=False)
+    cfg = SegmentationConfig(model="features", head_hidden=0, head_smooth=3, accountant="rdp", image_size=32, batch_size=4,
+                             slices_per_patient=2, epochs=2, learning_rate=0.02, epsilon=8.0)
+    run = tmp_path / "run"
+    result = train_segmentation(cfg, data_dir=data, run_dir=run, progress=False, log=lambda s: None, bootstrap_resamples=20)
+    assert result.config["model"] == "features" and 0 <= result.test["dice"] <= 1 and result.epsilon <= 8.0 + 1e-9
+    assert (run / "overlays.png").exists()
+    again = evaluate_segmentation_run(run, bootstrap_resamples=20)  # the loader recomputes the same fixed features
+    assert again.test["dice"] == pytest.approx(result.test["dice"], abs=1e-12)

@@ -1,4 +1,5 @@
-"""Segmentation under DP: MSD loader, CT phantoms, patient-level DP training of a U-Net, Dice / IoU / Hausdorff-95 metrics.
+"""Segmentation under DP: MSD loader, CT phantoms, patient-level DP training of a U-Net (or of a small head on fixed
+features, ``SegModel.FEATURES``), Dice / IoU / Hausdorff-95 metrics.
 
 The unit of privacy is the patient (all of their slices are one example for sampling and clipping);
 see :mod:`dpfunc.segmentation._patient` for the adjacency and the guarantee. nibabel (the
@@ -23,6 +24,7 @@ from dpfunc.segmentation._patient import (
 from dpfunc.segmentation._phantoms import make_phantoms, phantom_volume
 from dpfunc.segmentation._train import (
     PatientScores,
+    SegModel,
     SegmentationConfig,
     SegmentationResult,
     evaluate_patients,
@@ -58,6 +60,7 @@ __all__ = [
     "predict_volume",
     "plot_overlays",
     "SegmentationConfig",
+    "SegModel",
     "SegmentationResult",
     "train_segmentation",
     "evaluate_segmentation_run",

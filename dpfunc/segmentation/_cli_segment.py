@@ -40,6 +40,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr", type=_positive_float("--lr"), default=5e-3, help="Adam step size")
     p.add_argument("--max-grad-norm", type=_positive_float("--max-grad-norm"), default=1.0, help="clipping bound C")
     p.add_argument("--image-size", type=_int_at_least("--image-size", 8), default=64, help="slice side (64/128/256)")
+    p.add_argument("--model", choices=["unet", "features"], default="unet",
+                   help="unet: GroupNorm U-Net learned end to end; features: a FIXED data-independent filter bank (no "
+                        "parameters, no privacy cost) + a small learned per-pixel head (Tramèr & Boneh 2021) — far "
+                        "fewer trained parameters, so far less DP noise (README 'Segmentation under DP')")
+    p.add_argument("--head-hidden", type=_int_at_least("--head-hidden", 0), default=16,
+                   help="--model features: hidden width of the head (0 = linear, the README's recipe)")
+    p.add_argument("--head-smooth", type=_int_at_least("--head-smooth", 0), default=0,
+                   help="--model features: side of a final convolution of the logits (0 = none; odd)")
+    p.add_argument("--position-products", action="store_true",
+                   help="--model features: also intensity bins × row / column position features")
     p.add_argument("--width", type=_int_at_least("--width", 1), default=4, help="U-Net channels at full resolution")
     p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
@@ -84,7 +94,8 @@ def _config(args: argparse.Namespace):
         window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
         accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
         pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, lr_schedule=args.lr_schedule,
-        largest_component=args.largest_component)
+        largest_component=args.largest_component, model=args.model, head_hidden=args.head_hidden,
+        head_smooth=args.head_smooth, position_products=args.position_products)
 
 
 def _print(result) -> None:
@@ -106,8 +117,8 @@ def run(args: argparse.Namespace) -> int:
     device = compute_device(args)  # --threads; refuse a device this machine lacks, before anything is read
     cfg = _config(args)
     if args.run_dir is None:
-        tag = "nodp" if not cfg.private else (f"{cfg.unit.value}-eps{cfg.epsilon}" if cfg.epsilon is not None
-                                              else f"{cfg.unit.value}-sigma{cfg.noise_multiplier}")
+        tag = ("features-" if args.model == "features" else "") + ("nodp" if not cfg.private else (f"{cfg.unit.value}-eps{cfg.epsilon}" if cfg.epsilon is not None
+                                              else f"{cfg.unit.value}-sigma{cfg.noise_multiplier}"))
         run_dir = Path("runs") / f"{cfg.task}-{tag}-seed{cfg.seed}"
     else:
         run_dir = Path(args.run_dir)

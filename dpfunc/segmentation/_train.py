@@ -41,7 +41,7 @@ from dpfunc.step import make_step
 from dpfunc.train import RunResult
 from dpfunc.transforms import adam, apply_updates
 
-__all__ = ["SegmentationConfig", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
+__all__ = ["SegmentationConfig", "SegModel", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
            "PatientScores", "summarize_hd95", "is_segmentation_run"]
 
 TASKS = ("liver",)
