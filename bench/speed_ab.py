@@ -1,0 +1,109 @@
+"""Old fast engine against the current one, in ONE process, steps alternating (issue 11's method).
+
+The fast engine's package (``bridge/fast``) at ``--old`` (a git revision) is extracted to a temporary
+directory under another name and imported next to the working tree's; each round runs one step of
+every method (non-private, old fast, new fast, new bridge fast) on the same CNN and batch, so machine
+load hits them alike. Figures, not a test::
+
+    python bench/speed_ab.py --old aefe468 --batch-sizes 64 256 --repeats 31 --clock cpu
+
+Prints, per batch size, the median / first quartile / minimum step time of each method and its ratio
+to the non-private step, and the 1-minute load average before and after (``/proc/loadavg``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+
+import speed  # noqa: E402
+
+from dpfunc import FlatClipping, Key, dpsgd, make_step  # noqa: E402
+from dpfunc.bridge.fast import fast_engine  # noqa: E402
+from dpfunc.bridge.functional import functionalize  # noqa: E402
+
+OLD = "oldfast"
+
+
+def import_old(rev: str, into: Path):
+    """``bridge/fast`` at ``rev`` as the package ``oldfast`` (its absolute imports renamed)."""
+    files = subprocess.run(["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", rev, "bridge/fast"],
+                           capture_output=True, text=True, check=True).stdout.split()
+    for name in files:
+        if not name.endswith(".py"):
+            continue
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}"], capture_output=True, text=True, check=True).stdout
+        dest = into / OLD / Path(name).relative_to("bridge/fast")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(text.replace("dpfunc.bridge.fast", OLD))
+    sys.path.insert(0, str(into))
+    import oldfast  # noqa: PLC0415
+
+    return oldfast.fast_engine
+
+
+def fast_step(make_engine, model, x, y):
+    model = copy.deepcopy(model)
+    apply_fn, params, buffers = functionalize(model)
+    b = x.shape[0]
+    clipping = FlatClipping(speed.CLIP)
+    tx = dpsgd(speed.LR, noise_multiplier=speed.SIGMA, max_grad_norm=clipping, sampling_rate=0.01, num_examples=100 * b, key=Key(1))
+    step_fn = make_step(None, tx, engine=make_engine(apply_fn, speed.per_example_ce, clipping))
+    state = {"params": params, "opt": tx.init(params)}
+
+    def step():
+        state["params"], state["opt"], _ = step_fn(state["params"], state["opt"], (x, y), buffers=buffers)
+
+    return step
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--old", required=True, help="git revision of the old engine (bridge/fast)")
+    parser.add_argument("--batch-sizes", nargs="*", type=int, default=[64, 256])
+    parser.add_argument("--repeats", type=int, default=31)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=sorted(speed.CLOCKS), default="cpu")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    clock = speed.CLOCKS[args.clock]
+    with tempfile.TemporaryDirectory() as tmp:
+        old_engine = import_old(args.old, Path(tmp))
+        print(f"old = bridge/fast at {args.old}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+              f"CPU {speed._cpu_model()}, clock {args.clock}, {args.repeats} rounds after {args.warmup}")
+        for b in args.batch_sizes:
+            model, x, y = speed.build("cnn", b)
+            steps = {"nonprivate": speed.make_method("nonprivate", model, x, y), "old_fast": fast_step(old_engine, model, x, y),
+                     "new_fast": fast_step(fast_engine, model, x, y),
+                     "new_bridge_fast": speed.make_method("dpfunc_bridge_fast", model, x, y)}
+            times = {m: [] for m in steps}
+            load0 = Path("/proc/loadavg").read_text().split()[0]
+            for r in range(args.warmup + args.repeats):
+                for m, step in steps.items():
+                    gc.collect()
+                    t0 = clock()
+                    step()
+                    if r >= args.warmup:
+                        times[m].append(clock() - t0)
+            load1 = Path("/proc/loadavg").read_text().split()[0]
+            print(f"CNN B={b} (load average {load0} -> {load1})")
+            for label, stat in (("median", statistics.median), ("q1", lambda v: statistics.quantiles(v, n=4)[0]), ("min", min)):
+                s = {m: stat(v) for m, v in times.items()}
+                print(f"  {label:6s} " + "  ".join(f"{m} {s[m] * 1e3:.2f} ms ({s[m] / s['nonprivate']:.3f}x)" for m in steps))
+
+
+if __name__ == "__main__":
+    main()
