@@ -1,6 +1,9 @@
 """Accounting benchmark: ε by every method on reference cases, and timings (median of several runs).
 
 Run: ``python bench/accounting.py``. Prints a table and writes ``bench/results/accounting.json``.
+``python bench/accounting.py --quality``: only the three accounting-quality cases (tail-heavy small δ
+against dp_accounting, δ(ε(δ)) at σ 0.8 / T 1e6, delta() at σ 0.5 / T 1e5), to
+``bench/results/accounting_quality.json``.
 Targets (issue): PLD ε for q=256/60000, σ=1.1, 14062 steps at δ=1e-5 ≤ 1 s; RDP ≤ 20 ms;
 calibration to a target ε with PLD ≤ 10 s. Timings are cold (caches cleared) unless noted.
 
@@ -110,7 +113,61 @@ def _timed(fn, repeats: int) -> tuple:
     return value, statistics.median(times)
 
 
+QUALITY_CASES = [  # (name, σ, q, T, δ, ε for delta()): the three accounting-quality cases of session 24
+    ("tail-heavy σ1 q1.5e-4 T10182 δ5.6e-9", 1.0, 1.5e-4, 10182, 5.6e-9, None),
+    ("δ(ε(δ)) σ0.8 q1e-3 T1e6 δ1e-5", 0.8, 1e-3, 1_000_000, 1e-5, None),
+    ("slow δ σ0.5 q1e-3 T1e5 ε1", 0.5, 1e-3, 100_000, 1e-5, 1.0),
+]
+
+
+def quality_rows() -> list:
+    """Per case: default ε (upper, lower, grid), ε on dp_accounting's grid and dp_accounting's ε there,
+    δ(ε(δ))/δ, and the time of the default ``delta()`` (at ε(δ), or at the case's ε)."""
+    from dpfunc.accounting import PLD, PrivacyLedger, delta
+
+    rows = []
+    for name, sigma, q, steps, d, eps_query in QUALITY_CASES:
+        ledger = PrivacyLedger().step(sigma, q, steps)
+        _clear()
+        t0 = time.perf_counter()
+        report = epsilon_report(ledger, d)
+        t_eps = time.perf_counter() - t0
+        on_grid = epsilon_report(ledger, d, PLD(1e-4)).epsilon
+        ref, _ = _reference(sigma, q, steps, d)
+        query = report.epsilon if eps_query is None else eps_query
+        _clear()
+        t0 = time.perf_counter()
+        back = delta(ledger, query)
+        t_delta = time.perf_counter() - t0
+        rows.append({"case": name, "epsilon": report.epsilon, "lower": report.lower, "method": report.method,
+                     "h": report.value_discretization_interval, "epsilon_h1e-4": on_grid, "dp_accounting_h1e-4": ref,
+                     "epsilon_seconds": t_eps, "delta_at": query, "delta": back,
+                     "delta_over_target": back / d if eps_query is None else None, "delta_seconds": t_delta})
+    return rows
+
+
+def quality_main() -> None:
+    machine = _machine()
+    print(f"CPU: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
+          f"{machine['threads']} threads, load {machine['load_1min']:.1f} (1 min)")
+    rows = quality_rows()
+    for r in rows:
+        ref = f"{r['dp_accounting_h1e-4']:.6f}" if r["dp_accounting_h1e-4"] else "n/a"
+        ratio = f"{r['delta_over_target']:.6f}" if r["delta_over_target"] else "-"
+        print(f"{r['case']}: ε {r['epsilon']:.6f} [lower {r['lower']:.6f}, {r['method']}, h {r['h']}] in "
+              f"{r['epsilon_seconds']:.2f}s; at h 1e-4 {r['epsilon_h1e-4']:.6f} vs dp_accounting {ref}; "
+              f"δ({r['delta_at']:.6g}) = {r['delta']:.6g} (÷ target {ratio}) in {r['delta_seconds']:.2f}s")
+    out = Path(__file__).parent / "results" / "accounting_quality.json"
+    out.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
 def main() -> None:
+    import sys
+
+    if "--quality" in sys.argv[1:]:  # only the accounting-quality rows (seconds, not minutes)
+        quality_main()
+        return
     machine = _machine()
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores), torch {machine['torch']}, "
           f"{machine['threads']} threads, load {machine['load_1min']:.1f} (1 min)")

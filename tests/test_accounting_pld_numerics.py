@@ -163,26 +163,60 @@ def test_tiny_sigma_does_not_overflow_and_brackets_the_exact_gaussian(sigma):
                 assert 0 < d_back <= 1.0
 
 
-def _fft_vs_direct(a, b):
+def _fft_vs_direct(a, b, norm=1):
     n = len(a) + len(b) - 1
     nfft = 1 << (n - 1).bit_length()
     fast = np.fft.irfft(np.fft.rfft(a, nfft) * np.fft.rfft(b, nfft), nfft)[:n]
     exact = np.convolve(a.astype(np.longdouble), b.astype(np.longdouble))  # extended-precision oracle
-    return float(np.abs(fast - exact).sum()), _pld._fft_roundoff(a, b, n, nfft)
+    diff = np.abs(fast - exact).astype(float)
+    measured = float(diff.sum()) if norm == 1 else float(np.sqrt((diff * diff).sum()))
+    return measured, _pld._fft_roundoff(a, b, n, nfft, norm=norm)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_fft_round_off_bound_holds_with_margin(seed):
-    """The documented ℓ1 bound on an FFT convolution's round-off is ≥ the measured error (with a margin
-    of 10× at least), on random vectors and on a tilted PLD-like shape."""
+    """The documented ℓ1 and ℓ2 bounds on an FFT convolution's round-off are ≥ the measured error (with a
+    margin of 10× at least), on random vectors and on a tilted PLD-like shape."""
     rng = np.random.default_rng(seed)
     x = np.linspace(-6, 6, 3000)
     shapes = [rng.random(2000), rng.random(500) ** 8, np.exp(-0.5 * x**2) * (1 + rng.random(x.size))]
     for a in shapes:
         for b in shapes:
             a1, b1 = a / a.max(), b / b.max()
-            measured, bound = _fft_vs_direct(a1, b1)
-            assert measured * 10 <= bound, (measured, bound)
+            for norm in (1, 2):
+                measured, bound = _fft_vs_direct(a1, b1, norm)
+                assert measured * 10 <= bound, (norm, measured, bound)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), log_lam=st.floats(-1.0, 3.0), log_h=st.floats(-5.0, -1.0),
+       eps=st.floats(0.0, 5.0), mode=st.sampled_from(["random", "l1-worst", "l2-worst"]))
+def test_round_off_charge_bounds_the_weighted_error(seed, log_lam, log_h, eps, mode):
+    """The charge C(ε) (ℓ1 and ℓ2 forms, with the δ weights 1 - e^{ε-g}) bounds Σ_{g_i>ε}|e_i|(1 - e^{ε-g_i})
+    for *any* tilted error vector with the carried norms: random errors over a window around ε; all of it on
+    the grid point of largest weight (the ℓ1 form's equality case); errors proportional to the weights
+    (the ℓ2 form's equality case)."""
+    rng = np.random.default_rng(seed)
+    lam, h = 10.0**log_lam, 10.0**log_h
+    n = 20000
+    k0 = math.floor(eps / h) - 100
+    g = (k0 + np.arange(n)) * h
+    u = np.maximum(g - eps, 0.0)
+    w = np.where(g > eps, np.exp(-lam * u) * -np.expm1(-u), 0.0)  # e^{-λ(g-ε)}(1 - e^{ε-g})
+    if mode == "l1-worst":
+        e = np.zeros(n)
+        e[int(np.argmax(w))] = 1.0
+    elif mode == "l2-worst":
+        e = w / w.max()
+    else:
+        e = rng.standard_normal(n) * rng.random(n) ** 4
+    log_scale = float(rng.uniform(-5, 5))
+    err1, err2 = float(np.abs(e).sum()), float(np.sqrt((e * e).sum()))
+    d = _pld._Dist(k0, np.ones(n), log_scale, 0.0, 0.0, err1, err2)
+    charge = _pld._charge(_pld._view(d, lam, h), eps)
+    above = g > eps
+    actual = float((np.abs(e[above]) * np.exp(log_scale - lam * g[above]) * -np.expm1(eps - g[above])).sum())
+    assert actual <= charge * (1 + 1e-9) or charge == 1.0, (actual, charge)
 
 
 def test_round_off_charge_is_negligible_against_delta():
@@ -200,3 +234,61 @@ def test_explicit_grid_is_an_upper_bound_of_the_fine_one():
     fine = epsilon(ledger, 1e-8)
     coarse = epsilon(ledger, 1e-8, PLD(value_discretization_interval=1e-2))
     assert coarse >= fine
+
+
+# --- accounting-quality regressions (three cases found in the session-24 review) --------------------
+
+
+def test_tail_heavy_small_delta_is_within_dp_accounting():
+    """σ 1, q 1.5e-4, T 10182, δ 5.6e-9: the round-off charge (weights bounded by 1, ℓ1 only) was 84 % of δ
+    and ε 0.1097 (0.1113 on the older grid), 9 % above dp_accounting's 0.100713 (h = 1e-4, pinned here;
+    compared live in test_accounting_reference.py). The charge is now weighted by 1 - e^{ε-g}, in ℓ2 too."""
+    ledger = PrivacyLedger().step(1.0, 1.5e-4, 10182)
+    reference = 0.100713  # dp_accounting PLD, value_discretization_interval 1e-4
+    on_reference_grid = epsilon_report(ledger, 5.6e-9, PLD(1e-4))
+    assert reference * (1 - 2e-3) <= on_reference_grid.epsilon <= reference * 1.01
+    report = epsilon_report(ledger, 5.6e-9)  # refined grid: may go below the 1e-4 reference, not below its lower
+    assert report.lower <= report.epsilon <= reference * 1.01
+    assert report.epsilon >= 0.0985  # dp_accounting on our refined grid (3.96e-5): 0.098895; lower 0.0854
+    triples = ((1.0, 1.5e-4, 10182),)
+    upper, used = _pld._upper_epsilon(triples, 1e-4, _pld._TAIL_MASS, 5.6e-9)
+    for _, lam, d in used:
+        assert _pld._charge(_pld._view(d, lam, 1e-4), upper) <= 1e-2 * 5.6e-9
+
+
+def test_delta_inverts_epsilon_small_sigma_long_run():
+    """σ 0.8, q 1e-3, T 1e6: ε(1e-5) = 9.6953 but δ(9.6953) was 1.71e-5. The tilt chooser's pooled MGF put
+    the mean loss at 760 (true: 1.9), so delta()'s tilt collapsed to λ = 2^-10 and its charge was 71 % of δ."""
+    ledger = PrivacyLedger().step(0.8, 1e-3, 10**6)
+    eps = epsilon(ledger, 1e-5)
+    assert 9.6 <= eps <= 9.7
+    assert 0.99e-5 <= delta(ledger, eps) <= 1e-5 * (1 + 1e-3)
+
+
+def test_delta_far_below_the_mean_loss_keeps_a_bounded_window():
+    """σ 0.5, q 1e-3, T 1e5, ε = 1 (below the mean loss 2.7: δ ≈ 0.52): delta() took minutes, because the FFT
+    noise floor was never cut and the window doubled at every squaring (27 M points, 'add' direction 129 M).
+    Asserted on the window size, not the time (timings: bench/accounting.py)."""
+    triples = ((0.5, 1e-3, 100000),)
+    h = _pld._choose_h(triples, 1e-4, True)
+    for direction in ("remove", "add"):
+        lam = _pld._tilt_for_epsilon(triples, direction, h, 1.0)
+        assert len(_pld._composed(triples, direction, h, _pld._TAIL_MASS, lam).tilted) <= 2**21
+    ledger = PrivacyLedger().step(0.5, 1e-3, 100000)
+    d = delta(ledger, 1.0)
+    assert 0.5 <= d <= 0.52  # lower bound 0.5025 (PLD coupling), upper 0.5168
+    assert epsilon(ledger, d) <= 1.0 + 1e-6
+
+
+@settings(max_examples=8, deadline=None)
+@given(sigma=st.floats(0.5, 5.0), log_q=st.floats(-4.0, -0.5), log_t=st.floats(0.0, 5.0),
+       log_d=st.floats(-10.0, -3.0))
+def test_delta_of_epsilon_is_at_most_delta(sigma, log_q, log_t, log_d):
+    """The default delta() inverts the default epsilon(): δ(ε(δ)) ≤ δ·(1 + 1e-3) (same grid refinement, same
+    tilt-at-the-query treatment, same RDP fallback), and is positive wherever ε is."""
+    d, steps = 10.0**log_d, max(1, int(round(10.0**log_t)))
+    ledger = PrivacyLedger().step(sigma, 10.0**log_q, steps)
+    eps = epsilon(ledger, d)
+    if math.isfinite(eps) and eps > 0:
+        back = delta(ledger, eps)
+        assert 0 < back <= d * (1 + 1e-3), (eps, back, d)

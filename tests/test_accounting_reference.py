@@ -90,6 +90,18 @@ def test_small_delta_long_run_against_dp_accounting(d):
     assert ref * (1 - 2e-3) <= ours <= ref * 1.02
 
 
+def test_tail_heavy_small_delta_matches_dp_accounting_live():
+    """σ 1, q 1.5e-4, T 10182, δ 5.6e-9 (the session-24 case: ours was 9 % above): on the same grids as
+    dp_accounting, within 1 % above it and never below it by more than 2e-3 (its ε is itself a bound)."""
+    ledger = PrivacyLedger().step(1.0, 1.5e-4, 10182)
+    report = epsilon_report(ledger, 5.6e-9)
+    for h in (1e-4, report.value_discretization_interval):
+        ref = _reference_epsilon(1.0, 1.5e-4, 10182, 5.6e-9, h=h)
+        ours = epsilon(ledger, 5.6e-9, PLD(h))
+        assert ref * (1 - 2e-3) <= ours <= ref * 1.01, (h, ours, ref)
+        assert report.lower <= ours
+
+
 # --- round trips, every method --------------------------------------------------------------------
 
 
