@@ -114,8 +114,10 @@ class SegmentationConfig:
         model: :class:`SegModel` (``UNET`` default; ``FEATURES`` = fixed filter bank + small head, where
             ``width``, ``depth``, ``groups``, ``pretrain_steps`` and ``coord_channels`` do not apply: the
             filter bank has its own position channels).
-        head_hidden, head_smooth: the ``FEATURES`` head's hidden width (0 = linear) and the side of its final
-            logit convolution (0 = none; odd) (:class:`~dpfunc.models.FeatureSegmenter`).
+        head_hidden, head_smooth: the ``FEATURES`` head's hidden width (0 = linear, default) and the side of its
+            final logit convolution (3 default; 0 = none; odd) (:class:`~dpfunc.models.FeatureSegmenter`): the
+            defaults, 132 trained parameters, are the README's recipe (with 24 expected patients per step, 60
+            epochs, lr 0.02 — the U-Net's batch, epoch and lr defaults are not tuned for it).
         position_products: the ``FEATURES`` filter bank also multiplies its intensity bins by the row and
             column position (:class:`~dpfunc.models.FixedFeatures`).
     """
@@ -151,8 +153,8 @@ class SegmentationConfig:
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     largest_component: bool = False
     model: SegModel = SegModel.UNET
-    head_hidden: int = 16
-    head_smooth: int = 0
+    head_hidden: int = 0
+    head_smooth: int = 3
     position_products: bool = False
 
     def __post_init__(self) -> None:
