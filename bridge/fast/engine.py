@@ -420,8 +420,9 @@ def fast_engine(
             :class:`~dpfunc.AdaptiveClipping`, and then every call passes the current bound as
             ``clipping=`` (:func:`~dpfunc.make_step` does; a per-call ``clipping=`` overrides a fixed one too).
         ghost_norm: per Linear-on-sequences / conv / Embedding layer, ``None`` chooses ghost norm or
-            instantiation by a cost model (ghost iff ``T·(d_in + d_out) < d_in·d_out``, see
-            :mod:`dpfunc.bridge.fast.rules.linear`); ``True`` / ``False`` force one (for tests and tuning).
+            instantiation by a cost model from shapes alone (ghost iff ``T·(d_in + d_out) < d_in·d_out``,
+            see :mod:`dpfunc.bridge.fast.rules.linear`; convs also weigh the pixel-Gram ghost norm, see
+            :mod:`dpfunc.bridge.fast.rules.conv`); ``True`` / ``False`` force one (for tests and tuning).
         fallback_chunk_size: vmap chunk size for parameters of layers without a rule.
         views_per_example: ``None`` (the input is ``(B, ...)``) or ``K >= 1``: the input is ``(B, K, ...)``,
             K augmented views of each example (augmentation multiplicity, De et al. 2022; see

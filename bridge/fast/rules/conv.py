@@ -1,7 +1,9 @@
 """``nn.Conv1d`` / ``nn.Conv2d`` (stride, padding incl. modes and 'same', dilation, groups).
 
 The input is unfolded to ``(B, T, d_in·K)`` per group and each group treated as a Linear layer on ``T``
-output positions (ghost norm or instantiation by the same cost model). Instantiated per-example
+output positions (ghost norm or instantiation), or — on small maps with many channels — the ghost norm
+is taken from the Gram matrix of the input's pixels without unfolding (:func:`_pixel_gram_sq`); a
+shape-only cost model (:func:`_norm_plan`) picks among the three. Instantiated per-example
 gradients use the grouped-convolution trick (batch folded into groups) on large outputs, unfold + bmm
 on small ones. The unfold copies the input once, from whichever layout gives the longer contiguous
 runs: the input's own (channels first: runs of one output row) or a channels-last copy (runs of
