@@ -59,10 +59,11 @@ Round-off: exponential tilting and a weighted error norm.
     multiplies ``e^{-λε}‖x‖_λ = e^{-λε}·E[e^{λL}]``, the Chernoff bound on δ(ε). So the charge is
     at most ~1e-12·T *times a bound on δ*, where the old absolute charge was ~1e-12·T in absolute terms and
     reached δ = 1e-8 near T = 1e4. ``λ`` minimises that Chernoff bound for the discretised distribution
-    at the query (ε for δ queries; the ε-optimal tilt at δ for ε queries, re-tilted once if the charge
+    at the query (ε for δ queries; the ε-optimal tilt at δ for ε queries; both re-tilted while the charge
     exceeds 1% of δ), which centres the tilted distribution where δ is decided, capped at 12/sd of the
-    composition (a bounded loss, as in the "add" direction, has its Chernoff optimum at λ → ∞). Any
-    λ > 0 gives a valid bound; only the tightness depends on it.
+    composition (a bounded loss, as in the "add" direction, has its Chernoff optimum at λ → ∞). The
+    chooser's log-MGF is computed on one step's exact masses (pooled into 2^16 blocks only beyond that,
+    each block with its mean and variance). Any λ > 0 gives a valid bound; only the tightness depends on it.
 
     Fresh round-off of one FFT convolution of ``a, b`` (lengths summing to ``n + 1``, transform length
     ``N``): for a radix-2 FFT with accurately computed twiddles, ``‖fl(Fx) − Fx‖_2 ≤ κ‖Fx‖_2`` with
