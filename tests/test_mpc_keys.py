@@ -121,7 +121,8 @@ def test_seeded_material_is_correct_uniform_and_sent_only_as_corrections():
     from dpfunc.mpc.context import HEADER_BYTES
 
     reqs = [Request(Kind.TRIPLE, (3, 4), (4, 5), Bilinear.MATMUL), Request(Kind.SQUARE, (2000,)),
-            Request(Kind.AND, (1000,), params=(16,)), Request(Kind.CROSS_AND, (1000,), params=(32,)),
+            Request(Kind.AND, (1000,), params=(16,)), Request(Kind.AND2, (1000,), params=(8,)),
+            Request(Kind.CROSS_AND, (1000,), params=(32,)),
             Request(Kind.BIT, (500,)), Request(Kind.MASK, (), (4, 5), mask_id=1),
             Request(Kind.FIXED_TRIPLE, (3, 4), (4, 5), Bilinear.MATMUL, mask_id=1)]
     dealer = DealerSource(StreamKey.from_seed(11))
@@ -141,6 +142,9 @@ def test_seeded_material_is_correct_uniform_and_sent_only_as_corrections():
         elif r.kind is Kind.AND:
             a, b, c = (u ^ v for u, v in zip(s0, s1))
             assert torch.equal(c, a & b)
+        elif r.kind is Kind.AND2:
+            a, b1, b2, c1, c2 = (u ^ v for u, v in zip(s0, s1))
+            assert torch.equal(c1, a & b1) and torch.equal(c2, a & b2)
         elif r.kind is Kind.CROSS_AND:
             assert torch.equal(s0[1] ^ s1[1], s0[0] & s1[0])
         elif r.kind is Kind.BIT:

@@ -131,6 +131,7 @@ class Kind(enum.Enum):
     TRIPLE = "triple"  # (a, b, c = op(a, b)), additive shares
     SQUARE = "square"  # (a, c = a*a), additive shares
     AND = "and"  # (a, b, c = a & b) on 64-bit words, XOR shares
+    AND2 = "and2"  # (a, b1, b2, a & b1, a & b2): two AND gates sharing the operand a, XOR shares
     CROSS_AND = "cross_and"  # party 0 gets (A, c0), party 1 (B, c1), c0 ^ c1 = A & B (words)
     BIT = "bit"  # a random bit r as XOR shares of {0,1} and as additive shares
     MASK = "mask"  # a uniform b for a fixed operand (kept by the dealer under Request.mask_id)
@@ -177,6 +178,8 @@ def _material_shapes(req: Request) -> list[tuple[int, ...]]:
         return [req.shape_x, req.shape_x]
     if req.kind is Kind.AND:
         return [req.shape_x] * 3
+    if req.kind is Kind.AND2:
+        return [req.shape_x] * 5
     return [req.shape_x, req.shape_x]  # BIT, CROSS_AND
 
 
@@ -186,8 +189,8 @@ def word_dtype(bits: int) -> torch.dtype:
 
 
 def _material_dtypes(req: Request) -> list[torch.dtype]:
-    if req.kind is Kind.AND:
-        return [word_dtype(req.params[0] if req.params else 64)] * 3
+    if req.kind in (Kind.AND, Kind.AND2):
+        return [word_dtype(req.params[0] if req.params else 64)] * (3 if req.kind is Kind.AND else 5)
     if req.kind is Kind.CROSS_AND:
         return [word_dtype(req.params[0])] * 2
     if req.kind is Kind.BIT:
@@ -203,18 +206,20 @@ def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return -(-nbytes // 8) * 8  # segments start at multiples of 8 bytes (aligned views)
 
 
-def _explicit(req: Request) -> bool:
-    """Whether party 1's last tensor of ``req`` is sent by the dealer (every kind but a mask)."""
-    return req.kind is not Kind.MASK
+def _explicit(req: Request) -> int:
+    """How many of party 1's last tensors of ``req`` the dealer sends: its corrections (none for a
+    mask, two for a shared-operand AND pair, one otherwise)."""
+    return 0 if req.kind is Kind.MASK else 2 if req.kind is Kind.AND2 else 1
 
 
 def material_nbytes(req: Request, rank: int = 1) -> int:
-    """Bytes the dealer *sends* to party ``rank`` for ``req``: party 1's correction (its share of the
+    """Bytes the dealer *sends* to party ``rank`` for ``req``: party 1's corrections (its share of the
     output ``c``, or of the additive bit), 0 for party 0 and for a mask — the rest of each party's
     share is expanded from its seed (see :func:`deal`)."""
-    if rank == 0 or not _explicit(req):
+    k = _explicit(req)
+    if rank == 0 or not k:
         return 0
-    return _padded_nbytes(_material_shapes(req)[-1], _material_dtypes(req)[-1])
+    return sum(_padded_nbytes(sh, dt) for sh, dt in zip(_material_shapes(req)[-k:], _material_dtypes(req)[-k:]))
 
 
 def _generate(ks: Keystream, req: Request, count: int) -> list[torch.Tensor]:
@@ -238,7 +243,7 @@ def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
         raise ValueError(f"deal: fixed triple for mask {req.mask_id}, which was never drawn")
     n = len(_material_shapes(req))
     s0 = _generate(ks0, req, n)
-    s1 = _generate(ks1, req, n - 1 if _explicit(req) else n)
+    s1 = _generate(ks1, req, n - _explicit(req))
     kind = req.kind
     if kind is Kind.MASK:
         masks[req.mask_id] = s0[0] + s1[0]
@@ -256,6 +261,10 @@ def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
         s1.append(a.mul_(a).sub_(s0[1]))
     elif kind is Kind.AND:
         s1.append(((s0[0] ^ s1[0]) & (s0[1] ^ s1[1])) ^ s0[2])
+    elif kind is Kind.AND2:
+        a = s0[0] ^ s1[0]
+        s1.append((a & (s0[1] ^ s1[1])) ^ s0[3])
+        s1.append((a & (s0[2] ^ s1[2])) ^ s0[4])
     elif kind is Kind.CROSS_AND:
         # party 0's mask A, party 1's mask B, XOR shares of A & B (see protocols.cross_and)
         s1.append((s0[0] & s1[0]) ^ s0[1])
@@ -453,7 +462,7 @@ class DealerSource:
         self.requests += 1
         nbytes = material_nbytes(req, 1)
         if nbytes:
-            self.pending.append(s1[-1])
+            self.pending.extend(s1[len(s1) - _explicit(req):])
             self.pending_bytes += nbytes
         self.largest_request_bytes = max(self.largest_request_bytes, nbytes)
         self.peak_pending_bytes = max(self.peak_pending_bytes, self.pending_bytes)
@@ -619,7 +628,7 @@ class MaterialStream:
         if self.seed is None:
             self._read_header()
         shapes, dtypes = _material_shapes(req), _material_dtypes(req)
-        explicit = self.rank == 1 and _explicit(req)
+        explicit = _explicit(req) if self.rank == 1 else 0
         need = material_nbytes(req, self.rank)
         if need and self.offset == self.flat.numel():
             self._advance()
@@ -630,8 +639,7 @@ class MaterialStream:
             )
         out = _generate(Keystream(self.seed.fold_in(self.requests)), req, len(shapes) - explicit)
         self.requests += 1
-        if explicit:
-            s, dtype = shapes[-1], dtypes[-1]
+        for s, dtype in zip(shapes[len(shapes) - explicit:], dtypes[len(dtypes) - explicit:]):
             n = 1
             for d in s:
                 n *= d

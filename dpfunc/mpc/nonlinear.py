@@ -18,7 +18,7 @@
   Cost: 3 comparisons (the sign, then 2 batched) + 1 product for ``|x|`` + 1 round masking ``v`` +
   ``degree`` Horner products + 1 for the sign: with 64-bit comparisons 16 + 1 + 1 + 8 + 1 = 27 rounds;
   with 32-bit comparisons (``bits=32``, what :func:`dpfunc.bridge.mpc.encrypted_inference` uses)
-  14 + 11 = 25 rounds and ≈ 3·27 + 8·12 ≈ 180 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
+  14 + 11 = 25 rounds and ≈ 3·22 + 8·12 ≈ 165 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
   ``2·degree − 1`` products in 5 rounds, 470 bytes.)
   ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
   batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).

@@ -16,9 +16,9 @@ mul / matmul / conv2d         1       W·(|x| + |y|) (the masked inputs e, f)
   with a masked fixed weight  1       W·|x| (``f = w − b`` opened once per session)
 square                        1       W·|x|
 truncation (local)            0       0
-ltz (A2B + B2A), 64 bits      8       46 (AND openings) + 1 = 47 (8 per slice of 2^20)
-ltz on 32-bit words           7       26 + 1 = 27 (exact while |x| < 2^31 in the ring)
-relu                          9 (8)   ltz + 2W = 63 (43)
+ltz (A2B + B2A), 64 bits      8       37 (AND openings) + 1 = 38 (8 per slice of 2^20)
+ltz on 32-bit words           7       21 + 1 = 22 (exact while |x| < 2^31 in the ring)
+relu                          9 (8)   ltz + 2W = 54 (38)
 ============================  ======  =============================================
 
 Comparison is CrypTen's arithmetic→binary conversion (Knott et al. 2021, §C): party 0's share and
@@ -64,6 +64,7 @@ __all__ = [
     "matmul",
     "conv2d",
     "and_words",
+    "and_shared",
     "msb_xor",
     "bit_reverse",
     "b2a_bit",
@@ -523,6 +524,58 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits
     return out
 
 
+def and_shared(ctx: Context, x: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """XOR shares of ``x & y1`` and ``x & y2`` (XOR-shared words, one operand shared by both gates);
+    one round, **three** masked words opened per element instead of four.
+
+    The dealer's pair (:attr:`~dpfunc.mpc.context.Kind.AND2`) is ``(a, b1, b2, a & b1, a & b2)``:
+    ``e = x ^ a`` is opened once for both gates, ``f_k = y_k ^ b_k`` each; then as in Beaver's AND,
+    ``x & y_k = (e & b_k) ^ (f_k & a) ^ (a & b_k) ^ (e & f_k)``. Each opening is a one-time pad under
+    its own fresh uniform mask (``a`` masks ``x`` once; ``b1``, ``b2`` are independent), so a party's
+    view is uniform words as with two separate triples; only the material and the traffic shrink
+    (the "AND gates with two outputs sharing an operand" of the carry tree, where ``P_hi`` meets both
+    ``G_lo`` and ``P_lo``).
+
+    Example:
+        >>> from dpfunc.mpc import and_shared, simulate
+        >>> def program(ctx):  # XOR shares: party 0 holds the words, party 1 zeros
+        ...     w = lambda v: torch.tensor([v if ctx.rank == 0 else 0], dtype=torch.uint8)
+        ...     return and_shared(ctx, w(0b1100), w(0b1010), w(0b0110), bits=8)
+        >>> (s0, t0), (s1, t1) = simulate(program, dealer_key=Key(0)).outputs
+        >>> (s0 ^ s1).tolist(), (t0 ^ t1).tolist()
+        ([8], [4])
+    """
+    from dpfunc.mpc.context import word_dtype
+
+    dtype = word_dtype(bits)
+    for t in (x, y1, y2):
+        if t.dtype != dtype:
+            raise TypeError(f"and_shared: {bits}-bit words must be {dtype}, got {t.dtype}")
+    if not (x.shape == y1.shape == y2.shape):
+        raise ValueError(f"and_shared: x, y1, y2 must have one shape, got {tuple(x.shape)}, {tuple(y1.shape)}, {tuple(y2.shape)}")
+    n = x.numel()
+    a, b1, b2, c1, c2 = ctx.draw(Request(Kind.AND2, (n,), params=(bits,)))
+    if ctx.is_dealer:
+        return torch.zeros_like(x), torch.zeros_like(x)
+    flat = torch.empty(3 * n, dtype=dtype)
+    torch.bitwise_xor(x.reshape(-1), a, out=flat[:n])
+    torch.bitwise_xor(y1.reshape(-1), b1, out=flat[n : 2 * n])
+    torch.bitwise_xor(y2.reshape(-1), b2, out=flat[2 * n :])
+    opened = flat ^ ctx.exchange(flat)
+    e, f1, f2 = opened[:n], opened[n : 2 * n], opened[2 * n :]
+    out = []
+    for f, b, c in ((f1, b1, c1), (f2, b2, c2)):
+        z = torch.bitwise_and(e, b)
+        z ^= torch.bitwise_and(f, a)
+        z ^= c
+        if local_rank(ctx) == 0:
+            z ^= e & f
+        if bits < 8:
+            z &= (1 << bits) - 1
+        out.append(z.view(x.shape))
+    return out[0], out[1]
+
+
 def cross_and(ctx: Context, mine: torch.Tensor, bits: int) -> torch.Tensor:
     """XOR shares of ``x0 & x1`` where party 0 holds the word ``x0`` and party 1 the word ``x1`` in
     the clear (each its own share); one round, one word sent per element and party.
@@ -605,9 +658,11 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     probability. For fixed point with ``f`` fractional bits: ``|v| < 2^(bits − 1 − f)``, i.e.
     ``|v| < 32768`` for 32 bits and f = 16.
 
-    Bytes sent per element: ``bits/8`` (the generates) + ``2·(bits/16 + bits/32 + …)`` (two ANDs per
-    level, the last level one) ≈ 8 + 14 = 22 for 64 bits, 4 + 7 = 11 for 32 bits (rounded up to
-    whole bytes per level).
+    Bytes sent per element and party: ``bits/8`` (the generates, one cross AND) + three masked words
+    per level (``P_hi`` meets ``G_lo`` and ``P_lo``: one shared-operand pair, :func:`and_shared`;
+    words under 8 bits travel as bytes) + 2 bytes for the last level's single AND: 8 + 12 + 6 + 3 + 3
+    + 3 + 2 = 37 for 64 bits, 4 + 6 + 3 + 3 + 3 + 2 = 21 for 32 bits (tested; two separate ANDs per
+    level sent four words: 46 and 26).
     """
     from dpfunc.mpc.context import word_dtype
 
@@ -620,7 +675,7 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
         width = bits
         while width > 1:
             width //= 2
-            ctx.draw(Request(Kind.AND, (2 * n if width > 1 else n,), params=(width,)))
+            ctx.draw(Request(Kind.AND2 if width > 1 else Kind.AND, (n,), params=(width,)))
         return torch.zeros(x.shape, dtype=torch.int64)
     xr = bit_reverse(x.to(dtype), bits)  # the low `bits` bits of this party's share
     g = cross_and(ctx, xr, bits)
@@ -642,8 +697,8 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
             mask = (1 << half) - 1
             g_hi, g_lo = ((g >> half) & mask).to(dt), (g & mask).to(dt)
             p_hi, p_lo = ((p >> half) & mask).to(dt), (p & mask).to(dt)
-        if half > 1:
-            gg, p = and_words(ctx, [p_hi, p_hi], [g_lo, p_lo], bits=half)
+        if half > 1:  # P_hi meets both G_lo and P_lo: one shared-operand AND pair
+            gg, p = and_shared(ctx, p_hi, g_lo, p_lo, bits=half)
         else:
             (gg,) = and_words(ctx, [p_hi], [g_lo], bits=1)
         g = g_hi ^ gg
