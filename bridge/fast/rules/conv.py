@@ -250,7 +250,7 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                 (xin, pad), g = inputs[0], calls[0].g[lo:hi]
                 pe = torch.ops.aten.convolution_backward(
                     g.reshape(1, n * c_out, *g.shape[2:]), xin[lo:hi].reshape(1, -1, *xin.shape[2:]),
-                    weight.repeat(n, *([1] * (weight.dim() - 1))), None, stride, pad, dilation, False,
+                    weight.expand(n, *weight.shape).reshape(n * c_out, *weight.shape[1:]).contiguous(), None, stride, pad, dilation, False,
                     (0,) * len(pad), n * groups, [False, True, False],
                 )[1].view(n, *weight.shape)
                 sq_w[lo:hi] = _sq(pe)

@@ -51,7 +51,8 @@ def _folded_group_norm_backward(g, x, mean, rstd, gamma, groups: int, mask):
     b, ch = x.shape[:2]
     s = math.prod(x.shape[2:])
     mean, rstd = (t.to(g.dtype).reshape(1, b * groups).contiguous() for t in (mean, rstd))
-    gamma = g.new_ones(b * ch) if gamma is None else gamma.to(g.dtype).repeat(b)
+    # (expand + reshape is a stride-0 view when C = 1: the kernel needs real contiguous memory)
+    gamma = g.new_ones(b * ch) if gamma is None else gamma.to(g.dtype).expand(b, ch).reshape(b * ch).contiguous()
     dx, pe_w, pe_b = torch.ops.aten.native_group_norm_backward(
         g.reshape(1, b * ch, s).contiguous(), x.to(g.dtype).reshape(1, b * ch, s).contiguous(), mean, rstd,
         gamma, 1, b * ch, s, b * groups, mask,
