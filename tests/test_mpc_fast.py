@@ -380,3 +380,58 @@ def test_comparison_bytes_per_element_as_stated(bits, sent):
     res = _run(lambda c, xs: ltz(c, xs, bits=bits), x, 5, record=True)
     assert res.stats[0].bytes_sent == n * sent  # party 0 shares nothing: only ltz's messages
     assert res.stats[1].bytes_sent == n * sent + 8 * n  # party 1 also sent its input's mask
+
+
+# ----------------------------------------------- a product with an XOR-shared bit in one round (mul_bit)
+@given(seeds, st.integers(1, 30), st.sampled_from([None, 7]))
+@settings(max_examples=10)
+def test_mul_bit_is_exact_in_one_round(seed, n, slice_elements):
+    """x·β for x anywhere in the ring and an XOR-shared bit β: exact, one round (sliced or not)."""
+    from unittest import mock
+
+    from dpfunc.mpc import mul_bit, reveal_to, share_from, simulate
+    from dpfunc.mpc import protocols as P
+
+    g = Key(seed).generator()
+    x = torch.randint(-(2**63), 2**63 - 1, (n,), generator=g)
+    b0, b1 = torch.randint(0, 2, (2, n), generator=g, dtype=torch.uint8)
+    rounds = {}
+
+    def program(ctx):
+        xs = share_from(ctx, 1, x if ctx.rank == 1 else None, (n,), Key(seed).fold_in(1))
+        before = ctx.stats.rounds
+        out = mul_bit(ctx, xs, b0 if ctx.rank == 0 else b1)
+        rounds[ctx.rank] = ctx.stats.rounds - before
+        return reveal_to(ctx, 1, out)
+
+    with mock.patch.object(P, "COMPARISON_SLICE", slice_elements or P.COMPARISON_SLICE):
+        out = simulate(program, dealer_key=Key(seed).fold_in(2)).outputs[1]
+    assert torch.equal(out, x * (b0 ^ b1).long()) and rounds[1] == 1
+
+
+def test_mul_bit_view_is_independent_of_the_secrets():
+    """The one message of mul_bit (masked words, masked bits) has the same byte distributions for two
+    very different (x, β) (chi-square contingency, α = 1e-3 each; keyed, so every run decides alike)."""
+    from scipy.stats import chi2_contingency
+
+    from dpfunc.mpc import mul_bit, share_from, simulate
+
+    n = 4000
+
+    def view(value, bit):
+        words, bits = torch.zeros(256, dtype=torch.int64), torch.zeros(256, dtype=torch.int64)
+        for r in range(3):
+            def program(ctx):
+                xs = share_from(ctx, 1, torch.full((n,), value) if ctx.rank == 1 else None, (n,), Key(50 + r))
+                return mul_bit(ctx, xs, torch.full((n,), bit if ctx.rank == 0 else 0, dtype=torch.uint8))
+
+            msg = simulate(program, dealer_key=Key(60 + r), record=True).transcripts[0][-1]  # party 0's view
+            words += torch.bincount(msg[: 8 * n].long(), minlength=256)
+            bits += torch.bincount(msg[8 * n :].long(), minlength=256)
+        return words, bits
+
+    (w1, c1), (w2, c2) = view(0, 0), view(-(2**40), 1)
+    assert chi2_contingency(torch.stack([w1, w2]).numpy()).pvalue > 1e-3
+    table = torch.stack([c1, c2])[:, :2]  # the masked bits take the values 0 and 1 only
+    assert int(torch.stack([c1, c2])[:, 2:].sum()) == 0
+    assert chi2_contingency(table.numpy()).pvalue > 1e-3

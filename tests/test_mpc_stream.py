@@ -277,9 +277,10 @@ def test_both_tanh_forms_match_their_oracle(approx):
     out = decode(res.outputs[1])
     assert (out - approx.plaintext(xf)).abs().max() < 8e-5  # fixed point: a few ulps times the coefficients
     assert (out - torch.tanh(xf)).abs().max() < 1.5e-4
-    # the odd form: 3 comparisons in 2 batches (8 rounds each), |x|, masking v, 8 Horner products, the
-    # sign (27 rounds); the full-range form: 6 comparisons in one batch, masking v and 7 products (16)
-    assert res.stats[1].rounds == 2 + (27 if approx.odd else 16)
+    # the odd form: the sign's carry tree (7 rounds), |x| (its conversion and product in one round),
+    # 2 comparisons (8 rounds), masking v, 8 Horner products, the sign (26 rounds); the full-range
+    # form: 6 comparisons in one batch, masking v and 7 products (16)
+    assert res.stats[1].rounds == 2 + (26 if approx.odd else 16)
 
 
 def test_tanh_approx_validates_odd():

@@ -143,8 +143,9 @@ def run(args: argparse.Namespace) -> int:
         "plaintext": plain,
         "notes": ("seconds_per_image: online phase of the data owner (sum over batches / images, waits for "
                   "the streamed dealer material included); bytes_per_image: data owner's bytes sent + "
-                  "received between the two parties; dealer_bytes_per_image: material sent by the dealer "
-                  "to both parties; rounds: per batch; setup: once per session (weights shared and "
+                  "received between the two parties; dealer_bytes_per_image: corrections the dealer sends the "
+                  "data owner (seeded shares: each party expands the rest from a seed; the model owner "
+                  "receives only its 40-byte seed header); rounds: per batch; setup: once per session (weights shared and "
                   "masked once); max_rss_bytes: peak resident memory of each process"),
     }
     path = Path(args.run_dir) / "encrypted_inference.json"

@@ -134,6 +134,7 @@ class Kind(enum.Enum):
     AND2 = "and2"  # (a, b1, b2, a & b1, a & b2): two AND gates sharing the operand a, XOR shares
     CROSS_AND = "cross_and"  # party 0 gets (A, c0), party 1 (B, c1), c0 ^ c1 = A & B (words)
     BIT = "bit"  # a random bit r as XOR shares of {0,1} and as additive shares
+    BIT_MUL = "bit_mul"  # r as XOR shares, a uniform a, and additive shares of r and of a·r
     MASK = "mask"  # a uniform b for a fixed operand (kept by the dealer under Request.mask_id)
     FIXED_TRIPLE = "fixed_triple"  # (a, c = op(a, b)) with b the mask Request.mask_id, fresh a
 
@@ -180,6 +181,8 @@ def _material_shapes(req: Request) -> list[tuple[int, ...]]:
         return [req.shape_x] * 3
     if req.kind is Kind.AND2:
         return [req.shape_x] * 5
+    if req.kind is Kind.BIT_MUL:
+        return [req.shape_x] * 4
     return [req.shape_x, req.shape_x]  # BIT, CROSS_AND
 
 
@@ -195,6 +198,8 @@ def _material_dtypes(req: Request) -> list[torch.dtype]:
         return [word_dtype(req.params[0])] * 2
     if req.kind is Kind.BIT:
         return [torch.uint8, torch.int64]
+    if req.kind is Kind.BIT_MUL:
+        return [torch.uint8, torch.int64, torch.int64, torch.int64]
     return [torch.int64] * len(_material_shapes(req))
 
 
@@ -209,7 +214,7 @@ def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 def _explicit(req: Request) -> int:
     """How many of party 1's last tensors of ``req`` the dealer sends: its corrections (none for a
     mask, two for a shared-operand AND pair, one otherwise)."""
-    return 0 if req.kind is Kind.MASK else 2 if req.kind is Kind.AND2 else 1
+    return 0 if req.kind is Kind.MASK else 2 if req.kind in (Kind.AND2, Kind.BIT_MUL) else 1
 
 
 def material_nbytes(req: Request, rank: int = 1) -> int:
@@ -226,7 +231,7 @@ def _generate(ks: Keystream, req: Request, count: int) -> list[torch.Tensor]:
     """The first ``count`` tensors of a party's share of ``req``, from that party's seeded stream."""
     out = []
     for k, (shape, dtype) in enumerate(zip(_material_shapes(req)[:count], _material_dtypes(req)[:count])):
-        if req.kind is Kind.BIT and k == 0:
+        if req.kind in (Kind.BIT, Kind.BIT_MUL) and k == 0:
             out.append(ks.bits(shape))  # a bit in {0, 1} (uint8)
         else:
             out.append(ks.ring(shape) if dtype == torch.int64 else ks.words(shape, dtype))
@@ -268,6 +273,10 @@ def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
     elif kind is Kind.CROSS_AND:
         # party 0's mask A, party 1's mask B, XOR shares of A & B (see protocols.cross_and)
         s1.append((s0[0] & s1[0]) ^ s0[1])
+    elif kind is Kind.BIT_MUL:  # (r XOR-shared, a; additive shares of r and of a·r)
+        r = (s0[0] ^ s1[0]).to(torch.int64)
+        s1.append(r - s0[2])
+        s1.append((s0[1] + s1[1]).mul_(r).sub_(s0[3]))
     else:  # BIT: r = r0 ^ r1 as XOR shares, and additive shares (m0, r − m0)
         s1.append((s0[0] ^ s1[0]).to(torch.int64).sub_(s0[1]))
     return s0, s1

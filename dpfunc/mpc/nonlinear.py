@@ -15,10 +15,12 @@
   9.1e-5 (the saturation beyond 5: the fit itself is below that from degree 8 on, so degree 9 — the
   default before — cost one product and one round more for the same bound) and about 1e-4 with
   16-bit fixed point (measured in the tests).
-  Cost: 3 comparisons (the sign, then 2 batched) + 1 product for ``|x|`` + 1 round masking ``v`` +
-  ``degree`` Horner products + 1 for the sign: with 64-bit comparisons 16 + 1 + 1 + 8 + 1 = 27 rounds;
-  with 32-bit comparisons (``bits=32``, what :func:`dpfunc.bridge.mpc.encrypted_inference` uses)
-  14 + 11 = 25 rounds and ≈ 3·22 + 8·12 ≈ 165 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
+  Cost: 3 comparisons (the sign as XOR bits, then 2 batched) + 1 product for ``|x|`` (the sign bit's
+  conversion and the product in one round, :func:`~dpfunc.mpc.protocols.mul_bit`) + 1 round masking
+  ``v`` + ``degree`` Horner products + 1 for the sign (``mul_bit`` again): with 64-bit comparisons
+  7 + 1 + 8 + 1 + 8 + 1 = 26 rounds; with 32-bit comparisons (``bits=32``, what
+  :func:`dpfunc.bridge.mpc.encrypted_inference` uses) 6 + 1 + 7 + 1 + 8 + 1 = 24 rounds and
+  ≈ 21 + 9 + 2·22 + 8 + 8·8 + 9 ≈ 155 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
   ``2·degree − 1`` products in 5 rounds, 470 bytes.)
   ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
   batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).
@@ -52,10 +54,11 @@ from dpfunc.mpc.protocols import (
     ltz,
     mul,
     mul_batch,
+    mul_bit,
     mul_chain_operand,
     mul_fixed,
-    mul_int,
     mul_public,
+    sign_bits,
     square,
     truncate,
 )
@@ -136,8 +139,8 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     d = approx.degree
     rows = [(c, tuple(coef)) for c, coef in zip(approx.centres, approx.coefficients)] + [(0.0, (1.0,) + (0.0,) * d)]
     if approx.odd:
-        neg = ltz(ctx, x, bits=bits)  # [x < 0], a shared integer
-        z = x - 2 * mul_int(ctx, x, neg)  # |x|, exact
+        neg = sign_bits(ctx, x, bits)  # [x < 0], XOR-shared
+        z = x - 2 * mul_bit(ctx, x, neg)  # |x|, exact (conversion and product in one round)
         thresholds = approx.breakpoints[1:]  # [|x| ≥ t_k], k = 1 … pieces
     else:
         z = x
@@ -169,7 +172,7 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     for k in range(d, 0, -1):
         y = mul_fixed(ctx, y, vm, release=k == 1) + sel[k]
     if approx.odd:
-        y = y - 2 * mul_int(ctx, y, neg)  # sign(x)·p(|x|), exact
+        y = y - 2 * mul_bit(ctx, y, neg)  # sign(x)·p(|x|), exact (a fresh dealer bit)
     return y
 
 
