@@ -848,8 +848,10 @@ def argmax_onehot(ctx: Context, x: torch.Tensor) -> torch.Tensor:
         half = m // 2
         u, w = vals[..., :half], vals[..., half : 2 * half]
         hu, hw = onehot[..., :half, :], onehot[..., half : 2 * half, :]
-        s = add_public(ctx, -ltz(ctx, u - w), 1)  # [u >= w]
-        prod = mul_int(ctx, torch.cat([(u - w).unsqueeze(-1), hu - hw], dim=-1), s.unsqueeze(-1))
+        # s = [u ≥ w] = 1 − β with β = [u − w < 0] XOR-shared: X·s = X − X·β (mul_bit: one round)
+        beta = sign_bits(ctx, u - w)
+        both = torch.cat([(u - w).unsqueeze(-1), hu - hw], dim=-1)
+        prod = both - mul_bit(ctx, both, beta.unsqueeze(-1).expand(both.shape).contiguous())
         new_v = w + prod[..., 0]
         new_h = hw + prod[..., 1:]
         if m % 2:
