@@ -3,7 +3,10 @@
 The fast engine's package (``bridge/fast``) at ``--old`` (a git revision) is extracted to a temporary
 directory under another name and imported next to the working tree's; each round runs one step of
 every method (non-private, old fast, new fast, new bridge fast) on the same CNN and batch, so machine
-load hits them alike. Figures, not a test::
+load hits them alike. The old step also runs the noise and update code (``dpfunc/noise.py``,
+``dpfunc/transforms.py``) at ``--old``: they are loaded under other names and swapped into
+``dpfunc.private`` / ``dpfunc.step`` for the duration of each old step (``--old-core HEAD`` pins them to
+the working tree's committed version when only the engine is compared). Figures, not a test::
 
     python bench/speed_ab.py --old aefe468 --batch-sizes 64 256 --repeats 31 --clock cpu
 
@@ -14,7 +17,9 @@ to the non-private step, and the 1-minute load average before and after (``/proc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import importlib.util
 import gc
 import statistics
 import subprocess
@@ -30,7 +35,10 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import speed  # noqa: E402
 
-from dpfunc import FlatClipping, Key, dpsgd, make_step  # noqa: E402
+import dpfunc.private  # noqa: E402
+import dpfunc.step  # noqa: E402
+from dpfunc import FlatClipping, Key, chain, dp_aggregate, dpsgd, make_step  # noqa: E402
+from dpfunc.private import _make_config  # noqa: E402
 from dpfunc.bridge.fast import fast_engine  # noqa: E402
 from dpfunc.bridge.functional import functionalize  # noqa: E402
 
@@ -54,24 +62,54 @@ def import_old(rev: str, into: Path):
     return oldfast.fast_engine
 
 
-def fast_step(make_engine, model, x, y):
+def import_old_core(rev: str):
+    """``dpfunc/noise.py`` and ``dpfunc/transforms.py`` at ``rev`` as modules of their own."""
+    mods = {}
+    for name in ("noise", "transforms"):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dpfunc/{name}.py"], capture_output=True, text=True, check=True).stdout
+        spec = importlib.util.spec_from_loader(f"oldcore_{name}", loader=None)
+        mod = importlib.util.module_from_spec(spec)
+        exec(compile(text, f"{rev}:dpfunc/{name}.py", "exec"), mod.__dict__)  # noqa: S102 (our own file at a revision)
+        mods[name] = mod
+    return mods
+
+
+@contextlib.contextmanager
+def core_swapped(core):
+    """Run a step with the old ``privatize`` and ``apply_updates`` (restored afterwards)."""
+    saved = dpfunc.private.privatize, dpfunc.step.apply_updates
+    dpfunc.private.privatize, dpfunc.step.apply_updates = core["noise"].privatize, core["transforms"].apply_updates
+    try:
+        yield
+    finally:
+        dpfunc.private.privatize, dpfunc.step.apply_updates = saved
+
+
+def fast_step(make_engine, model, x, y, core=None):
     model = copy.deepcopy(model)
     apply_fn, params, buffers = functionalize(model)
     b = x.shape[0]
     clipping = FlatClipping(speed.CLIP)
-    tx = dpsgd(speed.LR, noise_multiplier=speed.SIGMA, max_grad_norm=clipping, sampling_rate=0.01, num_examples=100 * b, key=Key(1))
+    if core is None:
+        tx = dpsgd(speed.LR, noise_multiplier=speed.SIGMA, max_grad_norm=clipping, sampling_rate=0.01, num_examples=100 * b, key=Key(1))
+    else:  # dpsgd's chain with the old sgd
+        cfg = _make_config("speed_ab", clipping, speed.SIGMA, 0.01, 100 * b)
+        tx = chain(dp_aggregate(cfg, Key(1)), core["transforms"].sgd(speed.LR))
     step_fn = make_step(None, tx, engine=make_engine(apply_fn, speed.per_example_ce, clipping))
     state = {"params": params, "opt": tx.init(params)}
 
     def step():
-        state["params"], state["opt"], _ = step_fn(state["params"], state["opt"], (x, y), buffers=buffers)
+        with core_swapped(core) if core is not None else contextlib.nullcontext():
+            state["params"], state["opt"], _ = step_fn(state["params"], state["opt"], (x, y), buffers=buffers)
 
+    step.state = state
     return step
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--old", required=True, help="git revision of the old engine (bridge/fast)")
+    parser.add_argument("--old-core", default=None, help="git revision of the old noise/transforms (default: --old)")
     parser.add_argument("--batch-sizes", nargs="*", type=int, default=[64, 256])
     parser.add_argument("--repeats", type=int, default=31)
     parser.add_argument("--warmup", type=int, default=3)
@@ -82,11 +120,12 @@ def main(argv=None):
     clock = speed.CLOCKS[args.clock]
     with tempfile.TemporaryDirectory() as tmp:
         old_engine = import_old(args.old, Path(tmp))
+        core = import_old_core(args.old_core or args.old)
         print(f"old = bridge/fast at {args.old}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
               f"CPU {speed._cpu_model()}, clock {args.clock}, {args.repeats} rounds after {args.warmup}")
         for b in args.batch_sizes:
             model, x, y = speed.build("cnn", b)
-            steps = {"nonprivate": speed.make_method("nonprivate", model, x, y), "old_fast": fast_step(old_engine, model, x, y),
+            steps = {"nonprivate": speed.make_method("nonprivate", model, x, y), "old_fast": fast_step(old_engine, model, x, y, core),
                      "new_fast": fast_step(fast_engine, model, x, y),
                      "new_bridge_fast": speed.make_method("dpfunc_bridge_fast", model, x, y)}
             times = {m: [] for m in steps}
@@ -99,6 +138,8 @@ def main(argv=None):
                     if r >= args.warmup:
                         times[m].append(clock() - t0)
             load1 = Path("/proc/loadavg").read_text().split()[0]
+            same = all(torch.equal(steps["old_fast"].state["params"][k], v) for k, v in steps["new_fast"].state["params"].items())
+            print(f"  old and new fast parameters after {args.warmup + args.repeats} steps bit-identical: {same}")
             print(f"CNN B={b} (load average {load0} -> {load1})")
             for label, stat in (("median", statistics.median), ("q1", lambda v: statistics.quantiles(v, n=4)[0]), ("min", min)):
                 s = {m: stat(v) for m, v in times.items()}

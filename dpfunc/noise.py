@@ -51,17 +51,20 @@ def gaussian_noise(key: Key, like: Mapping[str, torch.Tensor], std: float) -> Pa
         raise TypeError(f"gaussian_noise: key must be a dpfunc.Key, got {type(key).__name__}")
     if not math.isfinite(std) or std < 0:
         raise ValueError(f"gaussian_noise: std must be a finite number >= 0, got {std!r}")
+    if std == 0:
+        return {name: torch.zeros_like(t) for name, t in like.items()}
     gens: dict[torch.device, torch.Generator] = {}
-    out = {}
-    for name, t in like.items():
-        if std == 0:
-            out[name] = torch.zeros_like(t)
-            continue
+    draws = []
+    for t in like.values():
         if t.device not in gens:
             # One generator per device, each from its own derived key.
             gens[t.device] = key.fold_in(len(gens)).generator(t.device)
-        out[name] = torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=t.dtype) * std
-    return out
+        draws.append(torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=t.dtype))
+    # The draws happen in the order of ``like`` (as before); the scaling by ``std`` is one multi-tensor
+    # op, element for element the same product as ``randn(...) * std``.
+    if draws:
+        torch._foreach_mul_(draws, std)
+    return dict(zip(like, draws))
 
 
 def privatize(
@@ -90,4 +93,11 @@ def privatize(
         raise ValueError(f"{fn}: noise_multiplier > 0 needs a finite sensitivity (max_grad_norm), got {sensitivity!r}")
     std = sigma * sensitivity if sigma > 0 else 0.0
     noise = gaussian_noise(key, clipped_sum, std)
-    return {k: (v + noise[k]) / denom for k, v in clipped_sum.items()}
+    names = list(clipped_sum)
+    if not names:
+        return {}
+    # One multi-tensor op per stage instead of two ops per parameter: the same element-wise
+    # arithmetic ((v + noise) / denom, in that order), so the result is bit-identical.
+    out = torch._foreach_add([noise[k] for k in names], [clipped_sum[k] for k in names])
+    torch._foreach_div_(out, denom)
+    return dict(zip(names, out))

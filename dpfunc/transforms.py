@@ -18,7 +18,7 @@ from typing import Any, NamedTuple, Protocol, Union
 
 import torch
 
-from dpfunc._tree import Params, check_same_keys, global_norm
+from dpfunc._tree import Params, check_same_keys, global_norm, tree_add, tree_mul
 
 __all__ = [
     "GradientTransformation",
@@ -131,7 +131,7 @@ def scale(factor: float) -> GradientTransformation:
     factor = _check_number("scale", "factor", factor, low=-math.inf)
 
     def update(updates, state, params=None):
-        return {k: v * factor for k, v in updates.items()}, state
+        return tree_mul(updates, factor), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
@@ -146,7 +146,7 @@ def scale_by_learning_rate(learning_rate: Schedule, *, flip_sign: bool = True) -
 
     def update(updates, state, params=None):
         f = sign * _lr_at(lr, state.count)
-        return {k: v * f for k, v in updates.items()}, ScaleByScheduleState(state.count + 1)
+        return tree_mul(updates, f), ScaleByScheduleState(state.count + 1)
 
     return GradientTransformation(init, update)
 
@@ -159,7 +159,7 @@ def add_decayed_weights(weight_decay: float) -> GradientTransformation:
         if params is None:
             raise ValueError("add_decayed_weights: update needs params")
         check_same_keys("add_decayed_weights", updates, params, ("updates", "params"))
-        return {k: v + wd * params[k] for k, v in updates.items()}, state
+        return tree_add(updates, tree_mul(params, wd)), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
@@ -191,8 +191,13 @@ def trace(momentum: float, *, nesterov: bool = False, dampening: float = 0.0) ->
 
     def update(updates, state, params=None):
         first = int(state.count) == 0
-        new = {k: g.clone() if first else mu * state.trace[k] + (1 - tau) * g for k, g in updates.items()}
-        out = {k: g + mu * new[k] for k, g in updates.items()} if nesterov else new
+        # Multi-tensor ops (a few dispatches for all leaves), the same arithmetic as the per-leaf
+        # ``mu * b + (1 - tau) * g`` and ``g + mu * b``, so bit-identical to it.
+        if first:
+            new = {k: g.clone() for k, g in updates.items()}
+        else:
+            new = tree_add(tree_mul({k: state.trace[k] for k in updates}, mu), tree_mul(updates, 1 - tau))
+        out = tree_add(updates, tree_mul(new, mu)) if nesterov else new
         return out, TraceState(new, state.count + 1)
 
     return GradientTransformation(init, update)
@@ -244,4 +249,6 @@ def adamw(learning_rate: Schedule, b1: float = 0.9, b2: float = 0.999, eps: floa
 def apply_updates(params: Mapping[str, torch.Tensor], updates: Mapping[str, torch.Tensor]) -> Params:
     """``params + updates``, leaf-wise, as a new dict (dtype of ``params`` kept)."""
     check_same_keys("apply_updates", params, updates, ("params", "updates"))
+    if all(p.dtype == updates[k].dtype for k, p in params.items()):  # the usual case: one multi-tensor add
+        return tree_add(params, updates)
     return {k: (p + updates[k]).to(p.dtype) for k, p in params.items()}

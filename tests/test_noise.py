@@ -178,3 +178,43 @@ def test_gaussian_noise_argument_errors():
     for bad in (-1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="gaussian_noise: std"):
             gaussian_noise(Key(0), {"w": torch.zeros(2)}, bad)
+
+
+# ---- bit-identity of the multi-tensor (torch._foreach_*) noise path with the per-leaf one ----------
+
+
+def _per_leaf_privatize(clipped_sum, key, *, noise_multiplier, sensitivity, expected_batch_size):
+    """The obvious per-leaf form (the code before the foreach change): draws in key order, then
+    ``(v + randn·std) / denom`` leaf by leaf."""
+    std = noise_multiplier * sensitivity if noise_multiplier > 0 else 0.0
+    gen = key.fold_in(0).generator(torch.device("cpu"))
+    out = {}
+    for k, v in clipped_sum.items():
+        noise = torch.zeros_like(v) if std == 0 else torch.randn(v.shape, generator=gen, dtype=v.dtype) * std
+        out[k] = (v + noise) / expected_batch_size
+    return out
+
+
+@given(seed=seeds, shapes=st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=3), min_size=0, max_size=6),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), sigma=st.sampled_from([0.0, 0.7, 1.3]),
+       sens=st.floats(0.1, 5.0), denom=st.floats(0.5, 500.0))
+def test_privatize_is_bit_identical_to_the_per_leaf_form(seed, shapes, dtype, sigma, sens, denom):
+    g = torch.Generator().manual_seed(seed)
+    tree = {f"p{i}": torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for i, s in enumerate(shapes)}
+    key = Key(seed)
+    new = privatize(tree, key, noise_multiplier=sigma, sensitivity=sens, expected_batch_size=denom)
+    old = _per_leaf_privatize(tree, key, noise_multiplier=sigma, sensitivity=sens, expected_batch_size=denom)
+    assert list(new) == list(old)
+    for k in old:
+        assert new[k].dtype == old[k].dtype and torch.equal(new[k], old[k]), k
+    noise = gaussian_noise(key, tree, sigma * sens)
+    for k, t in tree.items():  # gaussian_noise alone: the same draws, scaled alike
+        ref = torch.zeros_like(t) if sigma == 0 else None
+        if ref is None:
+            gen = key.fold_in(0).generator(torch.device("cpu"))
+            for k2, t2 in tree.items():  # replay the stream up to this leaf
+                r = torch.randn(t2.shape, generator=gen, dtype=t2.dtype) * (sigma * sens)
+                if k2 == k:
+                    ref = r
+                    break
+        assert torch.equal(noise[k], ref), k

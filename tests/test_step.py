@@ -288,3 +288,58 @@ def test_dp_aggregate_in_a_longer_chain_is_found():
     tx = chain(chain(dp_aggregate(DPConfig(1.0, 1.0, 0.1, 50), Key(0)), scale(1.0)), sgd(0.1))
     _, state, _ = make_step(loss_fn, tx)(params, tx.init(params), _batch(gen, 2), buffers=buffers)
     assert privacy_ledger(state).total_steps == 1
+
+
+@settings(max_examples=10)
+@given(seed=seeds, b=st.integers(0, 6), momentum=st.sampled_from([0.0, 0.9]))
+def test_step_is_bit_identical_to_the_per_leaf_noise_and_update(seed, b, momentum, monkeypatch_module):
+    """The multi-tensor (``torch._foreach_*``) noise and update paths against the per-leaf code they
+    replaced, through whole steps: the same key gives the same parameters bit for bit."""
+    import dpfunc.private
+    import dpfunc.step
+
+    def per_leaf_privatize(clipped_sum, key, *, noise_multiplier, sensitivity, expected_batch_size):
+        std = noise_multiplier * sensitivity if noise_multiplier > 0 else 0.0
+        gen = key.fold_in(0).generator(torch.device("cpu"))
+        return {k: (v + (torch.randn(v.shape, generator=gen, dtype=v.dtype) * std if std else torch.zeros_like(v)))
+                / expected_batch_size for k, v in clipped_sum.items()}
+
+    def per_leaf_apply(params, updates):
+        return {k: (p + updates[k]).to(p.dtype) for k, p in params.items()}
+
+    def per_leaf_sgd(lr, mu):
+        def update(u, state, params=None):
+            buf, n = state
+            if mu:
+                buf = {k: v.clone() for k, v in u.items()} if n == 0 else {k: mu * buf[k] + 1.0 * v for k, v in u.items()}
+                u = buf
+            return {k: v * -lr for k, v in u.items()}, (buf, n + 1)
+
+        return chain.__globals__["GradientTransformation"](lambda p: (None, 0), update)
+
+    loss_fn, params, buffers, gen = _model(seed)
+    batches = [_batch(gen, b) for _ in range(3)]
+    cfg = dict(noise_multiplier=1.0, max_grad_norm=1.0, sampling_rate=0.25, num_examples=12, key=Key(seed))  # q·n = 3: division is not exact
+    results = []
+    for old in (False, True):
+        if old:
+            monkeypatch_module.setattr(dpfunc.private, "privatize", per_leaf_privatize)
+            monkeypatch_module.setattr(dpfunc.step, "apply_updates", per_leaf_apply)
+            tx = chain(dp_aggregate(DPConfig(1.0, 1.0, 0.25, 12), Key(seed)), per_leaf_sgd(0.1, momentum))
+        else:
+            tx = dpsgd(0.1, momentum=momentum, **cfg)
+        step = make_step(loss_fn, tx)
+        p, s = dict(params), tx.init(params)
+        for batch in batches:
+            p, s, _ = step(p, s, batch, buffers=buffers)
+        results.append(p)
+    monkeypatch_module.undo()
+    for k in params:
+        assert torch.equal(results[0][k], results[1][k]), k
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()

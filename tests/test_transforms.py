@@ -245,3 +245,53 @@ def test_chain_errors():
     tx = chain(identity(), identity())
     with pytest.raises(ValueError, match="chain: state"):
         tx.update({"w": torch.ones(1)}, (tx.init({})[0],))
+
+
+# ---- bit-identity of the multi-tensor (torch._foreach_*) paths with the per-leaf forms ---------------
+
+
+def _per_leaf_sgd_updates(grads_seq, params, lr, momentum, nesterov, dampening, weight_decay):
+    """The per-leaf code before the foreach change (add_decayed_weights → trace → scale_by_lr → apply)."""
+    buf, out = None, []
+    p = dict(params)
+    for g in grads_seq:
+        if weight_decay:
+            g = {k: v + weight_decay * p[k] for k, v in g.items()}
+        if momentum or nesterov:
+            buf = {k: v.clone() for k, v in g.items()} if buf is None else {k: momentum * buf[k] + (1 - dampening) * v for k, v in g.items()}
+            g = {k: v + momentum * buf[k] for k, v in g.items()} if nesterov else buf
+        g = {k: v * -lr for k, v in g.items()}
+        p = {k: (v + g[k]).to(v.dtype) for k, v in p.items()}
+        out.append(p)
+    return out
+
+
+@given(seed=seeds, lr=st.floats(1e-3, 1.0), momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
+       dampening=st.sampled_from([0.0, 0.1]), weight_decay=st.sampled_from([0.0, 1e-2]),
+       dtype=st.sampled_from([torch.float32, torch.float64]), n=st.integers(0, 5))
+def test_sgd_chain_is_bit_identical_to_the_per_leaf_form(seed, lr, momentum, nesterov, dampening, weight_decay, dtype, n):
+    if nesterov and (momentum == 0 or dampening != 0):
+        nesterov = False
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(3, 4), (7,), (), (2, 1, 5), (11,)][:n]
+    params = {f"p{i}": torch.randn(s, generator=g, dtype=dtype) for i, s in enumerate(shapes)}
+    grads_seq = [{k: torch.randn(v.shape, generator=g, dtype=dtype) for k, v in params.items()} for _ in range(STEPS)]
+    tx = sgd(lr, momentum, nesterov=nesterov, dampening=dampening, weight_decay=weight_decay)
+    p, state = dict(params), tx.init(params)
+    ref = _per_leaf_sgd_updates(grads_seq, params, lr, momentum, nesterov, dampening, weight_decay)
+    for t, grads in enumerate(grads_seq):
+        u, state = tx.update(grads, state, p)
+        p = apply_updates(p, u)
+        for k in params:
+            assert torch.equal(p[k], ref[t][k]), (t, k)
+    assert {k: v * 2.5 for k, v in params.items()}.keys() == scale(2.5).update(params, ())[0].keys()
+    for k, v in scale(2.5).update(params, ())[0].items():
+        assert torch.equal(v, params[k] * 2.5)
+
+
+def test_apply_updates_mixed_dtypes_keeps_the_params_dtype():
+    params = {"a": torch.ones(3, dtype=torch.float32), "b": torch.ones(2, dtype=torch.float64)}
+    updates = {"a": torch.full((3,), 0.1, dtype=torch.float64), "b": torch.full((2,), 0.1, dtype=torch.float64)}
+    out = apply_updates(params, updates)
+    assert out["a"].dtype == torch.float32 and torch.equal(out["a"], (params["a"] + updates["a"]).to(torch.float32))
+    assert torch.equal(out["b"], params["b"] + updates["b"])
