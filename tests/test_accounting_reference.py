@@ -74,9 +74,11 @@ def test_pld_matches_dp_accounting(q, sigma, steps, d):
     ref = _reference_epsilon(sigma, q, steps, d)
     assert math.isfinite(ours) or not math.isfinite(ref)
     assert ours <= ref * 1.02 + 1e-6, (ours, ref)
-    if ref < 0.2:  # grid-dominated reference: compare the lower side with a finer reference grid, at
-        # least as fine as the one our default refined to (else ours, on a finer grid, may be below it)
-        h = max(ref / 2000, 2e-5)
+    refined = report.method == "pld" and report.value_discretization_interval < 1e-4
+    if ref < 0.2 or refined:  # grid-dominated reference, or our default refined its grid: compare the lower
+        # side with a reference grid at least as fine as ours (else ours, on a finer grid, may be below it:
+        # σ 1, q e^-8, T 98716, δ e^-16: ours 0.636185 on h 4.2e-5, the reference 0.638426 on 1e-4, 0.636186 on 4.2e-5)
+        h = max(ref / 2000, 2e-5) if ref < 0.2 else 1e-4
         if report.method == "pld":
             h = min(h, report.value_discretization_interval)
         ref = _reference_epsilon(sigma, q, steps, d, h=h)
