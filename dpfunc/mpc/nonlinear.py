@@ -29,7 +29,8 @@
   of the tiny ``(B, G)`` variance tensor), the guess ``2^(−(k + 1/2)/(2s))`` within a factor
   ``2^(±1/(4s))`` of the truth (relative error ≤ 4.4 % for ``s = 4``), then Newton's iteration
   ``y ← y (3 − (v·y)·y) / 2`` (relative error ``e ↦ 1.5 e² + 0.5 e³``: 4.4 % → 3.0e-3 → 1.4e-5 after
-  the default 2 iterations, 3 rounds each), so fixed-point rounding dominates: the result is within a
+  the default 2 iterations, 3 rounds each; the guess's comparisons run on 32-bit words of ``v``
+  divided locally by ``2^3``, exact for ``v < 2^(high_exp + 2)``), so fixed-point rounding dominates: the result is within a
   few units of ``2^-f`` of ``1/√v``, i.e. relative error ≈ ``few · 2^-f · √v`` — 1e-4 at v = 1, 4e-3
   at v = 4096. (Before: ``s = 1``, 19 %, 4 iterations: 6 more rounds per GroupNorm for the same
   result.) Valid for ``v ∈ [2^low_exp, 2^(high_exp+1))``.
@@ -224,8 +225,16 @@ def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig(),
     sp = cfg.steps_per_octave
     ks = list(range(cfg.low_exp * sp, (cfg.high_exp + 1) * sp))  # thresholds 2^(k/s)
     guess = lambda k: 2.0 ** (-(k + 0.5) / (2 * sp))  # noqa: E731  (geometric middle of [2^(k/s), 2^((k+1)/s)))
-    stacked = torch.stack([add_public(ctx, v, -int(round(2.0 ** (k / sp) * fp.scale))) for k in ks])
-    steps = add_public(ctx, -ltz(ctx, stacked), 1)  # [v >= 2^k], integers
+    # the guess's comparisons on 32-bit words: v divided locally by 2^shift so that the range
+    # [0, 2^(high_exp+2)) fits (one bit of headroom); the thresholds at f − shift fractional bits
+    # (2^-13 absolute for f = 16: a quantisation of the guess's breakpoints, which Newton absorbs)
+    shift = max(0, cfg.high_exp + 2 + fp.fractional_bits - 31)
+    frac = fp.fractional_bits - shift
+    bits = 32 if frac >= 8 else 64
+    vq = truncate(ctx, v, 1 << shift) if bits == 32 and shift else v
+    scale = float(1 << frac) if bits == 32 else float(fp.scale)
+    stacked = torch.stack([add_public(ctx, vq, -int(round(2.0 ** (k / sp) * scale))) for k in ks])
+    steps = add_public(ctx, -ltz(ctx, stacked, bits=bits), 1)  # [v >= 2^(k/s)], integers
     deltas = torch.tensor(
         [int(round((guess(k) - guess(k - 1)) * fp.scale)) for k in ks], dtype=torch.int64, device=v.device
     ).view((len(ks),) + (1,) * v.dim())
