@@ -72,14 +72,18 @@ def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
 FEATURE_RECIPE = dict(model="features", head_hidden=0, head_smooth=3, batch_size=24, epochs=60, learning_rate=0.02, slices_per_patient=4)
 """The fixed-feature model's recipe (tuned on seed 0's VALIDATION patients only, README 'Segmentation under DP'):
 a linear head on the fixed filter bank and a 3×3 convolution of its logits (94 + 38 = 132 trained parameters), 24 expected patients per step (all 24 training
-patients: q = 1, i.e. DP full-batch gradient descent), 60 steps, Adam lr 0.02. Overrides the U-Net flags."""
+patients: q = 1, i.e. DP full-batch gradient descent), 60 steps, Adam lr 0.02. Overrides the U-Net flags.
+'features+pos' settings add the bin × position products (114 features, 2·114 + 2 + 38 = 268 trained parameters)."""
 
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
             "non-private, slice batches": dict(private=False, unit="slice"),
             "features, non-private": dict(private=False, **FEATURE_RECIPE),
             "features, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RECIPE),
-            "features, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RECIPE)}
+            "features, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RECIPE),
+            "features+pos, non-private": dict(private=False, position_products=True, **FEATURE_RECIPE),
+            "features+pos, DP ε=8": dict(private=True, epsilon=8.0, position_products=True, **FEATURE_RECIPE),
+            "features+pos, DP ε=3": dict(private=True, epsilon=3.0, position_products=True, **FEATURE_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 

@@ -111,7 +111,7 @@ def test_bad_arguments_are_refused_by_name():
 
 
 def test_config_builds_the_feature_model_with_the_prior():
-    cfg = SegmentationConfig(model="features", head_hidden=0, head_smooth=0, image_size=48)  # 48: no 2**depth constraint here
+    cfg = SegmentationConfig(model="features", head_hidden=0, head_smooth=0, position_products=False, image_size=48)  # 48: no 2**depth constraint here
     assert cfg.model is SegModel.FEATURES and cfg.to_dict()["model"] == "features"
     model, apply_fn, params, buffers = _build(cfg)
     # the loader precomputes the features (channel 0 = the slice): the trained model is the head alone
@@ -122,8 +122,8 @@ def test_config_builds_the_feature_model_with_the_prior():
     packed = torch.cat([_fixed_features(cfg, x), torch.zeros(2, 2, 48, 48)], 1)  # the same function as the end-to-end module
     torch.testing.assert_close(apply_fn(params, buffers, packed)[0], full(x))
     assert isinstance(_build(SegmentationConfig())[0].net, type(build_model("unet", key=Key(0))))  # default unchanged
-    recipe = _build(SegmentationConfig(model="features"))[2]  # the README recipe: linear head + 3×3 logit conv
-    assert sum(p.numel() for p in recipe.values()) == 46 * 2 + 2 + 2 * 2 * 9 + 2 == 132
+    recipe = _build(SegmentationConfig(model="features"))[2]  # the README recipe: bins × position, linear head, 3×3 logit conv
+    assert sum(p.numel() for p in recipe.values()) == 114 * 2 + 2 + 2 * 2 * 9 + 2 == 268
 
 
 @pytest.mark.parametrize("hidden,smooth,clip", [(0, 0, 1e-3), (0, 3, 1e3), (4, 0, 1e-3)])

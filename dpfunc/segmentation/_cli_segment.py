@@ -49,8 +49,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         "collapsed to 'no organ' under DP in our runs)")
     p.add_argument("--head-smooth", type=_int_at_least("--head-smooth", 0), default=3,
                    help="--model features: side of a final convolution of the logits (0 = none; odd)")
-    p.add_argument("--position-products", action="store_true",
-                   help="--model features: also intensity bins × row / column position features")
+    p.add_argument("--position-products", action=argparse.BooleanOptionalAction, default=True,
+                   help="--model features: also intensity bins × row / column position features (the README's recipe)")
     p.add_argument("--width", type=_int_at_least("--width", 1), default=4, help="U-Net channels at full resolution")
     p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
