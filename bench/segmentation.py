@@ -69,7 +69,9 @@ def _save(payload: dict, path: Path = RESULTS / "segmentation.json") -> None:
 # ------------------------------------------------------------------------------------------ Dice
 
 
-FEATURE_RECIPE = dict(model="features", head_hidden=0, head_smooth=3, batch_size=24, epochs=60, learning_rate=0.02, slices_per_patient=4)
+FEATURE_RECIPE = dict(model="features", head_hidden=0, head_smooth=3, position_products=False, batch_size=24, epochs=60,
+                      learning_rate=0.02, slices_per_patient=4)
+FEATURE_POS_RECIPE = {**FEATURE_RECIPE, "position_products": True}  # SegmentationConfig(model="features")'s own default
 """The fixed-feature model's recipe (tuned on seed 0's VALIDATION patients only, README 'Segmentation under DP'):
 a linear head on the fixed filter bank and a 3×3 convolution of its logits (94 + 38 = 132 trained parameters), 24 expected patients per step (all 24 training
 patients: q = 1, i.e. DP full-batch gradient descent), 60 steps, Adam lr 0.02. Overrides the U-Net flags.
@@ -81,9 +83,9 @@ SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, ep
             "features, non-private": dict(private=False, **FEATURE_RECIPE),
             "features, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RECIPE),
             "features, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RECIPE),
-            "features+pos, non-private": dict(private=False, position_products=True, **FEATURE_RECIPE),
-            "features+pos, DP ε=8": dict(private=True, epsilon=8.0, position_products=True, **FEATURE_RECIPE),
-            "features+pos, DP ε=3": dict(private=True, epsilon=3.0, position_products=True, **FEATURE_RECIPE)}
+            "features+pos, non-private": dict(private=False, **FEATURE_POS_RECIPE),
+            "features+pos, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_POS_RECIPE),
+            "features+pos, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_POS_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -237,9 +239,10 @@ def report(payload: dict) -> str:
                          f"{r.get('load_average', float('nan')):.1f} |")
         if any(r["setting"].startswith("features") for r in payload["dice"]):
             f = FEATURE_RECIPE
-            lines += ["", f"'features' rows: the fixed filter bank + a linear head (94 trained parameters; Tramèr & Boneh 2021), "
-                      f"{f['batch_size']} expected patients per step (q = 1 at 24 training patients), {f['slices_per_patient']} "
-                      f"slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
+            lines += ["", f"'features' rows: the fixed filter bank (46 channels) + a linear head + a 3×3 convolution of the logits "
+                      f"(132 trained parameters; Tramèr & Boneh 2021); 'features+pos' adds the bin × position products (114 "
+                      f"channels, 268 parameters). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
             lines += ["", "Rows with Dice < 0.3 (" + ", ".join(f"{r['setting']} seed {r['seed']}" for r in low) + "): the model "
