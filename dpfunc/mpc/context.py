@@ -286,9 +286,13 @@ def party_stream_key(key: AnyKey, rank: int) -> StreamKey:
     """The seed the dealer shares with party ``rank`` (0 or 1): a child of the dealer's key (a PRF
     output, so it says nothing about the dealer's key or the other party's seed). From a 64-bit
     :class:`~dpfunc.keys.Key` (tests) the seed has only that key's 64 bits of entropy."""
+    label = _SEED_LABEL - rank  # apart from the small indices the parties fold in (batches, the setup's −1)
     if isinstance(key, StreamKey):
-        return key.fold_in(-1 - rank)
-    return StreamKey.from_seed(key.fold_in(-1 - rank).state)
+        return key.fold_in(label)
+    return StreamKey.from_seed(key.fold_in(label).state)
+
+
+_SEED_LABEL = -(1 << 40)
 
 
 def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
