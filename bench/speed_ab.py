@@ -4,7 +4,7 @@ The fast engine's package (``bridge/fast``) at ``--old`` (a git revision) is ext
 directory under another name and imported next to the working tree's; each round runs one step of
 every method (non-private, old fast, new fast, new bridge fast) on the same CNN and batch, so machine
 load hits them alike. The old step also runs the noise and update code (``dpfunc/noise.py``,
-``dpfunc/transforms.py``) at ``--old``: they are loaded under other names and swapped into
+``dpfunc/transforms.py``, and ``bridge/functional.py``'s ``functionalize``) at ``--old``: they are loaded under other names and swapped into
 ``dpfunc.private`` / ``dpfunc.step`` for the duration of each old step (``--old-core HEAD`` pins them to
 the working tree's committed version when only the engine is compared). Figures, not a test::
 
@@ -63,13 +63,13 @@ def import_old(rev: str, into: Path):
 
 
 def import_old_core(rev: str):
-    """``dpfunc/noise.py`` and ``dpfunc/transforms.py`` at ``rev`` as modules of their own."""
+    """``dpfunc/noise.py``, ``dpfunc/transforms.py`` and ``bridge/functional.py`` at ``rev`` as modules of their own."""
     mods = {}
-    for name in ("noise", "transforms"):
-        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:dpfunc/{name}.py"], capture_output=True, text=True, check=True).stdout
+    for name, path in (("noise", "dpfunc/noise.py"), ("transforms", "dpfunc/transforms.py"), ("functional", "bridge/functional.py")):
+        text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
         spec = importlib.util.spec_from_loader(f"oldcore_{name}", loader=None)
         mod = importlib.util.module_from_spec(spec)
-        exec(compile(text, f"{rev}:dpfunc/{name}.py", "exec"), mod.__dict__)  # noqa: S102 (our own file at a revision)
+        exec(compile(text, f"{rev}:{path}", "exec"), mod.__dict__)  # noqa: S102 (our own file at a revision)
         mods[name] = mod
     return mods
 
@@ -87,7 +87,7 @@ def core_swapped(core):
 
 def fast_step(make_engine, model, x, y, core=None):
     model = copy.deepcopy(model)
-    apply_fn, params, buffers = functionalize(model)
+    apply_fn, params, buffers = (functionalize if core is None else core["functional"].functionalize)(model)
     b = x.shape[0]
     clipping = FlatClipping(speed.CLIP)
     if core is None:

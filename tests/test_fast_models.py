@@ -350,3 +350,77 @@ def test_ghost_path_allocates_nothing_of_size_batch_times_parameters(ghost):
     with _MaxAllocation() as vmap_mode:  # the check can fail: the oracle does allocate B × |θ|
         vmap_engine(oracle_loss(apply_fn, regression_loss), clipping=FlatClipping(1.0))(params, buffers, (x, y), None)
     assert vmap_mode.largest >= b * d * d
+
+
+class _TiedHead(nn.Module):
+    """A linear layer used twice and an explicitly shared weight (``b.weight is a.weight``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@settings(max_examples=5)  # a SmallCNN forward per example; 5 keep it quick
+@given(seeds)
+def test_apply_fn_without_tie_search_is_bit_identical(seed):
+    """functionalize / fast_engine read ties once and skip functional_call's per-call alias search when
+    there are none: the same output bit for bit as ``tie_weights=True``."""
+    from torch.func import functional_call
+
+    from dpfunc.bridge.functional import has_tied_tensors
+
+    torch.manual_seed(seed % 2**31)
+    model = SmallCNN(key=Key(seed % 1000))
+    apply_fn, params, buffers = functionalize(model)
+    assert not has_tied_tensors(model)
+    params = {k: v + 0.01 * torch.randn_like(v) for k, v in params.items()}
+    x = torch.randn(3, 1, 28, 28)
+    ref = functional_call(model, (params, buffers), (x,), tie_weights=True, strict=False)
+    assert torch.equal(apply_fn(params, buffers, x), ref)
+
+
+def test_apply_fn_of_a_tied_module_reaches_every_alias():
+    """A tied module keeps functional_call's alias search: its one ``params`` entry is used at both names."""
+    from torch.func import functional_call
+
+    from dpfunc.bridge.functional import has_tied_tensors
+
+    torch.manual_seed(0)
+    tied = _TiedHead()
+    assert has_tied_tensors(tied)
+    apply_fn, params, buffers = functionalize(tied)
+    assert "b.weight" not in params and "a.weight" in params
+    w = torch.randn(4, 4)
+    params = {**params, "a.weight": w}
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        expected = F.linear(torch.tanh(F.linear(x, w, params["a.bias"])), w, params["b.bias"])
+    assert torch.equal(apply_fn(params, buffers, x), expected)
+    clip = FlatClipping(1.0)
+    out = fast_engine(tied, lambda o, t: (o - t).square().sum(1), clip)(params, buffers, (x, torch.zeros(2, 4)), None)
+    ref_out = vmap_engine(lambda p, b, xi, ti: (functional_call(tied, (p, b), (xi[None],)) - ti).square().sum(),
+                          clipping=clip)(params, buffers, (x, torch.zeros(2, 4)), None)
+    torch.testing.assert_close(out.grads.norms, ref_out.grads.norms)
+
+
+def test_weighted_sum_is_bit_identical_to_tensordot():
+    """The rules' ``Σ_i c_i pe_i`` calls ``mm`` directly; it must equal ``torch.tensordot`` (what it
+    replaced) bit for bit on every shape family the rules keep, contiguous or not, including one element
+    per example (where tensordot takes a dot product), a batch of one and an empty batch."""
+    from dpfunc.bridge.fast.rules._common import _weighted
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(0, 3), (5,), (0,), (1, 4), (1, 1), (64, 1), (3, 1, 1), (7, 3), (64, 32, 1, 3, 3), (64, 64, 32, 7, 7),
+              (2, 10, 4), (256, 2, 64), (33, 5, 1)]
+    for dtype in (torch.float32, torch.float64):
+        for shape in shapes:
+            pe = torch.randn(shape, generator=g, dtype=dtype)
+            for p in (pe, pe.transpose(-1, -2)) if pe.dim() > 2 else (pe,):
+                c = torch.rand(shape[0], generator=g, dtype=torch.float32)
+                ref = torch.tensordot(c.to(p.dtype), p, dims=([0], [0]))
+                out = _weighted(c, p)
+                assert out.shape == ref.shape and out.dtype == ref.dtype and torch.equal(out, ref), (dtype, shape, p.stride())

@@ -37,7 +37,9 @@ from dpfunc.adaptive_clipping import AdaptiveClipping, call_clipping
 from dpfunc.clipping import ClippedSum, Clipping, check_finite_norms, clip_factors, group_norms
 from dpfunc.step import EngineOutput, GradEngine
 
+from dpfunc.bridge.functional import has_tied_tensors
 from dpfunc.bridge.fast.rules import Call, LayerGrads, Rule, rule_for
+from dpfunc.bridge.fast.rules._common import _weighted
 from dpfunc.bridge.fast.rules.attention import AttentionTaps
 
 __all__ = ["fast_engine", "FastPass"]
@@ -349,7 +351,7 @@ class FastPass:
                     name = layer.names[attr]
                     out[name] = out[name] + v if name in out else v
             for name, pe in fallback_pe.items():
-                out[name] = torch.tensordot(factors[name].to(pe.dtype), pe, dims=([0], [0]))
+                out[name] = _weighted(factors[name], pe)
             return {k: v.to(params[k].dtype) for k, v in out.items()}
 
         return sq, losses, clip_sums
@@ -464,9 +466,10 @@ def fast_engine(
     """
     if isinstance(model, nn.Module):
         module = model
+        tied = has_tied_tensors(module)  # as functionalize: aliases are searched per call only if there are any
 
         def apply_fn(params, buffers, *args):
-            return functional_call(module, (params, buffers), args, tie_weights=True, strict=False)
+            return functional_call(module, (params, buffers), args, tie_weights=tied, strict=False)
 
     elif callable(model) and isinstance(getattr(model, "module", None), nn.Module):
         module, apply_fn = model.module, model

@@ -15,6 +15,7 @@ Rules are registered by module type with :func:`register_rule` (the shape of Opa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -55,8 +56,15 @@ def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
 
 
 def _weighted(c: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
-    """``Σ_i c_i pe_i`` for kept per-example tensors ``pe`` of shape ``(B, *shape)``."""
-    return torch.tensordot(c.to(pe.dtype), pe, dims=([0], [0]))
+    """``Σ_i c_i pe_i`` for kept per-example tensors ``pe`` of shape ``(B, *shape)``.
+
+    The ``(1, B) @ (B, D)`` product that ``torch.tensordot(c, pe, dims=([0], [0]))`` reduces to, called
+    directly (bit-identical: the same ``mm`` on the same operands), without tensordot's Python wrapper
+    and permutes (≈ 10 µs per parameter and step)."""
+    d = math.prod(pe.shape[1:])
+    if d == 1:  # one element per example: tensordot takes a dot product here, not this mm
+        return torch.tensordot(c.to(pe.dtype), pe, dims=([0], [0]))
+    return torch.mm(c.to(pe.dtype).view(1, -1), pe.reshape(pe.shape[0], d)).view(pe.shape[1:])
 
 
 def _chunks(b: int, per_example: int) -> list[tuple[int, int]]:
