@@ -62,7 +62,7 @@ Round-off: exponential tilting and a weighted error norm.
     at the query (ε for δ queries; the ε-optimal tilt at δ for ε queries; both re-tilted while the charge
     exceeds 1% of δ), which centres the tilted distribution where δ is decided, capped at 12/sd of the
     composition (a bounded loss, as in the "add" direction, has its Chernoff optimum at λ → ∞). The
-    chooser's log-MGF is computed on one step's exact masses (pooled into 2^16 blocks only beyond that,
+    chooser's log-MGF is computed on one step's exact masses (pooled into 2^13 blocks only beyond that,
     each block with its mean and variance). Any λ > 0 gives a valid bound; only the tightness depends on it.
 
     Fresh round-off of one FFT convolution of ``a, b`` (lengths summing to ``n + 1``, transform length
@@ -416,14 +416,14 @@ def _single_step_cached(sigma: float, q: float, direction: str, h: float) -> tup
     return out
 
 
-_MGF_BLOCKS = 2**16  # the tilt chooser pools one step's masses into at most this many blocks
+_MGF_BLOCKS = 2**13  # the tilt chooser pools one step's masses into at most this many blocks
 
 
 @functools.lru_cache(maxsize=32)
 def _log_mgf(triples: tuple, direction: str, h: float) -> np.ndarray:
     """``log E[e^{λL}]`` of the discretised composition (finite part) at every λ in ``_LAMBDAS``: the sum
-    over phases of ``count·log Σ_i m_i e^{λ g_i}``. Exact for one step's grid of ≤ 2^16 points; a longer
-    grid is pooled into 2^16 blocks, each kept as its mass, mass-weighted mean and variance
+    over phases of ``count·log Σ_i m_i e^{λ g_i}``. Exact for one step's grid of ≤ 2^13 points; a longer
+    grid is pooled into 2^13 blocks, each kept as its mass, mass-weighted mean and variance
     (``M·e^{λμ + λ²v/2}``). It only *chooses* the tilt, so this approximation affects tightness, never
     validity. (An earlier version put each of ≤ 2048 blocks at its centre: an error of up to half a
     block in the per-step mean, times T — at σ 0.8, q 1e-3, T 1e6 it made the mean loss 760 instead of
@@ -443,7 +443,7 @@ def _log_mgf(triples: tuple, direction: str, h: float) -> np.ndarray:
         var = (m_b * (g_b - mu[:, None]) ** 2).sum(axis=1) / pooled if block > 1 else np.zeros(len(mu))
         log_p = np.log(pooled)
         step = np.empty(len(_LAMBDAS))
-        for i in range(0, len(_LAMBDAS), 8):  # chunks of λ: bounded memory (8 × 2^16 floats)
+        for i in range(0, len(_LAMBDAS), 8):  # chunks of λ: bounded memory (8 × 2^13 floats)
             lam = _LAMBDAS[i:i + 8, None]
             t = log_p[None, :] + lam * mu[None, :] + 0.5 * lam * lam * var[None, :]
             top = t.max(axis=1)
