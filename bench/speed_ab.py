@@ -11,7 +11,9 @@ the working tree's committed version when only the engine is compared). Figures,
     python bench/speed_ab.py --old aefe468 --batch-sizes 64 256 --repeats 31 --clock cpu
 
 Prints, per batch size, the median / first quartile / minimum step time of each method and its ratio
-to the non-private step, and the 1-minute load average before and after (``/proc/loadavg``).
+to the non-private step, the per-round (paired) ratio new fast / old fast, whether old and new fast
+parameters are bit-identical after all steps, and the 1-minute load average before and after
+(``/proc/loadavg``).
 """
 
 from __future__ import annotations
@@ -144,6 +146,12 @@ def main(argv=None):
             for label, stat in (("median", statistics.median), ("q1", lambda v: statistics.quantiles(v, n=4)[0]), ("min", min)):
                 s = {m: stat(v) for m, v in times.items()}
                 print(f"  {label:6s} " + "  ".join(f"{m} {s[m] * 1e3:.2f} ms ({s[m] / s['nonprivate']:.3f}x)" for m in steps))
+            # Paired: the same round's steps saw the same load, so per-round ratios cancel most of it.
+            paired = sorted(n / o for n, o in zip(times["new_fast"], times["old_fast"]))
+            diff = statistics.median(n - o for n, o in zip(times["new_fast"], times["old_fast"]))
+            print(f"  paired new_fast / old_fast per round: median {statistics.median(paired):.3f} "
+                  f"(quartiles {statistics.quantiles(paired, n=4)[0]:.3f}–{statistics.quantiles(paired, n=4)[2]:.3f}); "
+                  f"median difference {diff * 1e3:+.2f} ms")
 
 
 if __name__ == "__main__":
