@@ -28,20 +28,34 @@ def leaves(tree: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Ten
     return [tree[k] for k in names]
 
 
+# dtypes whose multi-tensor arithmetic is element for element that of the per-tensor ops. Not bf16 /
+# fp16: there ``_foreach_mul`` keeps the scalar in float while ``t * s`` rounds differently (measured).
+FOREACH_DTYPES = frozenset({torch.float32, torch.float64})
+
+
+def foreach_ok(*lists: list[torch.Tensor]) -> bool:
+    """Whether ``torch._foreach_*`` on these lists is bit-identical to the per-tensor ops (non-empty,
+    every tensor float32/float64)."""
+    return bool(lists[0]) and all(t.dtype in FOREACH_DTYPES for ts in lists for t in ts)
+
+
 def tree_mul(tree: Mapping[str, torch.Tensor], factor: float) -> Params:
     """``{k: v * factor}`` as ONE multi-tensor op (``torch._foreach_mul``) instead of one op per leaf.
 
-    Element for element the same product as ``v * factor`` (bit-identical); a new dict of new tensors.
+    Element for element the same product as ``v * factor`` (bit-identical; other dtypes than
+    float32/float64 take the per-leaf ops); a new dict of new tensors.
     """
     names = list(tree)
-    if not names:
-        return {}
-    return dict(zip(names, torch._foreach_mul(leaves(tree, names), factor)))
+    vs = leaves(tree, names)
+    if not foreach_ok(vs):
+        return {k: v * factor for k, v in zip(names, vs)}
+    return dict(zip(names, torch._foreach_mul(vs, factor)))
 
 
 def tree_add(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> Params:
     """``{k: a[k] + b[k]}`` (keys of ``a``) as one multi-tensor op; bit-identical to the per-leaf sum."""
     names = list(a)
-    if not names:
-        return {}
-    return dict(zip(names, torch._foreach_add(leaves(a, names), leaves(b, names))))
+    xs, ys = leaves(a, names), leaves(b, names)
+    if not foreach_ok(xs, ys):
+        return {k: x + y for k, x, y in zip(names, xs, ys)}
+    return dict(zip(names, torch._foreach_add(xs, ys)))

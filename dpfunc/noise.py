@@ -23,7 +23,7 @@ from collections.abc import Mapping
 
 import torch
 
-from dpfunc._tree import Params
+from dpfunc._tree import Params, foreach_ok
 from dpfunc.keys import Key
 
 __all__ = ["gaussian_noise", "privatize", "check_noise_multiplier", "check_expected_batch_size"]
@@ -62,8 +62,9 @@ def gaussian_noise(key: Key, like: Mapping[str, torch.Tensor], std: float) -> Pa
         draws.append(torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=t.dtype))
     # The draws happen in the order of ``like`` (as before); the scaling by ``std`` is one multi-tensor
     # op, element for element the same product as ``randn(...) * std``.
-    if draws:
-        torch._foreach_mul_(draws, std)
+    if not foreach_ok(draws):  # bf16 / fp16: the per-tensor product (it rounds differently)
+        return {name: d * std for name, d in zip(like, draws)}
+    torch._foreach_mul_(draws, std)
     return dict(zip(like, draws))
 
 
@@ -94,10 +95,11 @@ def privatize(
     std = sigma * sensitivity if sigma > 0 else 0.0
     noise = gaussian_noise(key, clipped_sum, std)
     names = list(clipped_sum)
-    if not names:
-        return {}
+    ns, vs = [noise[k] for k in names], [clipped_sum[k] for k in names]
+    if not foreach_ok(ns, vs):
+        return {k: (v + n) / denom for k, v, n in zip(names, vs, ns)}
     # One multi-tensor op per stage instead of two ops per parameter: the same element-wise
     # arithmetic ((v + noise) / denom, in that order), so the result is bit-identical.
-    out = torch._foreach_add([noise[k] for k in names], [clipped_sum[k] for k in names])
+    out = torch._foreach_add(ns, vs)
     torch._foreach_div_(out, denom)
     return dict(zip(names, out))

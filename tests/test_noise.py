@@ -196,7 +196,7 @@ def _per_leaf_privatize(clipped_sum, key, *, noise_multiplier, sensitivity, expe
 
 
 @given(seed=seeds, shapes=st.lists(st.lists(st.integers(1, 40), min_size=0, max_size=3), min_size=0, max_size=6),
-       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]), sigma=st.sampled_from([0.0, 0.7, 1.3]),
+       dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]), sigma=st.sampled_from([0.0, 0.7, 1.3]),
        sens=st.floats(0.1, 5.0), denom=st.floats(0.5, 500.0))
 def test_privatize_is_bit_identical_to_the_per_leaf_form(seed, shapes, dtype, sigma, sens, denom):
     g = torch.Generator().manual_seed(seed)

@@ -268,10 +268,15 @@ def _per_leaf_sgd_updates(grads_seq, params, lr, momentum, nesterov, dampening, 
 
 @given(seed=seeds, lr=st.floats(1e-3, 1.0), momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
        dampening=st.sampled_from([0.0, 0.1]), weight_decay=st.sampled_from([0.0, 1e-2]),
-       dtype=st.sampled_from([torch.float32, torch.float64]), n=st.integers(0, 5))
-def test_sgd_chain_is_bit_identical_to_the_per_leaf_form(seed, lr, momentum, nesterov, dampening, weight_decay, dtype, n):
+       n=st.integers(0, 5))
+def test_sgd_chain_is_bit_identical_to_the_per_leaf_form(seed, lr, momentum, nesterov, dampening, weight_decay, n):
     if nesterov and (momentum == 0 or dampening != 0):
         nesterov = False
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):  # every dtype each example
+        _check_sgd_chain(seed, lr, momentum, nesterov, dampening, weight_decay, dtype, max(n, 1) if dtype != torch.float32 else n)
+
+
+def _check_sgd_chain(seed, lr, momentum, nesterov, dampening, weight_decay, dtype, n):
     g = torch.Generator().manual_seed(seed)
     shapes = [(3, 4), (7,), (), (2, 1, 5), (11,)][:n]
     params = {f"p{i}": torch.randn(s, generator=g, dtype=dtype) for i, s in enumerate(shapes)}
