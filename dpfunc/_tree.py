@@ -29,14 +29,18 @@ def leaves(tree: Mapping[str, torch.Tensor], names: list[str]) -> list[torch.Ten
 
 
 # dtypes whose multi-tensor arithmetic is element for element that of the per-tensor ops. Not bf16 /
-# fp16: there ``_foreach_mul`` keeps the scalar in float while ``t * s`` rounds differently (measured).
+# fp16: there the in-place ``_foreach_mul_`` rounds differently from ``t * s`` (measured on CPU).
 FOREACH_DTYPES = frozenset({torch.float32, torch.float64})
 
 
 def foreach_ok(*lists: list[torch.Tensor]) -> bool:
-    """Whether ``torch._foreach_*`` on these lists is bit-identical to the per-tensor ops (non-empty,
-    every tensor float32/float64)."""
-    return bool(lists[0]) and all(t.dtype in FOREACH_DTYPES for ts in lists for t in ts)
+    """Whether ``torch._foreach_*`` on these lists is bit-identical to the per-tensor ops: non-empty,
+    every tensor float32/float64 and on the CPU. On CPU the multi-tensor ops run the per-tensor kernels
+    in one C++ loop (same bits, less Python and dispatch). CUDA has its own multi-tensor kernels, and
+    ``_foreach_div_`` by a scalar divides where ``t / s`` multiplies by ``1/s``: not the same bits, and
+    unverified for the others, so CUDA tensors keep the per-tensor ops (the noise streams stay as
+    published)."""
+    return bool(lists[0]) and all(t.dtype in FOREACH_DTYPES and t.device.type == "cpu" for ts in lists for t in ts)
 
 
 def tree_mul(tree: Mapping[str, torch.Tensor], factor: float) -> Params:

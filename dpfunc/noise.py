@@ -62,7 +62,7 @@ def gaussian_noise(key: Key, like: Mapping[str, torch.Tensor], std: float) -> Pa
         draws.append(torch.randn(t.shape, generator=gens[t.device], device=t.device, dtype=t.dtype))
     # The draws happen in the order of ``like`` (as before); the scaling by ``std`` is one multi-tensor
     # op, element for element the same product as ``randn(...) * std``.
-    if not foreach_ok(draws):  # bf16 / fp16: the per-tensor product (it rounds differently)
+    if not foreach_ok(draws):  # bf16 / fp16 / CUDA: the per-tensor product (see foreach_ok)
         return {name: d * std for name, d in zip(like, draws)}
     torch._foreach_mul_(draws, std)
     return dict(zip(like, draws))
