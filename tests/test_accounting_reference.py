@@ -10,7 +10,7 @@ import os
 import warnings
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from dpfunc.accounting import (
@@ -60,6 +60,7 @@ def _log_uniform(lo, hi):
     steps=_log_uniform(1, 1e5).map(lambda t: max(1, int(round(t)))),
     d=_log_uniform(1e-12, 1e-3),
 )
+@example(q=math.exp(-6), sigma=1.0, steps=98716, d=math.exp(-26))  # found by the thorough run: see the 4× finer reference
 def test_pld_matches_dp_accounting(q, sigma, steps, d):
     """Upper bound ≥ reference·(1 − 2e-3), ≤ reference·1.02, finite wherever the reference is.
 
@@ -75,6 +76,7 @@ def test_pld_matches_dp_accounting(q, sigma, steps, d):
     assert math.isfinite(ours) or not math.isfinite(ref)
     assert ours <= ref * 1.02 + 1e-6, (ours, ref)
     refined = report.method == "pld" and report.value_discretization_interval < 1e-4
+    h = 1e-4
     if ref < 0.2 or refined:  # grid-dominated reference, or our default refined its grid: compare the lower
         # side with a reference grid at least as fine as ours (else ours, on a finer grid, may be below it:
         # σ 1, q e^-8, T 98716, δ e^-16: ours 0.636185 on h 4.2e-5, the reference 0.638426 on 1e-4, 0.636186 on 4.2e-5)
@@ -82,6 +84,11 @@ def test_pld_matches_dp_accounting(q, sigma, steps, d):
         if report.method == "pld":
             h = min(h, report.value_discretization_interval)
         ref = _reference_epsilon(sigma, q, steps, d, h=h)
+    if ours < ref * (1 - 2e-3):
+        # The reference's grid error can exceed ours on the same grid; its bound decreases towards the true ε
+        # as its grid is refined, so a 4× finer reference decides (σ 1, q e^-6, T 98716, δ e^-26: ours 7.30479
+        # on h 1e-4; the reference 7.32620 on 1e-4, 7.30425 on 5e-5, 7.28114 on 2.5e-5; RDP 7.609)
+        ref = _reference_epsilon(sigma, q, steps, d, h=h / 4)
     assert ours >= ref * (1 - 2e-3), (ours, ref)
 
 
