@@ -17,18 +17,16 @@ from dpfunc.keys import Key
 from dpfunc.models import UNetGN, build_model, unet_gn
 from dpfunc.segmentation import (
     PackedSegmenter,
-    PatientVolume,
     dice_score,
     iou_score,
     mean_ci,
     packed_losses,
     patient_batch,
     segmentation_engine,
-    slice_batch,
     slice_losses,
 )
 
-
+from _segmentation_helpers import assert_fast_engine_equals_vmap, flat, random_patients
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
@@ -85,13 +83,7 @@ def _tiny(seed: int = 0):
 
 
 def _patients(seed: int, counts, size: int = 8):
-    g = torch.Generator().manual_seed(seed)
-    return [PatientVolume(f"p{i}", torch.rand(s, 1, size, size, generator=g, dtype=torch.float64),
-                          (torch.rand(s, size, size, generator=g) > 0.6).long()) for i, s in enumerate(counts)]
-
-
-def _flat(grads: dict) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads.values()])
+    return random_patients(seed, counts, size)
 
 
 def test_unet_coord_channels_add_position_inputs_only():
@@ -118,20 +110,8 @@ def test_fast_engine_equals_vmap_oracle_on_the_unet_patient_and_slice_units(clip
     net = unet_gn(key=Key(3), width=2, depth=2, groups=1, coord_channels=coord).double()  # two levels: nested skips
     model = PackedSegmenter(net)
     _, params, buffers = functionalize(model)
-    patients = _patients(1, [1, 3, 5, 2], size=8)
-    x = patient_batch(patients, [0, 1, 2, 3], 3, Key(2))
-    mask = torch.tensor([True, True, False, True])
-    for mask_ in (None, mask):
-        fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=3, engine=e)(
-            params, buffers, (x,), mask_) for e in ("fast", "vmap"))
-        torch.testing.assert_close(fast.grads.norms, oracle.grads.norms, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(fast.losses, oracle.losses, rtol=1e-10, atol=1e-12)
-    xs = slice_batch(torch.cat([p.images for p in patients]), torch.cat([p.labels for p in patients]), torch.arange(6))
-    fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="slice", engine=e)(params, buffers, (xs,), None)
-                    for e in ("fast", "vmap"))
-    torch.testing.assert_close(fast.grads.norms, oracle.grads.norms, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
+    assert_fast_engine_equals_vmap(model, params, buffers, _patients(1, [1, 3, 5, 2], size=8), clip,
+                                   mask=torch.tensor([True, True, False, True]))
 
 
 def test_patient_gradient_is_the_mean_over_its_slices_clipped_once():
@@ -176,10 +156,10 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C(seed, counts, k, clip, d
     keep[drop] = False
     without = engine(params, buffers, (x,), keep)
     alone = engine(params, buffers, (x[drop:drop + 1],), None)
-    diff = (_flat(full.grads.grads) - _flat(without.grads.grads)).norm()
+    diff = (flat(full.grads.grads) - flat(without.grads.grads)).norm()
     assert float(diff) <= clip * (1 + 1e-9)
-    assert float(_flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
-    torch.testing.assert_close(diff, _flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
+    assert float(flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
+    torch.testing.assert_close(diff, flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
     assert full.grads.sensitivity == clip and int(full.grads.num_real_rows) == len(counts)
 
 

@@ -15,20 +15,16 @@ from dpfunc.bridge import functionalize
 from dpfunc.clipping import FlatClipping
 from dpfunc.keys import Key
 from dpfunc.models import MODELS, FeatureSegmenter, FixedFeatures, build_model, feature_segmenter
-from dpfunc.segmentation import PackedSegmenter, PatientVolume, SegmentationConfig, patient_batch, segmentation_engine, slice_batch
+from dpfunc.segmentation import PackedSegmenter, SegmentationConfig, patient_batch, segmentation_engine
 from dpfunc.segmentation._train import SegModel, _build, _fixed_features
+
+from _segmentation_helpers import assert_fast_engine_equals_vmap, flat, random_patients
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _patients(seed: int, counts, size: int = 16):
-    g = torch.Generator().manual_seed(seed)
-    return [PatientVolume(f"p{i}", torch.rand(s, 1, size, size, generator=g, dtype=torch.float64),
-                          (torch.rand(s, size, size, generator=g) > 0.6).long()) for i, s in enumerate(counts)]
-
-
-def _flat(grads: dict) -> torch.Tensor:
-    return torch.cat([g.flatten() for g in grads.values()])
+    return random_patients(seed, counts, size)
 
 
 def _tiny(hidden: int, smooth: int = 0):
@@ -129,18 +125,8 @@ def test_config_builds_the_feature_model_with_the_prior():
 @pytest.mark.parametrize("hidden,smooth,clip", [(0, 0, 1e-3), (0, 3, 1e3), (4, 0, 1e-3)])
 def test_fast_engine_equals_vmap_oracle_on_the_feature_model(hidden, smooth, clip):
     model, params, buffers = _tiny(hidden, smooth)
-    patients = _patients(1, [1, 3, 5, 2])
-    x = patient_batch(patients, [0, 1, 2, 3], 3, Key(2))
-    for mask in (None, torch.tensor([True, False, True, True])):
-        fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=3, engine=e)(
-            params, buffers, (x,), mask) for e in ("fast", "vmap"))
-        torch.testing.assert_close(fast.grads.norms, oracle.grads.norms, rtol=1e-10, atol=1e-12)
-        torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(fast.losses, oracle.losses, rtol=1e-10, atol=1e-12)
-    xs = slice_batch(torch.cat([p.images for p in patients]), torch.cat([p.labels for p in patients]), torch.arange(6))
-    fast, oracle = (segmentation_engine(model, FlatClipping(clip), unit="slice", engine=e)(params, buffers, (xs,), None)
-                    for e in ("fast", "vmap"))
-    torch.testing.assert_close(_flat(fast.grads.grads), _flat(oracle.grads.grads), rtol=1e-9, atol=1e-12)
+    assert_fast_engine_equals_vmap(model, params, buffers, _patients(1, [1, 3, 5, 2]), clip,
+                                   mask=torch.tensor([True, False, True, True]))
 
 
 _LINEAR = _tiny(0)
@@ -165,9 +151,9 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(s
     keep[drop] = False
     full, without = engine(params, buffers, (x,), None), engine(params, buffers, (x,), keep)
     alone = engine(params, buffers, (x[drop:drop + 1],), None)
-    diff = (_flat(full.grads.grads) - _flat(without.grads.grads)).norm()
-    assert float(diff) <= clip * (1 + 1e-9) and float(_flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
-    torch.testing.assert_close(diff, _flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
+    diff = (flat(full.grads.grads) - flat(without.grads.grads)).norm()
+    assert float(diff) <= clip * (1 + 1e-9) and float(flat(alone.grads.grads).norm()) <= clip * (1 + 1e-9)
+    torch.testing.assert_close(diff, flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
 
 
 def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path):

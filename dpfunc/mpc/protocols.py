@@ -511,14 +511,7 @@ def and_words(ctx: Context, xs: list[torch.Tensor], ys: list[torch.Tensor], bits
         torch.bitwise_xor(ty.reshape(-1), b[i : i + k], out=flat[n + i : n + i + k])
         i += k
     opened = flat ^ ctx.exchange(flat)
-    e, f = opened[:n], opened[n:]
-    z = torch.bitwise_and(e, b)
-    z ^= torch.bitwise_and(f, a)
-    z ^= c
-    if local_rank(ctx) == 0:
-        z ^= e & f
-    if bits < 8:
-        z &= (1 << bits) - 1
+    z = _beaver_and(ctx, opened[:n], opened[n:], a, b, c, bits)
     out, i = [], 0
     for t, k in zip(xs, sizes):
         out.append(z[i : i + k].view(t.shape))
@@ -565,17 +558,23 @@ def and_shared(ctx: Context, x: torch.Tensor, y1: torch.Tensor, y2: torch.Tensor
     torch.bitwise_xor(y2.reshape(-1), b2, out=flat[2 * n :])
     opened = flat ^ ctx.exchange(flat)
     e, f1, f2 = opened[:n], opened[n : 2 * n], opened[2 * n :]
-    out = []
-    for f, b, c in ((f1, b1, c1), (f2, b2, c2)):
-        z = torch.bitwise_and(e, b)
-        z ^= torch.bitwise_and(f, a)
-        z ^= c
-        if local_rank(ctx) == 0:
-            z ^= e & f
-        if bits < 8:
-            z &= (1 << bits) - 1
-        out.append(z.view(x.shape))
-    return out[0], out[1]
+    return (_beaver_and(ctx, e, f1, a, b1, c1, bits).view(x.shape),
+            _beaver_and(ctx, e, f2, a, b2, c2, bits).view(x.shape))
+
+
+def _beaver_and(ctx: Context, e: torch.Tensor, f: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                bits: int) -> torch.Tensor:
+    """This party's XOR share of ``x & y`` from the opened ``e = x ^ a``, ``f = y ^ b`` and its shares of the
+    dealer's AND triple ``(a, b, c = a & b)``: ``(e & b) ^ (f & a) ^ c``, plus ``e & f`` at local rank 0
+    (Beaver's identity over GF(2)); words of fewer than 8 bits are masked to ``bits``."""
+    z = torch.bitwise_and(e, b)
+    z ^= torch.bitwise_and(f, a)
+    z ^= c
+    if local_rank(ctx) == 0:
+        z ^= e & f
+    if bits < 8:
+        z &= (1 << bits) - 1
+    return z
 
 
 def cross_and(ctx: Context, mine: torch.Tensor, bits: int) -> torch.Tensor:
