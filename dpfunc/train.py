@@ -326,14 +326,14 @@ def _mean_loss(losses: list) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def _check_finite_losses(losses: list, first_step: int, learning_rate: float) -> None:
+def _check_finite_losses(losses: list, first_step: int, learning_rate: float, fn: str = "train") -> None:
     """The non-private baseline's divergence check, once per epoch (no host read in the step loop)."""
     if not losses:
         return
     values = torch.stack([torch.as_tensor(loss, dtype=torch.float64).cpu() for loss, _ in losses])
     bad = torch.nonzero(~torch.isfinite(values)).flatten().tolist()
     if bad:
-        raise ValueError(f"train: the loss became {values[bad[0]].item()} at step {first_step + bad[0]} (non-private run "
+        raise ValueError(f"{fn}: the loss became {values[bad[0]].item()} at step {first_step + bad[0]} (non-private run "
                          f"diverged); lower --lr (now {learning_rate})")
 
 

@@ -171,3 +171,13 @@ def test_command_line_make_phantoms_segment_evaluate(tmp_path, capsys, monkeypat
     assert "dpfunc segment: error" in err and str(run.relative_to(tmp_path)) in err and "--resume" in err
     assert main(["train", "--tas", "liver"]) == 2  # an abbreviated --task cannot be forwarded: told how to spell it
     assert "spell the flag out, `--task liver`" in capsys.readouterr().err
+
+
+def test_a_diverging_non_private_run_is_refused_before_its_epoch_is_saved(phantoms, tmp_path):
+    """The divergence check reads the epoch's losses once (no host read per step) and still stops the run
+    before a checkpoint with non-finite weights is written."""
+    cfg = SegmentationConfig(private=False, epsilon=None, learning_rate=1e30, **TINY)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"train_segmentation: the loss became (nan|inf) at step \d+ .*lower --lr \(now 1e\+30\)"):
+        train_segmentation(cfg, data_dir=phantoms, run_dir=run, progress=False, log=lambda s: None)
+    assert not (run / "checkpoint.pt").exists() and not (run / "metrics.json").exists()

@@ -38,7 +38,7 @@ from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, lar
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, split_patients
 from dpfunc.segmentation._patient import Engine, PackedSegmenter, PrivacyUnit, packed_losses, patient_batch, segmentation_engine, slice_batch
 from dpfunc.step import make_step
-from dpfunc.train import RunResult
+from dpfunc.train import RunResult, _check_finite_losses, _mean_loss
 from dpfunc.transforms import adam, apply_updates
 
 __all__ = ["SegmentationConfig", "SegModel", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
@@ -440,7 +440,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     try:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
-            losses = []
+            losses = []  # (mean loss, batch size) per step, read once per epoch (no host read per step), as dpfunc.train
             perm = torch.randperm(n, generator=sample_key.fold_in(10**9 + epoch).generator())
             for i in range(steps_per_epoch):
                 t = epoch * steps_per_epoch + i
@@ -450,22 +450,22 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
                      if patient_unit else slice_batch(slice_images, slice_labels, to_device(idx, where)))
                 if cfg.private:
                     params, opt_state, m = step_fn(params, opt_state, (x,), buffers=buffers)
-                    if m.batch_size:
-                        losses.append(float(m.loss))
+                    losses.append((m.loss, m.batch_size))
                 else:
                     g, loss = grad_fn(params, buffers, x)
-                    if not math.isfinite(float(loss)):
-                        raise ValueError(f"{fn}: the loss became {float(loss)} at step {t}; lower the learning rate (now {cfg.learning_rate})")
                     updates, opt_state = tx.update(g, opt_state, params)
                     params = apply_updates(params, updates)
-                    losses.append(float(loss))
+                    losses.append((loss.detach(), len(idx)))
                 average = _ema(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
                 bar.update(1)
-                bar.set_postfix_str(f"loss {losses[-1] if losses else math.nan:.3f}")
+            if not cfg.private:  # before anything of this epoch is saved
+                _check_finite_losses(losses, epoch * steps_per_epoch, cfg.learning_rate, fn=fn)
+            train_loss = _mean_loss(losses)
+            bar.set_postfix_str(f"loss {train_loss:.3f}")
             elapsed += time.perf_counter() - t0
             eps_spent = eps_now(opt_state)
             val_dice = evaluate_patients(apply_fn, average, buffers, val_set, hd95=False, largest_only=cfg.largest_component).dice
-            record = {"epoch": epoch + 1, "train_loss": sum(losses) / max(len(losses), 1), "val_dice": sum(val_dice) / len(val_dice),
+            record = {"epoch": epoch + 1, "train_loss": train_loss, "val_dice": sum(val_dice) / len(val_dice),
                       "epsilon": eps_spent, "seconds": elapsed}
             history.append(record)
             if record["val_dice"] > best["val_dice"]:
