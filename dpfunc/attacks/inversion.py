@@ -291,7 +291,7 @@ def invert_gradients(
                 x.clamp_(lo, hi)
             done += 1
             if callback is not None:
-                callback(done, float(loss))
+                callback(done, float(loss.detach()))
         final = float(objective(x).detach())
         results.append(final)
         if best is None or final < best[0]:
