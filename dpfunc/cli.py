@@ -562,6 +562,9 @@ def _describe_os_error(err: OSError) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``dpfunc <command> …`` (``argv`` without the program name; default ``sys.argv[1:]``) and return the
+    exit code: the command's own, 2 for a user error (printed as ``dpfunc <command>: error: …``, no
+    traceback unless ``DPFUNC_DEBUG=1``), 130 when interrupted."""
     from dpfunc._progress import progress_enabled
     from dpfunc.data._files import cli_messages
 

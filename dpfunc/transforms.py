@@ -123,6 +123,13 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def identity() -> GradientTransformation:
+    """Pass updates through unchanged (no state): the neutral element of :func:`chain`.
+
+    Example:
+        >>> tx = identity(); u = {"w": torch.ones(2)}
+        >>> tx.update(u, tx.init(u))[0]["w"].tolist()
+        [1.0, 1.0]
+    """
     return GradientTransformation(lambda params: EmptyState(), lambda u, s, p=None: (dict(u), s))
 
 

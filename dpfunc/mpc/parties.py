@@ -353,6 +353,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    """One party's process (``python -m dpfunc.mpc.parties --role …``, module docstring): parse ``argv``,
+    run :func:`run_party`, return its exit code."""
     p = argparse.ArgumentParser(prog="python -m dpfunc.mpc.parties", description=__doc__.split("\n\n")[0])
     p.add_argument("--role", choices=sorted(ROLES), required=True)
     p.add_argument("--addr", default="127.0.0.1")
