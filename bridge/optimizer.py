@@ -30,17 +30,20 @@ from dpfunc.keys import Key, run_keys
 from dpfunc.adaptive_clipping import AdaptiveDPConfig, bound_from_plain, bound_to_plain, dp_transform, replace_dp_state
 from dpfunc.private import DPAggregateState, DPConfig, check_budget, find_dp_state
 from dpfunc.step import vmap_engine
-from dpfunc.bridge.functional import keyed_global_rng
+from dpfunc.bridge.functional import has_tied_tensors, keyed_global_rng
 from dpfunc.bridge.module import PrivateModule, _MicroBatch
 
 __all__ = ["DPOptimizer"]
 
 
 def _apply_fn(module: nn.Module):
-    """``apply_fn(params, buffers, *args)`` of a module (``functional_call``, tied weights kept tied)."""
+    """``apply_fn(params, buffers, *args)`` of a module (``functional_call``, tied weights kept tied). Whether
+    the module has tied tensors is read once, as :func:`~dpfunc.bridge.functionalize` does: without ties,
+    ``tie_weights=False`` is the same forward bit for bit, without a search for aliases on every call."""
+    tied = has_tied_tensors(module)
 
     def apply_fn(params, buffers, *args):
-        return functional_call(module, (params, buffers), args, tie_weights=True, strict=False)
+        return functional_call(module, (params, buffers), args, tie_weights=tied, strict=False)
 
     apply_fn.module = module
     return apply_fn
