@@ -19,10 +19,10 @@ import torch
 from hypothesis import given, settings, strategies as st
 from scipy import stats
 
+from _pmf_chi2 import pmf_pvalue
 from dpfunc import Key
-from dpfunc.accounting import PrivacyLedger, rdp_poisson_gaussian, rdp_to_epsilon
+from dpfunc.accounting import PrivacyLedger, rdp_poisson_gaussian
 from dpfunc.accounting.discrete_gaussian import (
-    DG_ORDERS,
     continuous_ratio,
     discrete_gaussian_epsilon,
     discrete_gaussian_noise_multiplier_for,
@@ -47,31 +47,6 @@ from dpfunc.secure_noise import (
 FALSE_ALARM = 1e-6
 
 
-def _pmf(params: DiscreteGaussianParams, support: np.ndarray) -> np.ndarray:
-    """The exact N_Z(0, v) pmf on ``support`` (normaliser summed over ±(60σ + 60), tail < 1e-300)."""
-    v = params.variance
-    r = int(60 * math.sqrt(v)) + 60
-    z = np.exp(-np.arange(-r, r + 1, dtype=float) ** 2 / (2 * v)).sum()
-    return np.exp(-support.astype(float) ** 2 / (2 * v)) / z
-
-
-def _chi2_pvalue(samples: np.ndarray, params: DiscreteGaussianParams) -> float:
-    """χ² goodness of fit to the exact pmf; cells with expected count < 5 pooled into the two tails."""
-    n = samples.size
-    sd = math.sqrt(params.variance)
-    lo = -int(math.ceil(4 * sd))
-    support = np.arange(lo, -lo + 1)
-    p = _pmf(params, support)
-    while n * p[0] < 5:  # trim cells with tiny expectations into the tails
-        support, p = support[1:-1], p[1:-1]
-    tail = (1 - p.sum()) / 2
-    counts = np.array([(samples < support[0]).sum()] + [(samples == s).sum() for s in support] + [(samples > support[-1]).sum()])
-    expected = n * np.concatenate([[tail], p, [tail]])
-    keep = expected > 0
-    chi2 = ((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum()
-    return float(stats.chi2.sf(chi2, keep.sum() - 1))
-
-
 # ------------------------------------------------------------------------------------ the sampler
 
 @pytest.mark.parametrize("sampler", [DiscreteGaussianSampler.CKS, DiscreteGaussianSampler.TABLE])
@@ -81,14 +56,14 @@ def test_vectorised_sampler_matches_the_exact_pmf(sampler, sigma):
     params = discrete_gaussian_params(sigma)
     y = sample_discrete_gaussian(40_000, params, SecureRandom(), sampler=sampler)
     assert y.dtype == np.int64 and y.shape == (40_000,)
-    assert _chi2_pvalue(y, params) > FALSE_ALARM
+    assert pmf_pvalue(y, params.variance) > FALSE_ALARM
 
 
 @pytest.mark.parametrize("t,m", [(1, 1), (2, 1), (4, 3)])
 def test_scalar_oracle_matches_the_exact_pmf(t, m):
     params = DiscreteGaussianParams(t, m)
     y = np.array([discrete_gaussian_oracle(params) for _ in range(6000)])
-    assert _chi2_pvalue(y, params) > FALSE_ALARM
+    assert pmf_pvalue(y, params.variance) > FALSE_ALARM
 
 
 @pytest.mark.parametrize("t,m", [(2, 1), (4, 3)])
@@ -134,7 +109,7 @@ def test_integer_only_path_and_far_tail_branch(monkeypatch):
     y = sn.sample_discrete_gaussian_cks(8000, params, SecureRandom())
     assert y.dtype == np.int64
     assert seen and all(a.kind == "i" and b.kind == "i" for a, b in seen)
-    assert _chi2_pvalue(y, params) > FALSE_ALARM
+    assert pmf_pvalue(y, params.variance) > FALSE_ALARM
 
 
 def test_uniform_below_is_exactly_uniform_and_rejects_bad_m():

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from scipy import stats
 
+from _pmf_chi2 import pmf_pvalue
 import dpfunc.secure_noise_table as snt
 from dpfunc.secure_noise import (
     DiscreteGaussianParams,
@@ -60,26 +61,6 @@ def _cells_pvalue(samples: np.ndarray, variance: int, cells: int = 60) -> float:
     chi2 = ((counts[keep] - expected) ** 2 / expected).sum()
     assert counts[~keep].sum() <= 10 + 10 * probs[~keep].sum() * samples.size  # the tiny cells are not hoarding samples
     return float(stats.chi2.sf(chi2, keep.sum() - 1))
-
-
-def _pmf_pvalue(samples: np.ndarray, variance: int) -> float:
-    """χ² on single integers within ±4σ (small σ), each tail pooled with the outermost integer on its side,
-    so that every cell expects ≥ 20 samples. (Tails kept as cells of their own expected ~0.09 samples at
-    variance 1: two samples in one tail gave χ² ≈ 40, a false alarm about 1 draw in 200, not 1e-6 — CI
-    failed on it once, p = 8.8e-7.)"""
-    sd = math.sqrt(variance)
-    lo = -int(math.ceil(4 * sd))
-    support = np.arange(lo, -lo + 1)
-    r = int(60 * sd) + 60
-    z = np.exp(-np.arange(-r, r + 1, dtype=float) ** 2 / (2 * variance)).sum()
-    p = np.exp(-support.astype(float) ** 2 / (2 * variance)) / z
-    while samples.size * p[0] < 20:  # ≥ 20 per cell: the χ² law is then accurate out to the 1e-6 quantile
-        support, p = support[1:-1], p[1:-1]
-    tail = (1 - p.sum()) / 2
-    counts = np.array([(samples <= support[0]).sum()] + [(samples == s).sum() for s in support[1:-1]]
-                      + [(samples >= support[-1]).sum()])
-    expected = samples.size * np.concatenate([[p[0] + tail], p[1:-1], [p[-1] + tail]])
-    return float(stats.chi2.sf(((counts - expected) ** 2 / expected).sum(), len(counts) - 1))
 
 
 # ------------------------------------------------------------------------------------ rigorous exponentials
@@ -201,7 +182,7 @@ def test_table_sampler_matches_the_exact_pmf_small_sigma(sigma):
     params = discrete_gaussian_params(sigma)
     y = sample_discrete_gaussian_table(60_000, params, SecureRandom())
     assert y.dtype == np.int64 and y.shape == (60_000,)
-    assert _pmf_pvalue(y, params.variance) > FALSE_ALARM
+    assert pmf_pvalue(y, params.variance) > FALSE_ALARM
 
 
 @pytest.mark.parametrize("sigma", [700.0, 2.5e4, 6.0e5, 2.0**30])
@@ -279,7 +260,7 @@ def test_tail_path_gives_the_same_law(variance):
     pmf = np.exp(-(ys.astype(float) ** 2) / (2 * variance))
     beyond = pmf[(ys >= tab.half_range) | (ys < -tab.half_range)].sum() / pmf.sum()
     assert beyond * y.size > 150 and ((y >= tab.half_range) | (y < -tab.half_range)).sum() >= 0.5 * beyond * y.size
-    assert _pmf_pvalue(y, variance) > FALSE_ALARM if variance < 10 else _cells_pvalue(y, variance, cells=30) > FALSE_ALARM
+    assert pmf_pvalue(y, variance) > FALSE_ALARM if variance < 10 else _cells_pvalue(y, variance, cells=30) > FALSE_ALARM
 
 
 def test_sampling_uses_no_floating_point_exponential(monkeypatch):
