@@ -3,7 +3,7 @@
 Everything that knows about modules (functionalisation, model surgery, optimizers that mutate
 ``.grad``) lives here; the functional core in :mod:`dpfunc` never holds a module.
 
-* :func:`functionalize` — module → ``(apply_fn, params, buffers)``
+* :func:`functionalize` — module → ``(apply_fn, params, buffers)`` (:func:`module_apply_fn`: the apply function alone)
 * :func:`validate` / :func:`assert_valid` — find layers that break per-example privacy
 * :func:`fix` — a new module with BatchNorm → GroupNorm (and InstanceNorm without running stats)
 * :func:`fast_engine` — per-example clipping without per-example gradients (ghost norms, book-keeping)
@@ -14,7 +14,7 @@ Everything that knows about modules (functionalisation, model surgery, optimizer
 from dpfunc.bridge.fast import fast_engine
 from dpfunc.bridge.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
 from dpfunc.bridge.fix import Norm, default_num_groups, fix
-from dpfunc.bridge.functional import ApplyFn, functionalize, keyed_global_rng, split_state
+from dpfunc.bridge.functional import ApplyFn, functionalize, keyed_global_rng, module_apply_fn, split_state
 from dpfunc.bridge.loader import LogicalBatchPlan, PoissonBatchSampler, poisson_loader
 from dpfunc.bridge.private import DPOptimizer, PrivacyEngine, PrivateModule, make_private
 from dpfunc.bridge.validate import ModuleValidationError, Problem, Severity, assert_valid, validate
@@ -22,6 +22,7 @@ from dpfunc.bridge.validate import ModuleValidationError, Problem, Severity, ass
 __all__ = [
     # functionalisation
     "functionalize",
+    "module_apply_fn",
     "split_state",
     "keyed_global_rng",
     "ApplyFn",

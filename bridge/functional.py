@@ -31,7 +31,7 @@ from torch.func import functional_call
 
 from dpfunc.keys import Key
 
-__all__ = ["functionalize", "ApplyFn", "split_state", "keyed_global_rng", "has_tied_tensors"]
+__all__ = ["functionalize", "module_apply_fn", "ApplyFn", "split_state", "keyed_global_rng", "has_tied_tensors"]
 
 Params = dict[str, torch.Tensor]
 
@@ -90,6 +90,28 @@ def has_tied_tensors(module: nn.Module) -> bool:
             return True
         seen.add(id(t))
     return False
+
+
+def module_apply_fn(module: nn.Module) -> ApplyFn:
+    """``apply_fn(params, buffers, *args)``: ``module``'s forward on the given tensors
+    (``functional_call``, ``strict=False``), tied weights kept tied. Whether the module has tied tensors
+    (:func:`has_tied_tensors`) is read once, here: without ties ``tie_weights=False`` is the same forward
+    bit for bit, without ``functional_call``'s search for aliases on every call (≈ 0.1 ms, SmallCNN).
+    Ties created after this call are not seen. ``apply_fn.module`` is ``module`` (for the fast engine).
+
+    Example:
+        >>> lin = nn.Linear(3, 2)
+        >>> f = module_apply_fn(lin)
+        >>> f({"weight": torch.zeros(2, 3), "bias": torch.ones(2)}, {}, torch.ones(1, 3)).tolist()
+        [[1.0, 1.0]]
+    """
+    tied = has_tied_tensors(module)
+
+    def apply_fn(params, buffers, *args):
+        return functional_call(module, (params, buffers), args, tie_weights=tied, strict=False)
+
+    apply_fn.module = module
+    return apply_fn
 
 
 def functionalize(module: nn.Module, *, training: bool | None = None) -> tuple[ApplyFn, Params, Params]:

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from dpfunc import accounting
 from dpfunc.accounting.ledger import PrivacyLedger
@@ -30,23 +29,10 @@ from dpfunc.keys import Key, run_keys
 from dpfunc.adaptive_clipping import AdaptiveDPConfig, bound_from_plain, bound_to_plain, dp_transform, replace_dp_state
 from dpfunc.private import DPAggregateState, DPConfig, check_budget, find_dp_state
 from dpfunc.step import vmap_engine
-from dpfunc.bridge.functional import has_tied_tensors, keyed_global_rng
+from dpfunc.bridge.functional import keyed_global_rng, module_apply_fn
 from dpfunc.bridge.module import PrivateModule, _MicroBatch
 
 __all__ = ["DPOptimizer"]
-
-
-def _apply_fn(module: nn.Module):
-    """``apply_fn(params, buffers, *args)`` of a module (``functional_call``, tied weights kept tied). Whether
-    the module has tied tensors is read once, as :func:`~dpfunc.bridge.functionalize` does: without ties,
-    ``tie_weights=False`` is the same forward bit for bit, without a search for aliases on every call."""
-    tied = has_tied_tensors(module)
-
-    def apply_fn(params, buffers, *args):
-        return functional_call(module, (params, buffers), args, tie_weights=tied, strict=False)
-
-    apply_fn.module = module
-    return apply_fn
 
 
 def _output_surrogate(out: Any, *cs: torch.Tensor) -> torch.Tensor:
@@ -206,7 +192,7 @@ class DPOptimizer(torch.optim.Optimizer):
         """The engine for a forward with ``num_inputs`` tensors (fast for one input, else vmap), cached."""
         if num_inputs in self._engines:
             return self._engines[num_inputs]
-        apply_fn = _apply_fn(self._inner)
+        apply_fn = module_apply_fn(self._inner)
         if self.grad_sample_mode == "fast" and num_inputs == 1:
             from dpfunc.bridge.fast import fast_engine
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
@@ -37,7 +37,7 @@ from dpfunc.adaptive_clipping import AdaptiveClipping, call_clipping
 from dpfunc.clipping import ClippedSum, Clipping, check_finite_norms, clip_factors, group_norms
 from dpfunc.step import EngineOutput, GradEngine
 
-from dpfunc.bridge.functional import has_tied_tensors
+from dpfunc.bridge.functional import module_apply_fn
 from dpfunc.bridge.fast.rules import Call, LayerGrads, Rule, rule_for
 from dpfunc.bridge.fast.rules._common import _weighted
 from dpfunc.bridge.fast.rules.attention import AttentionTaps
@@ -465,12 +465,7 @@ def fast_engine(
         (torch.Size([2, 4]), torch.Size([5]))
     """
     if isinstance(model, nn.Module):
-        module = model
-        tied = has_tied_tensors(module)  # as functionalize: aliases are searched per call only if there are any
-
-        def apply_fn(params, buffers, *args):
-            return functional_call(module, (params, buffers), args, tie_weights=tied, strict=False)
-
+        module, apply_fn = model, module_apply_fn(model)
     elif callable(model) and isinstance(getattr(model, "module", None), nn.Module):
         module, apply_fn = model.module, model
     else:
