@@ -197,3 +197,17 @@ def test_inprocess_distributed_noise_run_records_what_was_released(tmp_path, dat
         run_distributed(cfg, data_dir=data_dir, run_dir=tmp_path / "fail", progress=False, log=lambda s: None,
                         bootstrap_resamples=10, dropouts={0: {Stage.MASKED_INPUT: [1, 2]}})
     assert not (tmp_path / "fail" / "checkpoint.pt").exists()
+    # a run that fails in round 1 keeps round 0's checkpoint; --resume continues it with round 0 kept as it was
+    with pytest.raises(FedRoundFailed, match="round 1 failed"):
+        run_distributed(cfg, data_dir=data_dir, run_dir=tmp_path / "resume", progress=False, log=lambda s: None,
+                        bootstrap_resamples=10, dropouts={1: {Stage.MASKED_INPUT: [1, 2]}})
+    saved = load_checkpoint(tmp_path / "resume" / "checkpoint.pt")
+    assert saved["state"].round == 1 and len(saved["history"]) == 1
+    r = run_distributed(cfg, data_dir=data_dir, run_dir=tmp_path / "resume", resume=True, progress=False,
+                        log=lambda s: None, bootstrap_resamples=10)
+    same = json.dumps(r["history"][0], sort_keys=True) == json.dumps(saved["history"][0], sort_keys=True)  # NaN loss
+    assert same and r["history"][1]["round"] == 2
+    assert r["train_seconds"] >= saved["elapsed"]
+    for site in r["sites"]:  # the resumed ledger still holds round 0's step: ε is not reset
+        ledger = PrivacyLedger.from_dict(site["ledger"])
+        assert ledger.total_steps == 2 and site["epsilon"] == pytest.approx(epsilon(ledger, cfg.delta))

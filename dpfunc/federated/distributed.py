@@ -113,9 +113,9 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     Raises:
         dpfunc.federated.RoundFailedError: a secure round lost too many sites; nothing of it is applied.
     """
-    from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.data import pneumoniamnist
-    from dpfunc.federated.job import _external, _plots, _progress, _write_json, build, final_evaluation, make_engine, open_run_folder, prepare
+    from dpfunc.federated.job import (_external, _plots, _progress, _write_json, build, final_evaluation, make_engine,
+                                      open_run_folder, prepare, restore_progress, save_progress)
     from dpfunc.federated.rounds import RoundFailedError, RoundReport, select_sites
     from dpfunc.federated.site import site_key, site_keys
     from dpfunc.metrics import binary_metrics
@@ -147,8 +147,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     elapsed = 0.0
     run_path, saved = open_run_folder("run_distributed", run_dir, cfg, resume)
     if saved is not None:
-        state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
-        best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+        state, history, elapsed, best = restore_progress(saved)
         log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
     trust = TRUST.format(c=noise.colluding_sites, t=noise.threshold)
     log(f"federated DP-SGD with distributed noise: {cfg.sites} sites, {cfg.rounds} rounds of one step each, σ={noise.noise_multiplier:.4f} "
@@ -198,10 +197,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             history.append(record)
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": state.params}
-            if run_path is not None:
-                save_checkpoint(run_path / "checkpoint.pt", {
-                    "config": asdict(cfg), "state": state, "history": history, "elapsed": elapsed,
-                    "best_round": best["round"], "best_val_auc": best["val_auc"], "best_params": best["params"]})
+            save_progress(run_path, cfg, state, history, elapsed, best)
             eps_text = " ".join(f"{e:.2f}" for e in record["site_epsilon"])
             bar.update(1)
             with _external(bar):

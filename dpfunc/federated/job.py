@@ -335,6 +335,24 @@ def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool)
     return run_path, saved
 
 
+def restore_progress(saved: dict) -> tuple[Any, list[dict], float, dict]:
+    """``(state, history, elapsed seconds, best)`` of a checkpoint written by :func:`save_progress`
+    (``best``: ``{"round", "val_auc", "params"}`` of the model selected so far)."""
+    best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+    return saved["state"], saved["history"], saved["elapsed"], best
+
+
+def save_progress(run_path: Path | None, cfg: Any, state: Any, history: list[dict], elapsed: float, best: dict) -> None:
+    """Write a federated job's checkpoint after a round (atomically: the previous one survives a failure);
+    nothing without a run folder."""
+    from dpfunc.bridge.checkpoint import save_checkpoint
+
+    if run_path is not None:
+        save_checkpoint(run_path / "checkpoint.pt", {
+            "config": asdict(cfg), "state": state, "history": history, "elapsed": elapsed,
+            "best_round": best["round"], "best_val_auc": best["val_auc"], "best_params": best["params"]})
+
+
 def _added_defaults(cfg: Any) -> dict:
     """Defaults of the config fields that a checkpoint written before they existed lacks (``local_steps``):
     such a checkpoint resumes under a config that leaves them at their defaults."""
@@ -438,7 +456,6 @@ def run_federated(
         RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint of
             the last complete round is left as it was.
     """
-    from dpfunc.bridge.checkpoint import save_checkpoint
     from dpfunc.train import evaluate_scores
 
     from dpfunc.devices import resolve_device, to_device
@@ -471,8 +488,7 @@ def run_federated(
     elapsed = 0.0
     run_path, saved = open_run_folder("run_federated", run_dir, cfg, resume)
     if saved is not None:
-        state, history, elapsed = saved["state"], saved["history"], saved["elapsed"]
-        best = {"round": saved["best_round"], "val_auc": saved["best_val_auc"], "params": saved["best_params"]}
+        state, history, elapsed, best = restore_progress(saved)
         log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
 
     sig = ", ".join(f"site {s}: n={p.num_examples} q={p.sampling_rate:.4f} σ={p.noise_multiplier:.3f} "
@@ -505,10 +521,7 @@ def run_federated(
             history.append(record)
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": released}
-            if run_path is not None:
-                save_checkpoint(run_path / "checkpoint.pt", {
-                    "config": asdict(cfg), "state": state, "history": history, "elapsed": elapsed,
-                    "best_round": best["round"], "best_val_auc": best["val_auc"], "best_params": best["params"]})
+            save_progress(run_path, cfg, state, history, elapsed, best)
             for s, why in sorted(report.excluded.items()):
                 with _external(bar):
                     log(f"round {state.round}: site {s} excluded: {why}")
