@@ -19,6 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine, machine_line  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -55,9 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = {b: [run_one(args.model, b, s, args.data_dir, Path(args.runs), shlex.split(args.extra)) for s in args.seeds]
             for b in args.budgets}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "case_study.json").write_text(json.dumps(rows, indent=2) + "\n")
+    env = machine()  # each run is a child process with dpfunc train's own thread setting
+    (RESULTS / "case_study.json").write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
     lines = [
         f"# PneumoniaMNIST test split, {args.model}, δ = 1e-5, mean ± std over seeds {args.seeds}",
+        "",
+        f"Machine: {machine_line(env)} (train times are one run after the other on this machine).",
         "",
         "| privacy | ε spent (PLD) | ROC-AUC | accuracy | MCC | sensitivity | specificity | train time (s) |",
         "|---|---|---|---|---|---|---|---|",

@@ -274,7 +274,8 @@ def _machine() -> dict:
 
 
 def _report(rows: list[dict], args) -> None:
-    central = json.loads((RESULTS / "case_study.json").read_text()).get("3", [])
+    saved = json.loads((RESULTS / "case_study.json").read_text())
+    central = saved.get("rows", saved).get("3", [])  # files written before the machine record: the rows alone
     c_auc = [r["roc_auc"] for r in central]
     lines = [f"# Federated DP, PneumoniaMNIST, 3 sites, ε = 3 per site (δ = 1e-5), seeds {args.seeds}",
              "", f"{args.rounds} rounds × "

@@ -30,6 +30,9 @@ from dpfunc.keys import Key, run_keys
 from dpfunc.metrics import binary_metrics
 from dpfunc.models import SmallCNN
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine, machine_line  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -103,8 +106,10 @@ def main(argv=None) -> int:
     rows = [run(s, args.data_dir, args.epsilon, args.epochs, args.batch_size, args.lr, args.ema) for s in args.seeds]
     summary = {k: (statistics.mean(r[k] for r in rows), statistics.pstdev(r[k] for r in rows)) for k in ("roc_auc", "accuracy", "train_seconds", "epsilon")}
     RESULTS.mkdir(exist_ok=True)
-    out = {"args": vars(args), "runs": rows, "summary": summary}
+    env = machine()
+    out = {"env": env, "args": vars(args), "runs": rows, "summary": summary}
     (RESULTS / f"opacus_case_study{'_ema' if args.ema else ''}.json").write_text(json.dumps(out, indent=2) + "\n")
+    print(f"Machine: {machine_line(env)}")
     for k, (mu, sd) in summary.items():
         print(f"{k:<14} {mu:.4f} ± {sd:.4f}")
     return 0

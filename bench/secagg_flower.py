@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine, machine_line  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -51,9 +52,7 @@ def main(argv=None) -> int:
             rows[name] = {"aggregator": agg, "wall_s": time.perf_counter() - t0, "round_s": _per_round(m["history"]),
                           "test_auc": m["test"]["roc_auc"]}
             print(f"{name}: {rows[name]['round_s']} s per round", file=sys.stderr, flush=True)
-    env = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "loadavg": os.getloadavg(),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "sites": args.sites, "rounds": args.rounds,
-           "train_subset": args.train_subset}
+    env = {**machine(), "sites": args.sites, "rounds": args.rounds, "train_subset": args.train_subset}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
@@ -61,7 +60,7 @@ def main(argv=None) -> int:
     tmp.replace(out.with_suffix(".json"))
     p, s = rows["plain"], rows["secure"]
     md = (f"# Flower, {args.sites} sites, {args.rounds} rounds, {args.train_subset} training examples "
-          f"(load average {env['loadavg'][0]:.1f}: a shared, loaded 2-core machine)\n\n"
+          f"({machine_line(env)})\n\n"
           "| aggregation | seconds per round | whole run (s) | test ROC-AUC |\n|---|---|---|---|\n"
           f"| plain FedAvg | {', '.join(f'{x:.1f}' for x in p['round_s'])} | {p['wall_s']:.0f} | {p['test_auc']:.4f} |\n"
           f"| secure aggregation | {', '.join(f'{x:.1f}' for x in s['round_s'])} | {s['wall_s']:.0f} | {s['test_auc']:.4f} |\n")
