@@ -110,7 +110,7 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
 
 
 def measure_processes(name: str, size: int, batch: int, batches: int, seed: int = 0, run_dir: str | None = None,
-                      threads: int = 1) -> dict:
+                      threads: int = 1, link: str = "tcp") -> dict:
     """The real deployment: model owner, data owner and dealer as three OS processes over gloo on
     localhost (:func:`dpfunc.mpc.parties.launch_parties`), ``batches`` batches of ``batch`` images.
 
@@ -133,7 +133,8 @@ def measure_processes(name: str, size: int, batch: int, batches: int, seed: int 
         model = (SmallCNN(key=Key(0)) if name == "cnn" else resnet18_gn(key=Key(0), **kwargs)).eval()
     n = batch * batches
     x = torch.rand(n, 1, size, size, generator=Key(seed).generator())
-    spec = {"model": name, "model_kwargs": kwargs, "input_shape": [batch, 1, size, size], "batches": batches}
+    spec = {"model": name, "model_kwargs": kwargs, "input_shape": [batch, 1, size, size], "batches": batches,
+            "party_link": link}
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -153,8 +154,10 @@ def measure_processes(name: str, size: int, batch: int, batches: int, seed: int 
     st = out["stats"]
     online = out["online_seconds"]
     return {
-        "model": name, "image": size, "batch": batch, "batches": batches, "mode": "3 processes (gloo)",
+        "model": name, "image": size, "batch": batch, "batches": batches, "party_link": link,
+        "mode": f"3 processes (gloo rendezvous and dealer; parties' link {link})",
         "wall_s_per_image": sum(online) / n,
+        "wall_s_per_image_median_batch": sorted(online)[len(online) // 2] / batch,
         "wall_s_per_image_best_batch": min(online) / batch,
         "command_wall_s_per_image": command_wall / n,
         "setup_s": out["setup_seconds"],
@@ -182,18 +185,22 @@ def main_processes(args) -> int:
     out_path = Path(args.out if args.out != str(OUT) else OUT.with_name("mpc_processes.json"))
     env = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(), "torch": torch.__version__, "threads_per_process": args.threads,
            "python": platform.python_version(), "loadavg_at_start": os.getloadavg(),
-           "mode": "model owner, data owner, dealer as three OS processes over gloo on localhost (launch_parties)"}
+           "mode": "model owner, data owner, dealer as three OS processes on localhost (launch_parties): gloo "
+                   "rendezvous and dealer stream, the parties' link per row"}
     results = []
+    links = args.party_link.split(",")
     for name, size, batch, batches in rows:
-        row = measure_processes(name, size, batch, batches, run_dir=args.run_dir if name == "cnn" else None,
-                                threads=args.threads)
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        _write_rows(out_path, env, results)
-    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'batches':>8}{'wall s/img':>11}{'best batch':>11}{'command s/img':>14}"
+        for _ in range(args.repeats):
+            for link in links:  # interleaved: A/B on the same (loaded) machine
+                row = measure_processes(name, size, batch, batches, run_dir=args.run_dir if name == "cnn" else None,
+                                        threads=args.threads, link=link)
+                results.append(row)
+                print(json.dumps(row), flush=True)
+                _write_rows(out_path, env, results)
+    print(f"\n{'model':<9}{'image':>6}{'batch':>6}{'batches':>8}{'link':>5}{'wall s/img':>11}{'best batch':>11}{'command s/img':>14}"
           f"{'plain s/img':>12}{'MB/img':>8}{'dealer MB/img':>14}{'rounds':>7}{'agree':>6}{'max|Δlogit|':>12}")
     for r in results:
-        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['batches']:>8}{r['wall_s_per_image']:>11.3f}"
+        print(f"{r['model']:<9}{r['image']:>6}{r['batch']:>6}{r['batches']:>8}{r['party_link']:>5}{r['wall_s_per_image']:>11.3f}"
               f"{r['wall_s_per_image_best_batch']:>11.3f}{r['command_wall_s_per_image']:>14.3f}{r['plain_s_per_image']:>12.5f}"
               f"{r['bytes_per_image'] / 1e6:>8.1f}{r['dealer_bytes_per_image'] / 1e6:>14.1f}{r['rounds']:>7}"
               f"{r['agreement']:>6.2f}{r['max_abs_logit_error']:>12.2e}")
@@ -211,6 +218,10 @@ def main(argv=None) -> int:
     p.add_argument("--processes", default=None, metavar="ROWS",
                    help="three real processes over gloo instead of threads: comma list of model:size:batch:batches, "
                         "e.g. cnn:64:1:8,cnn:64:32:2,resnet18:64:1:4 (writes bench/results/mpc_processes.json)")
+    p.add_argument("--party-link", default="tcp",
+                   help="with --processes: the parties' link, tcp or gloo, or tcp,gloo to run each row with both "
+                        "(interleaved)")
+    p.add_argument("--repeats", type=int, default=1, help="with --processes: run each row (and link) this many times")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.processes:

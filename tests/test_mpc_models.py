@@ -92,14 +92,17 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_three_processes_over_gloo_match_plaintext(tmp_path):
+@pytest.mark.parametrize("link", ["tcp", "gloo"])
+def test_three_processes_over_gloo_match_plaintext(tmp_path, link):
+    """Gloo rendezvous and dealer stream; the parties' per-round link over TCP (default) or gloo."""
     from dpfunc.mpc.parties import launch_parties
 
     model = SmallCNN(key=Key(8), widths=(4, 8), groups=2).eval()
     x = torch.rand(3, 1, 8, 8, generator=Key(9).generator())
     torch.save(model.state_dict(), tmp_path / "w.pt")
     torch.save(x, tmp_path / "x.pt")
-    spec = {"model": "cnn", "model_kwargs": {"widths": [4, 8], "groups": 2}, "input_shape": [2, 1, 8, 8], "batches": 2}
+    spec = {"model": "cnn", "model_kwargs": {"widths": [4, 8], "groups": 2}, "input_shape": [2, 1, 8, 8], "batches": 2,
+            "party_link": link}
     out = launch_parties(spec=spec, weights_path=str(tmp_path / "w.pt"), images_path=str(tmp_path / "x.pt"),
                          out_path=str(tmp_path / "out.pt"), port=_free_port(), timeout=120)
     with torch.no_grad():

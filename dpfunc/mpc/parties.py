@@ -11,9 +11,17 @@ may know:
   the data owner only the corrections, in chunks while the parties compute (at most one chunk ahead:
   memory bounded by a few chunks, not by the batch's material); it never receives a message.
 
-The same command runs across machines (``--addr`` the model owner's host, one port open).
+The same command runs across machines (``--addr`` the model owner's host; open the rendezvous port
+and, for the parties' link, ``--party-port`` on the model owner's host).
 
-What gloo does not give: no TLS, no authentication of peers — anyone who can reach the port can
+**Links.** The rendezvous and the dealer's streamed material go over gloo. The per-round messages
+between the two computing parties (~130 rounds per SmallCNN inference) go by default over one
+direct TCP connection (:class:`SocketChannel`, :func:`connect_party_link`): gloo's send/recv cost
+0.6–3 ms wall and up to ~2 ms CPU per round on this 2-core machine, the socket ~0.13 ms and
+~25 µs. ``"party_link": "gloo"`` in the spec keeps the parties' messages on gloo as well (same
+results bit for bit: the link only moves bytes).
+
+What gloo (and the parties' TCP link) does not give: no TLS, no authentication of peers — anyone who can reach the port can
 join the rendezvous, and traffic is readable on the wire. Shares and masked openings are uniformly
 random to an eavesdropper of *one* link, but an eavesdropper of both directions of the party link
 plus the dealer's links can reconstruct everything. Across hospitals run it inside an encrypted,
@@ -34,15 +42,18 @@ made from a seed is NOT secret (a party whose seed another knows can have its ma
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
 "batches": n, "fractional_bits": 16, "chunk_bytes": 8388608, "reuse_weight_masks": true,
-"comparison_bits": 32}`` (public; the last four optional; ``comparison_bits``: see
-:func:`dpfunc.bridge.mpc.encrypted_inference`).
+"comparison_bits": 32, "party_link": "tcp"}`` (public; the last five optional; ``comparison_bits``: see
+:func:`dpfunc.bridge.mpc.encrypted_inference`; ``party_link``: ``"tcp"`` or ``"gloo"``, see above).
 """
 
 from __future__ import annotations
 
 import argparse
+import enum
 import json
 import os
+import select
+import socket
 import signal
 import subprocess
 import sys
@@ -68,7 +79,7 @@ from dpfunc.mpc.context import (
 from dpfunc.mpc.prg import StreamKey
 from dpfunc.mpc.ring import FixedPoint, encode
 
-__all__ = ["DistChannel", "ROLES", "build_public_model", "party_key", "party_argv", "run_party", "launch_parties", "main"]
+__all__ = ["DistChannel", "SocketChannel", "PartyLink", "connect_party_link", "ROLES", "build_public_model", "party_key", "party_argv", "run_party", "launch_parties", "main"]
 
 ROLES = {"model-owner": MODEL_OWNER, "data-owner": DATA_OWNER, "dealer": DEALER}
 
@@ -100,6 +111,151 @@ class DistChannel:
         out = torch.empty_like(like)
         dist.recv(out, self.peer)
         return out
+
+
+class PartyLink(enum.Enum):
+    """Transport of the per-round messages between the model owner and the data owner."""
+
+    TCP = "tcp"  # one TCP connection, full-duplex non-blocking exchange in the calling thread (default)
+    GLOO = "gloo"  # torch.distributed send/recv over the gloo group (the dealer's link in both cases)
+
+
+_MAX_SEND = 1 << 22  # bytes offered to one send() call
+
+
+class SocketChannel:
+    """The link between ranks 0 and 1 as one TCP connection (the default party link).
+
+    ``exchange`` sends this party's bytes and receives the other's at the same time, in the calling
+    thread: a non-blocking socket, ``send``/``recv_into`` straight from and into the tensors' memory,
+    ``select`` only when neither can progress (so a message of any size cannot deadlock on full
+    socket buffers). Measured on this 2-core machine (load ≈ 1–4), a 16-element round: 0.12–0.14 ms
+    wall and ≈ 25 µs CPU per party over this socket, 0.65–2.8 ms wall and 0.2–2 ms CPU (mostly system
+    time: gloo's send/recv hand every message to its device thread and back) with gloo send/recv; an
+    inference is ~130 such rounds. Message sizes are known to both parties (the program is public), so
+    nothing is framed. Like gloo: no TLS, no authentication beyond the session token (see the module
+    docstring for tunnels).
+
+    Args:
+        sock: a connected stream socket (made non-blocking here; ``TCP_NODELAY`` set).
+        timeout: seconds one message may wait for the peer before ``TimeoutError``.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float = 300.0):
+        sock.setblocking(False)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # each round's message goes out now
+        self.sock, self.timeout = sock, timeout
+
+    @staticmethod
+    def _bytes(tensor: torch.Tensor) -> memoryview:
+        return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    def _transfer(self, out: Optional[memoryview], into: Optional[memoryview]) -> None:
+        sent, got = 0, 0
+        n_out = 0 if out is None else len(out)
+        n_in = 0 if into is None else len(into)
+        deadline = time.monotonic() + self.timeout
+        while sent < n_out or got < n_in:
+            moved = False
+            if sent < n_out:
+                try:
+                    sent += self.sock.send(out[sent : sent + _MAX_SEND])
+                    moved = True
+                except BlockingIOError:
+                    pass
+            if got < n_in:
+                try:
+                    k = self.sock.recv_into(into[got:])
+                except BlockingIOError:
+                    k = -1
+                if k == 0:
+                    raise ConnectionError("SocketChannel: the other party closed the connection mid-message")
+                if k > 0:
+                    got += k
+                    moved = True
+            if not moved:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"SocketChannel: no progress from the other party within {self.timeout}s")
+                select.select([self.sock] if got < n_in else [], [self.sock] if sent < n_out else [], [], left)
+
+    def exchange(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.contiguous()
+        other = torch.empty_like(tensor)
+        if tensor.numel():
+            self._transfer(self._bytes(tensor), self._bytes(other))
+        return other
+
+    def send(self, tensor: torch.Tensor) -> None:
+        tensor = tensor.contiguous()
+        if tensor.numel():
+            self._transfer(self._bytes(tensor), None)
+
+    def recv(self, like: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(like, memory_format=torch.contiguous_format)
+        if out.numel():
+            self._transfer(None, self._bytes(out))
+        return out
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+_TOKEN_BYTES = 32
+
+
+def connect_party_link(rank: int, addr: str, party_port: int, timeout: float) -> SocketChannel:
+    """Open the TCP link between the two computing parties, after ``torch.distributed`` is initialised.
+
+    The model owner (rank 0) listens on ``addr:party_port`` (0: a free port) and sends the port and a
+    fresh 32-byte session token to the data owner over gloo; the data owner connects and sends the
+    token first, and the model owner accepts only a connection that presents it (so the socket's peer
+    is the process that joined the rendezvous as rank 1 — no protection against an eavesdropper, as
+    with gloo). Across machines give a fixed ``party_port`` (a second port to open or tunnel).
+    """
+    import secrets
+
+    import torch.distributed as dist
+
+    if rank == MODEL_OWNER:
+        srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((addr, party_port))
+            srv.listen(4)
+            srv.settimeout(timeout)
+            token = secrets.token_bytes(_TOKEN_BYTES)
+            msg = torch.tensor([srv.getsockname()[1]] + list(token), dtype=torch.int64)
+            dist.send(msg, DATA_OWNER)
+            deadline = time.monotonic() + timeout
+            while True:
+                srv.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    conn, _ = srv.accept()
+                except socket.timeout:
+                    raise TimeoutError(f"connect_party_link: the data owner did not connect within {timeout}s") from None
+                conn.settimeout(max(deadline - time.monotonic(), 0.001))
+                try:
+                    got = b""
+                    while len(got) < _TOKEN_BYTES:
+                        part = conn.recv(_TOKEN_BYTES - len(got))
+                        if not part:
+                            break
+                        got += part
+                except OSError:
+                    got = b""
+                if secrets.compare_digest(got, token):
+                    return SocketChannel(conn, timeout)
+                conn.close()  # not the data owner of this session: keep waiting
+        finally:
+            srv.close()
+    msg = torch.zeros(1 + _TOKEN_BYTES, dtype=torch.int64)
+    dist.recv(msg, MODEL_OWNER)
+    port, token = int(msg[0]), bytes(int(v) for v in msg[1:])
+    conn = socket.create_connection((addr, port), timeout=timeout)
+    conn.sendall(token)
+    return SocketChannel(conn, timeout)
 
 
 def build_public_model(spec: dict):
@@ -189,7 +345,7 @@ def party_argv(*, addr: str, port: int, spec_path: str, timeout: float, weights_
 
 def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int] = None, timeout: float = 300.0,
               weights_path: Optional[str] = None, images_path: Optional[str] = None,
-              out_path: Optional[str] = None) -> None:
+              out_path: Optional[str] = None, party_port: int = 0) -> None:
     """Run one party to completion (blocks); see the module docstring.
 
     One session: the model owner shares its weights once and each conv/linear weight is masked once
@@ -211,6 +367,11 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
     chunk_bytes = int(spec.get("chunk_bytes", DEFAULT_CHUNK_BYTES))
     reuse = bool(spec.get("reuse_weight_masks", True))
     bits = int(spec.get("comparison_bits", 32))
+    try:
+        link_kind = PartyLink(spec.get("party_link", PartyLink.TCP.value))
+    except ValueError:
+        raise ValueError(f"run_party: spec['party_link'] must be one of {[k.value for k in PartyLink]}, "
+                         f"got {spec.get('party_link')!r}") from None
     model = build_public_model(spec)
     weights = None
     if rank == MODEL_OWNER:
@@ -223,13 +384,17 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
     key = party_key(seed)  # None: 256 bits drawn here, from this process's OS entropy
     dist.init_process_group("gloo", init_method=f"tcp://{addr}:{port}", rank=rank, world_size=3,
                             timeout=timedelta(seconds=timeout))
+    channel = None
     try:
+        if rank != DEALER:
+            channel = (connect_party_link(rank, addr, party_port, timeout) if link_kind is PartyLink.TCP
+                       else DistChannel(1 - rank))
         if rank == DEALER:
             link = _DealerLink()
             source = DealerSource(key, sink=link, chunk_bytes=chunk_bytes)
             ctx = Context(DEALER, None, source, fp)
         else:
-            ctx = Context(rank, DistChannel(1 - rank), MaterialStream(next_chunk=_receive_chunk), fp, CommStats())
+            ctx = Context(rank, channel, MaterialStream(next_chunk=_receive_chunk), fp, CommStats())
         t0 = time.perf_counter()
         shared = share_model(ctx, program, weights, key=key.fold_in(-1), reuse_masks=reuse)
         setup_seconds = time.perf_counter() - t0
@@ -273,6 +438,8 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
             os.replace(tmp, out_path)
         dist.barrier()
     finally:
+        if isinstance(channel, SocketChannel):
+            channel.close()
         dist.destroy_process_group()
 
 
@@ -364,13 +531,16 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="only to reproduce a run; NOT secret (default: a 256-bit key from OS entropy drawn in this "
                         "process; a seed another party knows lets it regenerate this party's masks)")
     p.add_argument("--timeout", type=float, default=300.0, help="gloo timeout in seconds")
+    p.add_argument("--party-port", type=int, default=0,
+                   help="model owner: port of the parties' TCP link on --addr (0: a free one, sent to the data "
+                        "owner over gloo; fix it across machines)")
     p.add_argument("--weights", help="model owner: state dict file (torch.save)")
     p.add_argument("--images", help="data owner: float tensor file (N, C, H, W)")
     p.add_argument("--out", help="data owner: output file")
     a = p.parse_args(argv)
     spec = json.loads(Path(a.spec).read_text())
     run_party(a.role, addr=a.addr, port=a.port, spec=spec, seed=a.seed, timeout=a.timeout,
-              weights_path=a.weights, images_path=a.images, out_path=a.out)
+              weights_path=a.weights, images_path=a.images, out_path=a.out, party_port=a.party_port)
     return 0
 
 
