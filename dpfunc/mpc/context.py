@@ -228,13 +228,26 @@ def material_nbytes(req: Request, rank: int = 1) -> int:
 
 
 def _generate(ks: Keystream, req: Request, count: int) -> list[torch.Tensor]:
-    """The first ``count`` tensors of a party's share of ``req``, from that party's seeded stream."""
-    out = []
-    for k, (shape, dtype) in enumerate(zip(_material_shapes(req)[:count], _material_dtypes(req)[:count])):
+    """The first ``count`` tensors of a party's share of ``req``, from that party's seeded stream.
+
+    One keystream call fills one buffer for all of them (each tensor a view of its own segment,
+    segments padded to multiples of 8 bytes so that every view is aligned); the bit of
+    :attr:`Kind.BIT` / :attr:`Kind.BIT_MUL` is its byte's lowest bit. Every byte is uniform, so
+    each tensor is uniform and they are independent, as with one call per tensor (the layout is
+    part of the protocol: dealer and parties expand alike)."""
+    shapes, dtypes = _material_shapes(req)[:count], _material_dtypes(req)[:count]
+    sizes = [_padded_nbytes(sh, dt) for sh, dt in zip(shapes, dtypes)]
+    buf = ks.fill_(torch.empty(sum(sizes), dtype=torch.uint8))
+    out, off = [], 0
+    for k, (shape, dtype, size) in enumerate(zip(shapes, dtypes, sizes)):
+        n = 1
+        for d in shape:
+            n *= d
+        t = buf[off : off + n * dtype.itemsize].view(dtype).view(shape)
         if req.kind in (Kind.BIT, Kind.BIT_MUL) and k == 0:
-            out.append(ks.bits(shape))  # a bit in {0, 1} (uint8)
-        else:
-            out.append(ks.ring(shape) if dtype == torch.int64 else ks.words(shape, dtype))
+            t = t & 1  # a bit in {0, 1} (uint8)
+        out.append(t)
+        off += size
     return out
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from dpfunc.mpc.context import Bilinear, Context, Kind, Request
@@ -136,11 +137,11 @@ def open_masked(ctx: Context, pairs: list[tuple[torch.Tensor, torch.Tensor]]) ->
     with each difference written straight into the message buffer (no concatenation copy)."""
     sizes = [x.numel() for x, _ in pairs]
     flat = torch.empty(sum(sizes), dtype=torch.int64)
-    i = 0
+    fn, i = flat.numpy(), 0
     for (x, a), n in zip(pairs, sizes):
-        torch.sub(x.reshape(-1), a.reshape(-1), out=flat[i : i + n])
+        np.subtract(_np(x.reshape(-1)), _np(a.reshape(-1)), out=fn[i : i + n])
         i += n
-    total = flat + ctx.exchange(flat)
+    total = torch.from_numpy(np.add(fn, _np(ctx.exchange(flat))))
     out, i = [], 0
     for (x, _), n in zip(pairs, sizes):
         out.append(total[i : i + n].view(x.shape))
@@ -148,15 +149,27 @@ def open_masked(ctx: Context, pairs: list[tuple[torch.Tensor, torch.Tensor]]) ->
     return out
 
 
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A CPU int tensor's memory as a numpy array (no copy). numpy's int64 add/sub/mul run 2–4× faster
+    than torch's on this machine (65536 elements, one thread: add 33 vs 75 µs, sub 20 vs 84, mul 39
+    vs 91) and wrap modulo 2^64 alike, so the hot Beaver arithmetic uses them (identical results)."""
+    return t.numpy() if not t.requires_grad else t.detach().numpy()
+
+
 def _beaver_mul_local(rank: int, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, e: torch.Tensor,
-                      f: torch.Tensor) -> torch.Tensor:
+                      f: torch.Tensor, b_plus_f: torch.Tensor | None = None) -> torch.Tensor:
     """This party's share of ``x·y`` (elementwise, same shapes) from its triple share and the opened
-    ``e, f``: ``c + e·b + a·f`` (+ ``e·f`` on party 0), accumulated in place in one new tensor."""
-    out = torch.mul(e, b)
-    out.addcmul_(a, f)
+    ``e, f``: ``c + e·b + a·f`` (+ ``e·f`` on party 0, as ``e·(b + f)``; ``b_plus_f`` if known),
+    accumulated in place in one new tensor (numpy int64 arithmetic, see :func:`_np`)."""
     if rank == 0:
-        out.addcmul_(e, f)
-    return out.add_(c)
+        bf = _np(b_plus_f) if b_plus_f is not None else np.add(_np(b), _np(f))
+    else:
+        bf = _np(b)
+    out = np.multiply(_np(e), bf)
+    tmp = np.multiply(_np(a), _np(f))
+    out += tmp
+    out += _np(c)
+    return torch.from_numpy(out)
 
 
 def open_xor(ctx: Context, *xs: torch.Tensor) -> list[torch.Tensor]:
@@ -277,6 +290,8 @@ class MaskedOperand(NamedTuple):
             of ``[e, a]`` (no per-product weight sum, one call).
         fused_t: the same as a ``(2·Cin·kh·kw, Cout)`` matrix, for wide convolutions
             (:func:`~dpfunc.mpc.context.ring_conv2d`'s matmul path; then ``fused`` is ``None``).
+        mask_plus_opened: party 0's ``b + f`` for elementwise products (:func:`mul_chain_operand`:
+            made once per chain, not once per product).
     """
 
     share: torch.Tensor
@@ -285,6 +300,7 @@ class MaskedOperand(NamedTuple):
     mask_id: int
     fused: torch.Tensor | None = None
     fused_t: torch.Tensor | None = None
+    mask_plus_opened: torch.Tensor | None = None
 
     @property
     def shape(self) -> torch.Size:
@@ -349,7 +365,10 @@ def mul_chain_operand(ctx: Context, v: torch.Tensor) -> MaskedOperand:
         >>> decode(simulate(program, dealer_key=Key(2)).outputs[1]).round(decimals=3).tolist()  # ± 2^-15
         [0.125, -8.0]
     """
-    return mask_operands(ctx, [v], first_id=ctx.new_mask_id())[0]
+    m = mask_operands(ctx, [v], first_id=ctx.new_mask_id())[0]
+    if local_rank(ctx) == 0 and not ctx.is_dealer:
+        m = m._replace(mask_plus_opened=m.mask + m.opened)
+    return m
 
 
 def mul_fixed(ctx: Context, y: torch.Tensor, v: MaskedOperand, release: bool = False) -> torch.Tensor:
@@ -382,9 +401,15 @@ def mul_fixed(ctx: Context, y: torch.Tensor, v: MaskedOperand, release: bool = F
     yf = y.reshape(-1)
     es = open_masked(ctx, [(yf[i:j], a.reshape(-1)) for (i, j), (a, _) in zip(cuts, mats)])
     b, f = v.mask.reshape(-1), v.opened.reshape(-1)
+    bf = v.mask_plus_opened.reshape(-1) if v.mask_plus_opened is not None else None
+    if len(cuts) == 1:  # no slices: no copy into an output buffer
+        (a, c), e = mats[0], es[0]
+        out = _beaver_mul_local(ctx.rank, a.reshape(-1), b, c.reshape(-1), e, f, bf)
+        return truncate(ctx, out.view(y.shape))
     out = torch.empty(n, dtype=torch.int64)
     for (i, j), (a, c), e in zip(cuts, mats, es):
-        out[i:j] = _beaver_mul_local(ctx.rank, a.reshape(-1), b[i:j], c.reshape(-1), e, f[i:j])
+        out[i:j] = _beaver_mul_local(ctx.rank, a.reshape(-1), b[i:j], c.reshape(-1), e, f[i:j],
+                                     None if bf is None else bf[i:j])
     return truncate(ctx, out.view(y.shape))
 
 
@@ -763,13 +788,14 @@ def mul_bit(ctx: Context, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
         torch.sub(xf[i:j], a, out=words[i:j])
         torch.bitwise_xor(bf[i:j], r_xor, out=bytes_[i:j])
     other = ctx.exchange(flat)
-    e = words + other[: 8 * n].view(torch.int64)
-    c = (bytes_ ^ other[8 * n :]).to(torch.int64)
+    e = np.add(_np(words), _np(other[: 8 * n].view(torch.int64)))
+    c = torch.from_numpy((bytes_.numpy() ^ other[8 * n :].numpy()).view(np.bool_))  # public c ∈ {0, 1}
     out = torch.empty(n, dtype=torch.int64)
     for (i, j), (_, _, r_add, ar) in zip(cuts, mats):
-        t = torch.mul(e[i:j], r_add).add_(ar)  # this party's share of x·r
-        t.mul_(1 - 2 * c[i:j]).addcmul_(c[i:j], xf[i:j])
-        out[i:j] = t
+        t = np.multiply(e[i:j], _np(r_add))
+        t += _np(ar)  # this party's share of x·r
+        # c·x + (1 − 2c)·x·r: x − x·r where c = 1, x·r where c = 0 (c public)
+        torch.where(c[i:j], torch.from_numpy(np.subtract(_np(xf[i:j]), t)), torch.from_numpy(t), out=out[i:j])
     return out.view(x.shape)
 
 
