@@ -308,3 +308,40 @@ def test_sliced_elementwise_product_is_exact_in_one_round():
         assert res.stats[1].rounds == 4  # two sharings, one product round (sliced or not), the reveal
     with pytest.raises(RuntimeError, match="beaver: slice_elements must be an int >= 1, got 0"):
         simulate(program(0), dealer_key=Key(3))
+
+
+def test_dealer_replay_gives_the_same_material_byte_for_byte():
+    """DealerSource.replay (the three-process dealer after its first batch) against running the
+    program for every batch: the same bytes to each party; a batch that keeps a run-time mask is not
+    replayable."""
+    from dpfunc.mpc.context import DEALER, Context, DealerSource, Request
+
+    model = SmallCNN(key=Key(3), widths=(4, 8), groups=2).eval()
+    program = compile_module(model)
+    shape = (2, 1, 8, 8)
+
+    def dealer(replay: bool) -> DealerSource:
+        src = DealerSource(Key(11))
+        ctx = Context(DEALER, None, src)
+        shared = share_model(ctx, program, None, key=Key(0))
+        reqs = None
+        for b in range(3):
+            if replay and reqs is not None:
+                src.replay(reqs)
+                continue
+            if b == 0:
+                src.record()
+            encrypted_inference(ctx, program, shape, key=Key(b), model=shared)
+            if b == 0:
+                reqs = src.stop_recording()
+        assert reqs is not None and len(reqs) > 10
+        return src
+
+    ran, replayed = dealer(False), dealer(True)
+    assert ran.requests == replayed.requests
+    for rank in (0, 1):
+        assert torch.equal(ran.flat(rank), replayed.flat(rank))
+    src = DealerSource(Key(1))
+    src.record()
+    src.draw(Request(Kind.MASK, (), (3,), mask_id=(1 << 40) + 1))  # a run-time mask never released
+    assert src.stop_recording() is None

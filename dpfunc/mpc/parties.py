@@ -42,8 +42,10 @@ made from a seed is NOT secret (a party whose seed another knows can have its ma
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
 "batches": n, "fractional_bits": 16, "chunk_bytes": 8388608, "reuse_weight_masks": true,
-"comparison_bits": 32, "party_link": "tcp"}`` (public; the last five optional; ``comparison_bits``: see
-:func:`dpfunc.bridge.mpc.encrypted_inference`; ``party_link``: ``"tcp"`` or ``"gloo"``, see above).
+"comparison_bits": 32, "party_link": "tcp", "dealer_replay": true}`` (public; the last six optional;
+``comparison_bits``: see :func:`dpfunc.bridge.mpc.encrypted_inference`; ``party_link``: ``"tcp"`` or
+``"gloo"``, see above; ``dealer_replay``: the dealer runs the program for the first batch only and
+replays its requests for the others, :meth:`~dpfunc.mpc.context.DealerSource.replay`).
 """
 
 from __future__ import annotations
@@ -402,7 +404,15 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
         setup_material = HEADER_BYTES  # the dealer's header (seed, rank); the masks are expanded from the seed
         ctx.stats = CommStats()
         outputs, times = [], []
+        replay = None  # the dealer: batch 0's requests, replayed for the others (DealerSource.replay)
         for b in range(batches):
+            if rank == DEALER and replay is not None:
+                t0 = time.perf_counter()
+                source.replay(replay)
+                times.append(time.perf_counter() - t0)
+                continue
+            if rank == DEALER and b == 0 and spec.get("dealer_replay", True):
+                source.record()
             img = None
             if rank == DATA_OWNER:
                 x = images[b * shape[0] : (b + 1) * shape[0]]
@@ -413,6 +423,8 @@ def run_party(role: str, *, addr: str, port: int, spec: dict, seed: Optional[int
             out = encrypted_inference(ctx, program, shape, key=key.fold_in(b), image=img, model=shared,
                                       comparison_bits=bits)
             times.append(time.perf_counter() - t0)
+            if rank == DEALER and b == 0:
+                replay = source.stop_recording()
             if out is not None:
                 outputs.append(out)
         if rank == DEALER:
