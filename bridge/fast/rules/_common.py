@@ -67,8 +67,10 @@ def _weighted(c: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     return torch.mm(c.to(pe.dtype).view(1, -1), pe.reshape(pe.shape[0], d)).view(pe.shape[1:])
 
 
-def _chunks(b: int, per_example: int) -> list[tuple[int, int]]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, per_example))
+def _chunks(b: int, per_example: int, limit: int | None = None) -> list[tuple[int, int]]:
+    """Batch ranges whose temporaries (``per_example`` elements each) hold at most ``_CHUNK_ELEMENTS``, or
+    ``limit`` when smaller."""
+    step = max(1, min(_CHUNK_ELEMENTS, limit or _CHUNK_ELEMENTS) // max(1, per_example))
     return [(i, min(b, i + step)) for i in range(0, b, step)]
 
 

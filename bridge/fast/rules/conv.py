@@ -38,6 +38,12 @@ GROUPED_MIN_POSITIONS = 128
 # Unfold layout: None picks by contiguous run length (see _channels_last); True / False force one (tests).
 CHANNELS_LAST_UNFOLD: bool | None = None
 
+# Batch chunks of the pixel-Gram norm and of unfold + bmm hold temporaries of at most this many elements
+# (4 MiB in float32; _CHUNK_ELEMENTS, the engine-wide memory bound, when smaller): the 7×7 layer of the CNN
+# at B = 256 had 23 MiB of batch-sized pixel-Gram temporaries per step, now 4 MiB reused chunk to chunk
+# (step time unchanged within noise for chunks of 2^18 to 2^23 elements, measured in one process).
+WORKING_SET_ELEMENTS = 1 << 20
+
 # Ghost norm form: None picks the cheaper by shapes (see _norm_plan); True / False force the pixel-Gram
 # form / the unfolded form whenever the ghost norm is used (tests).
 PIXEL_GRAM: bool | None = None
@@ -146,9 +152,11 @@ def _diagonal_window_sum(uu: torch.Tensor, d: int, nd: int, k: int, stride: int,
         index[2 + d] = index[2 + nd + d] = slice(j * dilation, j * dilation + (out - 1) * stride + 1, stride)
         return uu[tuple(index)]
 
-    total = shifted(0)
-    for j in range(1, k):
-        total = total + shifted(j)
+    if k == 1:
+        return shifted(0)
+    total = torch.add(shifted(0), shifted(1))  # one new tensor, the other offsets added into it in place
+    for j in range(2, k):
+        total.add_(shifted(j))
     return total
 
 
@@ -216,8 +224,9 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
     sq: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
     if "bias" in attrs:
-        kept["bias"] = sum(g.sum(2) for g in gs)
+        kept["bias"] = _total([g.sum(2) for g in gs])
         sq["bias"] = _sq(kept["bias"])
+    to_weight = None  # kept per-example weight gradients in another layout: their weighted sum -> the weight's
     if "weight" in attrs:
         # ghost norm (unfolded, or from the pixel Gram on one call) or instantiation: the fewest
         # multiply-adds by shapes alone, so every path (functional, bridge) makes the same choice
@@ -232,14 +241,25 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
         unfold_el = groups * t_total * (d_g + p_g)
         if pixel:  # the padded input, its pixel Gram (and one diagonal sum of it), the T×T output-gradient Gram
             per_ex = groups * (math.prod(padded) * (1 + 2 * math.prod(padded)) + t_total * t_total)
-        elif grouped:  # the kernel's layout copies of x and g, the repeated weight and the result
+        elif grouped:  # the kernel's layout copies of x and g, the weight-shaped placeholder and the result
             per_ex = 2 * weight.numel() + calls[0].x[0].numel() + calls[0].g[0].numel()
         else:
-            per_ex = unfold_el + (2 * groups * t_total * t_total if use_ghost else weight.numel())
+            # the unfold copy (and, for the ghost norm, the output gradients gathered over calls and two T×T
+            # Grams; for instantiation the per-example gradient)
+            per_ex = unfold_el + 2 * groups * t_total * t_total if use_ghost else groups * t_total * d_g + weight.numel()
         channels_last = _channels_last(d_g // math.prod(kernel), kernel, out0, stride)  # one layout for all calls
-        chunks = _chunks(b, per_ex)
-        # kept per-example gradients: one chunk's result is kept as it is (no copy into a (B, *W) buffer)
-        pe_w = weight.new_empty((b, *weight.shape)) if keep and len(chunks) > 1 else None
+        # the pixel Gram and the unfold run in batch chunks of WORKING_SET_ELEMENTS: their temporaries are reused
+        # from chunk to chunk instead of being memory the size of the batch
+        chunks = _chunks(b, per_ex, None if grouped else WORKING_SET_ELEMENTS)
+        # kept per-example gradients: written chunk by chunk into one (B, ...) buffer (one chunk: its own result)
+        pe_w = None
+        if not use_ghost and not grouped:  # per example (G, p_g, d_g), columns (*K, C_g); or (G, d_g, p_g), channels first
+            shape = (groups, p_g, d_g) if channels_last else (groups, d_g, p_g)
+            to_weight = (lambda s: _kc_to_ck(s, kernel)) if channels_last else (lambda s: s.transpose(-1, -2))
+            if keep and len(chunks) > 1:
+                pe_w = weight.new_empty((b, *shape))
+        elif grouped and keep and len(chunks) > 1:
+            pe_w = weight.new_empty((b, *weight.shape))
         for lo, hi in chunks:
             n = hi - lo
             if pixel:
@@ -248,9 +268,10 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                 continue
             if grouped:
                 (xin, pad), g = inputs[0], calls[0].g[lo:hi]
+                # the weight argument only gives the kernel its shape (a weight gradient does not read it)
                 pe = torch.ops.aten.convolution_backward(
                     g.reshape(1, n * c_out, *g.shape[2:]), xin[lo:hi].reshape(1, -1, *xin.shape[2:]),
-                    weight.expand(n, *weight.shape).reshape(n * c_out, *weight.shape[1:]).contiguous(), None, stride, pad, dilation, False,
+                    weight.new_empty((n * c_out, *weight.shape[1:])), None, stride, pad, dilation, False,
                     (0,) * len(pad), n * groups, [False, True, False],
                 )[1].view(n, *weight.shape)
                 sq_w[lo:hi] = _sq(pe)
@@ -259,39 +280,47 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                 elif keep:
                     pe_w[lo:hi] = pe
                 continue
-            rows, gcols = [], []  # per call: (n, G, T, d_g) receptive fields, (n, G, p_g, T) output gradients
+            rows, gcols = [], []  # per call: (n·G, T, d_g) receptive fields, (n·G, p_g, T) output gradients
             for (xin, pad), g in zip(inputs, gs):
                 if channels_last:  # columns in (*K, C_g) order
-                    rows.append(_unfold_channels_last(xin[lo:hi], kernel, stride, pad, dilation, groups))
+                    rows.append(_unfold_channels_last(xin[lo:hi], kernel, stride, pad, dilation, groups).flatten(0, 1))
                 else:  # columns in the weight's (C_g, *K) order
-                    rows.append(_unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2]).view(n, groups, d_g, -1).transpose(2, 3))
-                gcols.append(g[lo:hi].view(n, groups, p_g, -1))
+                    rows.append(_unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2]).view(n * groups, d_g, -1).transpose(1, 2))
+                gcols.append(g[lo:hi].reshape(n * groups, p_g, -1))
             if use_ghost:  # Σ_ts (u_t·u_s)(g_t·g_s): the column order of u does not matter
-                u, gg = _cat(rows, 2), _cat(gcols, 3)
-                sq_w[lo:hi] = ((u @ u.transpose(2, 3)) * (gg.transpose(2, 3) @ gg)).sum((1, 2, 3))
-            else:
-                # (n, G, p_g, d_g), columns in the unfold's order; as (uᵀ gᵀ)ᵀ on the contiguous channels-first
-                # unfold (a plain GEMM there; measured 1.5-1.8× faster than g·u on its transposed view)
-                pe = sum(gg @ u if channels_last else (u.transpose(2, 3) @ gg.transpose(2, 3)).transpose(2, 3) for u, gg in zip(rows, gcols))
-                sq_w[lo:hi] = _sq(pe)
-                if keep:
-                    pe = (_kc_to_ck(pe, kernel) if channels_last else pe).reshape(n, *weight.shape)
-                    if pe_w is None:
-                        pe_w = pe
-                    else:
-                        pe_w[lo:hi] = pe
+                u, gg = _cat(rows, 1), _cat(gcols, 2)
+                sq_w[lo:hi] = ((u @ u.transpose(1, 2)) * (gg.transpose(1, 2) @ gg)).view(n, -1).sum(1)
+                continue
+            # g·u on the channels-last unfold, uᵀgᵀ on the contiguous channels-first one (a plain GEMM there;
+            # measured 1.5-1.8× faster than g·u on its transposed view); summed over calls in place
+            out = pe_w[lo:hi].view(n * groups, *shape[1:]) if pe_w is not None else None
+            for i, (u, gg) in enumerate(zip(rows, gcols)):
+                a_, b_ = (gg, u) if channels_last else (u.transpose(1, 2), gg.transpose(1, 2))
+                if i == 0:
+                    out = torch.bmm(a_, b_, out=out) if out is not None else torch.bmm(a_, b_)
+                else:
+                    out.baddbmm_(a_, b_)
+            sq_w[lo:hi] = _sq(out.view(n, -1))
+            if keep and pe_w is None:
+                pe_w = out.view(n, *shape)
         sq["weight"] = sq_w
         if keep:
             kept["weight"] = pe_w
+        else:
+            to_weight = None
 
     def clipped(factors):
         out = {k: _weighted(factors[k], v) for k, v in kept.items()}
+        if "weight" in out and to_weight is not None:  # the kept gradients' layout -> the weight's
+            out["weight"] = to_weight(out["weight"]).reshape(weight.shape)
         if "weight" in attrs and "weight" not in kept:
             c = factors["weight"]
             total = None
             for call, (xin, pad) in zip(calls, inputs):
+                # Σ_i c_i g_i ⊗ x_i: the per-example factor scales the smaller of the two
+                gc, xc = (_scale(c, call.g), xin) if call.g[0].numel() <= xin[0].numel() else (call.g, _scale(c, xin))
                 gw = torch.ops.aten.convolution_backward(
-                    _scale(c, call.g), xin, call.weight, None, stride, pad, dilation,
+                    gc, xc, call.weight, None, stride, pad, dilation,
                     False, (0,) * len(pad), groups, [False, True, False],
                 )[1]
                 total = gw if total is None else total + gw
@@ -301,8 +330,15 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
     return LayerGrads(sq, clipped)
 
 
+def _total(parts: list[torch.Tensor]) -> torch.Tensor:
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return total
+
+
 def _kc_to_ck(pe: torch.Tensor, kernel) -> torch.Tensor:
-    """``(n, G, p_g, d_g)`` per-example gradients, columns from ``(*K, C_g)`` to the weight's ``(C_g, *K)`` order."""
-    return pe.unflatten(3, (math.prod(kernel), -1)).transpose(3, 4).flatten(3)
+    """``(..., d_g)`` gradients, columns from ``(*K, C_g)`` to the weight's ``(C_g, *K)`` order."""
+    return pe.unflatten(-1, (math.prod(kernel), -1)).transpose(-1, -2).flatten(-2)
 
 
