@@ -169,22 +169,23 @@ def _bilinear_shape(op: Bilinear, shape_x: tuple, shape_y: tuple, params: tuple)
     return tuple(apply_bilinear(op, a, b, params).shape)
 
 
-def _material_shapes(req: Request) -> list[tuple[int, ...]]:
+@functools.lru_cache(maxsize=4096)
+def _material_shapes(req: Request) -> tuple[tuple[int, ...], ...]:
     if req.kind is Kind.TRIPLE:
-        return [req.shape_x, req.shape_y, _output_shape(req)]
+        return (req.shape_x, req.shape_y, _output_shape(req))
     if req.kind is Kind.FIXED_TRIPLE:
-        return [req.shape_x, _output_shape(req)]
+        return (req.shape_x, _output_shape(req))
     if req.kind is Kind.MASK:
-        return [req.shape_y]
+        return (req.shape_y,)
     if req.kind is Kind.SQUARE:
-        return [req.shape_x, req.shape_x]
+        return (req.shape_x, req.shape_x)
     if req.kind is Kind.AND:
-        return [req.shape_x] * 3
+        return (req.shape_x,) * 3
     if req.kind is Kind.AND2:
-        return [req.shape_x] * 5
+        return (req.shape_x,) * 5
     if req.kind is Kind.BIT_MUL:
-        return [req.shape_x] * 4
-    return [req.shape_x, req.shape_x]  # BIT, CROSS_AND
+        return (req.shape_x,) * 4
+    return (req.shape_x, req.shape_x)  # BIT, CROSS_AND
 
 
 def word_dtype(bits: int) -> torch.dtype:
@@ -192,16 +193,17 @@ def word_dtype(bits: int) -> torch.dtype:
     return torch.uint8 if bits <= 8 else torch.int16 if bits <= 16 else torch.int32 if bits <= 32 else torch.int64
 
 
-def _material_dtypes(req: Request) -> list[torch.dtype]:
+@functools.lru_cache(maxsize=4096)
+def _material_dtypes(req: Request) -> tuple[torch.dtype, ...]:
     if req.kind in (Kind.AND, Kind.AND2):
-        return [word_dtype(req.params[0] if req.params else 64)] * (3 if req.kind is Kind.AND else 5)
+        return (word_dtype(req.params[0] if req.params else 64),) * (3 if req.kind is Kind.AND else 5)
     if req.kind is Kind.CROSS_AND:
-        return [word_dtype(req.params[0])] * 2
+        return (word_dtype(req.params[0]),) * 2
     if req.kind is Kind.BIT:
-        return [torch.uint8, torch.int64]
+        return (torch.uint8, torch.int64)
     if req.kind is Kind.BIT_MUL:
-        return [torch.uint8, torch.int64, torch.int64, torch.int64]
-    return [torch.int64] * len(_material_shapes(req))
+        return (torch.uint8, torch.int64, torch.int64, torch.int64)
+    return (torch.int64,) * len(_material_shapes(req))
 
 
 def _padded_nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
@@ -218,6 +220,7 @@ def _explicit(req: Request) -> int:
     return 0 if req.kind is Kind.MASK else 2 if req.kind in (Kind.AND2, Kind.BIT_MUL) else 1
 
 
+@functools.lru_cache(maxsize=8192)
 def material_nbytes(req: Request, rank: int = 1) -> int:
     """Bytes the dealer *sends* to party ``rank`` for ``req``: party 1's corrections (its share of the
     output ``c``, or of the additive bit), 0 for party 0 and for a mask — the rest of each party's
