@@ -321,8 +321,11 @@ def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = N
 
     **Seeded shares** (CrypTen's trusted-third-party provider; the "PRG-seeded" dealer of the MPC
     literature): the dealer shares a seed with each party (:func:`party_stream_key`, sent once at
-    the start of the stream), and both expand ``Keystream(seed.fold_in(i))`` for the ``i``-th
-    request. Party 0's shares are all from its seed; party 1's too, except the last tensor, the
+    the start of the stream), and both expand one ChaCha20 stream ``Keystream(seed)``: each request
+    takes the next bytes of it, in request order (the ``i``-th request's tensors are the bytes after
+    those of requests ``0 … i−1``; one stream rather than a child key per request spares a BLAKE2b
+    and a cipher set-up per request — ~15 µs, ~130 requests per SmallCNN image — and the parts stay
+    disjoint, so independent). Party 0's shares are all from its seed; party 1's too, except the last tensor, the
     *correction* (e.g. ``c1 = op(a0 + a1, b0 + b1) − c0`` for a triple, XOR for an AND triple),
     which is the only thing the dealer sends — one output-sized tensor per request to party 1,
     nothing to party 0, nothing for a mask ``b = b0 + b1``. Each party's shares alone are uniform
@@ -331,8 +334,7 @@ def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = N
     ``masks`` is the dealer's store of fixed masks: a :attr:`Kind.MASK` request adds ``b`` under
     ``req.mask_id`` (each id once), a :attr:`Kind.FIXED_TRIPLE` request reads it.
     """
-    return _deal_seeded(req, Keystream(party_stream_key(key, 0).fold_in(0)),
-                        Keystream(party_stream_key(key, 1).fold_in(0)), masks)
+    return _deal_seeded(req, Keystream(party_stream_key(key, 0)), Keystream(party_stream_key(key, 1)), masks)
 
 
 @dataclass
@@ -459,6 +461,7 @@ class DealerSource:
             raise ValueError(f"DealerSource: chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
         self.sink, self.chunk_bytes = sink, chunk_bytes
         self._seeds = (party_stream_key(key, 0), party_stream_key(key, 1))
+        self._streams: Optional[tuple[Keystream, Keystream]] = None  # each party's one ChaCha20 stream
         self.requests = 0
         self.masks: dict[int, torch.Tensor] = {}
         self.pending: list[torch.Tensor] = []  # party 1's corrections not yet sent
@@ -517,8 +520,9 @@ class DealerSource:
             raise RuntimeError("DealerSource.draw: the dealer's stream is already finished")
         if not self._started:
             self._start()
-        i = self.requests
-        s0, s1 = _deal_seeded(req, Keystream(self._seeds[0].fold_in(i)), Keystream(self._seeds[1].fold_in(i)), self.masks)
+        if self._streams is None:
+            self._streams = (Keystream(self._seeds[0]), Keystream(self._seeds[1]))
+        s0, s1 = _deal_seeded(req, self._streams[0], self._streams[1], self.masks)
         self.requests += 1
         if self.recording is not None:
             self.recording.append(req)
@@ -633,7 +637,7 @@ class MaterialStream:
     order, checking the layout.
 
     The stream begins with the dealer's 40-byte header (this party's seed and rank); for the ``i``-th
-    request the party expands ``Keystream(seed.fold_in(i))`` exactly as the dealer did (see
+    request the party expands the next bytes of ``Keystream(seed)`` exactly as the dealer did (see
     :func:`deal`) and, as party 1, reads the correction from the dealer's bytes.
 
     Args:
@@ -653,6 +657,7 @@ class MaterialStream:
         self._ended = next_chunk is None
         self.bytes_received = self.flat.numel()
         self.seed: Optional[StreamKey] = None
+        self._stream: Optional[Keystream] = None
         self.rank: Optional[int] = None
         self.requests = 0
 
@@ -699,7 +704,9 @@ class MaterialStream:
                 f"MaterialStream.draw: the dealer's material ran out at {req.kind.value} of shape "
                 f"{req.shape_x} (dealer and parties ran different programs or shapes)"
             )
-        out = _generate(Keystream(self.seed.fold_in(self.requests)), req, len(shapes) - explicit)
+        if self._stream is None:
+            self._stream = Keystream(self.seed)
+        out = _generate(self._stream, req, len(shapes) - explicit)
         self.requests += 1
         for s, dtype in zip(shapes[len(shapes) - explicit:], dtypes[len(dtypes) - explicit:]):
             n = 1
