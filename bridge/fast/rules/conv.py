@@ -223,9 +223,7 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
     t_total = sum(g.shape[2] for g in gs)
     sq: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
-    if "bias" in attrs:
-        kept["bias"] = _total([g.sum(2) for g in gs])
-        sq["bias"] = _sq(kept["bias"])
+    pe_b = None  # per-example bias gradients from the grouped weight-gradient kernel (same pass over g)
     to_weight = None  # kept per-example weight gradients in another layout: their weighted sum -> the weight's
     if "weight" in attrs:
         # ghost norm (unfolded, or from the pixel Gram on one call) or instantiation: the fewest
@@ -269,11 +267,18 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
             if grouped:
                 (xin, pad), g = inputs[0], calls[0].g[lo:hi]
                 # the weight argument only gives the kernel its shape (a weight gradient does not read it)
-                pe = torch.ops.aten.convolution_backward(
+                # and, with the bias, its gradient per example and channel from the same pass over g
+                _, pe, pb = torch.ops.aten.convolution_backward(
                     g.reshape(1, n * c_out, *g.shape[2:]), xin[lo:hi].reshape(1, -1, *xin.shape[2:]),
-                    weight.new_empty((n * c_out, *weight.shape[1:])), None, stride, pad, dilation, False,
-                    (0,) * len(pad), n * groups, [False, True, False],
-                )[1].view(n, *weight.shape)
+                    weight.new_empty((n * c_out, *weight.shape[1:])), [n * c_out] if "bias" in attrs else None, stride, pad,
+                    dilation, False, (0,) * len(pad), n * groups, [False, True, "bias" in attrs],
+                )
+                pe = pe.view(n, *weight.shape)
+                if "bias" in attrs:
+                    if pe_b is None:
+                        pe_b = pb.view(n, c_out) if len(chunks) == 1 else weight.new_empty((b, c_out))
+                    if len(chunks) > 1:
+                        pe_b[lo:hi] = pb.view(n, c_out)
                 sq_w[lo:hi] = _sq(pe)
                 if keep and pe_w is None:
                     pe_w = pe
@@ -308,6 +313,10 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
             kept["weight"] = pe_w
         else:
             to_weight = None
+
+    if "bias" in attrs:
+        kept["bias"] = pe_b if pe_b is not None else _total([g.sum(2) for g in gs])
+        sq["bias"] = _sq(kept["bias"])
 
     def clipped(factors):
         out = {k: _weighted(factors[k], v) for k, v in kept.items()}
