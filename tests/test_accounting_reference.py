@@ -61,6 +61,9 @@ def _log_uniform(lo, hi):
     d=_log_uniform(1e-12, 1e-3),
 )
 @example(q=math.exp(-6), sigma=1.0, steps=98716, d=math.exp(-26))  # found by the thorough run: see the 4× finer reference
+# thorough run, seed 2511: ours 0.09968, 3.0 % above the reference 0.09674 (h 1e-4; 0.0963 on 1e-5): the Chernoff tilt
+# (30) left the round-off charge at 19 % of δ; the tilt search now finds ~52 (ours 0.096834, charge ~1 % of δ)
+@example(q=math.exp(-9), sigma=1.0, steps=1097, d=math.exp(-26))
 def test_pld_matches_dp_accounting(q, sigma, steps, d):
     """Upper bound ≥ reference·(1 − 2e-3), ≤ reference·1.02, finite wherever the reference is.
 
