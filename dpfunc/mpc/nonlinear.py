@@ -51,6 +51,7 @@ from dpfunc._validate import check_int_range, check_number
 from dpfunc.mpc.context import Bilinear, Context
 from dpfunc.mpc.protocols import (
     add_public,
+    local_rank,
     beaver,
     ltz,
     mul,
@@ -138,29 +139,26 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     fp = ctx.fp
     enc = lambda v: int(round(v * fp.scale))  # noqa: E731
     d = approx.degree
-    rows = [(c, tuple(coef)) for c, coef in zip(approx.centres, approx.coefficients)] + [(0.0, (1.0,) + (0.0,) * d)]
     if approx.odd:
         neg = sign_bits(ctx, x, bits)  # [x < 0], XOR-shared
         z = x - 2 * mul_bit(ctx, x, neg)  # |x|, exact (conversion and product in one round)
         thresholds = approx.breakpoints[1:]  # [|x| ≥ t_k], k = 1 … pieces
     else:
         z = x
-        rows = [(0.0, (-1.0,) + (0.0,) * d)] + rows
         thresholds = approx.breakpoints
     stacked = torch.stack([add_public(ctx, z, -enc(tk)) for tk in thresholds])
     steps = add_public(ctx, -ltz(ctx, stacked, bits=bits), 1)  # (K, *x): [z >= t_k], shared integers
     # coefficients in v = u / half-width (|v| ≤ 1 inside a piece, so Horner's rounding errors are not
     # amplified from step to step): a_i·h^i
     h = (approx.breakpoints[1] - approx.breakpoints[0]) / 2
-    table = torch.tensor([[enc(c)] + [enc(a * h**i) for i, a in enumerate(coef)] for c, coef in rows], dtype=torch.int64)
-    deltas = (table[1:] - table[:-1]).to(x.device)  # (K, d+2): what crossing threshold k adds
+    table, deltas = _tanh_table(approx, fp.fractional_bits)  # row 0; (K, d+2): what crossing threshold k adds
     # the selected piece's centre and coefficients: table[0] + Σ_k s_k·deltas[k] (local, exact)
     sel = [steps[0]] * (d + 2) if ctx.is_dealer else []  # the dealer needs only the shapes
     for j in range(0 if ctx.is_dealer else d + 2):  # in place, no (K, *x) temporaries: row_0 + Σ_k s_k·Δ_kj
-        acc = torch.mul(steps[0], int(deltas[0, j]))
+        acc = torch.mul(steps[0], deltas[0][j])
         for k in range(1, len(thresholds)):
-            acc.add_(steps[k], alpha=int(deltas[k, j]))
-        sel.append(add_public(ctx, acc, int(table[0, j])))
+            acc.add_(steps[k], alpha=deltas[k][j])
+        sel.append(add_public(ctx, acc, table[j]))
     # |v| ≤ 1 inside the range (a local multiplication by 1/h); beyond it the coefficients are exactly 0
     v = mul_public(ctx, z - sel[0], 1.0 / h)
     # Horner's rule: d products of the input's size (the powers and a batched coefficient product
@@ -175,6 +173,21 @@ def tanh(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits:
     if approx.odd:
         y = y - 2 * mul_bit(ctx, y, neg)  # sign(x)·p(|x|), exact (a fresh dealer bit)
     return y
+
+
+@functools.lru_cache(maxsize=64)
+def _tanh_table(approx: TanhApprox, fractional_bits: int) -> tuple[tuple[int, ...], tuple[tuple[int, ...], ...]]:
+    """:func:`tanh`'s public table as Python ints, made once per approximation: the first row
+    (centre, then the coefficients ``a_i·h^i``) and the differences of consecutive rows."""
+    enc = lambda v: int(round(v * (1 << fractional_bits)))  # noqa: E731
+    d = approx.degree
+    rows = [(c, tuple(coef)) for c, coef in zip(approx.centres, approx.coefficients)] + [(0.0, (1.0,) + (0.0,) * d)]
+    if not approx.odd:
+        rows = [(0.0, (-1.0,) + (0.0,) * d)] + rows
+    h = (approx.breakpoints[1] - approx.breakpoints[0]) / 2
+    table = [[enc(c)] + [enc(a * h**i) for i, a in enumerate(coef)] for c, coef in rows]
+    deltas = tuple(tuple(hi - lo for hi, lo in zip(table[k + 1], table[k])) for k in range(len(table) - 1))
+    return tuple(table[0]), deltas
 
 
 def sigmoid(ctx: Context, x: torch.Tensor, approx: TanhApprox = TanhApprox(), bits: int = 64) -> torch.Tensor:
@@ -233,11 +246,11 @@ def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig(),
     bits = 32 if frac >= 8 else 64
     vq = truncate(ctx, v, 1 << shift) if bits == 32 and shift else v
     scale = float(1 << frac) if bits == 32 else float(fp.scale)
-    stacked = torch.stack([add_public(ctx, vq, -int(round(2.0 ** (k / sp) * scale))) for k in ks])
+    thr, deltas = _rsqrt_tables(cfg, fp.fractional_bits, scale)
+    thr, deltas = thr.view((len(ks),) + (1,) * v.dim()), deltas.view((len(ks),) + (1,) * v.dim())
+    # the stacked differences v − t_k in one op (party 0 subtracts the public t_k; party 1 copies)
+    stacked = vq.unsqueeze(0) - thr if local_rank(ctx) == 0 else vq.unsqueeze(0).expand((len(ks),) + tuple(vq.shape)).contiguous()
     steps = add_public(ctx, -ltz(ctx, stacked, bits=bits), 1)  # [v >= 2^(k/s)], integers
-    deltas = torch.tensor(
-        [int(round((guess(k) - guess(k - 1)) * fp.scale)) for k in ks], dtype=torch.int64, device=v.device
-    ).view((len(ks),) + (1,) * v.dim())
     y = add_public(ctx, (steps * deltas).sum(0), int(round(guess(ks[0] - 1) * fp.scale)))
     three = 3 * fp.scale
     for i in range(cfg.iterations):
@@ -255,6 +268,18 @@ def rsqrt(ctx: Context, v: torch.Tensor, cfg: RsqrtConfig = RsqrtConfig(),
     if times is not None:  # no iteration to fold into
         return mul(ctx, times, y.unsqueeze(-1).expand(times.shape).contiguous())
     return y
+
+
+@functools.lru_cache(maxsize=64)
+def _rsqrt_tables(cfg: RsqrtConfig, fractional_bits: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guess's public thresholds ``2^(k/s)`` (at the comparisons' scale) and the guess's steps
+    (at ``2^f``), made once per configuration (a few hundred Python ``round`` calls each time before)."""
+    sp = cfg.steps_per_octave
+    ks = range(cfg.low_exp * sp, (cfg.high_exp + 1) * sp)
+    guess = lambda k: 2.0 ** (-(k + 0.5) / (2 * sp))  # noqa: E731
+    thr = torch.tensor([int(round(2.0 ** (k / sp) * scale)) for k in ks], dtype=torch.int64)
+    deltas = torch.tensor([int(round((guess(k) - guess(k - 1)) * (1 << fractional_bits))) for k in ks], dtype=torch.int64)
+    return thr, deltas
 
 
 def group_norm(
