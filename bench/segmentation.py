@@ -77,6 +77,10 @@ a linear head on the fixed filter bank and a 3×3 convolution of its logits (94 
 patients: q = 1, i.e. DP full-batch gradient descent), 60 steps, Adam lr 0.02. Overrides the U-Net flags.
 'features+pos' settings add the bin × position products (114 features, 2·114 + 2 + 38 = 268 trained parameters)."""
 
+FEATURE_LH_RECIPE = {**FEATURE_POS_RECIPE, "local_histograms": True}
+"""'features+lh' settings: 'features+pos' + local soft histograms (the σ = 1 bins blurred at σ 3 and 6 px: 148 features,
+2·148 + 2 + 38 = 336 trained parameters); the bank chosen on the validation patients of seeds 0–2 (README)."""
+
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
             "non-private, slice batches": dict(private=False, unit="slice"),
@@ -85,7 +89,10 @@ SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, ep
             "features, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RECIPE),
             "features+pos, non-private": dict(private=False, **FEATURE_POS_RECIPE),
             "features+pos, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_POS_RECIPE),
-            "features+pos, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_POS_RECIPE)}
+            "features+pos, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_POS_RECIPE),
+            "features+lh, non-private": dict(private=False, **FEATURE_LH_RECIPE),
+            "features+lh, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_LH_RECIPE),
+            "features+lh, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_LH_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -241,7 +248,8 @@ def report(payload: dict) -> str:
             f = FEATURE_RECIPE
             lines += ["", f"'features' rows: the fixed filter bank (46 channels) + a linear head + a 3×3 convolution of the logits "
                       f"(132 trained parameters; Tramèr & Boneh 2021); 'features+pos' adds the bin × position products (114 "
-                      f"channels, 268 parameters). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"channels, 268 parameters); 'features+lh' adds local soft histograms to 'features+pos' (148 channels, 336 "
+                      f"parameters). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
                       f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:

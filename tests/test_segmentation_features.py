@@ -27,8 +27,9 @@ def _patients(seed: int, counts, size: int = 16):
     return random_patients(seed, counts, size)
 
 
-def _tiny(hidden: int, smooth: int = 0):
-    net = feature_segmenter(key=Key(5), image_size=16, hidden=hidden, smooth_kernel=smooth, class_prior=(0.9, 0.1)).double()
+def _tiny(hidden: int, smooth: int = 0, histogram_scales=()):
+    net = feature_segmenter(key=Key(5), image_size=16, hidden=hidden, smooth_kernel=smooth, class_prior=(0.9, 0.1),
+                            histogram_scales=histogram_scales).double()
     model = PackedSegmenter(net)
     _, params, buffers = functionalize(model)
     return model, params, buffers
@@ -91,6 +92,42 @@ def test_soft_bins_and_position_channels():
         FixedFeatures(position=False, position_products=True)
 
 
+def test_local_histograms_equal_a_direct_2d_convolution_oracle_of_the_soft_bins():
+    centres = (0.2, 0.35, 0.5, 0.65, 0.8)
+    plain = FixedFeatures(64, blur_scales=(), edge_scales=(), std_scales=(), bin_scales=(1.0, 2.0), bin_centres=centres)
+    hist = FixedFeatures(64, blur_scales=(), edge_scales=(), std_scales=(), bin_scales=(1.0, 2.0), bin_centres=centres,
+                         histogram_scales=(3.0, 1.5))
+    x = torch.rand(2, 1, 30, 30, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    out = hist(x)
+    assert hist.num_features == out.shape[1] == plain.num_features + 2 * len(centres)
+    torch.testing.assert_close(out[:, :plain.num_features], plain(x), rtol=0, atol=0)  # appended last: the rest unchanged
+
+    def gauss2d(sigma):  # the oracle: one 2-D kernel (outer product), replicate padding, no separability
+        r = math.ceil(3 * sigma)
+        k1 = torch.tensor([math.exp(-t * t / (2 * sigma * sigma)) for t in range(-r, r + 1)], dtype=torch.float64)
+        k1 /= k1.sum()
+        return torch.outer(k1, k1)[None, None], r
+
+    def blur2d(img, sigma):
+        k, r = gauss2d(sigma)
+        return torch.cat([F.conv2d(F.pad(img[:, c:c + 1], (r, r, r, r), mode="replicate"), k) for c in range(img.shape[1])], 1)
+
+    c = torch.tensor(centres, dtype=torch.float64).view(1, -1, 1, 1)
+    bins = torch.exp(-((blur2d(x, 1.0) - c) ** 2) / (2 * 0.15**2))  # the FIRST bin scale's bins, width = the centre gap
+    n = plain.num_features
+    torch.testing.assert_close(out[:, n:n + 5], blur2d(bins, 3.0), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out[:, n + 5:], blur2d(bins, 1.5), rtol=1e-10, atol=1e-12)
+    assert float(out[:, n:].min()) >= 0 and float(out[:, n:].max()) <= 1  # shares of a neighbourhood
+    flat_img = torch.full((1, 1, 30, 30), 0.5, dtype=torch.float64)  # a uniform region: its histogram is its bins
+    torch.testing.assert_close(hist(flat_img)[:, n:n + 5], hist(flat_img)[:, 1:6])
+    with pytest.raises(ValueError, match="FixedFeatures: histogram_scales=.* needs bin_scales"):
+        FixedFeatures(bin_scales=(), histogram_scales=(3.0,))
+    with pytest.raises(ValueError, match="FixedFeatures: histogram_scales must be positive"):
+        FixedFeatures(histogram_scales=(-1.0,))
+    with pytest.raises(ValueError, match="SegmentationConfig: local_histograms applies to model=SegModel.FEATURES"):
+        SegmentationConfig(local_histograms=True)
+
+
 def test_bad_arguments_are_refused_by_name():
     with pytest.raises(ValueError, match="FixedFeatures: blur_scales must be positive"):
         FixedFeatures(blur_scales=(0.0,))
@@ -120,32 +157,40 @@ def test_config_builds_the_feature_model_with_the_prior():
     assert isinstance(_build(SegmentationConfig())[0].net, type(build_model("unet", key=Key(0))))  # default unchanged
     recipe = _build(SegmentationConfig(model="features"))[2]  # the README recipe: bins × position, linear head, 3×3 logit conv
     assert sum(p.numel() for p in recipe.values()) == 114 * 2 + 2 + 2 * 2 * 9 + 2 == 268
+    cfg_lh = SegmentationConfig(model="features", local_histograms=True)  # + local histograms: 148 channels, 336 parameters
+    model, apply_fn, params, buffers = _build(cfg_lh)
+    assert model.image_channels == 148 and sum(p.numel() for p in params.values()) == 148 * 2 + 2 + 2 * 2 * 9 + 2 == 336
+    x = torch.rand(2, 1, 64, 64, generator=torch.Generator().manual_seed(4))
+    full = feature_segmenter(key=Key(0).fold_in(1), class_prior=(0.95, 0.05), smooth_kernel=3, hidden=0, position_products=True,
+                             histogram_scales=(3.0, 6.0))
+    packed = torch.cat([_fixed_features(cfg_lh, x), torch.zeros(2, 2, 64, 64)], 1)
+    torch.testing.assert_close(apply_fn(params, buffers, packed)[0], full(x))
 
 
-@pytest.mark.parametrize("hidden,smooth,clip", [(0, 0, 1e-3), (0, 3, 1e3), (4, 0, 1e-3)])
-def test_fast_engine_equals_vmap_oracle_on_the_feature_model(hidden, smooth, clip):
-    model, params, buffers = _tiny(hidden, smooth)
+@pytest.mark.parametrize("hidden,smooth,clip,hist", [(0, 0, 1e-3, ()), (0, 3, 1e3, ()), (4, 0, 1e-3, ()), (0, 3, 1e-3, (3.0, 6.0))])
+def test_fast_engine_equals_vmap_oracle_on_the_feature_model(hidden, smooth, clip, hist):
+    model, params, buffers = _tiny(hidden, smooth, hist)
     assert_fast_engine_equals_vmap(model, params, buffers, _patients(1, [1, 3, 5, 2]), clip,
                                    mask=torch.tensor([True, False, True, True]))
 
 
-_LINEAR = _tiny(0)
+_LINEAR = {False: _tiny(0), True: _tiny(0, 3, (3.0, 6.0))}  # plain bank / + local histograms and the 3×3 logit conv
 _ENGINES: dict = {}
 
 
 @settings(max_examples=10)
 @given(seed=st.integers(0, 2**32 - 1), counts=st.lists(st.integers(1, 6), min_size=2, max_size=4),
-       k=st.sampled_from([1, 3, 8]), clip=st.sampled_from([1e-3, 0.05, 10.0]), drop=st.integers(0, 3))
-def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(seed, counts, k, clip, drop):
-    """The patient-level sensitivity bound holds unchanged for the feature model: one patient's
-    contribution (all of their slices, k = 8 >= every count) has norm <= C, and removing them moves the
-    clipped sum by exactly that contribution."""
-    model, params, buffers = _LINEAR
+       k=st.sampled_from([1, 3, 8]), clip=st.sampled_from([1e-3, 0.05, 10.0]), drop=st.integers(0, 3), hist=st.booleans())
+def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(seed, counts, k, clip, drop, hist):
+    """The patient-level sensitivity bound holds unchanged for the feature model (with and without the local
+    histograms): one patient's contribution (all of their slices, k = 8 >= every count) has norm <= C, and
+    removing them moves the clipped sum by exactly that contribution."""
+    model, params, buffers = _LINEAR[hist]
     patients = _patients(seed, counts)
     drop %= len(counts)
-    if (clip, k) not in _ENGINES:
-        _ENGINES[clip, k] = segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=k)
-    engine = _ENGINES[clip, k]
+    if (clip, k, hist) not in _ENGINES:
+        _ENGINES[clip, k, hist] = segmentation_engine(model, FlatClipping(clip), unit="patient", slices_per_patient=k)
+    engine = _ENGINES[clip, k, hist]
     x = patient_batch(patients, range(len(counts)), k, Key(seed))
     keep = torch.ones(len(counts), dtype=torch.bool)
     keep[drop] = False
@@ -156,16 +201,18 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(s
     torch.testing.assert_close(diff, flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
 
 
-def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path):
+@pytest.mark.parametrize("local_histograms", [False, True])
+def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path, local_histograms):
     pytest.importorskip("nibabel", reason="the phantom path writes NIfTI: pip install 'dpfunc[segmentation]'")
     from dpfunc.segmentation import evaluate_segmentation_run, make_phantoms, train_segmentation
 
     data = make_phantoms(tmp_path / "liver", patients=6, seed=3, size=32, slices=6, progress=False)
     cfg = SegmentationConfig(model="features", head_hidden=0, head_smooth=3, accountant="rdp", image_size=32, batch_size=4,
-                             slices_per_patient=2, epochs=2, learning_rate=0.02, epsilon=8.0)
+                             slices_per_patient=2, epochs=2, learning_rate=0.02, epsilon=8.0, local_histograms=local_histograms)
     run = tmp_path / "run"
     result = train_segmentation(cfg, data_dir=data, run_dir=run, progress=False, log=lambda s: None, bootstrap_resamples=20)
-    assert result.config["model"] == "features" and 0 <= result.test["dice"] <= 1 and result.epsilon <= 8.0 + 1e-9
+    assert result.config["model"] == "features" and result.config["local_histograms"] is local_histograms
+    assert 0 <= result.test["dice"] <= 1 and result.epsilon <= 8.0 + 1e-9
     assert (run / "overlays.png").exists()
     again = evaluate_segmentation_run(run, bootstrap_resamples=20)  # the loader recomputes the same fixed features
     assert again.test["dice"] == pytest.approx(result.test["dice"], abs=1e-12)

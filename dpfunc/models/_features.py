@@ -20,7 +20,12 @@ scales ``s`` (in pixels of a 64² slice, scaled with the image side), they are, 
   LINEAR head pick an intensity band (organ vs the tissue around it) without learning thresholds;
 * the row and column position in ``[−1, 1]`` (``position=True``; CoordConv, Liu et al. 2018);
 * with ``position_products=True`` also every soft bin times the row and times the column position, so a
-  linear head can ask for "this intensity band AND this side of the image" (a fixed second-order expansion).
+  linear head can ask for "this intensity band AND this side of the image" (a fixed second-order expansion);
+* for ``s`` in ``histogram_scales`` (last): the soft bins of the FIRST bin scale, each blurred at ``s`` —
+  a local soft histogram (Koenderink & van Doorn 1999, "locally orderless images"): the Gaussian-weighted
+  share of the neighbourhood whose intensity lies in band ``k``. A region feature a linear head cannot build
+  from the others (a blur of a nonlinear function): "most of the surrounding ``s`` pixels are liver-bright"
+  separates a large organ from a small structure of the same intensity and from noise.
 
 The head is a per-pixel MLP (``1×1`` convolutions: features → ``hidden`` → ReLU → classes, or a linear
 ``1×1`` map when ``hidden = 0``) followed by an optional ``k×k`` convolution of the logits
@@ -30,6 +35,7 @@ References:
     F. Tramèr, D. Boneh, "Differentially Private Learning Needs Better Features (or Much More Data)",
     ICLR 2021. T. Lindeberg, "Feature detection with automatic scale selection", IJCV 1998. R. Liu et al.,
     "An intriguing failing of convolutional neural networks and the CoordConv solution", NeurIPS 2018.
+    J. J. Koenderink, A. J. van Doorn, "The structure of locally orderless images", IJCV 1999.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ class FixedFeatures(nn.Module):
             (the first gap) is also the bin width.
         position: append the row and column position channels.
         position_products: append every soft bin × row and × column position (needs ``position``).
+        histogram_scales: Gaussian σ (pixels at 64²) of the local soft histograms (last channels; needs
+            ``bin_scales``): ``len(bin_centres)`` channels per scale. Empty (the default) adds none.
 
     Example:
         >>> f = FixedFeatures()
@@ -81,12 +89,12 @@ class FixedFeatures(nn.Module):
     def __init__(self, image_size: int = 64, *, blur_scales: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
                  edge_scales: Sequence[float] = (1.0, 2.0, 4.0), std_scales: Sequence[float] = (2.0, 4.0),
                  bin_scales: Sequence[float] = (1.0, 2.0), bin_centres: Sequence[float] = DEFAULT_BIN_CENTRES,
-                 position: bool = True, position_products: bool = False):
+                 position: bool = True, position_products: bool = False, histogram_scales: Sequence[float] = ()):
         super().__init__()
         fn = "FixedFeatures"
         check_int_range(fn, "image_size", image_size, low=8)
         for name, scales in (("blur_scales", blur_scales), ("edge_scales", edge_scales), ("std_scales", std_scales),
-                             ("bin_scales", bin_scales)):
+                             ("bin_scales", bin_scales), ("histogram_scales", histogram_scales)):
             if any(not (isinstance(s, (int, float)) and math.isfinite(s) and s > 0) for s in scales):
                 raise ValueError(f"{fn}: {name} must be positive finite Gaussian σ values, got {tuple(scales)!r}")
         centres = [float(c) for c in bin_centres]
@@ -94,17 +102,21 @@ class FixedFeatures(nn.Module):
             raise ValueError(f"{fn}: bin_centres must be >= 2 increasing values when bin_scales is given, got {tuple(bin_centres)!r}")
         if position_products and not position:
             raise ValueError(f"{fn}: position_products=True needs position=True")
+        if histogram_scales and not bin_scales:
+            raise ValueError(f"{fn}: histogram_scales={tuple(histogram_scales)!r} needs bin_scales (it blurs their soft bins)")
         factor = image_size / 64
         self.blur_scales, self.edge_scales = tuple(blur_scales), tuple(edge_scales)
         self.std_scales, self.bin_scales = tuple(std_scales), tuple(bin_scales)
+        self.histogram_scales = tuple(histogram_scales)
         self.position, self.position_products = bool(position), bool(position_products)
         self._factor = factor
-        self._kernels = {s: _gaussian_kernel(s * factor) for s in {*self.blur_scales, *self.edge_scales, *self.std_scales, *self.bin_scales}}
+        self._kernels = {s: _gaussian_kernel(s * factor) for s in {*self.blur_scales, *self.edge_scales, *self.std_scales, *self.bin_scales,
+                                                                  *self.histogram_scales}}
         self.bin_centres = tuple(centres)
         self.bin_width = centres[1] - centres[0] if len(centres) > 1 else 1.0
         self.num_features = (1 + len(self.blur_scales) + len(self.edge_scales) + len(self.std_scales)
                              + len(self.bin_scales) * len(centres) * (3 if self.position_products else 1)
-                             + (2 if self.position else 0))
+                             + (2 if self.position else 0) + len(self.histogram_scales) * len(centres))
 
     def _blur(self, x: torch.Tensor, s: float) -> torch.Tensor:
         """Separable Gaussian blur with replicate padding (the image's edge continues outwards)."""
@@ -139,6 +151,7 @@ class FixedFeatures(nn.Module):
             out += [rows, cols]
             if self.position_products:
                 out += [b * rows for b in bins] + [b * cols for b in bins]
+        out += [self._blur(bins[0], s) for s in self.histogram_scales]  # local soft histograms
         return torch.cat(out, dim=1)
 
 

@@ -51,6 +51,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                    help="--model features: side of a final convolution of the logits (0 = none; odd)")
     p.add_argument("--position-products", action=argparse.BooleanOptionalAction, default=True,
                    help="--model features: also intensity bins × row / column position features (the README's recipe)")
+    p.add_argument("--local-histograms", action="store_true",
+                   help="--model features: also local soft histograms (intensity bins blurred at σ 3 and 6 px; "
+                        "the README's best recipe)")
     p.add_argument("--width", type=_int_at_least("--width", 1), default=4, help="U-Net channels at full resolution")
     p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
@@ -96,7 +99,7 @@ def _config(args: argparse.Namespace):
         accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
         pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, lr_schedule=args.lr_schedule,
         largest_component=args.largest_component, model=args.model, head_hidden=args.head_hidden,
-        head_smooth=args.head_smooth, position_products=args.position_products)
+        head_smooth=args.head_smooth, position_products=args.position_products, local_histograms=args.local_histograms)
 
 
 def _print(result) -> None:
