@@ -319,6 +319,9 @@ def test_delta_far_below_the_mean_loss_keeps_a_bounded_window():
        log_d=st.floats(-10.0, -3.0))
 @example(sigma=0.842, log_q=math.log10(1.49e-4), log_t=math.log10(11852), log_d=math.log10(6.2e-10))  # was 1.0205
 @example(sigma=0.921, log_q=math.log10(1.37e-4), log_t=math.log10(892), log_d=math.log10(1.1e-9))  # was 1.0031
+# on the 5 % refinement edge (ε refined its grid, delta() did not): was 1.0049; found by the wider search below
+@example(sigma=4.132321214841108, log_q=math.log10(5.8105902265393035e-05), log_t=math.log10(11),
+         log_d=math.log10(6.329959389635104e-12))
 def test_delta_of_epsilon_is_at_most_delta(sigma, log_q, log_t, log_d):
     """The default delta() inverts the default epsilon(): δ(ε(δ)) ≤ δ·(1 + 1e-3), and is positive wherever ε is.
 
