@@ -741,11 +741,13 @@ def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
     if ctx.is_dealer:
         return torch.zeros(bit.shape, dtype=torch.int64)
     flat = (bit.to(torch.uint8) ^ r_xor).reshape(-1)
-    c = (flat ^ ctx.exchange(flat)).to(torch.int64).view(bit.shape)
-    out = r_add - 2 * c * r_add
+    c = (flat.numpy() ^ ctx.exchange(flat).numpy()).astype(np.int64)
+    # (1 − 2c)·r (+ c on party 0), branch-free: with m = −c, (1 − 2c)·r = (r ^ m) − m = (r ^ m) + c
+    out = np.bitwise_xor(_np(r_add.reshape(-1)), np.negative(c))
+    out += c
     if local_rank(ctx) == 0:
-        out = out + c
-    return out
+        out += c
+    return torch.from_numpy(out).view(bit.shape)
 
 
 COMPARISON_SLICE = 1 << 20
@@ -789,13 +791,17 @@ def mul_bit(ctx: Context, x: torch.Tensor, bit: torch.Tensor) -> torch.Tensor:
         torch.bitwise_xor(bf[i:j], r_xor, out=bytes_[i:j])
     other = ctx.exchange(flat)
     e = np.add(_np(words), _np(other[: 8 * n].view(torch.int64)))
-    c = torch.from_numpy((bytes_.numpy() ^ other[8 * n :].numpy()).view(np.bool_))  # public c ∈ {0, 1}
+    cm = np.negative((bytes_.numpy() ^ other[8 * n :].numpy()).astype(np.int64))  # −c for the public c ∈ {0, 1}
     out = torch.empty(n, dtype=torch.int64)
     for (i, j), (_, _, r_add, ar) in zip(cuts, mats):
         t = np.multiply(e[i:j], _np(r_add))
         t += _np(ar)  # this party's share of x·r
-        # c·x + (1 − 2c)·x·r: x − x·r where c = 1, x·r where c = 0 (c public)
-        torch.where(c[i:j], torch.from_numpy(np.subtract(_np(xf[i:j]), t)), torch.from_numpy(t), out=out[i:j])
+        # c·x + (1 − 2c)·x·r = t + ((x − 2t) & m) with m = −c (all ones where c = 1): branch-free
+        # (a select on the random c costs ~4.5 ns an element here, these bit ops ~0.5)
+        d = np.subtract(_np(xf[i:j]), t)
+        d -= t
+        d &= cm[i:j]
+        np.add(d, t, out=out[i:j].numpy())
     return out.view(x.shape)
 
 
