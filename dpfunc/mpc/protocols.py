@@ -269,6 +269,12 @@ def beaver(ctx: Context, x: torch.Tensor, y: torch.Tensor, op: Bilinear, params:
     e, f = open_masked(ctx, [(x, a), (y, b)])
     if op is Bilinear.MUL and x.shape == y.shape:
         return _beaver_mul_local(ctx.rank, a, b, c, e, f)
+    if op is Bilinear.MUL:  # broadcasting (GroupNorm's x·rsqrt per channel): numpy int64, same values
+        bn = np.add(_np(b), _np(f)) if ctx.rank == 0 else _np(b)
+        out = np.multiply(_np(e), bn)
+        out += np.multiply(_np(a), _np(f))
+        out += _np(c)
+        return torch.from_numpy(out)
     if ctx.rank == 0:
         b = b + f
     out = apply_bilinear(op, e, b, params)
@@ -482,11 +488,13 @@ def square(ctx: Context, x: torch.Tensor) -> torch.Tensor:
     if ctx.is_dealer:
         return torch.zeros_like(x)
     (e,) = open_masked(ctx, [(x, a)])
-    z = torch.mul(e, 2 * a)
+    en = _np(e)
+    z = np.multiply(en, _np(a))
+    z += z  # 2·e·a
     if local_rank(ctx) == 0:
-        z.addcmul_(e, e)
-    z.add_(c)
-    return truncate(ctx, z)
+        z += np.multiply(en, en)
+    z += _np(c)
+    return truncate(ctx, torch.from_numpy(z))
 
 
 def matmul(ctx: Context, x: torch.Tensor, y: torch.Tensor | MaskedOperand) -> torch.Tensor:
