@@ -278,12 +278,24 @@ def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
             b = b.reshape(-1)[req.params[0] : req.params[1]]
         if tuple(b.shape) != tuple(req.shape_y):
             raise ValueError(f"deal: mask {req.mask_id} has shape {tuple(b.shape)}, the request {req.shape_y}")
-        s1.append(apply_bilinear(req.op, s0[0] + s1[0], b, req.params).sub_(s0[1]))
+        if req.op is Bilinear.MUL:  # numpy int64 (2–4× faster than torch's here; the same ring values)
+            c = np.add(s0[0].numpy(), s1[0].numpy())
+            c *= b.numpy()
+            c -= s0[1].numpy()
+            s1.append(torch.from_numpy(c))
+        else:
+            s1.append(apply_bilinear(req.op, s0[0] + s1[0], b, req.params).sub_(s0[1]))
+    elif kind is Kind.TRIPLE and req.op is Bilinear.MUL:
+        c = np.multiply(np.add(s0[0].numpy(), s1[0].numpy()), np.add(s0[1].numpy(), s1[1].numpy()))
+        c -= s0[2].numpy()
+        s1.append(torch.from_numpy(c))
     elif kind is Kind.TRIPLE:
         s1.append(apply_bilinear(req.op, s0[0] + s1[0], s0[1] + s1[1], req.params).sub_(s0[2]))
     elif kind is Kind.SQUARE:
-        a = s0[0] + s1[0]
-        s1.append(a.mul_(a).sub_(s0[1]))
+        a = np.add(s0[0].numpy(), s1[0].numpy())
+        a *= a
+        a -= s0[1].numpy()
+        s1.append(torch.from_numpy(a))
     elif kind is Kind.AND:
         s1.append(((s0[0] ^ s1[0]) & (s0[1] ^ s1[1])) ^ s0[2])
     elif kind is Kind.AND2:
@@ -294,11 +306,15 @@ def _deal_seeded(req: Request, ks0: Keystream, ks1: Keystream,
         # party 0's mask A, party 1's mask B, XOR shares of A & B (see protocols.cross_and)
         s1.append((s0[0] & s1[0]) ^ s0[1])
     elif kind is Kind.BIT_MUL:  # (r XOR-shared, a; additive shares of r and of a·r)
-        r = (s0[0] ^ s1[0]).to(torch.int64)
-        s1.append(r - s0[2])
-        s1.append((s0[1] + s1[1]).mul_(r).sub_(s0[3]))
+        r = (s0[0].numpy() ^ s1[0].numpy()).astype(np.int64)
+        s1.append(torch.from_numpy(np.subtract(r, s0[2].numpy())))
+        ar = np.add(s0[1].numpy(), s1[1].numpy())
+        ar *= r
+        ar -= s0[3].numpy()
+        s1.append(torch.from_numpy(ar))
     else:  # BIT: r = r0 ^ r1 as XOR shares, and additive shares (m0, r − m0)
-        s1.append((s0[0] ^ s1[0]).to(torch.int64).sub_(s0[1]))
+        r = (s0[0].numpy() ^ s1[0].numpy()).astype(np.int64)
+        s1.append(torch.from_numpy(np.subtract(r, s0[1].numpy())))
     return s0, s1
 
 
