@@ -92,7 +92,8 @@ Formal guarantees:
 Edge cases: σ = 0 → ε = ∞ (conservative: the true ε is ∞ only for δ < 1 - (1-q)^T); σ = ∞ → no loss;
 q = 1 → the plain Gaussian, symmetric, one direction (also inside a ledger that mixes q = 1 and q < 1
 phases). Never raises on large ε or many steps: the grid is coarsened so that the composed window stays
-below ~2^20 points (2^18 for the default grid's automatic refinements; still a valid upper bound).
+below ~2^20 points (~2^18 for the default grid's automatic refinements, see ``_choose_h``; still a valid
+upper bound).
 
 References:
     A. Koskela, J. Jälkö, A. Honkela. Computing tight DP guarantees using FFT, AISTATS 2020.
@@ -120,7 +121,7 @@ DEFAULT_VALUE_DISCRETIZATION_INTERVAL = 1e-4
 _TAIL_Z = 10.0  # per-step grid covers ±10 standard deviations (tails ~ 1e-23, pessimistically placed)
 _TAIL_MASS = 1e-15  # relative *tilted* mass cut from each side after every product (charged, see above)
 _MAX_WINDOW = 2**20
-_MAX_REFINED_WINDOW = 2**18  # the default grid's automatic refinements stop here (time: ~0.1-0.5 s a composition)
+_MAX_REFINED_WINDOW = 2**18  # the default grid's automatic refinements stop near here (see _choose_h)
 _MIN_WINDOW = 2**14
 _MAX_STEP_POINTS = 2**22
 _EPS64 = float(np.finfo(float).eps)
@@ -418,22 +419,30 @@ def _step_range(sigma: float, q: float) -> float:
     return mix(1 + _TAIL_Z * sigma) - math.log1p(-q)  # (the add range, mix(zσ) - log(1-q), is smaller)
 
 
-def _choose_h(triples: tuple, h: float, refine: bool = False, max_window: int = _MAX_WINDOW) -> float:
-    """The grid step: ``h``, coarsened so the composed window stays ≤ ``max_window`` points (2^20; 2^18 for
-    the default grid's automatic refinements, see :func:`_refining`), or (``refine``, the default grid only)
-    refined up to 100× when the window would have fewer than 2^14 points. The window is estimated as ±12
-    CLT standard deviations plus two steps' loss ranges (:func:`_step_range`)."""
-    var, step_range = 0.0, 0.0
+def _choose_h(triples: tuple, h: float, refine: bool = False, refined: bool = False) -> float:
+    """The grid step: ``h``, coarsened so the composed window stays ≤ 2^20 points, or (``refine``, the
+    default grid only) refined up to 100× when the window would have fewer than 2^14 points. The window is
+    estimated as ±12 CLT standard deviations plus two steps' loss ranges (:func:`_step_range`).
+
+    ``refined`` (the default grid's automatic refinements, :func:`_refining`): coarsened to 2^18 points of
+    that window, or to the step the earlier estimate allowed (2^20 points of the window with the q = 1 range
+    for every step, never smaller than the real one), whichever is finer — so a refinement is never coarser
+    than before the real ranges were used, and costs at most what it cost then or a 2^18-point window."""
+    var, step_range, q1_range = 0.0, 0.0, 0.0
     for sigma, q, count in triples:
         this_range = _step_range(sigma, q)
         e = math.exp(min(1.0 / sigma**2, 700.0))
         step_var = q * q * (e - 1.0) if q < 1 else 1 / sigma**2  # CLT variance of one step's loss
         var += count * min(step_var, this_range**2)
         step_range = max(step_range, this_range)
+        q1_range = max(q1_range, (1 + 2 * _TAIL_Z * sigma) / (2 * sigma**2) + _TAIL_Z / sigma)
     window = 2 * 12 * math.sqrt(var) + 2 * step_range
     if refine and window / h < _MIN_WINDOW:  # tiny per-step losses: a finer grid is cheap and much tighter
         h = max(h / 100, window / _MIN_WINDOW)
-    return max(h, window / max_window, step_range / _MAX_STEP_POINTS)
+    floor = window / _MAX_WINDOW
+    if refined:
+        floor = max(floor, min(window / _MAX_REFINED_WINDOW, (2 * 12 * math.sqrt(var) + 2 * q1_range) / _MAX_WINDOW))
+    return max(h, floor, step_range / _MAX_STEP_POINTS)
 
 
 _LAMBDAS = np.geomspace(2.0**-10, 2.0**20, 164)  # candidate tilts (ratio ~1.14 between neighbours)
@@ -671,8 +680,7 @@ def _prepare(atoms: tuple, neighboring: Neighboring, value_discretization_interv
     h0 = DEFAULT_VALUE_DISCRETIZATION_INTERVAL if value_discretization_interval is None else value_discretization_interval
     if isinstance(h0, bool) or not (isinstance(h0, (int, float)) and 0 < h0 <= 1):
         raise ValueError(f"pld: value_discretization_interval must be a number in (0, 1], got {h0!r}")
-    max_window = _MAX_REFINED_WINDOW if refined else _MAX_WINDOW
-    h = _choose_h(triples, float(h0), value_discretization_interval is None, max_window) if triples else float(h0)
+    h = _choose_h(triples, float(h0), value_discretization_interval is None, refined) if triples else float(h0)
     return triples, h, sum(c for _, _, c in triples)
 
 
