@@ -213,6 +213,38 @@ def test_conv_pixel_gram_ghost_norm(conv, data, seed):
         fast_layers.PIXEL_GRAM = before
 
 
+@pytest.mark.parametrize("path", ["grouped", "unfold_channels_last", "unfold_channels_first", "pixel_gram", "unfolded_ghost"])
+@pytest.mark.parametrize("channels", [(4, 7), (7, 4)])  # the clipped-sum GEMM scales x (C_in < C_out) or g
+@settings(max_examples=3)
+@given(seed=seeds, chunked=st.booleans())
+def test_conv_every_kernel_path_with_bias_in_one_or_several_chunks(path, channels, seed, chunked):
+    """Each way the conv rule computes norms and clipped sums equals the vmap oracle with a bias, in one batch
+    chunk or one example per chunk: the grouped kernel (its per-example bias gradients come from the same call,
+    gathered chunk by chunk), unfold + bmm (kept gradients written chunk by chunk into one buffer), the
+    pixel-Gram and unfolded ghost norms (clipped sum as a weight-gradient GEMM on the smaller scaled operand)."""
+    from dpfunc.bridge.fast.rules import _common
+
+    c_in, c_out = channels  # d_in·K = 36 or 63 >= 32: the grouped kernel is allowed
+    layer = reinit(nn.Conv2d(c_in, c_out, 3, padding=1, bias=True), seed)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((5, c_in, 6, 6), generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        y = _targets(layer(x).shape, seed)
+    knobs = (fast_layers.GROUPED_MIN_POSITIONS, fast_layers.PIXEL_GRAM, fast_layers.CHANNELS_LAST_UNFOLD,
+             fast_layers.WORKING_SET_ELEMENTS, _common._CHUNK_ELEMENTS)
+    fast_layers.GROUPED_MIN_POSITIONS = 0 if path == "grouped" else 10**9
+    fast_layers.CHANNELS_LAST_UNFOLD = {"unfold_channels_last": True, "unfold_channels_first": False}.get(path)
+    fast_layers.PIXEL_GRAM = {"pixel_gram": True, "unfolded_ghost": False}.get(path)
+    if chunked:
+        fast_layers.WORKING_SET_ELEMENTS = _common._CHUNK_ELEMENTS = 1
+    try:
+        ghost = path in ("pixel_gram", "unfolded_ghost")
+        assert_matches_oracle(layer, (x, y), FlatClipping(0.05), ghost_norm=ghost)
+    finally:
+        (fast_layers.GROUPED_MIN_POSITIONS, fast_layers.PIXEL_GRAM, fast_layers.CHANNELS_LAST_UNFOLD,
+         fast_layers.WORKING_SET_ELEMENTS, _common._CHUNK_ELEMENTS) = knobs
+
+
 def test_conv_norm_plan_is_shape_only_and_picks_pixel_gram_on_small_maps():
     """The cost model sees shapes only; on the CNN's layers it picks instantiation for the 28×28 and 14×14
     layers and the pixel-Gram ghost norm for the 7×7, 32 → 64 layer (3×3 kernels, padding 1)."""
