@@ -30,7 +30,10 @@ Usage::
     python bench/mpc.py --quick               # SmallCNN only, batch 1
     python bench/mpc.py --run-dir runs/cnn-eps3.0-seed0   # trained weights for the SmallCNN rows
     python bench/mpc.py --threads 1 --processes cnn:64:1:16,cnn:64:32:2,resnet18:64:1:4
-        # the real deployment: three OS processes over gloo, wall time per image (mpc_processes.json)
+        # the real deployment: three OS processes (gloo rendezvous and dealer stream, the parties'
+        # messages over TCP), wall time per image (mpc_processes.json)
+    python bench/mpc.py --threads 1 --processes cnn:64:1:16 --party-link tcp,gloo --repeats 2
+        # the parties' link over TCP and over gloo, interleaved (A/B on a loaded machine)
 
 Writes ``bench/results/mpc.json`` (rows saved as they finish) and prints a table.
 """
@@ -111,7 +114,8 @@ def measure(name: str, model: torch.nn.Module, size: int, batch: int, seed: int 
 
 def measure_processes(name: str, size: int, batch: int, batches: int, seed: int = 0, run_dir: str | None = None,
                       threads: int = 1, link: str = "tcp") -> dict:
-    """The real deployment: model owner, data owner and dealer as three OS processes over gloo on
+    """The real deployment: model owner, data owner and dealer as three OS processes (gloo rendezvous
+    and dealer stream; the parties' per-round messages over ``link``: ``"tcp"`` or ``"gloo"``) on
     localhost (:func:`dpfunc.mpc.parties.launch_parties`), ``batches`` batches of ``batch`` images.
 
     ``wall_s_per_image``: the data owner's online time over all batches / images (the three processes
@@ -189,6 +193,9 @@ def main_processes(args) -> int:
                    "rendezvous and dealer stream, the parties' link per row"}
     results = []
     links = args.party_link.split(",")
+    if not links or any(link not in ("tcp", "gloo") for link in links) or args.repeats < 1:
+        raise SystemExit(f"bench/mpc.py: --party-link must be tcp, gloo or tcp,gloo and --repeats >= 1, "
+                         f"got {args.party_link!r} and {args.repeats}")
     for name, size, batch, batches in rows:
         for _ in range(args.repeats):
             for link in links:  # interleaved: A/B on the same (loaded) machine
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=str(OUT), help="JSON file for the rows")
     p.add_argument("--rows", default=None, help="comma list of model:size:batch, e.g. cnn:28:1,resnet18:64:1")
     p.add_argument("--processes", default=None, metavar="ROWS",
-                   help="three real processes over gloo instead of threads: comma list of model:size:batch:batches, "
+                   help="three real processes (gloo, TCP party link) instead of threads: comma list of model:size:batch:batches, "
                         "e.g. cnn:64:1:8,cnn:64:32:2,resnet18:64:1:4 (writes bench/results/mpc_processes.json)")
     p.add_argument("--party-link", default="tcp",
                    help="with --processes: the parties' link, tcp or gloo, or tcp,gloo to run each row with both "
