@@ -9,7 +9,8 @@ on small ones. The unfold copies the input once, from whichever layout gives the
 runs: the input's own (channels first: runs of one output row) or a channels-last copy (runs of
 ``k_w·C_in`` values); on CPU the channels-last one is 3-7× faster for late layers (many channels,
 small maps) and several times slower for a first layer with one input channel. The clipped sum is the
-conv weight-gradient kernel on the scaled ``g`` (same cost as non-private).
+conv weight-gradient kernel with the per-example clip factors applied to the smaller of ``x`` and ``g``
+(same cost as non-private); kept per-example gradients make it a ``(1×B)·(B×D)`` product instead.
 
 References:
     Z. Bu, J. Mao, S. Xu, "Scalable and Efficient Training of Large Convolutional Neural Networks
