@@ -77,6 +77,29 @@ def test_ltz_on_fewer_bits_is_exact_within_its_range(seed, bits):
     assert torch.equal(_run(lambda c, xs: relu(c, xs, bits=bits), x, seed), x.clamp(min=0))
 
 
+@given(seeds, st.sampled_from([8, 16, 32, 64]))
+@settings(max_examples=12)
+def test_numpy_bit_reverse_and_msb_xor_match_the_torch_oracle(seed, bits):
+    """msb_xor's local bit arithmetic runs on unsigned numpy words: the same bits as the torch
+    bit_reverse on the signed words, and the same XOR-shared sign bits on a non-contiguous input of
+    any shape (the dealer's requests and so the material are unchanged: same outputs bit for bit)."""
+    import numpy as np
+
+    from dpfunc.mpc.context import word_dtype
+    from dpfunc.mpc.protocols import _UNSIGNED, _bit_reverse_np, bit_reverse, msb_xor
+
+    w = torch.randint(-(2**62), 2**62, (257,), generator=Key(seed).generator()) * 3 + 1
+    w = torch.cat([w, torch.tensor([0, -1, 2**63 - 1, -(2**63)])])
+    ref = bit_reverse(w.to(word_dtype(bits)), bits)
+    got = _bit_reverse_np(w.numpy().astype(_UNSIGNED[bits]), bits)
+    assert np.array_equal(got.view(ref.numpy().dtype), ref.numpy())
+    half = 2 ** (bits - 1)
+    x = torch.randint(-half, half - 1, (3, 40), generator=Key(seed).generator())
+    signs = _run(lambda c, xs: msb_xor(c, xs.t(), bits), x, seed, record=True).outputs  # a strided (40, 3)
+    assert signs[0].shape == (40, 3) and signs[0].dtype == torch.int64
+    assert torch.equal(signs[0] ^ signs[1], (x.t() < 0).long())
+
+
 def test_ltz_on_fewer_bits_fails_outside_its_range_as_documented():
     from dpfunc.mpc.protocols import ltz
 

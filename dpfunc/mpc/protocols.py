@@ -669,6 +669,25 @@ def bit_reverse(x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     return x
 
 
+_UNSIGNED = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}
+_SIGNED = {8: np.uint8, 16: np.int16, 32: np.int32, 64: np.int64}  # numpy's word_dtype (uint8 up to 8 bits)
+
+
+def _bit_reverse_np(x: np.ndarray, bits: int) -> np.ndarray:
+    """:func:`bit_reverse` in place on an unsigned numpy array of ``bits``-bit words (the same bits:
+    a swap moves bit ``p + d`` to ``p`` only where ``p + d < bits``, so logical and arithmetic right
+    shifts agree); numpy's shifts and XORs on 16/32-bit words run ~2× faster than torch's here."""
+    t = np.empty_like(x)
+    for d, mask in _SWAPS[bits]:
+        np.right_shift(x, d, out=t)
+        t ^= x
+        t &= x.dtype.type(mask)
+        x ^= t
+        t <<= d
+        x ^= t
+    return x
+
+
 COMPARISON_BITS = (8, 16, 32, 64)
 """Word widths :func:`msb_xor` and :func:`ltz` accept."""
 
@@ -698,11 +717,8 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     + 3 + 2 = 37 for 64 bits, 4 + 6 + 3 + 3 + 3 + 2 = 21 for 32 bits (tested; two separate ANDs per
     level sent four words: 46 and 26).
     """
-    from dpfunc.mpc.context import word_dtype
-
     if bits not in COMPARISON_BITS:
         raise ValueError(f"msb_xor: bits must be one of {COMPARISON_BITS}, got {bits!r}")
-    dtype = word_dtype(bits)
     if ctx.is_dealer:  # the same requests, no arithmetic (see the loop below)
         n = x.numel()
         ctx.draw(Request(Kind.CROSS_AND, (n,), params=(bits,)))
@@ -711,33 +727,45 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
             width //= 2
             ctx.draw(Request(Kind.AND2 if width > 1 else Kind.AND, (n,), params=(width,)))
         return torch.zeros(x.shape, dtype=torch.int64)
-    xr = bit_reverse(x.to(dtype), bits)  # the low `bits` bits of this party's share
-    g = cross_and(ctx, xr, bits)
+    # the local bit arithmetic on unsigned numpy words (logical shifts; the same bits as torch's signed
+    # words, which only the protocol calls see, as views): ~2× faster than torch's narrow-int kernels here
+    xr = _bit_reverse_np(_np(x).astype(_UNSIGNED[bits]), bits)  # the low `bits` bits of this party's share
+    word = lambda a, w: torch.from_numpy(a.view(_SIGNED[max(w, 8)]))  # noqa: E731 (the protocols' dtype, no copy)
+    g = _np(cross_and(ctx, word(xr, bits), bits)).view(_UNSIGNED[bits])
     top = bits - 1
-    sign_p = (xr >> top) & 1  # this party's XOR share of P_top (rev(top) = top)
-    not_top = (1 << top) - 1
-    g = g & not_top
-    p = xr & not_top
+    sign_p = xr >> top  # this party's XOR share of P_top (rev(top) = top), 0/1 (logical shift)
+    not_top = xr.dtype.type((1 << top) - 1)
+    g &= not_top
+    p = xr
+    p &= not_top
     if local_rank(ctx) == 0:
-        p = p | ((1 << top) if dtype == torch.uint8 else -(1 << top))  # the neutral (G, P) = (0, 1) at the top
+        p |= xr.dtype.type(1 << top)  # the neutral (G, P) = (0, 1) at the top
     width = bits
     while width > 1:
-        # split each width-bit word into halves, in the current dtype, then narrow to half bits
+        # split each width-bit word into halves, then narrow to half bits
         half = width // 2
-        dt = word_dtype(half)
+        dt = _UNSIGNED[max(half, 8)]
         if half >= 8:  # the cast to the half-width dtype keeps exactly the low `half` bits
-            g_hi, g_lo, p_hi, p_lo = (g >> half).to(dt), g.to(dt), (p >> half).to(dt), p.to(dt)
-        else:
-            mask = (1 << half) - 1
-            g_hi, g_lo = ((g >> half) & mask).to(dt), (g & mask).to(dt)
-            p_hi, p_lo = ((p >> half) & mask).to(dt), (p & mask).to(dt)
+            g_hi, g_lo = np.right_shift(g, half).astype(dt), g.astype(dt)
+            p_hi, p_lo = np.right_shift(p, half).astype(dt), p.astype(dt)
+        else:  # already uint8
+            mask = dt(((1 << half) - 1))
+            g_hi, g_lo = np.right_shift(g, half), g & mask
+            p_hi, p_lo = np.right_shift(p, half), p & mask
+            g_hi &= mask
+            p_hi &= mask
         if half > 1:  # P_hi meets both G_lo and P_lo: one shared-operand AND pair
-            gg, p = and_shared(ctx, p_hi, g_lo, p_lo, bits=half)
+            gg, pp = and_shared(ctx, word(p_hi, half), word(g_lo, half), word(p_lo, half), bits=half)
+            p = _np(pp).view(dt)
         else:
-            (gg,) = and_words(ctx, [p_hi], [g_lo], bits=1)
-        g = g_hi ^ gg
+            (gg,) = and_words(ctx, [word(p_hi, half)], [word(g_lo, half)], bits=1)
+        g = g_hi
+        g ^= _np(gg).view(dt)
         width = half
-    return (sign_p.to(torch.int64) ^ g.to(torch.int64)) & 1
+    out = sign_p.astype(np.int64)
+    out ^= g  # g: one bit, masked by and_words
+    out &= 1
+    return torch.from_numpy(out)
 
 
 def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
