@@ -98,6 +98,10 @@ def test_numpy_bit_reverse_and_msb_xor_match_the_torch_oracle(seed, bits):
     signs = _run(lambda c, xs: msb_xor(c, xs.t(), bits), x, seed, record=True).outputs  # a strided (40, 3)
     assert signs[0].shape == (40, 3) and signs[0].dtype == torch.int64
     assert torch.equal(signs[0] ^ signs[1], (x.t() < 0).long())
+    for k in range(1, 10):  # the packed sub-byte levels pad ⌈k/2⌉, ⌈k/4⌉, ⌈k/8⌉ bytes: every remainder
+        y = torch.randint(-half, half - 1, (k,), generator=Key(seed + k).generator())
+        s0, s1 = _run(lambda c, xs: msb_xor(c, xs, bits), y, seed, record=True).outputs
+        assert torch.equal(s0 ^ s1, (y < 0).long())
 
 
 def test_ltz_on_fewer_bits_fails_outside_its_range_as_documented():
@@ -392,10 +396,11 @@ def test_and_shared_matches_two_ands(seed, bits, n):
     assert torch.equal(a0 ^ a1, (x & y1) & low) and torch.equal(b0 ^ b1, (x & y2) & low)
 
 
-@pytest.mark.parametrize("bits,sent", [(32, 22), (64, 38)])
+@pytest.mark.parametrize("bits,sent", [(32, 16.5), (64, 32.5)])
 def test_comparison_bytes_per_element_as_stated(bits, sent):
-    """ltz = cross AND + shared-operand AND pairs per level + a last AND + B2A: 22 bytes per element
-    and party on 32-bit words, 38 on 64 (26 + 1 and 46 + 1 with two separate ANDs per level)."""
+    """ltz = cross AND + shared-operand AND pairs per level (the 4-, 2- and 1-bit levels packed 2, 4,
+    8 elements a byte) + a last AND + B2A: 16.5 bytes per element and party on 32-bit words, 32.5 on
+    64 (21 + 1 and 37 + 1 with sub-byte words as bytes; 26 + 1 and 46 + 1 with two ANDs per level)."""
     from dpfunc.mpc.protocols import ltz
 
     n = 1000

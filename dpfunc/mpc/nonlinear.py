@@ -20,7 +20,7 @@
   ``v`` + ``degree`` Horner products + 1 for the sign (``mul_bit`` again): with 64-bit comparisons
   7 + 1 + 8 + 1 + 8 + 1 = 26 rounds; with 32-bit comparisons (``bits=32``, what
   :func:`dpfunc.bridge.mpc.encrypted_inference` uses) 6 + 1 + 7 + 1 + 8 + 1 = 24 rounds and
-  ≈ 21 + 9 + 2·22 + 8 + 8·8 + 9 ≈ 155 bytes per element and party. (Before Horner: the powers of ``u`` and a batched coefficient product,
+  ≈ 15.5 + 9 + 2·16.5 + 8 + 8·8 + 9 ≈ 139 bytes per element and party (155 before the sub-byte comparison levels were packed). (Before Horner: the powers of ``u`` and a batched coefficient product,
   ``2·degree − 1`` products in 5 rounds, 470 bytes.)
   ``odd=False`` is the earlier form: ``pieces + 1`` comparisons of ``x`` itself on ``[−L, L]`` (one
   batch, 8 rounds; 5 pieces of degree 7 have the same error with 6 comparisons and 12 rounds).

@@ -711,11 +711,18 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     probability. For fixed point with ``f`` fractional bits: ``|v| < 2^(bits − 1 − f)``, i.e.
     ``|v| < 32768`` for 32 bits and f = 16.
 
+    The sub-byte levels (4, 2 and 1 bits) run **packed**: the lanes of several elements share a byte
+    (2, then 4, then 8 elements; the second half of the elements shifted into the free lanes, see
+    :func:`_pack_lanes`), so their ANDs are ordinary 8-bit ANDs on ``⌈n/2⌉``, ``⌈n/4⌉``, ``⌈n/8⌉``
+    bytes (bitwise ANDs act lane by lane; padding lanes are zeros under uniform masks like the rest).
+
     Bytes sent per element and party: ``bits/8`` (the generates, one cross AND) + three masked words
-    per level (``P_hi`` meets ``G_lo`` and ``P_lo``: one shared-operand pair, :func:`and_shared`;
-    words under 8 bits travel as bytes) + 2 bytes for the last level's single AND: 8 + 12 + 6 + 3 + 3
-    + 3 + 2 = 37 for 64 bits, 4 + 6 + 3 + 3 + 3 + 2 = 21 for 32 bits (tested; two separate ANDs per
-    level sent four words: 46 and 26).
+    per level (``P_hi`` meets ``G_lo`` and ``P_lo``: one shared-operand pair, :func:`and_shared`) —
+    3/2, 3/4 bytes at 4 and 2 bits — + the last level's single AND, 2/8: 8 + 12 + 6 + 3 + 1.5 + 0.75 +
+    0.25 = 31.5 for 64 bits, 4 + 6 + 3 + 1.5 + 0.75 + 0.25 = 15.5 for 32 bits (tested; with the
+    sub-byte words as whole bytes 37 and 21, and with two separate ANDs per level 46 and 26). The
+    dealer's material for the three packed levels: 2.5 + 1.25 + 0.375 bytes per element and party
+    (13 unpacked).
     """
     if bits not in COMPARISON_BITS:
         raise ValueError(f"msb_xor: bits must be one of {COMPARISON_BITS}, got {bits!r}")
@@ -723,9 +730,12 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
         n = x.numel()
         ctx.draw(Request(Kind.CROSS_AND, (n,), params=(bits,)))
         width = bits
-        while width > 1:
+        while width > 8:
             width //= 2
-            ctx.draw(Request(Kind.AND2 if width > 1 else Kind.AND, (n,), params=(width,)))
+            ctx.draw(Request(Kind.AND2, (n,), params=(width,)))
+        for half in (4, 2, 1):  # the packed levels: 8-bit ANDs on ⌈n/2⌉, ⌈n/4⌉, ⌈n/8⌉ bytes
+            n = (n + 1) // 2
+            ctx.draw(Request(Kind.AND2 if half > 1 else Kind.AND, (n,), params=(8,)))
         return torch.zeros(x.shape, dtype=torch.int64)
     # the local bit arithmetic on unsigned numpy words (logical shifts; the same bits as torch's signed
     # words, which only the protocol calls see, as views): ~2× faster than torch's narrow-int kernels here
@@ -741,31 +751,64 @@ def msb_xor(ctx: Context, x: torch.Tensor, bits: int = 64) -> torch.Tensor:
     if local_rank(ctx) == 0:
         p |= xr.dtype.type(1 << top)  # the neutral (G, P) = (0, 1) at the top
     width = bits
-    while width > 1:
-        # split each width-bit word into halves, then narrow to half bits
+    while width > 8:
+        # split each width-bit word into halves, then narrow to half bits (the cast keeps the low bits)
         half = width // 2
-        dt = _UNSIGNED[max(half, 8)]
-        if half >= 8:  # the cast to the half-width dtype keeps exactly the low `half` bits
-            g_hi, g_lo = np.right_shift(g, half).astype(dt), g.astype(dt)
-            p_hi, p_lo = np.right_shift(p, half).astype(dt), p.astype(dt)
-        else:  # already uint8
-            mask = dt(((1 << half) - 1))
-            g_hi, g_lo = np.right_shift(g, half), g & mask
-            p_hi, p_lo = np.right_shift(p, half), p & mask
-            g_hi &= mask
-            p_hi &= mask
-        if half > 1:  # P_hi meets both G_lo and P_lo: one shared-operand AND pair
-            gg, pp = and_shared(ctx, word(p_hi, half), word(g_lo, half), word(p_lo, half), bits=half)
-            p = _np(pp).view(dt)
-        else:
-            (gg,) = and_words(ctx, [word(p_hi, half)], [word(g_lo, half)], bits=1)
+        dt = _UNSIGNED[half]
+        g_hi, g_lo = np.right_shift(g, half).astype(dt), g.astype(dt)
+        p_hi, p_lo = np.right_shift(p, half).astype(dt), p.astype(dt)
+        # P_hi meets both G_lo and P_lo: one shared-operand AND pair
+        gg, pp = and_shared(ctx, word(p_hi, half), word(g_lo, half), word(p_lo, half), bits=half)
+        p = _np(pp).view(dt)
         g = g_hi
         g ^= _np(gg).view(dt)
         width = half
-    out = sign_p.astype(np.int64)
-    out ^= g  # g: one bit, masked by and_words
+    # the sub-byte levels, packed: lanes of 4, 2, 1 bits of 2, 4, 8 elements per byte
+    g, p = g.reshape(-1), p.reshape(-1)
+    sizes = []
+    for half, lanes in ((4, 0x0F), (2, 0x33), (1, 0x55)):
+        sizes.append(g.shape[0])
+        g_hi, g_lo = np.right_shift(g, half), g & lanes
+        g_hi &= lanes
+        p_hi = np.right_shift(p, half)
+        p_hi &= lanes
+        if half > 1:
+            p_lo = p & lanes
+            gg, pp = and_shared(ctx, word(_pack_lanes(p_hi, half), 8), word(_pack_lanes(g_lo, half), 8),
+                                word(_pack_lanes(p_lo, half), 8), bits=8)
+            p = _np(pp)
+        else:
+            (gg,) = and_words(ctx, [word(_pack_lanes(p_hi, half), 8)], [word(_pack_lanes(g_lo, half), 8)], bits=8)
+        g = _pack_lanes(g_hi, half)
+        g ^= _np(gg)
+    # each result bit sits at its lane's lowest bit: unpack 8 → 4 → 2 → 1 elements per byte
+    for (half, low), k in zip(((1, 0x55), (2, 0x11), (4, 0x01)), reversed(sizes)):
+        g = _unpack_lanes(g, half, low, k)
+    out = sign_p.reshape(-1).astype(np.int64)
+    out ^= g
     out &= 1
-    return torch.from_numpy(out)
+    return torch.from_numpy(out).view(x.shape)
+
+
+def _pack_lanes(a: np.ndarray, shift: int) -> np.ndarray:
+    """Two elements' lanes in one byte: ``a[:m] | (a[m:] << shift)`` with ``m = ⌈k/2⌉`` (uint8, the
+    lanes of ``a`` clear at the target positions; an odd ``k`` leaves the last byte's upper lanes 0)."""
+    k = a.shape[0]
+    m = (k + 1) // 2
+    out = a[:m].copy()
+    out[: k - m] |= np.left_shift(a[m:], shift)
+    return out
+
+
+def _unpack_lanes(a: np.ndarray, shift: int, low: int, k: int) -> np.ndarray:
+    """The inverse of :func:`_pack_lanes` for the result bits (at the bits ``low`` of each lane):
+    the first ``k`` of ``a & low`` then ``(a >> shift) & low``."""
+    m = a.shape[0]
+    out = np.empty(2 * m, dtype=np.uint8)
+    np.bitwise_and(a, low, out=out[:m])
+    np.right_shift(a, shift, out=out[m:])
+    out[m:] &= low
+    return out[:k]
 
 
 def b2a_bit(ctx: Context, bit: torch.Tensor) -> torch.Tensor:
