@@ -1,4 +1,4 @@
-"""The speed work on encrypted inference (issue 15): the dealer's ChaCha20 generator, comparisons on
+"""The speed work on encrypted inference (issue 15): the dealer's keystream generator (AES-256-CTR), comparisons on
 fewer bits, the Chebyshev tanh and the compiler's max-pool/activation rewrite — each against a
 plaintext oracle, and the security properties they must keep."""
 

@@ -1,4 +1,4 @@
-"""Each party's 256-bit key (issue 15): drawn from OS entropy in its own process, keying its ChaCha20
+"""Each party's 256-bit key (issue 15): drawn from OS entropy in its own process, keying its AES-256-CTR
 generator directly; a seed only reproduces a run; the key never appears in the command line or in any
 message a party sends."""
 
@@ -51,12 +51,13 @@ def test_stream_key_is_validated_hidden_and_not_pickled():
 
 
 def test_stream_key_keystream_is_uniform_and_keyed_by_the_raw_bytes():
-    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
     k = StreamKey.from_seed(3)
     words = Keystream(k).ring((1 << 15,))
-    # the stream is ChaCha20 with the key's 32 bytes as its key, nothing in between
-    enc = Cipher(algorithms.ChaCha20(k.raw, bytes(16)), mode=None).encryptor()
+    # the stream is AES-256 in counter mode (initial counter block 0) with the key's 32 bytes as its key,
+    # nothing in between
+    enc = Cipher(algorithms.AES(k.raw), modes.CTR(bytes(16))).encryptor()
     assert words.numpy().tobytes() == enc.update(bytes(8 << 15))
     counts = torch.bincount(words.view(torch.uint8).long(), minlength=256).numpy()
     assert chisquare(counts).pvalue > 1e-4

@@ -5,7 +5,7 @@ correlated randomness from its own key; never sees inputs or outputs and receive
 
 * :mod:`~dpfunc.mpc.ring` — encode/decode, sharing, local division (pure functions)
 * :mod:`~dpfunc.mpc.context` — a party's context, channels, dealer material
-* :mod:`~dpfunc.mpc.prg` — ChaCha20 keystreams (uniform words into tensors) and 256-bit party keys
+* :mod:`~dpfunc.mpc.prg` — AES-256-CTR keystreams (uniform words into tensors) and 256-bit party keys
 * :mod:`~dpfunc.mpc.protocols` — Beaver products, truncation, comparison, ReLU, pooling, argmax
 * :mod:`~dpfunc.mpc.nonlinear` — tanh, sigmoid, rsqrt, GroupNorm
 * :mod:`~dpfunc.mpc.simulation` — both parties in one process (threads), for tests and benchmarks

@@ -337,7 +337,7 @@ def deal(req: Request, key: AnyKey, masks: Optional[dict[int, torch.Tensor]] = N
 
     **Seeded shares** (CrypTen's trusted-third-party provider; the "PRG-seeded" dealer of the MPC
     literature): the dealer shares a seed with each party (:func:`party_stream_key`, sent once at
-    the start of the stream), and both expand one ChaCha20 stream ``Keystream(seed)``: each request
+    the start of the stream), and both expand one AES-256-CTR stream ``Keystream(seed)``: each request
     takes the next bytes of it, in request order (the ``i``-th request's tensors are the bytes after
     those of requests ``0 … i−1``; one stream rather than a child key per request spares a BLAKE2b
     and a cipher set-up per request — ~15 µs, ~130 requests per SmallCNN image — and the parts stay
@@ -477,7 +477,7 @@ class DealerSource:
             raise ValueError(f"DealerSource: chunk_bytes must be an int >= 1, got {chunk_bytes!r}")
         self.sink, self.chunk_bytes = sink, chunk_bytes
         self._seeds = (party_stream_key(key, 0), party_stream_key(key, 1))
-        self._streams: Optional[tuple[Keystream, Keystream]] = None  # each party's one ChaCha20 stream
+        self._streams: Optional[tuple[Keystream, Keystream]] = None  # each party's one AES-256-CTR stream
         self.requests = 0
         self.masks: dict[int, torch.Tensor] = {}
         self.pending: list[torch.Tensor] = []  # party 1's corrections not yet sent

@@ -37,7 +37,7 @@ Command line (one per party)::
     python -m dpfunc.mpc.parties --role data-owner  ... --spec spec.json --images x.pt --out out.pt
 
 Each party draws its own 256-bit key from OS entropy in its own process (:func:`party_key`; it keys
-the party's ChaCha20 generator and never leaves the process). ``--seed`` only reproduces a run: a key
+the party's AES-256-CTR generator and never leaves the process). ``--seed`` only reproduces a run: a key
 made from a seed is NOT secret (a party whose seed another knows can have its masks regenerated).
 
 ``spec.json``: ``{"model": "cnn" | "resnet18", "model_kwargs": {...}, "input_shape": [B, C, H, W],
@@ -314,7 +314,7 @@ def party_key(seed: Optional[int] = None) -> StreamKey:
     """A party's 256-bit key: by default 32 bytes of this process's OS entropy; ``seed`` only to
     reproduce a run (:meth:`StreamKey.from_seed` — such a key is NOT secret).
 
-    Every party's randomness (the dealer's correlated material, the owners' shares) is the ChaCha20
+    Every party's randomness (the dealer's correlated material, the owners' shares) is the AES-256-CTR
     keystream of this key (:class:`~dpfunc.mpc.prg.Keystream`), and a party that knows another's key
     can regenerate that party's masks and unmask its input: so by default each party draws its key
     inside its own process, and the key never leaves it (not in the command line, not in a message).

@@ -92,7 +92,7 @@ def local_rank(ctx: Context) -> int:
 def share_from(ctx: Context, owner: int, value: torch.Tensor | None, shape: tuple[int, ...], key) -> torch.Tensor:
     """Secret-share an input held by ``owner`` (one one-way message).
 
-    The owner draws a uniform mask ``r`` from the ChaCha20 keystream of its own ``key`` (a 256-bit
+    The owner draws a uniform mask ``r`` from the AES-256-CTR keystream of its own ``key`` (a 256-bit
     :class:`~dpfunc.mpc.prg.StreamKey` in a deployment, or a :class:`~dpfunc.keys.Key`), keeps
     ``x − r`` and sends ``r``; the other party's share is ``r`` alone — uniform and independent of
     ``x``. ``value`` is the owner's ring tensor (ignored elsewhere); ``shape`` is public.
