@@ -5,7 +5,8 @@ Run: ``python bench/accounting.py``. Prints a table and writes ``bench/results/a
 dp_accounting, δ(ε(δ)) at σ 0.8 / T 1e6 and at σ 0.842 / δ 6.2e-10, delta() at σ 0.5 / T 1e5, tiny δ e^-26), to
 ``bench/results/accounting_quality.json``. ``--discrete``: the subsampled discrete-Gaussian accountant
 against the continuous Gaussian's RDP/PLD and dp_accounting's scalar discrete-Gaussian PLD, to
-``bench/results/accounting_discrete.json``.
+``bench/results/accounting_discrete.json``. ``--roundtrip DRAWS SEED [--wide]``: random search for the worst
+δ(ε(δ))/δ of the defaults (printed only).
 Targets (issue): PLD ε for q=256/60000, σ=1.1, 14062 steps at δ=1e-5 ≤ 1 s; RDP ≤ 20 ms;
 calibration to a target ε with PLD ≤ 10 s. Timings are cold (caches cleared) unless noted.
 
@@ -220,9 +221,40 @@ def discrete_main() -> None:
     print(f"wrote {out}")
 
 
+def roundtrip_search(draws: int, seed: int, wide: bool = False) -> dict:
+    """Random search for the worst ``delta(ledger, epsilon(ledger, δ)) / δ`` of the defaults: σ ~ U(0.5, 5),
+    log10 q ~ U(-4, -0.5) (``wide``: -5), log10 T ~ U(0, 5), log10 δ ~ U(-10, -3) (``wide``: -14) — the ranges
+    of tests/test_accounting_pld_numerics.py::test_delta_of_epsilon_is_at_most_delta (which asserts ≤ 1 + 1e-3)."""
+    import random
+
+    from dpfunc.accounting import PrivacyLedger, delta, epsilon
+
+    rng = random.Random(seed)
+    worst, finite, t0 = (0.0, None), 0, time.perf_counter()
+    for _ in range(draws):
+        sigma, q = rng.uniform(0.5, 5.0), 10 ** rng.uniform(-5.0 if wide else -4.0, -0.5)
+        steps, d = max(1, int(round(10 ** rng.uniform(0.0, 5.0)))), 10 ** rng.uniform(-14.0 if wide else -10.0, -3.0)
+        ledger = PrivacyLedger().step(sigma, q, steps)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eps = epsilon(ledger, d)
+            if not (math.isfinite(eps) and eps > 0):
+                continue
+            finite += 1
+            ratio = delta(ledger, eps) / d
+        if ratio > worst[0]:
+            worst = (ratio, {"sigma": sigma, "q": q, "steps": steps, "delta": d, "epsilon": eps})
+    return {"draws": draws, "seed": seed, "wide": wide, "finite": finite, "worst_ratio": worst[0], "worst_case": worst[1],
+            "seconds": time.perf_counter() - t0}
+
+
 def main() -> None:
     import sys
 
+    if "--roundtrip" in sys.argv[1:]:  # python bench/accounting.py --roundtrip DRAWS SEED [--wide]
+        i = sys.argv.index("--roundtrip")
+        print(roundtrip_search(int(sys.argv[i + 1]), int(sys.argv[i + 2]), "--wide" in sys.argv[1:]))
+        return
     if "--quality" in sys.argv[1:]:  # only the accounting-quality rows (seconds, not minutes)
         quality_main()
         return

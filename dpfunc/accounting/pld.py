@@ -697,7 +697,7 @@ def _prepare(atoms: tuple, neighboring: Neighboring, value_discretization_interv
 # of the coarser grid (the best λ hardly depends on h) with small steps and fewer compositions.
 _RETILT = 1e-2
 _TILT_EVALS = 8  # compositions at most per direction and grid (each a full FFT composition)
-_TILT_EVALS_HINTED = 2  # the same on a refined grid, starting from the coarser grid's best λ
+_TILT_EVALS_HINTED = 4  # the same on a refined grid (the starts, the coarser grid's best λ, then small steps)
 _SEARCH_WIDTH = 3
 _CONSISTENT = 1e-3  # delta() also tries epsilon()'s first tilt where the charge exceeds this fraction of δ
 
@@ -708,48 +708,53 @@ def _search_tilt(triples: tuple, direction: str, h: float, tail_mass: float, sta
 
     ``starts(best) -> [λ, ...]`` gives the first candidates (called with ``None``, then once more with the best
     ``(bound, λ, d)`` so far, e.g. for the Chernoff tilt at the ε found — only where the charge exceeds
-    ``second`` of δ); ``hint`` (the best λ on a coarser
-    grid) is tried first. Stops when the charge is at most ``_RETILT`` of δ, after ``_TILT_EVALS``
+    ``second`` of δ); ``hint`` (the best λ on a coarser grid) is tried after the first starts (it alone is
+    not enough: the coarser grid's δ at ε can be far from this grid's, and so can its best λ — σ 0.922,
+    q 1.34e-5, T 15095, δ 5.8e-10: delta() kept λ 64.5 from h 1e-4 where epsilon() used 118 on 6.4e-6, and
+    δ(ε(δ)) was 1.14·δ). Stops when the charge is at most ``_RETILT`` of δ, after ``_TILT_EVALS``
     compositions, or when the step ratio falls below 1.02. Returns ``(bound, λ, d)`` of the smallest bound
-    found; the first candidate is always computed in full, so a bound is always returned."""
+    found; the starts and the hint are always computed in full, so a bound is always returned."""
     tried: dict = {}
     best = None
     width = [None]
 
-    def run(lam: float) -> None:
+    def run(lam: float, guarded: bool = False) -> None:
+        """Evaluate λ; a ``guarded`` (pattern-search) candidate is abandoned when its window exceeds
+        ``_SEARCH_WIDTH`` × the widest start's (or its round-off blows up, :class:`_TooWide`)."""
         nonlocal best
         lam = float(min(max(lam, _LAMBDAS[0]), _LAMBDAS[-1]))
         key = round(math.log(lam), 6)
         if key in tried:
             return
         tried[key] = None
-        max_len = None if width[0] is None else _SEARCH_WIDTH * width[0]
+        max_len = _SEARCH_WIDTH * width[0] if guarded and width[0] is not None else None
         try:
             d = _composed(triples, direction, h, tail_mass, lam, max_len)
         except _TooWide:
             return
-        if width[0] is None:
-            width[0] = max(len(d.tilted), _MIN_WINDOW)
+        if not guarded:
+            width[0] = max(len(d.tilted), _MIN_WINDOW, width[0] or 0)
         value, frac = evaluate(lam, d)
         if best is None or value < best[0]:
             best = (value, lam, d, frac)
 
-    if hint is not None:  # a refined grid: from the coarser grid's best λ, small steps, down first
+    for lam in starts(None):
+        run(lam)
+    if hint is not None:
         run(hint)
+    if best[3] > second:
+        for lam in starts(best[:3]):
+            run(lam)
+    if hint is not None:  # a refined grid: from the best of these (often the coarser grid's λ), small steps
         ratio, evals, order = 2.0 ** 0.25, _TILT_EVALS_HINTED, (-1, 1)
     else:
-        for lam in starts(None):
-            run(lam)
-        if best[3] > second:
-            for lam in starts(best[:3]):
-                run(lam)
         ratio, evals, order = 2.0, _TILT_EVALS, (1, -1)
     while best[3] > _RETILT and len(tried) < evals and ratio > 1.02:
         before = best
         for lam in (best[1] * ratio ** order[0], best[1] * ratio ** order[1]):
             if len(tried) >= evals:
                 break
-            run(lam)
+            run(lam, guarded=True)
             if best is not before:
                 break
         if best is before:
