@@ -265,6 +265,9 @@ def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
 
 
 def prepare(cfg: FederatedConfig, train_labels: torch.Tensor) -> FederatedSetup:
+    """Everything a federated run fixes before its first round, from the config alone: the keys, each site's
+    training indices (the partition of ``train_labels``) and its :class:`~dpfunc.federated.site.SitePlan`
+    (q, σ, steps per round); with ``cfg.alone`` only that site's (a federation of one)."""
     init_key, select_key, _, sites_key = _keys(cfg)
     indices = site_indices(cfg, train_labels)
     plans = plans_for(cfg, [len(i) for i in indices])
