@@ -39,7 +39,7 @@ from dpfunc.step import EngineOutput, GradEngine
 
 from dpfunc.bridge.functional import module_apply_fn
 from dpfunc.bridge.fast.rules import Call, LayerGrads, Rule, rule_for
-from dpfunc.bridge.fast.rules._common import _apply, _weighted
+from dpfunc.bridge.fast.rules._common import _weighted
 from dpfunc.bridge.fast.rules.attention import AttentionTaps
 
 __all__ = ["fast_engine", "FastPass"]
@@ -284,7 +284,7 @@ class FastPass:
         if layer.rule.tap is not None and isinstance(inp, torch.Tensor):
             tapped = layer.rule.tap(layer.module, inp, output, record, clone, self.anchor)
         if tapped is None:
-            tapped = _apply(_Tap, output, self.anchor, record, clone)
+            tapped = _Tap.apply(output, self.anchor, record, clone)
         if verifying and taps is not None:
             taps.append((layer, tapped))
         return tapped

@@ -67,16 +67,6 @@ def _weighted(c: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     return torch.mm(c.to(pe.dtype).view(1, -1), pe.reshape(pe.shape[0], d)).view(pe.shape[1:])
 
 
-def _apply(fn: type[torch.autograd.Function], *args):
-    """``fn.apply(*args)`` for the engine's taps, without ``autograd.Function.apply``'s Python wrapper when no
-    ``torch.func`` transform is active (every engine forward): the wrapper then only scans the arguments for
-    dead functorch wrappers, which a plain forward cannot hold, at ≈ 10 µs a call. Under a transform: the
-    ordinary ``apply``."""
-    if torch._C._are_functorch_transforms_active():
-        return fn.apply(*args)
-    return super(torch.autograd.Function, fn).apply(*args)
-
-
 def _chunks(b: int, per_example: int, limit: int | None = None) -> list[tuple[int, int]]:
     """Batch ranges whose temporaries (``per_example`` elements each) hold at most ``_CHUNK_ELEMENTS``, or
     ``limit`` when smaller."""

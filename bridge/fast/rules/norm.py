@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _apply, _cat, _chunks, _scale, _sq, _use_ghost, _weighted, register_rule
+from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _cat, _chunks, _scale, _sq, _use_ghost, _weighted, register_rule
 
 __all__ = ["group_norm", "layer_norm", "rms_norm"]
 
@@ -91,8 +91,8 @@ def _group_norm_tap(module, x, output, record, clone, anchor):
     if mean.dtype != x.dtype or (gamma is not None and gamma.dtype != x.dtype):
         return None
     # the original GroupNorm node keeps (x, mean, rstd) itself; detaching `output` leaves it out of the graph
-    return _apply(_FusedGroupNormTap, output.detach(), anchor, x, mean, rstd, None if gamma is None else gamma.detach(),
-                  record, module.num_groups, clone)
+    return _FusedGroupNormTap.apply(output.detach(), anchor, x, mean, rstd, None if gamma is None else gamma.detach(),
+                                    record, module.num_groups, clone)
 
 
 def _group_norm_rule(module, calls, attrs, ghost):
