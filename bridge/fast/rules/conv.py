@@ -249,7 +249,7 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
         channels_last = _channels_last(d_g // math.prod(kernel), kernel, out0, stride)  # one layout for all calls
         # the pixel Gram and the unfold run in batch chunks of WORKING_SET_ELEMENTS: their temporaries are reused
         # from chunk to chunk instead of being memory the size of the batch
-        chunks = _chunks(b, per_ex, None if grouped else WORKING_SET_ELEMENTS)
+        chunks = _chunks(b, per_ex, None if grouped else WORKING_SET_ELEMENTS, weight.device)
         # kept per-example gradients: written chunk by chunk into one (B, ...) buffer (one chunk: its own result)
         pe_w = None
         if not use_ghost and not grouped:  # per example (G, p_g, d_g), columns (*K, C_g); or (G, d_g, p_g), channels first

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _cat, _chunks, _scale, _sq, _use_ghost, _weighted, register_rule
+from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _cat, _chunks, _scale, _sq, register_rule
 
 __all__ = ["embedding"]
 
@@ -36,7 +33,7 @@ def embedding(module: nn.Embedding, calls: Sequence[Call], attrs: frozenset, gho
         sq = _sq(g)
     elif ghost or (ghost is None and t <= 256):
         sq = g.new_empty(b)
-        for lo, hi in _chunks(b, 2 * t * t):
+        for lo, hi in _chunks(b, 2 * t * t, device=g.device):
             gram = torch.bmm(g[lo:hi], g[lo:hi].transpose(1, 2))
             same = idx[lo:hi].unsqueeze(2) == idx[lo:hi].unsqueeze(1)
             sq[lo:hi] = torch.where(same, gram, 0).sum((1, 2))

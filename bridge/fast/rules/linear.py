@@ -23,12 +23,9 @@ References:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _cat, _chunks, _scale, _sq, _use_ghost, _weighted, register_rule
@@ -82,7 +79,7 @@ def _ghost_sq(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``‖Σ_t g_t a_tᵀ‖²_F = Σ_{t,s} (a_t·a_s)(g_t·g_s)`` for ``a (B, T, d_in)``, ``g (B, T, d_out)``."""
     b, t = a.shape[:2]
     out = a.new_empty(b)
-    for lo, hi in _chunks(b, 2 * t * t):
+    for lo, hi in _chunks(b, 2 * t * t, device=a.device):
         ga = torch.bmm(a[lo:hi], a[lo:hi].transpose(1, 2))
         gg = torch.bmm(g[lo:hi], g[lo:hi].transpose(1, 2))
         out[lo:hi] = (ga * gg).sum((1, 2))
@@ -98,7 +95,7 @@ def _instantiate(gt: torch.Tensor, a: torch.Tensor) -> torch.Tensor | tuple[torc
     if d_out * d_in <= t * (d_in + d_out):
         return torch.bmm(gt, a)
     sq = a.new_empty(b)
-    for lo, hi in _chunks(b, d_out * d_in):
+    for lo, hi in _chunks(b, d_out * d_in, device=a.device):
         sq[lo:hi] = _sq(torch.bmm(gt[lo:hi], a[lo:hi]))
     return (sq,)
 

@@ -7,14 +7,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dpfunc.bridge.fast.rules._common import Call, LayerGrads, _cat, _chunks, _scale, _sq, _use_ghost, _weighted, register_rule
+from dpfunc.bridge.fast.rules._common import LayerGrads, _sq, _weighted, register_rule
 
 __all__ = ["group_norm", "layer_norm", "rms_norm"]
 
