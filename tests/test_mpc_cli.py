@@ -60,6 +60,9 @@ def test_encrypted_infer_command_matches_plaintext(tiny_run, data_dir, capsys):
     assert result["setup"]["dealer_bytes"] == 2 * 40
     assert set(result["max_rss_bytes"]) == {"model-owner", "data-owner", "dealer"}
     assert all(v > 0 for v in result["max_rss_bytes"].values())
+    # each process's own peak (VmHWM), not wait4's ru_maxrss, which on Linux starts from the launcher's
+    # resident set inherited over fork and made all three figures equal to the launcher's
+    assert len(set(result["max_rss_bytes"].values())) == 3, result["max_rss_bytes"]
     # the plaintext path: no parties, no file rewritten
     os.remove(tiny_run / "encrypted_inference.json")
     assert main(["infer", str(tiny_run), "--data-dir", str(data_dir), "--limit", str(n)]) == 0
@@ -73,3 +76,16 @@ def test_infer_refuses_bad_limits(tiny_run, capsys):
     assert "--limit must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["infer", str(tiny_run), "--batch-size", "0", "--encrypted"]) == 2
     assert "--batch-size must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+def test_party_usage_report_is_this_process(tmp_path):
+    """A party's usage file holds its own VmHWM (what /proc says for the writing process) and CPU time."""
+    from dpfunc.mpc.parties import _peak_rss_bytes, _write_usage
+
+    path = tmp_path / "usage.json"
+    _write_usage(str(path))
+    usage = json.loads(path.read_text())
+    with open("/proc/self/status") as f:
+        hwm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    assert 0 < usage["peak_rss_bytes"] <= hwm == _peak_rss_bytes() and usage["cpu_seconds"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["usage.json"]

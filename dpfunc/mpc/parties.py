@@ -473,7 +473,9 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     Each process runs in its own session; all are killed (process group SIGKILL) if any fails or
     the hard ``timeout`` passes. Returns the data owner's output file's contents, plus
     ``max_rss_bytes``: each process's peak resident memory and ``cpu_seconds`` its user + system CPU time
-    (by role, from ``wait4``; start-up and imports included).
+    (by role; each process's own ``VmHWM`` as it reports it at exit, where ``/proc`` has one, else ``wait4``'s
+    ``ru_maxrss``, which on Linux includes the launcher's resident set inherited over ``fork``; start-up and
+    imports included).
 
     Raises:
         RuntimeError: a party exited with an error (its stderr tail is in the message).
@@ -487,6 +489,7 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     procs: dict[str, subprocess.Popen] = {}
     max_rss: dict[str, int] = {}
     cpu: dict[str, float] = {}
+    usage_paths = {role: Path(out_path).with_suffix(f".{role}.usage.json") for role in ("model-owner", "data-owner", "dealer")}
 
     def poll(role: str) -> Optional[int]:
         """``Popen.poll`` that also keeps the child's peak resident memory (``wait4``'s rusage)."""
@@ -502,7 +505,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
     try:
         for role in ("model-owner", "data-owner", "dealer"):
             procs[role] = subprocess.Popen(
-                [sys.executable, "-m", "dpfunc.mpc.parties", "--role", role] + argv[role],
+                [sys.executable, "-m", "dpfunc.mpc.parties", "--role", role] + argv[role]
+                + ["--usage-out", str(usage_paths[role])],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env,
             )
         deadline = time.monotonic() + timeout
@@ -521,6 +525,10 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
                 err = p.stderr.read().decode(errors="replace")[-2000:]
                 raise RuntimeError(f"launch_parties: the {role} process failed:\n{err}")
         out = torch.load(out_path, map_location="cpu", weights_only=True)
+        for role, path in usage_paths.items():
+            own = json.loads(path.read_text()) if path.exists() else {}
+            if own.get("peak_rss_bytes"):
+                max_rss[role] = own["peak_rss_bytes"]
         out["max_rss_bytes"] = dict(max_rss)
         out["cpu_seconds"] = dict(cpu)  # whole process (start-up and imports included), user + system
         return out
@@ -535,6 +543,8 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
             if p.stderr:
                 p.stderr.close()
         spec_path.unlink(missing_ok=True)
+        for path in usage_paths.values():
+            path.unlink(missing_ok=True)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -555,11 +565,41 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--weights", help="model owner: state dict file (torch.save)")
     p.add_argument("--images", help="data owner: float tensor file (N, C, H, W)")
     p.add_argument("--out", help="data owner: output file")
+    p.add_argument("--usage-out", default=None,
+                   help="write this process's peak resident memory (VmHWM) and CPU seconds here as JSON at exit")
     a = p.parse_args(argv)
     spec = json.loads(Path(a.spec).read_text())
     run_party(a.role, addr=a.addr, port=a.port, spec=spec, seed=a.seed, timeout=a.timeout,
               weights_path=a.weights, images_path=a.images, out_path=a.out, party_port=a.party_port)
+    if a.usage_out:
+        _write_usage(a.usage_out)
     return 0
+
+
+def _peak_rss_bytes() -> Optional[int]:
+    """This process's own peak resident set (``VmHWM``; Linux only, else None).
+
+    Not ``ru_maxrss``: Linux carries the forked launcher's resident set over ``fork`` + ``exec`` into the
+    child's ``ru_maxrss``, so small parties would all report the launcher's size.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kilobytes
+    except OSError:
+        pass
+    return None
+
+
+def _write_usage(path: str) -> None:
+    """Atomically write ``{"peak_rss_bytes", "cpu_seconds"}`` of this process (user + system) to ``path``."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps({"peak_rss_bytes": _peak_rss_bytes(), "cpu_seconds": usage.ru_utime + usage.ru_stime}))
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
