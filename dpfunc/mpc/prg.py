@@ -49,7 +49,7 @@ __all__ = ["Keystream", "StreamKey", "AnyKey"]
 
 _BLOCK = 1 << 20  # keystream bytes per OpenSSL call (a reusable zero input buffer of this size)
 _ZEROS = bytes(_BLOCK)
-_DOMAIN = b"dpfunc.mpc.dealer.chacha20"
+_DOMAIN = b"dpfunc.mpc.dealer.keystream"  # SHA-256 domain of Key-made keys (named after no cipher: it outlived ChaCha20)
 
 
 _FOLD = b"dpfunc.mpc.fold"  # BLAKE2b personalisation (at most 16 bytes) of child keys
