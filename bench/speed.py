@@ -6,6 +6,7 @@ One command regenerates everything under ``bench/results/`` (Markdown table, JSO
     python bench/speed.py --quick    # CNN and transformer at B = 64/256, 3 repeats, no memory runs
     python bench/speed.py --device cuda --no-memory   # on a GPU (timings synchronise the device per step)
     python bench/speed.py --threads 1 --clock cpu ... # a loaded CPU: one thread, process CPU time per step
+    python bench/speed.py --malloc-thresholds 1073741824 ...   # glibc keeps freed memory: no page faults per step
 
 Method (figures, not a test):
     * Same model, same data, same process; the methods of one configuration run alternately, one
@@ -27,7 +28,13 @@ Method (figures, not a test):
       released (so the interpreter, torch, the data, lazily loaded kernels and optimizer state are
       not counted: what remains is the step's peak); median of
       ``--memory-repeats`` processes, run with a fixed glibc mmap threshold (otherwise heap
-      fragmentation makes single RSS peaks vary by ±20% and more).
+      fragmentation makes single RSS peaks vary by ±20% and more) and the timing run's ``--threads``.
+    * The allocator: with glibc's defaults a step's large tensors come from memory that the previous step
+      returned to the OS (the heap top is trimmed, large blocks are unmapped), so every step page-faults
+      it back in — thousands of faults a step on the CNN at B = 256, a cost that does not shrink with
+      threads. ``--malloc-thresholds N`` sets glibc's mmap and trim thresholds to ``N`` bytes
+      (``mallopt``, for the whole timing process: every method alike) so that freed memory is kept and
+      reused. The output states the allocator settings and the threading environment variables in effect.
     * Opacus rows are skipped with a note when Opacus is not installed (``pip install opacus``,
       the ``bench`` extra); dpfunc itself never imports it.
 """
@@ -256,6 +263,42 @@ def _sync(device: torch.device):
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+# environment variables that change allocation or threading behaviour: named in the output when set
+_ENV_PREFIXES = ("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD", "OMP_", "GOMP_", "KMP_", "MKL_", "ONEDNN_", "DNNL_")
+
+
+def set_malloc_thresholds(nbytes: int) -> None:
+    """glibc's mmap and trim thresholds to ``nbytes`` (``mallopt(M_MMAP_THRESHOLD / M_TRIM_THRESHOLD)``):
+    blocks below it come from the heap, and the heap's top is returned to the OS only beyond it, so the
+    memory a step frees is reused by the next one instead of being page-faulted in again. Process-wide.
+
+    Raises:
+        ValueError: ``nbytes`` outside ``1 .. 2**31 - 1`` (mallopt takes a C int).
+        RuntimeError: no glibc ``mallopt`` here, or it refused the value.
+    """
+    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or not 1 <= nbytes <= 2**31 - 1:
+        raise ValueError(f"bench/speed.py: --malloc-thresholds must be an int in 1 .. 2**31 - 1 bytes, got {nbytes!r}")
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError) as e:
+        raise RuntimeError(f"bench/speed.py: --malloc-thresholds needs glibc's mallopt, not found here ({e})") from e
+    for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD):
+        if mallopt(param, nbytes) != 1:
+            raise RuntimeError(f"bench/speed.py: glibc mallopt({param}, {nbytes}) refused the value")
+
+
+def allocation_settings(malloc_thresholds: int | None) -> str:
+    """What the output says about the allocator and threading environment of the timing process."""
+    text = (f"malloc: glibc mmap and trim thresholds {malloc_thresholds} B (mallopt)" if malloc_thresholds
+            else "malloc: glibc defaults (adaptive mmap threshold, heap trimming)")
+    env = sorted(f"{k}={v}" for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    return text + "; environment: " + (", ".join(env) if env else "no allocator or OpenMP variables set")
+
 
 def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu"), clock=time.perf_counter):
     model, x, y = build(name, batch)
@@ -290,10 +333,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def memory_child(name, batch, method):
+def memory_child(name, batch, method, threads=2):
     """Runs in a fresh process: peak RSS over the resident set after setup and one warm-up step
     (so one-time costs — lazily loaded kernels, thread pools, optimizer state — are not counted)."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model, x, y = build(name, batch)
     step = make_method(method, model, x, y)
     step()
@@ -313,7 +356,7 @@ def memory_child(name, batch, method):
 
 
 def memory_config(name, batch, method, timeout):
-    cmd = [sys.executable, __file__, "--_memory", name, str(batch), method]
+    cmd = [sys.executable, __file__, "--_memory", name, str(batch), method, "--threads", str(torch.get_num_threads())]
     try:
         # a fixed mmap threshold: freed tensors go back to the OS at once, so the RSS peak measures
         # live memory rather than how glibc's adaptive threshold happened to fragment the heap
@@ -345,6 +388,7 @@ def write_report(results, notes, args, show=True):
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "machine": _cpu_model(), "device": _device_name(args.device), "repeats": args.repeats, "warmup": args.warmup,
         "clock": args.clock, "load_average": getattr(args, "loads", None),
+        "allocation": getattr(args, "allocation", None) or allocation_settings(getattr(args, "malloc_thresholds", None)),
         "command": "python bench/speed.py" + (" " + " ".join(args.argv) if args.argv else ""),
     }
     try:
@@ -361,7 +405,7 @@ def write_report(results, notes, args, show=True):
         f"`{meta['command']}` — {meta['device']}, CPU {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, "
         f"opacus {meta['opacus']}; clock: {'process CPU time' if args.clock == 'cpu' else 'wall'}; "
         + (f"1-min load average {' → '.join(f'{v:.1f}' for v in meta['load_average'])} (start → end); " if meta["load_average"] else "")
-        + 
+        + f"{meta['allocation']}; "
         "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step "
         "(the warm-up step's leftovers, `.grad` / `.grad_sample`, released).",
         "",
@@ -431,6 +475,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="wall (default) or cpu: process CPU time per step, for one thread on a loaded machine")
+    parser.add_argument("--malloc-thresholds", type=int, default=None, metavar="BYTES",
+                        help="glibc mmap and trim thresholds for the timing process (mallopt), e.g. 1073741824; "
+                             "default: glibc's adaptive ones (the output states which)")
     parser.add_argument("--output-suffix", default=None, help="results/speed<SUFFIX>.{json,md,png} (default '' or '_quick')")
     parser.add_argument("--_memory", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -444,9 +491,15 @@ def main(argv=None):
     args.device = str(device)
     if args._memory:
         name, batch, method = args._memory
-        return memory_child(name, int(batch), method)
+        return memory_child(name, int(batch), method, args.threads)
     if args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.malloc_thresholds is not None:
+        try:
+            set_malloc_thresholds(args.malloc_thresholds)
+        except (ValueError, RuntimeError) as e:
+            parser.error(str(e))
+    args.allocation = allocation_settings(args.malloc_thresholds)
     torch.set_num_threads(args.threads)
     args.loads = [os.getloadavg()[0]]
     args.repeats = args.repeats or (3 if args.quick else 5)
@@ -454,6 +507,7 @@ def main(argv=None):
         saved = json.loads((RESULTS / f"speed{'_quick' if args.quick else ''}.json").read_text())
         args.repeats, args.warmup = saved["meta"]["repeats"], saved["meta"]["warmup"]
         args.loads, args.clock = saved["meta"].get("load_average"), saved["meta"].get("clock", "wall")
+        args.allocation = saved["meta"].get("allocation", "malloc: not recorded (a run before --malloc-thresholds)")
     if args.report_only:
         return write_report(saved["results"], saved["notes"], args)
     if args.memory_only:
