@@ -3,14 +3,16 @@
 One forward and ONE backward of ``Σ_i loss_i`` give everything:
 
 1. The forward runs ``functional_call(module, (params, buffers), x)`` with forward hooks on the
-   supported layers (registered for the forward only). Each hook records the layer's input ``a`` in
-   a :class:`_CallRecord` and wraps its output in an identity autograd node (a *tap*). No parameter
-   requires grad: the only leaf of the backward is a 0-d anchor that every tap takes as a second
-   input, so autograd computes activation gradients and never a parameter gradient.
-2. ``torch.autograd.grad(Σ_i loss_i, anchor)`` runs the backward. As it passes a tap it hands over
-   ``g = ∂Σloss/∂output``; since example ``i`` only influences row ``i``, ``g[i]`` is example ``i``'s
+   supported layers (registered for the forward only). Each hook records the layer's input ``a`` and
+   its output in a :class:`_CallRecord`. The fast-path parameters enter as fresh leaves that require
+   grad (detached aliases: the caller's tensors are untouched), so every recorded output is in the graph.
+2. ONE ``torch.autograd.grad(Σ_i loss_i, [outputs…])`` runs the backward and returns
+   ``g = ∂Σloss/∂output`` for every recorded output — autograd computes only what leads to them, never
+   a parameter gradient. Since example ``i`` only influences row ``i``, ``g[i]`` is example ``i``'s
    output gradient. The layer's rule (:mod:`.rules`) turns ``(a, g)`` into per-example squared norms
-   and keeps either the small per-example gradient or ``(a, g)``.
+   and keeps either the small per-example gradient or ``(a, g)``. A rule may replace the layer's
+   backward by a tap of its own (an autograd node that also takes a 0-d *anchor* leaf, which the
+   backward asks for too) that hands ``g`` over as the backward passes it (GroupNorm's fused kernel).
 3. Parameters of layers without a rule (any custom module) get per-example gradients by
    ``vmap(grad)`` over the model, with respect to those parameters only (mixed engine).
 4. Norms per clipping group → clip factors ``c_i`` (the core's :func:`~dpfunc.clipping.clip_factors`)
@@ -47,33 +49,20 @@ __all__ = ["fast_engine", "FastPass"]
 _FN = "fast_engine"
 
 
-class _Tap(torch.autograd.Function):
-    """Identity on a layer output; its backward hands the output gradient to ``record.receive``."""
-
-    @staticmethod
-    def forward(ctx, out, anchor, record, clone):
-        ctx.record = record
-        return out.clone() if clone else out.view_as(out)
-
-    @staticmethod
-    def backward(ctx, g):
-        record, ctx.record = ctx.record, None  # the graph outlives the backward: keep nothing alive through it
-        record.receive(g)
-        return g, None, None, None
-
-
 @dataclass(eq=False)
 class _CallRecord:
     """One forward call of a supported layer: what its rule needs, filled in two phases.
 
-    The forward hook sets ``x`` (input), ``weight`` and ``saved`` (what ``Rule.capture`` took); the
-    tap's backward sets ``g`` (gradient at the output). ``on_grad`` lets a layer called once reduce
-    its rule right in the backward, freeing ``x`` and ``g`` early.
+    The forward hook sets ``x`` (input), ``weight`` and ``saved`` (what ``Rule.capture`` took), and
+    ``output``, the layer's output whose gradient the backward returns (None when the rule's own tap
+    hands the gradient over in the backward); :meth:`receive` sets ``g`` (gradient at the output).
+    ``on_grad`` lets a layer called once reduce its rule as soon as its gradient arrives.
     """
 
     x: Any
     weight: torch.Tensor | None
     saved: object
+    output: torch.Tensor | None = None
     g: torch.Tensor | None = None
     on_grad: Callable[[_CallRecord], None] | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None  # e.g. seq-first -> batch-first
@@ -230,9 +219,15 @@ class FastPass:
         layers = routing.active
         self.records = {layer: [] for layer in layers}
         self.results = {}
+        # The fast-path parameters enter as fresh leaves that require grad, so that every tapped
+        # output is in the graph; the backward asks for the outputs' gradients only, never theirs.
+        leaves = dict(self.params)
+        for layer in layers:
+            for n in layer.names.values():
+                leaves[n] = leaves[n].detach().requires_grad_()
         watch, handles, taps = None, [], []
         if verifying:
-            watch = _ForeignUse({id(self.params[n]): (layer.module, n) for layer in layers for n in layer.names.values()})
+            watch = _ForeignUse({id(leaves[n]): (layer.module, n) for layer in layers for n in layer.names.values()})
             for layer in layers:
                 handles.append(layer.module.register_forward_pre_hook(lambda m, a: watch.active.append(m)))
                 handles.append(layer.module.register_forward_hook(lambda m, a, o: watch.active.pop() and None, always_call=True))
@@ -242,7 +237,7 @@ class FastPass:
                 if not attention.handles(layer):
                     handles.append(layer.module.register_forward_hook(self._hook(layer, verifying, taps), prepend=True, with_kwargs=True))
             with torch.enable_grad(), (watch if watch is not None else contextlib.nullcontext()), attention:
-                out = self.apply_fn(self.params, self.buffers, x)
+                out = self.apply_fn(leaves, self.buffers, x)
         finally:
             for h in handles:
                 h.remove()
@@ -266,7 +261,8 @@ class FastPass:
 
     def tap(self, layer: _Layer, inp: Any, output: torch.Tensor, weight: torch.Tensor | None, verifying: bool = False, taps: list | None = None,
             capture: bool = True) -> torch.Tensor:
-        """Record one call of ``layer`` and return its output wrapped in a tap."""
+        """Record one call of ``layer`` and return the output to hand on: ``output`` itself, a copy of it (the
+        first forward, and layers whose output the model modifies in place), or the rule's own tap."""
         # Detached: the rules need values only. A kept input that still carried its graph would
         # give the clipped sums (and the next params) a grad_fn chaining every step's graph.
         saved = layer.rule.capture(layer.module, output) if capture else None
@@ -283,8 +279,9 @@ class FastPass:
         tapped = None
         if layer.rule.tap is not None and isinstance(inp, torch.Tensor):
             tapped = layer.rule.tap(layer.module, inp, output, record, clone, self.anchor)
-        if tapped is None:
-            tapped = _Tap.apply(output, self.anchor, record, clone)
+        if tapped is None:  # the backward returns the gradient at `output`; an in-place edit must hit a copy
+            record.output = output
+            tapped = output.clone() if clone else output
         if verifying and taps is not None:
             taps.append((layer, tapped))
         return tapped
@@ -319,7 +316,14 @@ class FastPass:
             if views is not None:
                 losses = losses.view(n, views).mean(1)
             if losses.requires_grad:
-                torch.autograd.grad(losses.sum(), self.anchor, allow_unused=True)
+                # ONE backward: the gradients at the plain-tapped outputs come back together; rules with a tap
+                # of their own receive theirs inside it (the anchor, their input, makes sure those run)
+                tapped = [r for records in self.records.values() for r in records if r.output is not None]
+                grads = torch.autograd.grad(losses.sum(), [r.output for r in tapped] + [self.anchor], allow_unused=True)
+                for record, g in zip(tapped, grads):
+                    record.output = None
+                    if g is not None:
+                        record.receive(g)
         losses = losses.detach()
         self.output = None  # the graph is spent
         for layer, records in self.records.items():
