@@ -34,7 +34,8 @@ Method (figures, not a test):
       it back in — thousands of faults a step on the CNN at B = 256, a cost that does not shrink with
       threads. ``--malloc-thresholds N`` sets glibc's mmap and trim thresholds to ``N`` bytes
       (``mallopt``, for the whole timing process: every method alike) so that freed memory is kept and
-      reused. The output states the allocator settings and the threading environment variables in effect.
+      reused. The output states the allocator settings and the threading environment variables in effect,
+      and each method's median minor page faults per step (JSON ``page_faults_per_step``).
     * Opacus rows are skipped with a note when Opacus is not installed (``pip install opacus``,
       the ``bench`` extra); dpfunc itself never imports it.
 """
@@ -300,21 +301,32 @@ def allocation_settings(malloc_thresholds: int | None) -> str:
     return text + "; environment: " + (", ".join(env) if env else "no allocator or OpenMP variables set")
 
 
-def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu"), clock=time.perf_counter):
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_config(name, batch, methods, warmup, repeats, device=torch.device("cpu"), clock=time.perf_counter, faults=None):
+    """Median step time per method (``{method: s}``) and the raw times; with a dict ``faults``, also the
+    median minor page faults per step of each method's timed rounds (the whole process's, all threads)."""
     model, x, y = build(name, batch)
     model, x, y = model.to(device), x.to(device), y.to(device)
     steps = {m: make_method(m, model, x, y) for m in methods}
     times = {m: [] for m in methods}
+    counts = {m: [] for m in methods}
     for r in range(warmup + repeats):
         for m in methods:
             gc.collect()
             _sync(device)
+            f0 = _minor_faults()
             t0 = clock()
             steps[m]()
             _sync(device)
             dt = clock() - t0
             if r >= warmup:
                 times[m].append(dt)
+                counts[m].append(_minor_faults() - f0)
+    if faults is not None:
+        faults.update({m: statistics.median(v) for m, v in counts.items()})
     return {m: statistics.median(v) for m, v in times.items()}, times
 
 
@@ -429,6 +441,11 @@ def write_report(results, notes, args, show=True):
         first = f"{base:.3f}" + (f" / {mem0:.0f}" if mem0 is not None else "")
         lines.append(f"| {r['model']} | {r['batch']} | {first} | " + " | ".join(cells) + " |")
     lines += ["", "Cells: time ratio / peak MiB. Notes:", ""] + [f"- {n}" for n in notes]
+    faulted = [r for r in results if r.get("page_faults_per_step")]
+    if faulted:  # runs before the fault count have none
+        lines += ["", "Minor page faults per step (median over the timed rounds; the whole process, all threads): "
+                  + "; ".join(f"{r['model']} B = {r['batch']}: " + ", ".join(f"{m} {v:.0f}" for m, v in r["page_faults_per_step"].items())
+                              for r in faulted)]
     (RESULTS / f"speed{suffix}.md").write_text("\n".join(lines) + "\n")
     if show:
         print("\n".join(lines))
@@ -551,8 +568,9 @@ def main(argv=None):
     for name, batch in configs:
         run = methods if args.methods else [m for m in methods if fits(name, batch, m, device)]
         print(f"== {name} B={batch}: timing {run}", flush=True)
-        med, raw = time_config(name, batch, run, args.warmup, args.repeats, device, CLOCKS[args.clock])
-        row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw}
+        faults = {}
+        med, raw = time_config(name, batch, run, args.warmup, args.repeats, device, CLOCKS[args.clock], faults)
+        row = {"model": name, "batch": batch, "time_s": med, "raw_s": raw, "page_faults_per_step": faults}
         print("   " + ", ".join(f"{m} {t:.3f}s ({t / med['nonprivate']:.2f}×)" for m, t in med.items()), flush=True)
         if not (args.quick or args.no_memory or device.type != "cpu"):  # memory is the CPU RSS
             row["peak_mib"] = {}
