@@ -3,10 +3,11 @@
 The fast engine's package (``bridge/fast``) at ``--old`` (a git revision) is extracted to a temporary
 directory under another name and imported next to the working tree's; each round runs one step of
 every method (non-private, old fast, new fast, new bridge fast) on the same CNN and batch, so machine
-load hits them alike. The old step also runs the noise and update code (``dpfunc/noise.py``,
-``dpfunc/transforms.py``, and ``bridge/functional.py``'s ``functionalize``) at ``--old``: they are loaded under other names and swapped into
-``dpfunc.private`` / ``dpfunc.step`` for the duration of each old step (``--old-core HEAD`` pins them to
-the working tree's committed version when only the engine is compared). Figures, not a test::
+load hits them alike. The old step also runs the noise, update, metrics and norm code (``dpfunc/noise.py``,
+``dpfunc/transforms.py``, ``dpfunc/step.py``'s ``step_metrics``, ``dpfunc/clipping.py``'s ``group_norms``
+inside the old engine, and ``bridge/functional.py``'s ``functionalize``) at ``--old``: they are loaded under
+other names and swapped into ``dpfunc.private`` / ``dpfunc.step`` for the duration of each old step
+(``--old-core HEAD`` pins them to the working tree's committed version when only the engine is compared). Figures, not a test::
 
     python bench/speed_ab.py --old aefe468 --batch-sizes 64 256 --repeats 31 --clock cpu
 
@@ -65,12 +66,15 @@ def import_old(rev: str, into: Path):
 
 
 def import_old_core(rev: str):
-    """``dpfunc/noise.py``, ``dpfunc/transforms.py`` and ``bridge/functional.py`` at ``rev`` as modules of their own."""
+    """``dpfunc/noise.py``, ``dpfunc/transforms.py``, ``dpfunc/step.py``, ``dpfunc/clipping.py`` and
+    ``bridge/functional.py`` at ``rev`` as modules of their own."""
     mods = {}
-    for name, path in (("noise", "dpfunc/noise.py"), ("transforms", "dpfunc/transforms.py"), ("functional", "bridge/functional.py")):
+    for name, path in (("noise", "dpfunc/noise.py"), ("transforms", "dpfunc/transforms.py"), ("step", "dpfunc/step.py"),
+                       ("clipping", "dpfunc/clipping.py"), ("functional", "bridge/functional.py")):
         text = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{path}"], capture_output=True, text=True, check=True).stdout
         spec = importlib.util.spec_from_loader(f"oldcore_{name}", loader=None)
         mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
         exec(compile(text, f"{rev}:{path}", "exec"), mod.__dict__)  # noqa: S102 (our own file at a revision)
         mods[name] = mod
     return mods
@@ -78,13 +82,21 @@ def import_old_core(rev: str):
 
 @contextlib.contextmanager
 def core_swapped(core):
-    """Run a step with the old ``privatize`` and ``apply_updates`` (restored afterwards)."""
-    saved = dpfunc.private.privatize, dpfunc.step.apply_updates
+    """Run a step with the old ``privatize``, ``apply_updates`` and ``step_metrics`` (restored afterwards)."""
+    saved = dpfunc.private.privatize, dpfunc.step.apply_updates, dpfunc.step.step_metrics
     dpfunc.private.privatize, dpfunc.step.apply_updates = core["noise"].privatize, core["transforms"].apply_updates
+    dpfunc.step.step_metrics = getattr(core["step"], "step_metrics", saved[2])
     try:
         yield
     finally:
-        dpfunc.private.privatize, dpfunc.step.apply_updates = saved
+        dpfunc.private.privatize, dpfunc.step.apply_updates, dpfunc.step.step_metrics = saved
+
+
+def use_old_norms(old_engine, core) -> None:
+    """The old engine's module sums norms with the old ``group_norms`` (it imported the current one by name)."""
+    module = sys.modules[old_engine.__module__]
+    if hasattr(module, "group_norms") and hasattr(core["clipping"], "group_norms"):
+        module.group_norms = core["clipping"].group_norms
 
 
 def fast_step(make_engine, model, x, y, core=None):
@@ -117,14 +129,20 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(speed.CLOCKS), default="cpu")
+    parser.add_argument("--malloc-thresholds", type=int, default=None, metavar="BYTES",
+                        help="glibc mmap and trim thresholds for this process (as bench/speed.py; default: glibc's own)")
     args = parser.parse_args(argv)
+    if args.malloc_thresholds is not None:
+        speed.set_malloc_thresholds(args.malloc_thresholds)
     torch.set_num_threads(args.threads)
     clock = speed.CLOCKS[args.clock]
     with tempfile.TemporaryDirectory() as tmp:
         old_engine = import_old(args.old, Path(tmp))
         core = import_old_core(args.old_core or args.old)
+        use_old_norms(old_engine, core)
         print(f"old = bridge/fast at {args.old}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-              f"CPU {speed._cpu_model()}, clock {args.clock}, {args.repeats} rounds after {args.warmup}")
+              f"CPU {speed._cpu_model()}, clock {args.clock}, {args.repeats} rounds after {args.warmup}; "
+              f"{speed.allocation_settings(args.malloc_thresholds)}")
         for b in args.batch_sizes:
             model, x, y = speed.build("cnn", b)
             steps = {"nonprivate": speed.make_method("nonprivate", model, x, y), "old_fast": fast_step(old_engine, model, x, y, core),

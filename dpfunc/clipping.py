@@ -197,8 +197,11 @@ def group_norms(sq: Mapping[str, torch.Tensor], clipping: Clipping, names, like:
             s = torch.zeros_like(like)
         grp = clipping.group_of(name)
         group_sq[grp] = group_sq[grp] + s if grp in group_sq else s
+    groups = {g: s.sqrt() for g, s in group_sq.items()}
+    if len(groups) == 1:  # one group (flat clipping): its norm is the total norm
+        return next(iter(groups.values())), groups
     norms = sum(group_sq.values()).sqrt() if group_sq else torch.zeros_like(like)
-    return norms, {g: s.sqrt() for g, s in group_sq.items()}
+    return norms, groups
 
 
 def _nonfinite_error(fn: str, idx: list[int]) -> ValueError:

@@ -109,16 +109,26 @@ def step_metrics(out: EngineOutput, mask: torch.Tensor | None) -> StepMetrics:
     clipped = out.grads
     losses = out.losses.detach()
     dtype = losses.dtype if losses.is_floating_point() else torch.get_default_dtype()
-    real = mask.to(torch.bool) if mask is not None else torch.ones(losses.shape, dtype=torch.bool, device=losses.device)
-    n = real.sum()
-    nf = n.to(dtype)  # 0 / 0 = nan: the empty batch needs no branch
-    norms = clipped.norms.detach().to(dtype)
-    mean_norm = torch.where(real, norms, 0).sum() / nf
-    if set(clipped.group_norms) == {""}:  # flat clipping: the bound is the sensitivity
-        frac = (real & (norms > clipped.sensitivity)).sum().to(dtype) / nf
+    norms = clipped.norms.detach()
+    norms = norms if norms.dtype == dtype else norms.to(dtype)
+    losses = losses if losses.dtype == dtype else losses.to(dtype)
+    flat = set(clipped.group_norms) == {""}  # flat clipping: the bound is the sensitivity
+    if mask is None:  # every row is real: the same sums without the row selection
+        n = torch.full((), losses.shape[0], dtype=torch.int64, device=losses.device)
+        nf = n.to(dtype)  # 0 / 0 = nan: the empty batch needs no branch
+        mean_norm = norms.sum() / nf
+        over = norms > clipped.sensitivity if flat else None
+    else:
+        real = mask.to(torch.bool)
+        n = real.sum()
+        nf = n.to(dtype)
+        mean_norm = torch.where(real, norms, 0).sum() / nf
+        over = real & (norms > clipped.sensitivity) if flat else None
+    if over is not None:
+        frac = over.sum().to(dtype) / nf
     else:
         frac = torch.full((), float("nan"), dtype=dtype, device=losses.device)
-    return StepMetrics(losses.to(dtype).sum() / nf, n, frac, mean_norm)
+    return StepMetrics(losses.sum() / nf, n, frac, mean_norm)
 
 
 def _default_engine(loss_fn, chunk_size):

@@ -135,20 +135,22 @@ class _Routing:
             fast.update(own.values())
         self.layers = layers
         self.names = list(names)
-        self.fallback = [n for n in names if n not in fast]
         self.verified = False
+        self._plan()
 
-    @property
-    def active(self) -> list[_Layer]:
-        return [layer for layer in self.layers if layer.attrs]
+    def _plan(self) -> None:
+        """The per-call decisions, made once: the layers to hook and the parameters of each path."""
+        self.active = [layer for layer in self.layers if layer.attrs]  # layers with a fast-path parameter
+        self.fast_names = [n for layer in self.active for n in layer.names.values()]
+        fast = set(self.fast_names)
+        self.fallback = [n for n in self.names if n not in fast]
 
     def demote(self, foreign: set[str]) -> None:
         """Parameters read outside their own layer's forward go to the vmap path."""
         for layer in self.layers:
             layer.names = {a: n for a, n in layer.names.items() if n not in foreign}
             layer.attrs = frozenset(layer.names)
-        fast = {n for layer in self.layers for n in layer.names.values()}
-        self.fallback = [n for n in self.names if n not in fast]
+        self._plan()
 
 
 class _ForeignUse(TorchFunctionMode):
@@ -222,9 +224,8 @@ class FastPass:
         # The fast-path parameters enter as fresh leaves that require grad, so that every tapped
         # output is in the graph; the backward asks for the outputs' gradients only, never theirs.
         leaves = dict(self.params)
-        for layer in layers:
-            for n in layer.names.values():
-                leaves[n] = leaves[n].detach().requires_grad_()
+        for n in routing.fast_names:
+            leaves[n] = leaves[n].detach().requires_grad_()
         watch, handles, taps = None, [], []
         if verifying:
             watch = _ForeignUse({id(leaves[n]): (layer.module, n) for layer in layers for n in layer.names.values()})
@@ -268,6 +269,8 @@ class FastPass:
         saved = layer.rule.capture(layer.module, output) if capture else None
         if isinstance(saved, tuple):
             saved = tuple(s.detach() if isinstance(s, torch.Tensor) else s for s in saved)
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:  # the forward's leaf: the rules see values only
+            weight = weight.detach()
         record = _CallRecord(inp.detach() if isinstance(inp, torch.Tensor) else inp, weight, saved)
         calls = self.records[layer]
         calls.append(record)
@@ -315,15 +318,16 @@ class FastPass:
                 )
             if views is not None:
                 losses = losses.view(n, views).mean(1)
+            tapped, grads = [], []
             if losses.requires_grad:
                 # ONE backward: the gradients at the plain-tapped outputs come back together; rules with a tap
                 # of their own receive theirs inside it (the anchor, their input, makes sure those run)
                 tapped = [r for records in self.records.values() for r in records if r.output is not None]
                 grads = torch.autograd.grad(losses.sum(), [r.output for r in tapped] + [self.anchor], allow_unused=True)
-                for record, g in zip(tapped, grads):
-                    record.output = None
-                    if g is not None:
-                        record.receive(g)
+        for record, g in zip(tapped, grads):  # (the rules run without autograd, as inside the backward)
+            record.output = None
+            if g is not None:
+                record.receive(g)
         losses = losses.detach()
         self.output = None  # the graph is spent
         for layer, records in self.records.items():
@@ -356,7 +360,7 @@ class FastPass:
                     out[name] = out[name] + v if name in out else v
             for name, pe in fallback_pe.items():
                 out[name] = _weighted(factors[name], pe)
-            return {k: v.to(params[k].dtype) for k, v in out.items()}
+            return {k: v if v.dtype == params[k].dtype else v.to(params[k].dtype) for k, v in out.items()}
 
         return sq, losses, clip_sums
 
@@ -508,8 +512,11 @@ def fast_engine(
         n = fast_pass.x.shape[0]
         b = n if b is None else b
         sq, losses, clip_sums = fast_pass.finish(tuple(targets))
-        like = ref.new_zeros(n, dtype=_norm_dtype(ref))
-        norms, groups = group_norms({k: v.to(like.dtype) for k, v in sq.items()}, clipping, names, like)
+        dtype = _norm_dtype(ref)
+        like = next(iter(sq.values())) if sq else ref.new_zeros(n, dtype=dtype)  # (n,): dtype and device of a missing entry
+        if like.dtype != dtype:
+            like = like.to(dtype)
+        norms, groups = group_norms({k: v if v.dtype == dtype else v.to(dtype) for k, v in sq.items()}, clipping, names, like)
 
         def full(t):
             return t if keep is None else t.new_zeros((b, *t.shape[1:])).index_copy_(0, keep, t)
@@ -521,7 +528,7 @@ def fast_engine(
         grads = {name: grads[name] if name in grads else torch.zeros_like(fast_pass.params[name]) for name in names}
         count = mask.to(torch.int64).sum() if mask is not None else torch.tensor(b)
         out = ClippedSum(grads, full_norms, {g: full(v) for g, v in groups.items()}, clipping.sensitivity(names), count)
-        return EngineOutput(out, full(losses.to(like.dtype) if not losses.is_floating_point() else losses))
+        return EngineOutput(out, full(losses.to(dtype) if not losses.is_floating_point() else losses))
 
     @torch.no_grad()
     def engine(params, buffers, batch, mask, *, clipping=None):
