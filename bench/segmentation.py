@@ -81,6 +81,12 @@ FEATURE_LH_RECIPE = {**FEATURE_POS_RECIPE, "local_histograms": True}
 """'features+lh' settings: 'features+pos' + local soft histograms (the σ = 1 bins blurred at σ 3 and 6 px: 148 features,
 2·148 + 2 + 38 = 336 trained parameters); the bank chosen on the validation patients of seeds 0–2 (README)."""
 
+FEATURE_RANK_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank"}
+"""'features+rank' settings: 'features+lh' on per-patient rank-normalised volumes (``VolumeNorm.RANK``: each in-window
+pixel's rank in the patient's own volume; the soft bins at ``RANK_BIN_CENTRES``): the same 148 features and 336 trained
+parameters; the normalisation is a function of each patient alone (no privacy cost). Chosen on validation patients and on
+40 extra phantoms of another phantom seed (never the test patients; README)."""
+
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
             "non-private, slice batches": dict(private=False, unit="slice"),
@@ -92,7 +98,10 @@ SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, ep
             "features+pos, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_POS_RECIPE),
             "features+lh, non-private": dict(private=False, **FEATURE_LH_RECIPE),
             "features+lh, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_LH_RECIPE),
-            "features+lh, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_LH_RECIPE)}
+            "features+lh, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_LH_RECIPE),
+            "features+rank, non-private": dict(private=False, **FEATURE_RANK_RECIPE),
+            "features+rank, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RANK_RECIPE),
+            "features+rank, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -249,7 +258,8 @@ def report(payload: dict) -> str:
             lines += ["", f"'features' rows: the fixed filter bank (46 channels) + a linear head + a 3×3 convolution of the logits "
                       f"(132 trained parameters; Tramèr & Boneh 2021); 'features+pos' adds the bin × position products (114 "
                       f"channels, 268 parameters); 'features+lh' adds local soft histograms to 'features+pos' (148 channels, 336 "
-                      f"parameters). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"parameters); 'features+rank' is 'features+lh' on per-patient rank-normalised volumes (the same 148 channels, "
+                      f"336 parameters, the bins in rank units). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
                       f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:

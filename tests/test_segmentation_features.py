@@ -201,18 +201,39 @@ def test_one_patient_moves_the_clipped_sum_by_at_most_C_with_the_feature_model(s
     torch.testing.assert_close(diff, flat(alone.grads.grads).norm(), rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("local_histograms", [False, True])
-def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path, local_histograms):
+@pytest.mark.parametrize("local_histograms,volume_norm", [(False, "none"), (True, "none"), (True, "rank")])
+def test_feature_model_trains_under_patient_dp_and_its_run_folder_evaluates(tmp_path, local_histograms, volume_norm):
     pytest.importorskip("nibabel", reason="the phantom path writes NIfTI: pip install 'dpfunc[segmentation]'")
     from dpfunc.segmentation import evaluate_segmentation_run, make_phantoms, train_segmentation
 
     data = make_phantoms(tmp_path / "liver", patients=6, seed=3, size=32, slices=6, progress=False)
     cfg = SegmentationConfig(model="features", head_hidden=0, head_smooth=3, accountant="rdp", image_size=32, batch_size=4,
-                             slices_per_patient=2, epochs=2, learning_rate=0.02, epsilon=8.0, local_histograms=local_histograms)
+                             slices_per_patient=2, epochs=2, learning_rate=0.02, epsilon=8.0, local_histograms=local_histograms,
+                             volume_norm=volume_norm)
     run = tmp_path / "run"
     result = train_segmentation(cfg, data_dir=data, run_dir=run, progress=False, log=lambda s: None, bootstrap_resamples=20)
     assert result.config["model"] == "features" and result.config["local_histograms"] is local_histograms
+    assert result.config["volume_norm"] == volume_norm
     assert 0 <= result.test["dice"] <= 1 and result.epsilon <= 8.0 + 1e-9
     assert (run / "overlays.png").exists()
     again = evaluate_segmentation_run(run, bootstrap_resamples=20)  # the loader recomputes the same fixed features
     assert again.test["dice"] == pytest.approx(result.test["dice"], abs=1e-12)
+
+
+def test_gaussian_window_is_the_one_helper_of_the_bank_and_of_ssim():
+    """dpfunc._gaussian.gaussian_window against the closed form, with both callers' radius conventions."""
+    from dpfunc._gaussian import gaussian_window
+    from dpfunc.attacks.metrics import _gaussian_window
+    from dpfunc.models._features import _gaussian_kernel
+
+    for sigma, radius in ((1.0, 3), (1.5, 5), (0.3, 1), (2.0, 0)):
+        w = gaussian_window(sigma, radius)
+        raw = [math.exp(-t * t / (2 * sigma * sigma)) for t in range(-radius, radius + 1)]
+        torch.testing.assert_close(w, torch.tensor([v / sum(raw) for v in raw], dtype=torch.float64), rtol=1e-14, atol=1e-15)
+        assert torch.equal(w, w.flip(0))
+    assert _gaussian_kernel(2.0).numel() == 2 * 6 + 1 and _gaussian_kernel(0.1).numel() == 3  # ceil(3σ), at least 1
+    assert _gaussian_window(1.5, 3.5).numel() == 11  # scikit-image's int(truncate·σ + 0.5): 11×11 for SSIM's σ 1.5
+    with pytest.raises(ValueError, match="gaussian_window: sigma"):
+        gaussian_window(0.0, 2)
+    with pytest.raises(ValueError, match="gaussian_window: radius"):
+        gaussian_window(1.0, -1)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dpfunc._gaussian import gaussian_window
 from dpfunc._validate import check_positive_finite
 from dpfunc.attacks._hungarian import linear_sum_assignment
 
@@ -54,10 +55,7 @@ def psnr(x: torch.Tensor, y: torch.Tensor, *, data_range: float) -> torch.Tensor
 
 
 def _gaussian_window(sigma: float, truncate: float) -> torch.Tensor:
-    radius = int(truncate * sigma + 0.5)
-    t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    w = torch.exp(-0.5 * (t / sigma) ** 2)
-    return w / w.sum()
+    return gaussian_window(sigma, int(truncate * sigma + 0.5))  # scikit-image's radius convention
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float, sigma: float = 1.5, truncate: float = 3.5) -> torch.Tensor:

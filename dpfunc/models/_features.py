@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpfunc._gaussian import gaussian_window
 from dpfunc._validate import check_int_range
 from dpfunc.keys import Key
 from dpfunc.models._init import keyed_init, torch_default_init
@@ -56,11 +57,9 @@ __all__ = ["FixedFeatures", "FeatureSegmenter", "feature_segmenter"]
 DEFAULT_BIN_CENTRES = tuple(round(0.35 + 0.03 * k, 4) for k in range(17))  # 0.35 … 0.83 (−20 … +172 HU in the default window)
 
 
-def _gaussian_kernel(sigma: float) -> tuple[float, ...]:
-    """Normalised 1-D Gaussian of standard deviation ``sigma`` pixels, radius ``ceil(3σ)``."""
-    radius = max(1, math.ceil(3 * sigma))
-    k = [math.exp(-t * t / (2 * sigma * sigma)) for t in range(-radius, radius + 1)]
-    return tuple(v / sum(k) for v in k)
+def _gaussian_kernel(sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian of standard deviation ``sigma`` pixels, radius ``ceil(3σ)`` (at least 1), float64."""
+    return gaussian_window(sigma, max(1, math.ceil(3 * sigma)))
 
 
 class FixedFeatures(nn.Module):
@@ -120,7 +119,7 @@ class FixedFeatures(nn.Module):
 
     def _blur(self, x: torch.Tensor, s: float) -> torch.Tensor:
         """Separable Gaussian blur with replicate padding (the image's edge continues outwards)."""
-        k = torch.tensor(self._kernels[s], dtype=x.dtype, device=x.device)
+        k = self._kernels[s].to(dtype=x.dtype, device=x.device)
         r = k.numel() // 2
         c = x.shape[1]
         x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)

@@ -21,6 +21,7 @@ from dpfunc.segmentation._patient import (
     slice_batch,
     slice_losses,
 )
+from dpfunc.segmentation._normalize import VolumeNorm, normalize_volume, rank_normalize
 from dpfunc.segmentation._phantoms import make_phantoms, phantom_volume
 from dpfunc.segmentation._train import (
     PatientScores,
@@ -40,6 +41,9 @@ __all__ = [
     "read_msd",
     "read_nifti_slices",
     "split_patients",
+    "VolumeNorm",
+    "rank_normalize",
+    "normalize_volume",
     "make_phantoms",
     "phantom_volume",
     "PrivacyUnit",

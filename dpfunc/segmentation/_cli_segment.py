@@ -54,6 +54,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--local-histograms", action="store_true",
                    help="--model features: also local soft histograms (intensity bins blurred at σ 3 and 6 px; "
                         "the README's best recipe)")
+    p.add_argument("--volume-norm", choices=["none", "rank"], default="none",
+                   help="per-patient intensity normalisation before the model: rank = each in-window pixel's rank in "
+                        "the patient's OWN volume (histogram equalisation; a function of that patient alone, no privacy "
+                        "cost; README 'Segmentation under DP')")
     p.add_argument("--width", type=_int_at_least("--width", 1), default=4, help="U-Net channels at full resolution")
     p.add_argument("--depth", type=_int_at_least("--depth", 1), default=3, help="U-Net downsamplings")
     p.add_argument("--selection", choices=["organ", "all"], default="organ",
@@ -99,7 +103,8 @@ def _config(args: argparse.Namespace):
         accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
         pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, lr_schedule=args.lr_schedule,
         largest_component=args.largest_component, model=args.model, head_hidden=args.head_hidden,
-        head_smooth=args.head_smooth, position_products=args.position_products, local_histograms=args.local_histograms)
+        head_smooth=args.head_smooth, position_products=args.position_products, local_histograms=args.local_histograms,
+        volume_norm=args.volume_norm)
 
 
 def _print(result) -> None:

@@ -36,6 +36,7 @@ from dpfunc.private import dpadam, privacy_ledger
 from dpfunc.sampling import poisson_sample
 from dpfunc.segmentation._metrics import dice_score, hausdorff95, iou_score, largest_component, mean_ci, predict_volume
 from dpfunc.segmentation._msd import HUWindow, PatientVolume, SliceSelection, read_msd, split_patients
+from dpfunc.segmentation._normalize import VolumeNorm, normalize_volume
 from dpfunc.segmentation._patient import Engine, PackedSegmenter, PrivacyUnit, packed_losses, patient_batch, segmentation_engine, slice_batch
 from dpfunc.step import make_step
 from dpfunc.train import RunResult, _check_finite_losses, _mean_loss
@@ -125,6 +126,11 @@ class SegmentationConfig:
             bins blurred at σ = 3 and 6 px, :data:`HISTOGRAM_SCALES`; ``histogram_scales`` of
             :class:`~dpfunc.models.FixedFeatures`): 34 more fixed channels (148 with the products, 336 trained
             parameters with the default head). False by default (the earlier recipe); the README's best recipe.
+        volume_norm: :class:`~dpfunc.segmentation.VolumeNorm` applied to each patient's windowed volume before
+            anything else (``NONE`` default; ``RANK`` = per-volume histogram equalisation,
+            :func:`~dpfunc.segmentation.rank_normalize`): a function of that patient's own image volume only, so
+            the patient-level guarantee is unchanged. With ``FEATURES`` the soft intensity bins then sit at
+            :data:`RANK_BIN_CENTRES` (rank units) instead of the HU-window centres.
     """
 
     task: str = "liver"
@@ -162,13 +168,14 @@ class SegmentationConfig:
     head_smooth: int = 3
     position_products: bool = True
     local_histograms: bool = False
+    volume_norm: VolumeNorm = VolumeNorm.NONE
 
     def __post_init__(self) -> None:
         fn = "SegmentationConfig"
         if self.task not in TASKS:
             raise ValueError(f"{fn}: task must be one of {TASKS}, got {self.task!r}")
         for name, enum_type in (("unit", PrivacyUnit), ("engine", Engine), ("selection", SliceSelection), ("accountant", Method),
-                                ("lr_schedule", LRSchedule), ("model", SegModel)):
+                                ("lr_schedule", LRSchedule), ("model", SegModel), ("volume_norm", VolumeNorm)):
             object.__setattr__(self, name, check_enum(fn, name, getattr(self, name), enum_type))
         check_int_range(fn, "image_size", self.image_size, low=8, high=1024)
         if self.model is SegModel.UNET and self.image_size % 2**self.depth:
@@ -288,6 +295,8 @@ def summarize_hd95(values: list[float], shape_of: list[tuple[int, ...]],
 def _load(cfg: SegmentationConfig, data_dir: str | Path):
     patients = read_msd(data_dir, image_size=cfg.image_size, window=HUWindow(cfg.window_low, cfg.window_high),
                         selection=cfg.selection, margin=cfg.margin)
+    if cfg.volume_norm is not VolumeNorm.NONE:  # per patient, from that patient's own volume only
+        patients = [p._replace(images=normalize_volume(p.images, cfg.volume_norm)) for p in patients]
     if cfg.model is SegModel.FEATURES:  # the fixed filter bank, once per slice, in the input pipeline
         patients = [p._replace(images=_fixed_features(cfg, p.images)) for p in patients]
     split_key = Key(cfg.seed).fold_in(0)
@@ -299,9 +308,18 @@ HISTOGRAM_SCALES = (3.0, 6.0)
 validation patients of run seeds 0–2 with a closed-form non-private probe, README 'Segmentation under DP')."""
 
 
+RANK_BIN_CENTRES = tuple(round(0.52 + 0.03 * k, 4) for k in range(17))
+"""Soft-bin centres (0.52 … 1.0, 0.03 apart, the same count and spacing as the HU-window default) of the ``FEATURES``
+bank on rank-normalised volumes (``volume_norm=VolumeNorm.RANK``): the upper half of a volume's in-window ranks, where
+soft tissue, organs and contrast lie (below: fat rim, stomach fluid and gas)."""
+
+
 def _bank_kwargs(cfg: SegmentationConfig) -> dict:
     """The :class:`~dpfunc.models.FixedFeatures` options of a ``FEATURES`` configuration."""
-    return {"position_products": cfg.position_products, "histogram_scales": HISTOGRAM_SCALES if cfg.local_histograms else ()}
+    kwargs = {"position_products": cfg.position_products, "histogram_scales": HISTOGRAM_SCALES if cfg.local_histograms else ()}
+    if cfg.volume_norm is VolumeNorm.RANK:
+        kwargs["bin_centres"] = RANK_BIN_CENTRES
+    return kwargs
 
 
 def _fixed_features(cfg: SegmentationConfig, images: torch.Tensor) -> torch.Tensor:
