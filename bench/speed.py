@@ -22,6 +22,10 @@ Method (figures, not a test):
       wall clock: with ``--threads 1`` on a machine that other jobs load, that is close to the step's
       wall time on an idle core (time spent waiting for the core is not counted; cache and memory
       bandwidth shared with the other jobs still are). The load average before and after is recorded.
+      ``--clock thread`` takes the calling (main) thread's CPU time (``time.thread_time``): with several
+      threads and ``OMP_WAIT_POLICY=PASSIVE`` (waiting OpenMP threads sleep instead of spinning) that
+      is a lower bound of the idle wall time — it leaves out the time the main thread waits for a core
+      and for the other threads — and the closest a loaded machine gives to a 2-thread figure.
     * Peak memory: each (configuration, method) runs alone in a fresh subprocess, which reports the
       growth of its peak resident set (``VmHWM``) over its resident set after building model
       and data and one warm-up step whose leftovers (``.grad``, Opacus' ``.grad_sample``) are then
@@ -262,7 +266,8 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time, "thread": time.thread_time}
+_CLOCK_WORDS = {"wall": "wall", "cpu": "process CPU time", "thread": "main-thread CPU time"}
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -415,7 +420,7 @@ def write_report(results, notes, args, show=True):
         f"# One DP-SGD step: time ÷ non-private step (median of {args.repeats}), peak memory growth (MiB)",
         "",
         f"`{meta['command']}` — {meta['device']}, CPU {meta['machine']}, torch {meta['torch']}, {meta['threads']} threads, "
-        f"opacus {meta['opacus']}; clock: {'process CPU time' if args.clock == 'cpu' else 'wall'}; "
+        f"opacus {meta['opacus']}; clock: {_CLOCK_WORDS[args.clock]}; "
         + (f"1-min load average {' → '.join(f'{v:.1f}' for v in meta['load_average'])} (start → end); " if meta["load_average"] else "")
         + f"{meta['allocation']}; "
         "σ = 1, C = 1, flat clipping. Memory: peak RSS of a fresh process over its RSS after setup and a warm-up step "
@@ -491,7 +496,9 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", help="torch device of model and data: cpu, cuda, cuda:N or auto (CUDA when available)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
-                        help="wall (default) or cpu: process CPU time per step, for one thread on a loaded machine")
+                        help="wall (default); cpu: process CPU time per step, for one thread on a loaded machine; "
+                             "thread: the main thread's CPU time (with OMP_WAIT_POLICY=PASSIVE a lower bound of the idle "
+                             "wall time at several threads)")
     parser.add_argument("--malloc-thresholds", type=int, default=None, metavar="BYTES",
                         help="glibc mmap and trim thresholds for the timing process (mallopt), e.g. 1073741824; "
                              "default: glibc's adaptive ones (the output states which)")
