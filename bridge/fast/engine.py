@@ -81,6 +81,12 @@ class _CallRecord:
         return Call(_widen(self.x, dtype), _widen(self.g, dtype), self.weight, saved)
 
 
+def _values(t: Any) -> Any:
+    """``t`` without autograd history (the rules need values only: a kept tensor that still carried its
+    graph would chain every step's graph into the clipped sums and the next parameters)."""
+    return t.detach() if isinstance(t, torch.Tensor) and t.requires_grad else t
+
+
 def _widen(t: Any, dtype: torch.dtype | None) -> Any:
     """``t`` in ``dtype`` when it is a floating tensor narrower than ``dtype`` (else ``t`` itself)."""
     if dtype is None or not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dtype == dtype:
@@ -190,7 +196,7 @@ class FastPass:
     def __init__(self, routing: _Routing, apply_fn, loss_from_output, clipping: Clipping, settings: _Settings, params, buffers):
         self.routing, self.apply_fn, self.loss_from_output = routing, apply_fn, loss_from_output
         self.clipping, self.settings = clipping, settings
-        self.params = {k: v.detach() for k, v in params.items()}
+        self.params = {k: _values(v) for k, v in params.items()}
         self.buffers = buffers
         self.anchor = torch.zeros((), requires_grad=True)
         self.records: dict[_Layer, list[_CallRecord]] = {}
@@ -256,7 +262,9 @@ class FastPass:
             if not isinstance(output, torch.Tensor) or not output.is_floating_point():
                 return None
             inp = args[0] if args else next(iter(kwargs.values()))
-            return self.tap(layer, inp, output, getattr(module, "weight", None), verifying, taps)
+            name = layer.names.get("weight")  # a fast-path weight: its values without the forward's leaf
+            weight = self.params[name] if name is not None else getattr(module, "weight", None)
+            return self.tap(layer, inp, output, weight, verifying, taps)
 
         return hook
 
@@ -264,14 +272,10 @@ class FastPass:
             capture: bool = True) -> torch.Tensor:
         """Record one call of ``layer`` and return the output to hand on: ``output`` itself, a copy of it (the
         first forward, and layers whose output the model modifies in place), or the rule's own tap."""
-        # Detached: the rules need values only. A kept input that still carried its graph would
-        # give the clipped sums (and the next params) a grad_fn chaining every step's graph.
+        # Values only (see _values): input, weight and what the rule captured.
         saved = layer.rule.capture(layer.module, output) if capture else None
-        if isinstance(saved, tuple):
-            saved = tuple(s.detach() if isinstance(s, torch.Tensor) else s for s in saved)
-        if isinstance(weight, torch.Tensor) and weight.requires_grad:  # the forward's leaf: the rules see values only
-            weight = weight.detach()
-        record = _CallRecord(inp.detach() if isinstance(inp, torch.Tensor) else inp, weight, saved)
+        saved = tuple(_values(s) for s in saved) if isinstance(saved, tuple) else saved
+        record = _CallRecord(_values(inp), _values(weight), saved)
         calls = self.records[layer]
         calls.append(record)
         if len(calls) == 1:

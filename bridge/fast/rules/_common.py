@@ -52,7 +52,7 @@ class LayerGrads(NamedTuple):
 
 def _sq(pe: torch.Tensor) -> torch.Tensor:
     """``(B, *shape) -> (B,)`` squared norms, one fused reduction (no squared temporary)."""
-    return torch.linalg.vector_norm(pe.reshape(pe.shape[0], -1), dim=1).square()
+    return torch.linalg.vector_norm(pe if pe.dim() == 2 else pe.reshape(pe.shape[0], -1), dim=1).square()
 
 
 def _cat(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
@@ -63,12 +63,14 @@ def _weighted(c: torch.Tensor, pe: torch.Tensor) -> torch.Tensor:
     """``Σ_i c_i pe_i`` for kept per-example tensors ``pe`` of shape ``(B, *shape)``.
 
     The ``(1, B) @ (B, D)`` product that ``torch.tensordot(c, pe, dims=([0], [0]))`` reduces to, called
-    directly (bit-identical: the same ``mm`` on the same operands), without tensordot's Python wrapper
-    and permutes (≈ 10 µs per parameter and step)."""
+    directly (bit-identical: ``matmul`` of a vector and a matrix is the same ``mm`` on the same operands),
+    without tensordot's Python wrapper and permutes (≈ 10 µs per parameter and step)."""
     d = math.prod(pe.shape[1:])
+    c = c if c.dtype == pe.dtype else c.to(pe.dtype)
     if d == 1:  # one element per example: tensordot takes a dot product here, not this mm
-        return torch.tensordot(c.to(pe.dtype), pe, dims=([0], [0]))
-    return torch.mm(c.to(pe.dtype).view(1, -1), pe.reshape(pe.shape[0], d)).view(pe.shape[1:])
+        return torch.tensordot(c, pe, dims=([0], [0]))
+    out = torch.matmul(c, pe if pe.dim() == 2 else pe.reshape(pe.shape[0], d))
+    return out if pe.dim() == 2 else out.view(pe.shape[1:])
 
 
 def _chunks(b: int, per_example: int, limit: int | None = None, device: torch.device | None = None) -> list[tuple[int, int]]:
