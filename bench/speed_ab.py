@@ -12,7 +12,7 @@ other names and swapped into ``dpfunc.private`` / ``dpfunc.step`` for the durati
     python bench/speed_ab.py --old aefe468 --batch-sizes 64 256 --repeats 31 --clock cpu
 
 Prints, per batch size, the median / first quartile / minimum step time of each method and its ratio
-to the non-private step, the per-round (paired) ratio new fast / old fast, whether old and new fast
+to the non-private step, the per-round (paired) ratio new fast / old fast, the minor page faults per step of each method, whether old and new fast
 parameters are bit-identical after all steps, and the 1-minute load average before and after
 (``/proc/loadavg``).
 """
@@ -149,14 +149,17 @@ def main(argv=None):
                      "new_fast": fast_step(fast_engine, model, x, y),
                      "new_bridge_fast": speed.make_method("dpfunc_bridge_fast", model, x, y)}
             times = {m: [] for m in steps}
+            faults = {m: [] for m in steps}
             load0 = Path("/proc/loadavg").read_text().split()[0]
             for r in range(args.warmup + args.repeats):
                 for m, step in steps.items():
                     gc.collect()
+                    f0 = speed._minor_faults()
                     t0 = clock()
                     step()
                     if r >= args.warmup:
                         times[m].append(clock() - t0)
+                        faults[m].append(speed._minor_faults() - f0)
             load1 = Path("/proc/loadavg").read_text().split()[0]
             same = all(torch.equal(steps["old_fast"].state["params"][k], v) for k, v in steps["new_fast"].state["params"].items())
             print(f"  old and new fast parameters after {args.warmup + args.repeats} steps bit-identical: {same}")
@@ -164,6 +167,7 @@ def main(argv=None):
             for label, stat in (("median", statistics.median), ("q1", lambda v: statistics.quantiles(v, n=4)[0]), ("min", min)):
                 s = {m: stat(v) for m, v in times.items()}
                 print(f"  {label:6s} " + "  ".join(f"{m} {s[m] * 1e3:.2f} ms ({s[m] / s['nonprivate']:.3f}x)" for m in steps))
+            print("  minor page faults per step (median): " + ", ".join(f"{m} {statistics.median(v):.0f}" for m, v in faults.items()))
             # Paired: the same round's steps saw the same load, so per-round ratios cancel most of it.
             paired = sorted(n / o for n, o in zip(times["new_fast"], times["old_fast"]))
             diff = statistics.median(n - o for n, o in zip(times["new_fast"], times["old_fast"]))
