@@ -97,16 +97,21 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sampling_rate: flo
     def eps_of(sigma: float, m=acc) -> float:
         return epsilon(_event(sigma, q, steps), delta, m, neighboring=neighboring)
 
-    if isinstance(acc, PLD):  # RDP is an upper bound on PLD's ε: its σ is feasible for PLD
+    hi = 1.0
+    if isinstance(acc, PLD):  # RDP is an upper bound on PLD's ε: its σ (when RDP reaches the target) is feasible
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", CalibrationWarning)
-            hi = noise_multiplier_for(target, delta, q, steps, RDP(), neighboring=neighboring)
-    else:
-        hi = 1.0
+            try:
+                hi = noise_multiplier_for(target, delta, q, steps, RDP(), neighboring=neighboring)
+            except ValueError:  # RDP's conversion has a floor (finite orders) that PLD does not: search from σ = 1
+                hi = 1.0
     while eps_of(hi) > target:  # make sure the upper end of the bracket is feasible
         hi *= 2
         if hi > 1e8:
-            raise ValueError(f"{fn}: target_epsilon={target!r} unreachable at delta={delta!r} even with σ=1e8")
+            floor = (f"; the {acc.method.value.upper()} accountant gives ε={eps_of(hi):.3g} there (its own floor, not "
+                     "the mechanism's: RDP's conversion over finite orders cannot go below it; method=PLD() can)"
+                     if not isinstance(acc, PLD) else "")
+            raise ValueError(f"{fn}: target_epsilon={target!r} unreachable at delta={delta!r} even with σ=1e8{floor}")
     lo = hi
     while True:
         lo = lo / 1.25
