@@ -146,8 +146,9 @@ def steps_for(target_epsilon: float, delta: float, noise_multiplier: float, samp
 def _max_steps(fn: str, eps_of: Callable[[int], float], target: float, start, rdp_guess) -> int:
     if eps_of(1) > target:
         raise ValueError(f"{fn}: target_epsilon={target!r} is unreachable: a single step already costs ε={eps_of(1)!r}")
-    lo = 1 if start is not None else max(1, rdp_guess())  # feasible (RDP's ε is above PLD's)
-    hi = max(2, lo * 2 if start is not None else int(lo * 1.25) + 1)
+    guess = None if start is not None else rdp_guess()  # None: RDP cannot reach the target (its floor)
+    lo = 1 if guess is None else max(1, guess)  # feasible (RDP's ε is above PLD's)
+    hi = max(2, lo * 2 if guess is None else int(lo * 1.25) + 1)
     if eps_of(lo) > target:  # defensive: never trust the guess
         lo, hi = 1, lo
     return largest_feasible(eps_of, target, lo, hi)
@@ -185,10 +186,8 @@ def sampling_rate_for(target_epsilon: float, delta: float, noise_multiplier: flo
         return 1.0
     hi, lo = 1.0, 0.5
     if isinstance(acc, PLD):  # the RDP answer is feasible for PLD (RDP's ε is above PLD's): bracket upwards
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", CalibrationWarning)
-            q_rdp = sampling_rate_for(target, delta, sigma, steps, RDP(), neighboring=neighboring)
-        if eps_of(q_rdp) <= target:
+        q_rdp = _quiet(sampling_rate_for, target, delta, sigma, steps, RDP(), neighboring=neighboring)
+        if q_rdp is not None and eps_of(q_rdp) <= target:
             lo, hi = q_rdp, min(1.0, q_rdp * 1.25)
             while hi < 1.0 and eps_of(hi) <= target:
                 lo, hi = hi, min(1.0, hi * 1.25)
@@ -204,7 +203,12 @@ def sampling_rate_for(target_epsilon: float, delta: float, noise_multiplier: flo
 
 
 def _quiet(fn, *args, **kwargs):
-    """Call a calibration function for an internal bracket, without its CalibrationWarning."""
+    """Call a calibration function for an internal (RDP) bracket, without its CalibrationWarning; None when
+    it raises: RDP's conversion over finite orders has an ε floor (≈ 0.0035 at δ = 1e-5) that PLD does not,
+    so an RDP "unreachable" says nothing about PLD."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except ValueError:
+            return None
