@@ -245,6 +245,29 @@ def test_conv_every_kernel_path_with_bias_in_one_or_several_chunks(path, channel
          fast_layers.WORKING_SET_ELEMENTS, _common._CHUNK_ELEMENTS) = knobs
 
 
+@pytest.mark.parametrize("kernel, stride, dilation, padding", [
+    ((3, 3), (1, 1), (1, 1), (1, 1)),  # one kernel offset reads real pixels at every output: the sum starts from it
+    ((3, 2), (1, 1), (1, 1), (0, 0)),  # no padding: every offset at every output
+    ((1, 1), (1, 1), (1, 1), (2, 1)),  # border outputs read only padding: a zero-filled start
+    ((2, 3), (2, 3), (2, 1), (5, 3)),  # strided, dilated, outputs past the input on both sides
+])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_pixel_gram_norm_equals_unfolded_gram_without_materialised_padding(kernel, stride, dilation, padding, groups):
+    """``_pixel_gram_sq`` (zero padding not materialised: per kernel offset, only output pairs that read real
+    pixels) equals ``Σ_ts (u_t·u_s)(g_t·g_s)`` from torch's own ``F.unfold`` of the padded input, per group."""
+    gen = torch.Generator().manual_seed(11)
+    n, c_in, c_out = 3, 2 * groups, 3 * groups
+    x = torch.randn((n, c_in, 6, 7), generator=gen, dtype=torch.float64)
+    u = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (n, C·K, T), groups' rows in blocks
+    t = u.shape[2]
+    g = torch.randn((n, c_out, t), generator=gen, dtype=torch.float64)
+    uu = u.view(n, groups, -1, t).transpose(2, 3) @ u.view(n, groups, -1, t)
+    gg = g.view(n, groups, -1, t).transpose(2, 3) @ g.view(n, groups, -1, t)
+    ref = (uu * gg).sum((1, 2, 3))
+    got = fast_layers._pixel_gram_sq(x, padding, g, kernel, stride, dilation, groups)
+    torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_norm_plan_is_shape_only_and_picks_pixel_gram_on_small_maps():
     """The cost model sees shapes only; on the CNN's layers it picks instantiation for the 28×28 and 14×14
     layers and the pixel-Gram ghost norm for the 7×7, 32 → 64 layer (3×3 kernels, padding 1)."""
