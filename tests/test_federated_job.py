@@ -95,16 +95,36 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, data_dir):
     assert full["test"] == resumed["test"] and full["sites"] == resumed["sites"]
 
 
-def test_failed_round_leaves_last_checkpoint_intact(tmp_path, data_dir):
+def test_failed_round_keeps_the_model_and_charges_the_asked_sites(tmp_path, data_dir):
+    """Round 1: site 0 answers (its update reaches the server), site 1 is down, min_sites = 2. The model and
+    history stay those of round 1, but both sites' ledgers are charged the failed round: the run's ε
+    never under-reports a release (it did, by one round, when the checkpoint was left as it was)."""
     cfg = FederatedConfig(**{**TINY, "min_sites": 2})
     seen = {"data_dir": data_dir, "run_dir": tmp_path / "r"}
-    with pytest.raises(RoundFailedError, match="round 1 failed.*at least 2 needed.*site down"):
+    inner = _faulty(99, None, seen)
+
+    def executor(setup, model):
+        sites = inner(setup, model)
+
+        def answers(state, selected):
+            if state.round == 1:
+                seen["before"] = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["state"]
+                return {**sites(state, [0]), 1: RuntimeError("site down")}
+            return sites(state, selected)
+        return answers
+
+    with pytest.raises(RoundFailedError, match="round 1 failed.*at least 2 needed.*site down.*charged"):
         run_federated(cfg, data_dir=data_dir, run_dir=tmp_path / "r", progress=False, log=lambda s: None,
-                      executor=_faulty(1, None, seen))
-    ckpt = tmp_path / "r" / "checkpoint.pt"
-    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == seen["bytes_before"]
-    saved = load_checkpoint(ckpt)
-    assert saved["state"].round == 1 and len(saved["history"]) == 1
+                      executor=executor)
+    saved = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    before, after = seen["before"], saved["state"]
+    assert after.round == 1 and len(saved["history"]) == 1
+    for k in before.params:
+        assert torch.equal(before.params[k], after.params[k]), k
+    for b, a in zip(before.sites, after.sites):
+        k = a.steps - b.steps
+        assert k > 0 and a.ledger.total_steps == b.ledger.total_steps + k  # charged one round, fresh keys next
+        assert a.ledger.phases[-1].noise_multiplier == b.ledger.phases[-1].noise_multiplier
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 

@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from dpfunc import accounting
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import pneumoniamnist
-from dpfunc.federated.aggregate import Aggregator, fedadam, fedavgm
+from dpfunc.federated.aggregate import AggregationError, Aggregator, fedadam, fedavgm
 from dpfunc.federated.partition import Partition, partition_indices
 from dpfunc.federated.registry import AGGREGATORS, make_aggregator
 from dpfunc.federated.rounds import InProcessSites, RoundFailedError, ServerState, apply_round, init_server_state, select_sites
-from dpfunc.federated.site import SitePlan, init_site_state, site_key
+from dpfunc.federated.site import SitePlan, charge_site, init_site_state, site_key
 from dpfunc.keys import Key
 from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
@@ -456,8 +456,10 @@ def run_federated(
         The metrics dict also written as ``metrics.json``.
 
     Raises:
-        RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint of
-            the last complete round is left as it was.
+        RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint keeps
+            the last complete round's model and charges each site asked in the failed round with that round
+            (its answer may have reached the server); a failure inside secure aggregation (nothing
+            unmasked) leaves the checkpoint as it was.
     """
     from dpfunc.train import evaluate_scores
 
@@ -505,8 +507,19 @@ def run_federated(
             t0 = time.perf_counter()
             selected = select_sites(setup.select_key, state.round, len(setup.plans), cfg.fraction)
             answers = answers_fn(state, selected)
-            state, report = apply_round(state, selected, answers, plans=setup.plans, aggregator=aggregator,
-                                        server_tx=server_tx, min_sites=cfg.min_sites, average_decay=cfg.average_decay)
+            try:
+                state, report = apply_round(state, selected, answers, plans=setup.plans, aggregator=aggregator,
+                                            server_tx=server_tx, min_sites=cfg.min_sites, average_decay=cfg.average_decay)
+            except RoundFailedError as e:
+                if e.report is not None and not isinstance(e.__cause__, AggregationError):
+                    # Too few answers: those that came reached the server in the clear (a secure aggregation
+                    # that failed unmasked nothing). The checkpoint charges every asked site, step counters
+                    # included, so an abandoned run never under-reports and a resumed retry draws fresh keys.
+                    charged = list(state.sites)
+                    for s in e.report.selected:
+                        charged[s] = charge_site(charged[s], setup.plans[s])
+                    save_progress(run_path, cfg, state._replace(sites=tuple(charged)), history, elapsed, best)
+                raise
             elapsed += time.perf_counter() - t0
             released = state.average if state.average is not None else state.params  # the averaged global model
             vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, released, buffers, val_set))

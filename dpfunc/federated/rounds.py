@@ -59,11 +59,13 @@ class RoundReport(NamedTuple):
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than ``min_sites`` usable answers: nothing of the round is applied, ledgers included.
+    """Fewer than ``min_sites`` usable answers: nothing of the round is applied to the returned state.
 
-    The sites that answered did release that round's outputs to the server. Retrying the round from the
-    same state recomputes them exactly (same keys, same data), so the retry's ledger entry covers both;
-    a run abandoned here under-reports each asked site's ledger by one round.
+    The sites that answered did release that round's outputs to the server, so
+    :func:`~dpfunc.federated.job.run_federated` checkpoints the failed round with every asked site
+    charged (:func:`~dpfunc.federated.charge_site`: ledger and step counter), as an abandoned run's ε
+    must count them and a retry must not reuse their noise keys (a retry on other hardware is not bit
+    for bit the same release). A failure inside secure aggregation unmasks nothing and charges nothing.
     """
 
     def __init__(self, report: RoundReport | None, min_sites: int = 0, *, message: str | None = None):
@@ -72,7 +74,8 @@ class RoundFailedError(RuntimeError):
             reasons = "; ".join(f"site {s}: {r}" for s, r in sorted(report.excluded.items())) or "none"
             message = (f"round {report.round} failed: {len(report.applied)} usable answer(s) from sites "
                        f"{list(report.applied)}, at least {min_sites} needed (--min-sites). Excluded: {reasons}. "
-                       f"Nothing was applied; the last checkpoint is unchanged.")
+                       f"Nothing was applied to the model; the answers that came reached the server, so each asked site is charged "
+                       f"the round.")
         super().__init__(message)
 
     @classmethod

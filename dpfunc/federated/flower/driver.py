@@ -318,7 +318,8 @@ def run_flower(
         The metrics dict (``run_dir/metrics.json``).
 
     Raises:
-        RoundFailedError: a round had fewer than ``min_sites`` usable answers (checkpoint intact).
+        RoundFailedError: a round had fewer than ``min_sites`` usable answers (the checkpoint keeps the last
+            complete round's model and charges each site asked in the failed round).
         FlowerRunError: anything else that kept the run from completing, with the log's tail.
     """
     run_path = Path(run_dir).resolve()
