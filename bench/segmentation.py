@@ -81,11 +81,15 @@ FEATURE_LH_RECIPE = {**FEATURE_POS_RECIPE, "local_histograms": True}
 """'features+lh' settings: 'features+pos' + local soft histograms (the σ = 1 bins blurred at σ 3 and 6 px: 148 features,
 2·148 + 2 + 38 = 336 trained parameters); the bank chosen on the validation patients of seeds 0–2 (README)."""
 
-FEATURE_RANK_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank"}
+FEATURE_RANK_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_rate": 0.04}
 """'features+rank' settings: 'features+lh' on per-patient rank-normalised volumes (``VolumeNorm.RANK``: each in-window
-pixel's rank in the patient's own volume; the soft bins at ``RANK_BIN_CENTRES``): the same 148 features and 336 trained
-parameters; the normalisation is a function of each patient alone (no privacy cost). Chosen on validation patients and on
-40 extra phantoms of another phantom seed (never the test patients; README)."""
+pixel's rank in the patient's own volume; the soft bins at ``RANK_BIN_CENTRES``), Adam lr 0.04: the same 148 features and
+336 trained parameters; the normalisation is a function of each patient alone (no privacy cost). Chosen on validation
+patients and on 40 extra phantoms of another phantom seed (never the test patients; README)."""
+
+FEATURE_RANK_C_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_rate": 0.02, "max_grad_norm": 0.3}
+"""'features+rank+C0.3' settings: 'features+lh' on rank-normalised volumes with Adam lr 0.02 and the clipping bound C = 0.3
+(the DP arms; the non-private arm does not clip): the README's recipe, chosen on validation patients and the extra phantoms."""
 
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
@@ -101,7 +105,10 @@ SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, ep
             "features+lh, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_LH_RECIPE),
             "features+rank, non-private": dict(private=False, **FEATURE_RANK_RECIPE),
             "features+rank, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RANK_RECIPE),
-            "features+rank, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_RECIPE)}
+            "features+rank, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_RECIPE),
+            "features+rank+C0.3, non-private": dict(private=False, **FEATURE_RANK_C_RECIPE),
+            "features+rank+C0.3, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RANK_C_RECIPE),
+            "features+rank+C0.3, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_C_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -259,7 +266,7 @@ def report(payload: dict) -> str:
                       f"(132 trained parameters; Tramèr & Boneh 2021); 'features+pos' adds the bin × position products (114 "
                       f"channels, 268 parameters); 'features+lh' adds local soft histograms to 'features+pos' (148 channels, 336 "
                       f"parameters); 'features+rank' is 'features+lh' on per-patient rank-normalised volumes (the same 148 channels, "
-                      f"336 parameters, the bins in rank units). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"336 parameters, the bins in rank units, Adam lr 0.04). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
                       f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
