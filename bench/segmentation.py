@@ -266,7 +266,8 @@ def report(payload: dict) -> str:
                       f"(132 trained parameters; Tramèr & Boneh 2021); 'features+pos' adds the bin × position products (114 "
                       f"channels, 268 parameters); 'features+lh' adds local soft histograms to 'features+pos' (148 channels, 336 "
                       f"parameters); 'features+rank' is 'features+lh' on per-patient rank-normalised volumes (the same 148 channels, "
-                      f"336 parameters, the bins in rank units, Adam lr 0.04). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"336 parameters, the bins in rank units, Adam lr 0.04); 'features+rank+C0.3' is the same with Adam lr 0.02 and the "
+                      f"clipping bound C = 0.3 (the README's recipe). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
                       f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:

@@ -130,7 +130,8 @@ class SegmentationConfig:
             anything else (``NONE`` default; ``RANK`` = per-volume histogram equalisation,
             :func:`~dpfunc.segmentation.rank_normalize`): a function of that patient's own image volume only, so
             the patient-level guarantee is unchanged. With ``FEATURES`` the soft intensity bins then sit at
-            :data:`RANK_BIN_CENTRES` (rank units) instead of the HU-window centres.
+            :data:`RANK_BIN_CENTRES` (rank units) instead of the HU-window centres. With ``local_histograms``,
+            ``max_grad_norm=0.3``, lr 0.02, 24 patients per step and 60 epochs: the README's best private recipe.
     """
 
     task: str = "liver"
