@@ -74,9 +74,10 @@ def _out_sizes(x: torch.Tensor, kernel, stride, padding, dilation) -> list[int]:
     return [(x.shape[2 + i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) - 1) // stride[i] + 1 for i in range(x.dim() - 2)]
 
 
-def _unfold(x: torch.Tensor, kernel, stride, padding, dilation, t: int) -> torch.Tensor:
+def _unfold(x: torch.Tensor, kernel, stride, padding, dilation, t: int, ones_groups: int = 0) -> torch.Tensor:
     """``F.unfold`` for 1-D and 2-D convs, ``(n, C, *S) -> (n, C·K, T)``, as a strided view copied once
-    (several times faster than ``im2col`` on CPU)."""
+    (several times faster than ``im2col`` on CPU). With ``ones_groups`` = G > 0: ``(n, G·(C_g·K + 1), T)``,
+    each group's ``C_g·K`` rows followed by a row of ones."""
     if any(padding):
         x = F.pad(x, [p for p in reversed(padding) for _ in (0, 1)])
     n, c = x.shape[:2]
@@ -87,7 +88,13 @@ def _unfold(x: torch.Tensor, kernel, stride, padding, dilation, t: int) -> torch
         (x.stride(0), x.stride(1), *(d * s for d, s in zip(dilation, sp)), *(st * s for st, s in zip(stride, sp))),
         x.storage_offset(),
     )
-    return view.reshape(n, c * math.prod(kernel), t)
+    if not ones_groups:
+        return view.reshape(n, c * math.prod(kernel), t)
+    rows = c // ones_groups * math.prod(kernel)
+    out = x.new_empty((n, ones_groups, rows + 1, t))
+    out[:, :, :rows].view(n, ones_groups, c // ones_groups, *kernel, *out_sizes).copy_(view.view(n, ones_groups, c // ones_groups, *kernel, *out_sizes))
+    out[:, :, rows].fill_(1)
+    return out.view(n, ones_groups * (rows + 1), t)
 
 
 def _unfold_channels_last(x: torch.Tensor, kernel, stride, padding, dilation, groups: int) -> torch.Tensor:
@@ -247,7 +254,7 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
     t_total = sum(g.shape[2] for g in gs)
     sq: dict[str, torch.Tensor] = {}
     kept: dict[str, torch.Tensor] = {}
-    pe_b = None  # per-example bias gradients from the grouped weight-gradient kernel (same pass over g)
+    pe_b = None  # per-example bias gradients from the pass over g that gives the weight's (grouped kernel, bmm)
     to_weight = None  # kept per-example weight gradients in another layout: their weighted sum -> the weight's
     if "weight" in attrs:
         # ghost norm (unfolded, or from the pixel Gram on one call) or instantiation: the fewest
@@ -271,14 +278,20 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
             # Grams; for instantiation the per-example gradient)
             per_ex = unfold_el + 2 * groups * t_total * t_total if use_ghost else groups * t_total * d_g + weight.numel()
         channels_last = _channels_last(d_g // math.prod(kernel), kernel, out0, stride)  # one layout for all calls
+        # unfold + bmm on the channels-first layout: a row of ones under each group's unfolded input makes the
+        # bmm's last row the per-example bias gradient Σ_t g_t (one GEMM row instead of a separate g.sum pass)
+        ones = int("bias" in attrs and not use_ghost and not grouped and not channels_last)
+        if ones:
+            per_ex += groups * (t_total + p_g)
         # the pixel Gram and the unfold run in batch chunks of WORKING_SET_ELEMENTS: their temporaries are reused
         # from chunk to chunk instead of being memory the size of the batch
         chunks = _chunks(b, per_ex, None if grouped else WORKING_SET_ELEMENTS, weight.device)
         # kept per-example gradients: written chunk by chunk into one (B, ...) buffer (one chunk: its own result)
         pe_w = None
         if not use_ghost and not grouped:  # per example (G, p_g, d_g), columns (*K, C_g); or (G, d_g, p_g), channels first
-            shape = (groups, p_g, d_g) if channels_last else (groups, d_g, p_g)
-            to_weight = (lambda s: _kc_to_ck(s, kernel)) if channels_last else (lambda s: s.transpose(-1, -2))
+            shape = (groups, p_g, d_g) if channels_last else (groups, d_g + ones, p_g)
+            # channels first: the weighted sum's bias row (ones) is dropped
+            to_weight = (lambda s: _kc_to_ck(s, kernel)) if channels_last else (lambda s: s[..., :d_g, :].transpose(-1, -2))
             if keep and len(chunks) > 1:
                 pe_w = weight.new_empty((b, *shape))
         elif grouped and keep and len(chunks) > 1:
@@ -314,6 +327,8 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
             for (xin, pad), g in zip(inputs, gs):
                 if channels_last:  # columns in (*K, C_g) order
                     rows.append(_unfold_channels_last(xin[lo:hi], kernel, stride, pad, dilation, groups).flatten(0, 1))
+                elif ones:  # columns in the weight's (C_g, *K) order, then the ones
+                    rows.append(_unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2], groups).view(n * groups, d_g + 1, -1).transpose(1, 2))
                 else:  # columns in the weight's (C_g, *K) order
                     rows.append(_unfold(xin[lo:hi], kernel, stride, pad, dilation, g.shape[2]).view(n * groups, d_g, -1).transpose(1, 2))
                 gcols.append(g[lo:hi].reshape(n * groups, p_g, -1))
@@ -330,7 +345,18 @@ def conv(module: nn.Module, calls: Sequence[Call], attrs: frozenset, ghost: bool
                     out = torch.bmm(a_, b_, out=out) if out is not None else torch.bmm(a_, b_)
                 else:
                     out.baddbmm_(a_, b_)
-            sq_w[lo:hi] = _sq(out.view(n, -1))
+            if ones:  # (n, G, d_g + 1, p_g): the weight's rows, then the bias gradient's
+                rows4 = out.view(n, groups, d_g + 1, p_g)
+                sq_w[lo:hi] = torch.linalg.vector_norm(rows4[:, :, :d_g], dim=(1, 2, 3)).square()
+                pb = rows4[:, :, d_g].reshape(n, c_out)
+                if len(chunks) == 1:
+                    pe_b = pb
+                else:
+                    if pe_b is None:
+                        pe_b = weight.new_empty((b, c_out))
+                    pe_b[lo:hi] = pb
+            else:
+                sq_w[lo:hi] = _sq(out.view(n, -1))
             if keep and pe_w is None:
                 pe_w = out.view(n, *shape)
         sq["weight"] = sq_w
