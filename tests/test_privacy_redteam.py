@@ -98,3 +98,21 @@ def test_federated_site_epsilon_matches_an_independent_accountant(data_dir):
         assert site["epsilon"] == pytest.approx(ref, rel=2e-3, abs=1e-6), (s, site, ref)
         assert site["epsilon"] <= cfg.epsilon
     assert m["epsilon"] == max(s["epsilon"] for s in m["sites"])
+
+
+def test_a_delta_not_below_one_over_n_is_warned_about():
+    """δ ≥ 1/n is a vacuous guarantee (publishing one random record is (0, 1/n)-DP): `dpfunc train` and each
+    federated site's plan warn (they said nothing: `dpfunc train --train-subset 600 --delta 0.01` ran quietly)."""
+    import warnings
+
+    from dpfunc.federated.job import FederatedConfig, plans_for
+    from dpfunc.train import TrainConfig, _plan
+
+    with pytest.warns(UserWarning, match=r"train: delta=0\.01 is not below 1/n = 1/600"):
+        _plan(TrainConfig(delta=0.01, batch_size=60, epochs=1), 600)
+    with pytest.warns(UserWarning, match=r"run_federated: delta=0\.01 is not below 1/n = 1/100"):
+        plans_for(FederatedConfig(sites=2, rounds=1, delta=0.01, batch_size=20, accountant="rdp"), [1000, 100])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _plan(TrainConfig(delta=1e-3, batch_size=60, epochs=1), 600)  # 1e-3 < 1/600: no warning
+        _plan(TrainConfig(delta=0.5, batch_size=60, epochs=1, private=False), 600)  # non-private: no δ at all

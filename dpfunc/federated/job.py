@@ -254,8 +254,11 @@ def _calibrate(epsilon: float, delta: float, q: float, steps: int, method: str) 
 
 def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
     """Each site's plan with σ_s calibrated so that R rounds of its local steps spend ε ≤ target."""
+    from dpfunc.train import warn_vacuous_delta
+
     plans = []
     for n in sizes:
+        warn_vacuous_delta("run_federated", cfg.delta, n, unit="examples at one site")
         draft = SitePlan(n, cfg.batch_size, cfg.local_epochs, 1.0, cfg.max_grad_norm, cfg.learning_rate, cfg.momentum,
                          cfg.local_steps)
         sigma = _calibrate(cfg.epsilon, cfg.delta, draft.sampling_rate, cfg.rounds * draft.steps_per_round, cfg.accountant)
