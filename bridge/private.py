@@ -49,6 +49,7 @@ Edge cases:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -122,7 +123,8 @@ def make_private(
         criterion: optional, for its ``reduction`` (``"mean"`` or ``"sum"``); default reduction "mean".
         loss_reduction: ``"mean"`` or ``"sum"``: how the loss used in ``backward`` reduces over the batch.
         poisson_sampling: True (default): Poisson batches with ``q = 1/len(data_loader)``. False keeps
-            the loader's own batches (the accounting then assumes sampling that did not happen).
+            the loader's own batches and warns: the accounting then assumes sampling that did not happen
+            (shuffling can cost more ε than the Poisson analysis reports).
         clipping: ``"flat"``, ``"per_layer"`` (``C`` split equally over layers), ``"adaptive"`` (Andrew et
             al. 2021: ``max_grad_norm`` is the initial bound, which follows the median gradient norm with
             η = 0.2 and count noise σ_b = expected batch size / 20; see :mod:`dpfunc.adaptive_clipping`)
@@ -208,6 +210,12 @@ def make_private(
         data_loader, key=sample_key, poisson_sampling=poisson_sampling, max_physical_batch_size=max_physical_batch_size, plan=plan,
         rank=rank, world_size=world_size,
     )
+    if not poisson_sampling:
+        warnings.warn(f"{fn}: poisson_sampling=False keeps the loader's own batches, but ε is computed as if every "
+                      f"example joined each batch independently with probability q = {q:.4g} (Poisson sampling). "
+                      f"Shuffled fixed-size batches are not covered by that analysis and can cost more ε than it "
+                      f"reports (Chua et al., ICML 2024); keep poisson_sampling=True for the stated guarantee",
+                      UserWarning, stacklevel=2)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError(f"{fn}: give exactly one of noise_multiplier and target_epsilon (with target_delta and epochs)")
     if target_epsilon is not None:

@@ -346,3 +346,22 @@ def test_bridge_per_example_gradients_equal_loop_oracle(data):
             expected[k] += f * oracle_grads[i][k]
     for k, p in net.named_parameters():
         torch.testing.assert_close(p.grad, expected[k] / (n / 3), rtol=1e-9, atol=1e-12)
+
+
+def test_fixed_batches_warn_that_the_poisson_accounting_does_not_cover_them():
+    """poisson_sampling=False keeps shuffled fixed-size batches but the ledger records Poisson sampling at
+    q = 1/len(loader): make_private says so (it was silent), and the default (Poisson) does not warn."""
+    import warnings
+
+    X, Y = _data()
+    kwargs = dict(key=Key(0), noise_multiplier=1.0, max_grad_norm=1.0)
+
+    def fresh():
+        net = _mlp()
+        return net, torch.optim.SGD(net.parameters(), lr=0.1), DataLoader(TensorDataset(X, Y), batch_size=8, shuffle=True)
+
+    with pytest.warns(UserWarning, match=r"poisson_sampling=False .* q = 0\.25 .*not covered"):
+        make_private(*fresh(), poisson_sampling=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_private(*fresh(), **kwargs)
