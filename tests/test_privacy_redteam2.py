@@ -63,3 +63,28 @@ def test_pld_builds_each_distinct_phase_grid_once_per_query(monkeypatch):
     eps = epsilon(ledger, 1e-5, PLD(1e-2))
     assert math.isfinite(eps) and eps > 0
     assert len(calls) == len(set(calls)) == 80, (len(calls), len(set(calls)))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_slice_unit_accounts_over_training_slices_and_labels_epsilon_per_slice(tmp_path):
+    """``unit=SLICE``: q must be the expected slices per step over the number of TRAINING slices (not
+    patients), the ledger must hold exactly that q, and every log line with an ε must say "per slice"."""
+    pytest.importorskip("nibabel", reason="the phantom path writes NIfTI")
+    from dpfunc.accounting import dpsgd_epsilon
+    from dpfunc.segmentation import SegmentationConfig, make_phantoms, train_segmentation
+
+    data = make_phantoms(tmp_path / "liver", patients=5, seed=3, size=16, slices=4, progress=False)
+    cfg = SegmentationConfig(epsilon=None, noise_multiplier=1.5, unit="slice", image_size=16, width=2, depth=1, groups=1,
+                             epochs=2, batch_size=3, accountant="rdp", seed=0, selection="all")
+    lines = []
+    result = train_segmentation(cfg, data_dir=data, run_dir=tmp_path / "run", progress=False, log=lines.append,
+                                bootstrap_resamples=20)
+    start = next(s for s in lines if s.startswith("DP (unit = slice)"))
+    n_slices = int(start.split("n=")[1].split()[0])
+    assert "slices" in start and n_slices > 5  # slices, not the ≤ 5 patients
+    assert result.sampling_rate == pytest.approx(3 / n_slices)
+    steps = max(1, round(n_slices / 3)) * 2
+    assert result.steps == steps
+    assert result.epsilon == pytest.approx(dpsgd_epsilon(1.5, 3 / n_slices, steps, cfg.delta, method="rdp"), rel=1e-9)
+    epoch_lines = [s for s in lines if s.startswith("epoch")]
+    assert len(epoch_lines) == 2 and all("per slice" in s for s in epoch_lines), epoch_lines

@@ -516,7 +516,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
             with bar.external_write_mode():
                 eps_text = "∞" if eps_spent is None else f"{eps_spent:.3f}"
                 log(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {record['train_loss']:.4f}  val Dice {record['val_dice']:.4f}  "
-                    f"ε {eps_text}  ({elapsed:.0f}s)")
+                    f"ε {eps_text}{'' if eps_spent is None else ' per ' + cfg.unit.value}  ({elapsed:.0f}s)")
     finally:
         bar.close()
 
@@ -555,8 +555,10 @@ def _write_outputs(run_path: Path, result: SegmentationResult, apply_fn, params,
     largest_only = bool(result.config.get("largest_component", False))
     plot_overlays(test_set[:4], [_predict(apply_fn, params, buffers, p.images, largest_only) for p in test_set[:4]],
                   run_path / "overlays.png")
+    private = result.config["private"]
     plot_training_curves(result.history, run_path / "training.png", metric="val_dice",
-                         epsilon="epsilon" if result.config["private"] else "__none__")
+                         epsilon="epsilon" if private else "__none__",
+                         title=f"ε per {result.config['unit']} (δ = {result.delta:g})" if private else None)
 
 
 def evaluate_segmentation_run(run_dir: str | Path, *, data_dir: str | Path | None = None, bootstrap_resamples: int = 1000,
