@@ -22,8 +22,9 @@ Privacy (parallel composition):
     is asked to train (no amplification by site sampling is claimed); a site that was asked and failed
     is charged the full round (it may have trained before failing), so the report is an upper bound.
     σ_s is calibrated for the worst case (the site trains in every round), so ε_s ≤ target always.
-    The guarantee is NOT user-level across sites (a patient seen by two hospitals counts twice), and
-    training losses in reports are computed from raw batches (not private, diagnostics only).
+    The guarantee is NOT user-level across sites (a patient seen by two hospitals counts twice). By
+    default a site sends no raw training statistic (``SiteUpdate.loss`` is NaN); the opt-in
+    ``report_train_loss`` / ``site_round(report_loss=True)`` sends its raw mean loss, NOT covered by ε.
 
 Plugging in another aggregation (e.g. secure aggregation, issue 14):
     Implement the :class:`Aggregator` protocol — one method,

@@ -70,6 +70,10 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--colluding", type=int, default=d.colluding_sites,
                    help="with --distributed-noise: sites assumed to collude with the server (< threshold t, a majority "
                         "of the sites asked per round)")
+    p.add_argument("--report-train-loss", action="store_true",
+                   help="debugging only: each site also sends its raw mean training loss every round (logged, "
+                        "'train_loss' in metrics.json). NOT covered by ε: a non-private statistic of the site's data "
+                        "given to the server. Default: sites send only their DP model")
     p.add_argument("--grad-engine", choices=["fast", "vmap"], default=d.grad_engine, help="per-example clipping engine")
     p.add_argument("--accountant", choices=["pld", "rdp"], default=d.accountant, help="calibration and ε reports")
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples (demos, tests)")
@@ -105,7 +109,7 @@ def config_from_args(args: argparse.Namespace):
         server_optimizer=args.server_optimizer, server_learning_rate=args.server_lr, average_decay=args.average_decay,
         server_momentum=args.server_momentum,
         aggregator="secagg" if args.secure_aggregation or args.distributed_noise else args.aggregator,
-        distributed_noise=args.distributed_noise, colluding_sites=args.colluding,
+        distributed_noise=args.distributed_noise, colluding_sites=args.colluding, report_train_loss=args.report_train_loss,
         engine=args.engine,
         grad_engine=args.grad_engine, train_subset=args.train_subset, round_timeout=args.round_timeout,
         accountant=args.accountant, seed=args.seed)

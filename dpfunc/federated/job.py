@@ -86,6 +86,11 @@ class FederatedConfig:
             the noise; needs ``aggregator="secagg"``, the in-process engine, ``local_epochs=1``, ``fedavg``.
         colluding_sites: ``c``, the most sites assumed to share their noise with the server (distributed
             noise only); ``0 ≤ c < t``, ``t`` a majority of the sites asked per round.
+        report_train_loss: each site also sends its raw mean training loss of the round (``train_loss`` in
+            the history and log). NOT covered by the sites' (ε, δ): a statistic of raw data sent to the
+            (untrusted) server every round — for debugging only. Default False: nothing but the DP model
+            (or its masked share) leaves a site, and the server's curve is its own validation metrics. Over
+            Flower a site sends it only if its SuperNode's node config also says ``report-train-loss=1``.
         seed: root of every key (init, partition, site selection, each site's sampling and noise).
     """
 
@@ -117,6 +122,7 @@ class FederatedConfig:
     alone: int | None = None
     distributed_noise: bool = False
     colluding_sites: int = 0
+    report_train_loss: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -157,6 +163,8 @@ class FederatedConfig:
         if self.accountant not in ("pld", "rdp"):
             raise ValueError(f"{fn}: accountant must be 'pld' or 'rdp', got {self.accountant!r}")
         check_number(fn, "average_decay", self.average_decay, low=0.0, high=1.0, high_open=True)
+        if not isinstance(self.report_train_loss, bool):
+            raise ValueError(f"{fn}: report_train_loss must be a bool, got {self.report_train_loss!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"{fn}: seed must be an int (0 is valid), got {self.seed!r}")
         if self.alone is not None:
@@ -485,7 +493,7 @@ def run_federated(
     if executor is None:  # each site's shard lives on the device; site_round computes there
         data = [(to_device(train_set.images[i], where), to_device(train_set.labels[i], where)) for i in setup.indices]
         answers_fn = InProcessSites(data, setup.plans, make_engine(cfg, module.to(where), apply_fn), setup.sites_key,
-                                    buffers=buffers)
+                                    buffers=buffers, report_train_loss=cfg.report_train_loss)
     else:
         answers_fn = executor(setup, (module, apply_fn, params, buffers))
 
@@ -528,7 +536,10 @@ def run_federated(
             vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, released, buffers, val_set))
             sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant,
                                  with_epsilon=epsilon_due(state.round, cfg.rounds))
-            record = {"round": state.round, "epoch": state.round, "train_loss": report.loss, "val_auc": vm.roc_auc,
+            # the server's own curve: validation metrics of the released model on its data. A raw training
+            # loss is recorded only when the sites opted in (report_train_loss; not covered by ε).
+            record = {"round": state.round, "epoch": state.round,
+                      **({"train_loss": report.loss} if cfg.report_train_loss else {}), "val_auc": vm.roc_auc,
                       "val_accuracy": vm.accuracy, "sites_answered": list(report.applied),
                       "excluded": {str(k): v for k, v in report.excluded.items()},
                       "site_epsilon": [s["epsilon"] for s in sites],
@@ -537,6 +548,8 @@ def run_federated(
             secure = getattr(aggregator, "last_round", None)  # secure aggregation: what the server learned
             if secure is not None and getattr(secure, "round", None) == state.round - 1 and hasattr(secure, "to_record"):
                 record["secure"] = secure.to_record(report.applied)
+                if not cfg.report_train_loss:  # the sites encoded no loss (0): the sum's loss slot means nothing
+                    record["secure"].pop("mean_loss", None)
             history.append(record)
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": released}
@@ -545,11 +558,12 @@ def run_federated(
                 with _external(bar):
                     log(f"round {state.round}: site {s} excluded: {why}")
             eps_text = " ".join("…" if e is None else f"{e:.2f}" for e in record["site_epsilon"])
-            bar.set_postfix_str(f"sites {len(report.applied)}/{len(selected)} loss {report.loss:.3f} "
+            loss_text = f" loss {report.loss:.4f}" if cfg.report_train_loss else ""
+            bar.set_postfix_str(f"sites {len(report.applied)}/{len(selected)}{loss_text} "
                                 f"val AUC {vm.roc_auc:.3f} ε [{eps_text}]")
             bar.update(1)
             with _external(bar):
-                log(f"round {state.round:3d}/{cfg.rounds}  sites {list(report.applied)}  loss {report.loss:.4f}  "
+                log(f"round {state.round:3d}/{cfg.rounds}  sites {list(report.applied)} {loss_text} "
                     f"val AUC {vm.roc_auc:.4f}  acc {vm.accuracy:.4f}  ε per site [{eps_text}]  ({elapsed:.0f}s)")
     finally:
         bar.close()

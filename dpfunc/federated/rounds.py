@@ -55,7 +55,7 @@ class RoundReport(NamedTuple):
     selected: tuple[int, ...]
     applied: tuple[int, ...]
     excluded: dict[int, str]
-    loss: float  # mean of the applied sites' local training losses (not private)
+    loss: float  # mean of the applied sites' raw training losses: NaN unless they opted in (report_train_loss; not private)
 
 
 class RoundFailedError(RuntimeError):
@@ -257,21 +257,25 @@ class InProcessSites:
         buffers: model buffers.
         fault: optional test hook ``fault(site, round, update) -> update | exception`` applied to each
             answer (to simulate crashes and malformed updates).
+        report_train_loss: the sites put their raw mean training loss in each update (``site_round(
+            report_loss=True)``); NOT covered by ε, default False (the loss is NaN).
     """
 
     def __init__(self, data: Sequence[Sequence[torch.Tensor]], plans: Sequence[SitePlan], engine: GradEngine,
-                 run_key: Key, *, buffers: Params | None = None, fault: Callable | None = None):
+                 run_key: Key, *, buffers: Params | None = None, fault: Callable | None = None,
+                 report_train_loss: bool = False):
         if len(data) != len(plans):
             raise ValueError(f"InProcessSites: {len(data)} data sets for {len(plans)} plans")
         self.data, self.plans, self.engine, self.run_key = list(data), list(plans), engine, run_key
-        self.buffers, self.fault = buffers, fault
+        self.buffers, self.fault, self.report_train_loss = buffers, fault, report_train_loss
 
     def __call__(self, state: ServerState, selected: Sequence[int]) -> dict[int, Any]:
         answers: dict[int, Any] = {}
         for s in selected:
             try:
                 ans = site_round(state.params, state.sites[s], self.data[s], site_key(self.run_key, s),
-                                 plan=self.plans[s], engine=self.engine, round=state.round, buffers=self.buffers)
+                                 plan=self.plans[s], engine=self.engine, round=state.round, buffers=self.buffers,
+                                 report_loss=self.report_train_loss)
                 if self.fault is not None:
                     ans = self.fault(s, state.round, ans)
             except Exception as e:  # a crashing site is excluded, not fatal

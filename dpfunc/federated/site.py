@@ -121,7 +121,9 @@ class SiteUpdate(NamedTuple):
             dtypes as the global model).
         weight: its FedAvg weight (by default n_s).
         steps: local DP-SGD steps run this round.
-        loss: mean training loss over the round (NOT private: computed from raw batches; a diagnostic).
+        loss: NaN unless the site opted in (``site_round(report_loss=True)``): then its mean training loss
+            over the round, computed from raw batches — NOT covered by the site's (ε, δ), a debugging aid.
+            The server is untrusted, so by default nothing but the DP model leaves the site.
     """
 
     site: int
@@ -166,6 +168,7 @@ def site_round(
     engine: GradEngine,
     round: int,
     buffers: Params | None = None,
+    report_loss: bool = False,
 ) -> tuple[SiteUpdate, SiteState]:
     """Run one round of local DP-SGD at a site. Pure: inputs are not modified.
 
@@ -182,6 +185,9 @@ def site_round(
             ``FlatClipping(plan.max_grad_norm)``).
         round: the server round (recorded in the update).
         buffers: model buffers (none for the GroupNorm models).
+        report_loss: put the round's mean raw training loss in ``update.loss`` (default False: NaN). The
+            loss is a non-private statistic of the site's data, outside the (ε, δ) guarantee: opt in for
+            debugging only.
 
     Returns:
         ``(update, new_state)``; ``new_state.ledger`` has ``plan.steps_per_round`` more steps at
@@ -192,6 +198,8 @@ def site_round(
     if n != plan.num_examples:
         raise ValueError(f"{fn}: site {state.site} has {n} examples but its plan says num_examples={plan.num_examples}")
     check_int_range(fn, "round", round, low=0)
+    if not isinstance(report_loss, bool):
+        raise TypeError(f"{fn}: report_loss must be a bool, got {type(report_loss).__name__} {report_loss!r}")
     sample_key, _ = site_keys(key)
     tx = site_optimizer(plan, key)
     step = make_step(None, tx, engine=engine)
@@ -204,9 +212,9 @@ def site_round(
     for t in range(state.steps, state.steps + plan.steps_per_round):
         idx = to_device(poisson_sample(sample_key.fold_in(t), n, plan.sampling_rate), where)
         params, opt_state, m = step(params, opt_state, tuple(d[idx] for d in data), buffers=buffers)
-        if len(idx):  # the batch size is known on the host: no device read per step (the loss is read once below)
+        if report_loss and len(idx):  # the batch size is known on the host: no device read per step (the loss is read once below)
             losses.append(m.loss)
-    loss = float(torch.stack(losses).double().mean()) if losses else math.nan
+    loss = float(torch.stack(losses).double().mean()) if losses else math.nan  # NaN unless report_loss
     params, opt_state = tree_to_device(params, home), tree_to_device(opt_state, home)
     new_state = SiteState(state.site, opt_state, state.steps + plan.steps_per_round, state.rounds + 1)
     return SiteUpdate(state.site, round, params, float(plan.num_examples), plan.steps_per_round, loss), new_state

@@ -7,8 +7,12 @@ nothing between rounds — Flower starts a fresh ClientApp process per message):
 
     train   server → site  "global": ArrayRecord(params)        site → server "params": ArrayRecord(local model)
                            "task": ConfigRecord(config json,                  "reply": ConfigRecord(site, trained,
-                                   round, sites, plan-<s> json,                       round, weight, steps, loss,
+                                   round, sites, plan-<s> json,                       round, weight, steps, [loss],
                                    state-<s> bytes)                                    state bytes)
+
+``loss`` (the site's raw mean training loss, NOT covered by ε) is sent only when the run asks for it
+(``report_train_loss``) AND the site's own node config agrees (``report-train-loss=1``): the server is
+untrusted, so by default the reply holds no statistic of the raw data, and it cannot switch that on alone.
 
 With ``aggregator="secagg"`` (issue 14) the train reply carries no ``params`` (and no loss): the site keeps its
 encoded update in ``context.state`` and the server's :class:`~dpfunc.secagg.remote.RemoteSecureAggregator`
@@ -91,26 +95,33 @@ def _train(msg: Message, context: Context) -> Message:
     # seed (reproducible, and equal to the in-process runner's; the server could then recompute the noise).
     secret = context.node_config.get("key-seed")
     key = Key(int(secret)) if secret not in (None, "") else site_key(_keys(cfg)[3], site)
-    update, new_state = site_round(global_params, state, data, key, plan=plan,
-                                   engine=make_engine(cfg, module, apply_fn), round=int(task["round"]), buffers=buffers)
+    secure = cfg.aggregator == "secagg"
+    report_loss = _reports_loss(cfg, context)  # under secagg an opted-in loss travels only in the masked sum
+    update, new_state = site_round(global_params, state, data, key, plan=plan, engine=make_engine(cfg, module, apply_fn),
+                                   round=int(task["round"]), buffers=buffers, report_loss=report_loss)
     params = dict(update.params)
     if str(context.node_config.get("fault", "")) == "nan":  # test hook: a malformed (NaN) update
         name = next(iter(params))
         params[name] = torch.full_like(params[name], math.nan)
-    secure = cfg.aggregator == "secagg"
     if secure:  # secure aggregation (issue 14): the model stays here; the server gets only the masked sum
         from dpfunc.secagg.remote import site_keep_input
 
         store = _secagg_store(context)
         site_keep_input(update._replace(params=params), global_params, store)
         context.state["secagg"] = ConfigRecord(store)
-    reply = ConfigRecord({"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
-                          "steps": update.steps,
-                          "loss": float(update.loss) if math.isfinite(update.loss) and not secure else -1.0,
-                          "state": encode_state(new_state)})
+    reply = {"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
+             "steps": update.steps, "state": encode_state(new_state)}
+    if report_loss and not secure and math.isfinite(update.loss):  # opt-in only: a raw statistic, outside the site's (ε, δ)
+        reply["loss"] = float(update.loss)
+    reply = ConfigRecord(reply)
     if secure:
         return Message(RecordDict({"reply": reply}), reply_to=msg)
     return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+def _reports_loss(cfg, context: Context) -> bool:
+    """The site sends its raw training loss only if the run asks AND its node config consents."""
+    return bool(cfg.report_train_loss) and str(context.node_config.get("report-train-loss", "")).lower() in ("1", "true")
 
 
 def _site_device(context: Context):
@@ -206,9 +217,10 @@ class FlowerSites:
                     raise TypeError("state is not a SiteState")
                 # under secure aggregation the site keeps its model: the aggregator never reads params
                 params = r.content["params"].to_torch_state_dict() if "params" in r.content else dict(state.params)
-                loss = float(rep["loss"])
+                # the raw training loss arrives only from a site that opted in (report_train_loss): else NaN
+                loss = float(rep["loss"]) if "loss" in rep else math.nan
                 answers[site] = (SiteUpdate(site, int(rep["round"]), params, float(rep["weight"]), int(rep["steps"]),
-                                            loss if loss >= 0 else math.nan), new_state)
+                                            loss), new_state)
             except Exception as e:  # malformed reply: excluded with the reason
                 site = next((s for s, n in self.nodes.items() if n == node), None)
                 if site is not None and site in selected:

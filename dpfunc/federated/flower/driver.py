@@ -364,6 +364,8 @@ def run_flower(
             node_cfg = {"partition-id": str(s), "num-partitions": str(cfg.sites), "device": str(device)}
             if threads is not None:
                 node_cfg["threads"] = str(threads)
+            if cfg.report_train_loss:  # the site's own consent to send its raw loss (not covered by ε)
+                node_cfg["report-train-loss"] = "1"
             node_cfg.update((site_node_config or {}).get(s, {}))
             text = " ".join(f"{k}={v}" if v.isdigit() else f'{k}="{v}"' for k, v in node_cfg.items())
             node_tls = (["--root-certificates", str(creds.ca_cert), "--auth-supernode-private-key", str(creds.site_keys[s])]
