@@ -146,3 +146,14 @@ def test_config_wires_the_rank_bank():
     from dpfunc.segmentation._cli_segment import _config
 
     assert _config(args).volume_norm is VolumeNorm.RANK
+
+
+def test_rank_normalisation_is_refused_for_private_slice_level_runs():
+    """Rank normalisation reads the whole volume, so under unit='slice' one slice changes the other slices'
+    inputs: neighbouring datasets would differ in many examples. A private slice-level run refuses it; the
+    patient unit and the non-private baseline keep it."""
+    with pytest.raises(ValueError, match=r"volume_norm='rank' needs unit='patient' in a private run"):
+        SegmentationConfig(model="features", unit="slice", volume_norm="rank", epsilon=8.0)
+    assert SegmentationConfig(model="features", unit="patient", volume_norm="rank", epsilon=8.0).volume_norm is VolumeNorm.RANK
+    assert SegmentationConfig(model="features", unit="slice", volume_norm="rank", private=False).unit.value == "slice"
+    assert SegmentationConfig(model="features", unit="slice", epsilon=8.0).volume_norm is VolumeNorm.NONE

@@ -129,7 +129,10 @@ class SegmentationConfig:
         volume_norm: :class:`~dpfunc.segmentation.VolumeNorm` applied to each patient's windowed volume before
             anything else (``NONE`` default; ``RANK`` = per-volume histogram equalisation,
             :func:`~dpfunc.segmentation.rank_normalize`): a function of that patient's own image volume only, so
-            the patient-level guarantee is unchanged. With ``FEATURES`` the soft intensity bins then sit at
+            the patient-level guarantee is unchanged. Refused for a private run with ``unit=SLICE``: every
+            slice's input would depend on the other slices of its volume, so neighbouring datasets (one slice
+            apart) would differ in many examples and the per-slice guarantee would not hold. (Under ``SLICE``
+            the dataset is the slices as selected; ``selection="organ"`` picks them from each patient's labels.) With ``FEATURES`` the soft intensity bins then sit at
             :data:`RANK_BIN_CENTRES` (rank units) instead of the HU-window centres. With ``local_histograms``,
             ``max_grad_norm=0.3``, lr 0.02, 24 patients per step and 60 epochs: the README's best private recipe.
     """
@@ -199,6 +202,10 @@ class SegmentationConfig:
         check_int_range(fn, "head_smooth", self.head_smooth, low=0)
         if self.head_smooth % 2 == 0 and self.head_smooth:
             raise ValueError(f"{fn}: head_smooth must be 0 or odd, got {self.head_smooth}")
+        if self.private and self.unit is PrivacyUnit.SLICE and self.volume_norm is not VolumeNorm.NONE:
+            raise ValueError(f"{fn}: volume_norm={self.volume_norm.value!r} needs unit='patient' in a private run: it normalises "
+                             f"each slice by its whole volume, so one slice changes the others' inputs and the per-slice "
+                             f"guarantee of unit='slice' would not hold; use volume_norm='none' with unit='slice'")
         if self.local_histograms and self.model is not SegModel.FEATURES:
             raise ValueError(f"{fn}: local_histograms applies to model=SegModel.FEATURES only, got model={self.model}")
         if self.model is SegModel.FEATURES and (self.pretrain_steps or self.coord_channels):
