@@ -187,7 +187,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, state.params, buffers, val_set))
             sites = _site_report(state, sizes, cfg)
             dropped = [s for s in selected if s not in res.included]
-            record = {"round": state.round, "epoch": state.round, "train_loss": report.loss, "val_auc": vm.roc_auc,
+            record = {"round": state.round, "epoch": state.round, "val_auc": vm.roc_auc,  # no train_loss: none leaves a site
                       "val_accuracy": vm.accuracy, "sites_answered": list(res.included), "excluded": {},
                       "site_epsilon": [s["epsilon"] for s in sites], "epsilon": max(s["epsilon"] for s in sites),
                       "seconds": elapsed,
