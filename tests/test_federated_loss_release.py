@@ -92,3 +92,16 @@ def test_flower_reply_holds_a_loss_only_if_run_and_site_opt_in(data_dir, monkeyp
         assert "loss" not in reply and math.isnan(update.loss)
         assert set(reply.keys()) == {"site", "trained", "round", "weight", "steps", "state"}
         assert set(replies[0].content.keys()) == {"params", "reply"}
+
+
+def test_the_command_line_opt_in_reaches_the_config():
+    """`dpfunc federated` sends no loss unless --report-train-loss is given, and its help says it is not covered."""
+    from dpfunc.cli import build_parser
+    from dpfunc.federated.cli import config_from_args
+
+    parser = build_parser()
+    assert config_from_args(parser.parse_args(["federated"])).report_train_loss is False
+    assert config_from_args(parser.parse_args(["federated", "--report-train-loss"])).report_train_loss is True
+    sub = next(a for a in parser._subparsers._group_actions if a.choices).choices["federated"]
+    flag = next(a for a in sub._actions if "--report-train-loss" in a.option_strings)
+    assert "NOT covered by ε" in flag.help
