@@ -85,6 +85,17 @@ class RoundFailedError(RuntimeError):
 
 
 def init_server_state(params: Params, sites: Sequence[SiteState], server_tx: GradientTransformation | None) -> ServerState:
+    """The server's state before round 0: the initial global model, the server optimizer's state and every site's.
+
+    Args:
+        params: the initial global model (copied into a new dict; the tensors are shared, never modified).
+        sites: one :class:`~dpfunc.federated.SiteState` per site, ordered by site id 0 … S−1.
+        server_tx: the server optimizer (FedAdam, FedAvgM, …) applied to the averaged update; None = plain
+            FedAvg (the average becomes the new model).
+
+    Raises:
+        ValueError: the site states are not ordered by id 0 … S−1.
+    """
     ids = [s.site for s in sites]
     if ids != list(range(len(ids))):
         raise ValueError(f"init_server_state: site states must be ordered by id 0..S-1, got ids {ids}")
