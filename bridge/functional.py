@@ -37,6 +37,12 @@ Params = dict[str, torch.Tensor]
 
 
 class ApplyFn(Protocol):
+    """A module as a pure function: ``apply_fn(params, buffers, *inputs, **kwargs) -> output``.
+
+    :func:`functionalize` returns one; it runs the module with the given parameter and buffer dicts
+    (``torch.func.functional_call``) and never reads or changes the module's own tensors.
+    """
+
     def __call__(self, params: Params, buffers: Params, *args: Any, **kwargs: Any) -> Any: ...
 
 

@@ -38,6 +38,14 @@ class EngineOutput(NamedTuple):
 
 
 class GradEngine(Protocol):
+    """What :func:`make_step` calls for the clipped gradient sum: ``engine(params, buffers, batch, mask)``.
+
+    ``batch`` is the step's tensors with a leading batch dimension (inputs, targets, …); ``mask`` is None or a
+    (B,) 0/1 tensor of the real rows of a padded Poisson batch (padding rows contribute nothing). Returns an
+    :class:`EngineOutput`: the :class:`~dpfunc.clipping.ClippedSum` (each example's gradient clipped, then
+    summed) and the per-example losses. :func:`vmap_engine` and :func:`dpfunc.bridge.fast_engine` build one.
+    """
+
     def __call__(self, params: Params, buffers: Params, batch: Sequence[torch.Tensor], mask: torch.Tensor | None) -> EngineOutput: ...
 
 
