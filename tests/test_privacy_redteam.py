@@ -108,11 +108,15 @@ def test_a_delta_not_below_one_over_n_is_warned_about():
     from dpfunc.federated.job import FederatedConfig, plans_for
     from dpfunc.train import TrainConfig, _plan
 
-    with pytest.warns(UserWarning, match=r"train: delta=0\.01 is not below 1/n = 1/600"):
-        _plan(TrainConfig(delta=0.01, batch_size=60, epochs=1), 600)
-    with pytest.warns(UserWarning, match=r"run_federated: delta=0\.01 is not below 1/n = 1/100"):
-        plans_for(FederatedConfig(sites=2, rounds=1, delta=0.01, batch_size=20, accountant="rdp"), [1000, 100])
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        _plan(TrainConfig(delta=1e-3, batch_size=60, epochs=1), 600)  # 1e-3 < 1/600: no warning
-        _plan(TrainConfig(delta=0.5, batch_size=60, epochs=1, private=False), 600)  # non-private: no δ at all
+    def warned(fn, *args) -> list[str]:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn(*args)
+        return [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+
+    train_msgs = warned(_plan, TrainConfig(delta=0.01, batch_size=60, epochs=1), 600)
+    assert any(m.startswith("train: delta=0.01 is not below 1/n = 1/600") for m in train_msgs), train_msgs
+    fed_msgs = warned(plans_for, FederatedConfig(sites=2, rounds=1, delta=0.01, batch_size=20, accountant="rdp"), [1000, 100])
+    assert any(m.startswith("run_federated: delta=0.01 is not below 1/n = 1/100") for m in fed_msgs), fed_msgs
+    assert warned(_plan, TrainConfig(delta=1e-3, batch_size=60, epochs=1), 600) == []  # 1e-3 < 1/600: no warning
+    assert warned(_plan, TrainConfig(delta=0.5, batch_size=60, epochs=1, private=False), 600) == []  # non-private: no δ
