@@ -112,6 +112,20 @@ def check_delta(fn: str, name: str, value: object) -> float:
     return float(value)
 
 
+def warn_vacuous_delta(fn: str, delta: float, n: int, unit: str = "examples") -> None:
+    """Warn when ``δ ≥ 1/n``: such a guarantee is met by publishing one random record in the clear (it is
+    (0, 1/n)-DP), so it protects nobody; δ should be well below 1/n (e.g. 1/n² or 1e-5 for n ≤ 1e5).
+
+    ``n`` counts the privacy units the run's ε is about (``unit`` names them in the message: training
+    examples, one site's examples, patients, slices)."""
+    if delta * n >= 1:
+        import warnings
+
+        warnings.warn(f"{fn}: delta={delta!r} is not below 1/n = 1/{n} ({n} training {unit}): an (ε, δ) guarantee "
+                      f"with δ ≥ 1/n allows publishing a whole record; pass --delta well below {1 / n:.3g}",
+                      UserWarning, stacklevel=3)
+
+
 def check_int_range(fn: str, name: str, value: object, *, low: Optional[int] = None,
                     high: Optional[int] = None) -> int:
     """An integer (not bool; a float is refused even if integral) in ``[low, high]``."""

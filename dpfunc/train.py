@@ -21,7 +21,6 @@ import json
 import math
 import os
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from torch.func import grad_and_value
 
 from dpfunc import accounting
 from dpfunc._progress import progress as progress_bar
-from dpfunc._validate import check_device_spec
+from dpfunc._validate import check_device_spec, warn_vacuous_delta
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import ImageDataset, augment_views, pneumoniamnist
 from dpfunc.devices import Precision, check_precision, deterministic_algorithms, describe_device, mixed_precision, resolve_device, to_device
@@ -299,15 +298,6 @@ def _plan(cfg: TrainConfig, n: int) -> tuple[float, int, int]:
     if cfg.private:
         warn_vacuous_delta("train", cfg.delta, n)
     return q, steps_per_epoch, steps_per_epoch * cfg.epochs
-
-
-def warn_vacuous_delta(fn: str, delta: float, n: int, unit: str = "examples") -> None:
-    """Warn when ``δ ≥ 1/n``: such a guarantee is met by publishing one random record in the clear (it is
-    (0, 1/n)-DP), so it protects nobody; δ should be well below 1/n (e.g. 1/n² or 1e-5 for n ≤ 1e5)."""
-    if delta * n >= 1:
-        warnings.warn(f"{fn}: delta={delta!r} is not below 1/n = 1/{n} ({n} training {unit}): an (ε, δ) guarantee "
-                      f"with δ ≥ 1/n allows publishing a whole record; pass --delta well below {1 / n:.3g}",
-                      UserWarning, stacklevel=3)
 
 
 def _bar_text(epoch: int, epochs: int, last: dict | None, private: bool) -> str:

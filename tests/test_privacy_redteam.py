@@ -120,3 +120,25 @@ def test_a_delta_not_below_one_over_n_is_warned_about():
     assert any(m.startswith("run_federated: delta=0.01 is not below 1/n = 1/100") for m in fed_msgs), fed_msgs
     assert warned(_plan, TrainConfig(delta=1e-3, batch_size=60, epochs=1), 600) == []  # 1e-3 < 1/600: no warning
     assert warned(_plan, TrainConfig(delta=0.5, batch_size=60, epochs=1, private=False), 600) == []  # non-private: no δ
+
+
+def test_segmentation_warns_when_delta_is_not_below_one_over_the_number_of_patients(tmp_path):
+    """The segmentation run counts privacy units as patients (or slices): δ ≥ 1/n warns there too."""
+    import warnings
+
+    pytest.importorskip("nibabel", reason="the phantom path writes NIfTI")
+    from dpfunc.segmentation import SegmentationConfig, make_phantoms, train_segmentation
+
+    data = make_phantoms(tmp_path / "liver", patients=5, seed=3, size=16, slices=4, progress=False)
+
+    def warned(delta: float) -> list[str]:
+        cfg = SegmentationConfig(epsilon=None, noise_multiplier=1.5, delta=delta, image_size=16, width=2, depth=1,
+                                 groups=1, epochs=1, batch_size=2, accountant="rdp", seed=0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            train_segmentation(cfg, data_dir=data, progress=False, log=lambda s: None, bootstrap_resamples=5)
+        return [str(w.message) for w in caught if "is not below 1/n" in str(w.message)]
+
+    loud = warned(0.5)
+    assert len(loud) == 1 and loud[0].startswith("train_segmentation: delta=0.5 is not below 1/n") and "patients" in loud[0]
+    assert warned(1e-5) == []

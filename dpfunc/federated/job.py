@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from dpfunc import accounting
+from dpfunc._validate import warn_vacuous_delta
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import pneumoniamnist
 from dpfunc.federated.aggregate import AggregationError, Aggregator, fedadam, fedavgm
@@ -262,8 +263,6 @@ def _calibrate(epsilon: float, delta: float, q: float, steps: int, method: str) 
 
 def plans_for(cfg: FederatedConfig, sizes: list[int]) -> list[SitePlan]:
     """Each site's plan with σ_s calibrated so that R rounds of its local steps spend ε ≤ target."""
-    from dpfunc.train import warn_vacuous_delta
-
     plans = []
     for n in sizes:
         warn_vacuous_delta("run_federated", cfg.delta, n, unit="examples at one site")

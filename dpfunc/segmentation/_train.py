@@ -26,7 +26,7 @@ from torch.func import grad_and_value
 
 from dpfunc import accounting
 from dpfunc._progress import progress as progress_bar
-from dpfunc._validate import check_delta, check_enum, check_int_range, check_number, check_positive_finite
+from dpfunc._validate import check_delta, check_enum, check_int_range, check_number, check_positive_finite, warn_vacuous_delta
 from dpfunc.accounting.methods import Method
 from dpfunc.clipping import FlatClipping
 from dpfunc.devices import describe_device, resolve_device, to_device, tree_to_device
@@ -426,6 +426,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
     total_steps = steps_per_epoch * cfg.epochs
     sigma = None
     if cfg.private:
+        warn_vacuous_delta(fn, cfg.delta, n, unit="patients" if patient_unit else "slices")
         sigma = cfg.noise_multiplier if cfg.epsilon is None else accounting.noise_multiplier_for(cfg.epsilon, cfg.delta, q, total_steps, method=cfg.accountant.value)
     model, apply_fn, params, buffers = _build(cfg)
     model.to(where)
