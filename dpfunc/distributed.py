@@ -153,15 +153,28 @@ def init_world(device: torch.device | str | None = None, *, timeout_s: float = 1
     return World(dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
 
 
+def _is_rank_process() -> bool:
+    """True inside a process group, or in a process launched as one of several ranks (even after
+    ``destroy_process_group``: gloo's threads can outlive the group object)."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
 def run_and_exit(main: Callable[[], int | None]) -> None:
     """Run a rank's ``main()`` and exit with its code — a nonzero one, never SIGABRT, when it fails.
 
     A process that leaves the interpreter with a live gloo process group can die by SIGABRT during
     teardown ("terminate called without an active exception", no Python frame), most often when a rank
     raises while its peer exits at the same moment; its own exit code (and a launcher's ``> 0`` check)
-    is lost. Destroying the group first does not avoid it. So, inside a process group, this flushes
-    stdout/stderr and leaves by ``os._exit`` (the traceback of an exception printed first, exit code 1,
-    as Python's own); outside one it is ``sys.exit(main())``. Files are closed by then: everything
+    is lost. Destroying the group first does not avoid it (our CI saw a rank that had called
+    ``destroy_process_group`` die so). So, in a process that a launcher started as one of several ranks
+    (``WORLD_SIZE > 1``) or that holds a process group, this flushes stdout/stderr and leaves by
+    ``os._exit`` (the traceback of an exception printed first, exit code 1, as Python's own), whether
+    or not the group was destroyed; in a single process it is ``sys.exit(main())``. Files are closed by then: everything
     dpfunc writes is written atomically and closed before ``main`` returns. Upstream, the cause is known:
     gloo's worker threads can still hold work objects with tensors when the interpreter finalises, and
     freeing them then needs the GIL (pytorch/pytorch pull request 179291 proposed an ``atexit``
@@ -178,11 +191,11 @@ def run_and_exit(main: Callable[[], int | None]) -> None:
     except SystemExit as e:
         code = e.code
     except BaseException:
-        if not dist.is_initialized():
+        if not _is_rank_process():
             raise
         traceback.print_exc()
         code = 1
-    if not dist.is_initialized():
+    if not _is_rank_process():
         sys.exit(code)
     if not isinstance(code, int):  # sys.exit semantics: None is 0, any other object is printed and 1
         if code is not None:

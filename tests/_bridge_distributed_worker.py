@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from dpfunc import Key
 from dpfunc.bridge import make_private
-from dpfunc.distributed import World, init_world
+from dpfunc.distributed import World, init_world, run_and_exit
 
 N, BATCH, SEED, SIGMA, C = 48, 12, 11, 1.1, 0.8
 
@@ -65,4 +64,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_and_exit(main)  # never sys.exit in a rank: gloo can SIGABRT at interpreter teardown

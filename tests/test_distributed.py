@@ -11,6 +11,7 @@ bit for bit the same (the zero-gradient probe checks it), and so are the replica
 from __future__ import annotations
 
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -355,6 +356,26 @@ def test_run_and_exit_outside_a_process_group_is_sys_exit():
     assert e.value.code == 3
     with pytest.raises(ZeroDivisionError):  # no group: the exception propagates unchanged
         run_and_exit(lambda: 1 / 0)
+
+
+@pytest.mark.parametrize("body, code, stderr", [
+    ("return 5", 5, ""),
+    ("1 / 0", 1, "ZeroDivisionError"),
+    ("sys.exit('bye')", 1, "bye"),
+])
+def test_run_and_exit_in_a_launched_rank_leaves_by_os_exit_even_after_destroy(body, code, stderr):
+    """A rank (WORLD_SIZE > 1) whose group is gone — destroyed, or never made — still skips interpreter
+    teardown, where gloo's threads can SIGABRT: atexit handlers do not run, the exit code is main's."""
+    import subprocess
+
+    script = ("import atexit, sys\nfrom dpfunc.distributed import run_and_exit\n"
+              "atexit.register(lambda: print('teardown ran'))\n"
+              f"def main():\n    {body}\nrun_and_exit(main)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "WORLD_SIZE": "2", "RANK": "1"})
+    assert done.returncode == code, done.stderr
+    assert "teardown ran" not in done.stdout  # os._exit, not sys.exit
+    assert stderr in done.stderr
 
 
 def test_noise_that_differs_between_ranks_is_caught_not_released(tmp_path):

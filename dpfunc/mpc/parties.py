@@ -507,7 +507,10 @@ def launch_parties(*, spec: dict, weights_path: str, images_path: str, out_path:
             procs[role] = subprocess.Popen(
                 [sys.executable, "-m", "dpfunc.mpc.parties", "--role", role] + argv[role]
                 + ["--usage-out", str(usage_paths[role])],
-                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True, env=env,
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                # WORLD_SIZE/RANK as torchrun would: run_and_exit then leaves by os._exit (gloo can SIGABRT
+                # at interpreter teardown, even after destroy_process_group, and the exit code would be lost)
+                env={**env, "WORLD_SIZE": "3", "RANK": str(ROLES[role])},
             )
         deadline = time.monotonic() + timeout
         while any(poll(r) is None for r in procs):
@@ -603,4 +606,6 @@ def _write_usage(path: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpfunc.distributed import run_and_exit
+
+    run_and_exit(main)
