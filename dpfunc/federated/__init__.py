@@ -21,6 +21,9 @@ Privacy (parallel composition):
     Partial participation is accounted exactly by the ledgers: a site's ledger grows only in rounds it
     is asked to train (no amplification by site sampling is claimed); a site that was asked and failed
     is charged the full round (it may have trained before failing), so the report is an upper bound.
+    A round that never reaches the checkpoint (failed, interrupted, the server crashed) charges every
+    site asked in it (:func:`charge_started_round`), and its re-run draws fresh noise keys (they are
+    indexed by the site's step counter): no two releases share noise, each is in the ledger.
     σ_s is calibrated for the worst case (the site trains in every round), so ε_s ≤ target always.
     The guarantee is NOT user-level across sites (a patient seen by two hospitals counts twice). By
     default a site sends no raw training statistic (``SiteUpdate.loss`` is NaN); the opt-in
@@ -63,12 +66,15 @@ from dpfunc.federated.rounds import (
     InProcessSites,
     RoundFailedError,
     RoundReport,
+    RoundStart,
     ServerState,
     apply_round,
     average_rounds,
+    charge_started_round,
     init_server_state,
     run_round_inprocess,
     select_sites,
+    start_round,
 )
 from dpfunc.federated.site import (
     SitePlan,
@@ -84,7 +90,8 @@ from dpfunc.federated.site import (
 
 __all__ = [
     "AGGREGATORS", "AggregationError", "Aggregator", "InProcessSites", "Partition", "RoundFailedError", "RoundReport",
-    "ServerState", "SitePlan", "SiteState", "SiteUpdate", "WeightedFedAvg", "apply_round", "average_rounds", "charge_site",
+    "RoundStart", "ServerState", "SitePlan", "SiteState", "SiteUpdate", "WeightedFedAvg", "apply_round", "average_rounds",
+    "charge_site", "charge_started_round", "start_round",
     "check_update", "fedadam", "fedavgm", "init_server_state", "init_site_state", "make_aggregator",
     "partition_indices", "register_aggregator", "run_round_inprocess", "select_sites", "site_key", "site_keys",
     "site_optimizer", "site_round",

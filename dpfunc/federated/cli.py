@@ -85,7 +85,9 @@ def _declare(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="root of every key (0 is valid)")
     p.add_argument("--data-dir", default=None, help="folder holding pneumoniamnist.npz (default: $DPFUNC_DATA, else the cache)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/federated-<partition>-s<S>-eps<ε>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir (same flags)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --run-dir (same flags); a round that was in flight when it stopped is "
+                        "charged to the sites asked in it and re-run with fresh noise keys")
     p.add_argument("--write-flower-app", action="store_true",
                    help="only write the Flower app for this run (RUN/flower/app) and print the `flwr run` command: "
                         "for a deployment whose SuperLink and SuperNodes run on other machines")

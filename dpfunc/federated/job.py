@@ -8,6 +8,9 @@ that sends each round to the sites' processes (:mod:`dpfunc.federated.flower`). 
     RUN/config.json       the FederatedConfig
     RUN/checkpoint.pt     after every round, atomically: the global model, the server optimizer, EVERY
                           site's state (its privacy ledger included), history, best round
+    RUN/round_in_flight.json  written (atomically, fsync-ed) BEFORE a round asks any site, removed once the
+                          round is checkpointed: the sites asked and their step counters. A resume charges
+                          them that round and re-runs it with fresh keys (:func:`charge_started_round`)
     RUN/metrics.json      dpfunc train's schema (test.roc_auc, test.accuracy, …) + rounds + sites
     RUN/model.pt          the selected global state_dict (torch.load(..., weights_only=True))
     RUN/federated.png     per-round validation AUC and per-site ε; roc.png, confusion.png
@@ -31,11 +34,12 @@ from dpfunc import accounting
 from dpfunc._validate import warn_vacuous_delta
 from dpfunc.clipping import FlatClipping
 from dpfunc.data import pneumoniamnist
-from dpfunc.federated.aggregate import AggregationError, Aggregator, fedadam, fedavgm
+from dpfunc.federated.aggregate import Aggregator, fedadam, fedavgm
 from dpfunc.federated.partition import Partition, partition_indices
 from dpfunc.federated.registry import AGGREGATORS, make_aggregator
-from dpfunc.federated.rounds import InProcessSites, RoundFailedError, ServerState, apply_round, init_server_state, select_sites
-from dpfunc.federated.site import SitePlan, charge_site, init_site_state, site_key
+from dpfunc.federated.rounds import (InProcessSites, RoundStart, ServerState, apply_round, charge_started_round,
+                                     init_server_state, select_sites, start_round)
+from dpfunc.federated.site import SitePlan, init_site_state, site_key
 from dpfunc.keys import Key
 from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
@@ -342,10 +346,67 @@ def open_run_folder(fn: str, run_dir: str | Path | None, cfg: Any, resume: bool)
         if {**_added_defaults(cfg), **saved["config"]} != asdict(cfg):
             raise ValueError(f"{fn}: {ckpt} was written by another configuration; resume with the same "
                              f"flags or choose a new --run-dir.\n saved: {saved['config']}\n given: {asdict(cfg)}")
-    elif ckpt.exists():
+    elif not resume and (ckpt.exists() or (run_path / IN_FLIGHT).exists()):  # a round in flight: resume charges it
         raise FileExistsError(f"{fn}: {run_path} already holds a run; pass --resume to continue it, or choose a new --run-dir")
     _write_json(run_path / "config.json", asdict(cfg))
     return run_path, saved
+
+
+IN_FLIGHT = "round_in_flight.json"
+
+
+def mark_round_started(run_path: Path | None, cfg: Any, start: Any) -> None:
+    """Persist that a round is about to ask its sites (``RUN/round_in_flight.json``), before anything is sent.
+
+    Written to a temp file, ``fsync``-ed and renamed, so once a site can have released its update the record
+    survives a crash of the server (or of its machine). ``start`` is a :class:`~dpfunc.federated.RoundStart`
+    (or any value with ``to_dict()``); nothing is written without a run folder."""
+    import os
+
+    if run_path is None:
+        return
+    path, tmp = run_path / IN_FLIGHT, run_path / (IN_FLIGHT + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"config": asdict(cfg), **start.to_dict()}, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename durable (POSIX); best effort elsewhere
+        dfd = os.open(run_path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def read_round_started(fn: str, run_path: Path | None, cfg: Any) -> dict | None:
+    """The record of :func:`mark_round_started` (a dict with ``round``, ``selected``, … and ``config``), or None.
+
+    Raises:
+        ValueError: it was written by another configuration, or cannot be read.
+    """
+    if run_path is None or not (run_path / IN_FLIGHT).exists():
+        return None
+    path = run_path / IN_FLIGHT
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{fn}: cannot read {path} ({e}); it names the round that was in flight when the run "
+                         "stopped, which a resume must charge. Restore it, or start a new --run-dir") from e
+    if {**_added_defaults(cfg), **d.get("config", {})} != asdict(cfg):
+        raise ValueError(f"{fn}: {path} was written by another configuration; resume with the same flags or choose a "
+                         f"new --run-dir.\n saved: {d.get('config')}\n given: {asdict(cfg)}")
+    return d
+
+
+def clear_round_started(run_path: Path | None) -> None:
+    """Remove ``round_in_flight.json`` once the round it names is in the checkpoint (applied or charged)."""
+    if run_path is not None:
+        (run_path / IN_FLIGHT).unlink(missing_ok=True)
 
 
 def restore_progress(saved: dict) -> tuple[Any, list[dict], float, dict]:
@@ -465,11 +526,23 @@ def run_federated(
     Returns:
         The metrics dict also written as ``metrics.json``.
 
+    Noise keys and resumes: site ``s``'s noise and Poisson keys at local step ``t`` derive from (run key,
+    ``s``, ``t``), and ``t`` is its step counter. Before a round asks any site, the run folder records the
+    sites asked and their counters (``round_in_flight.json``, fsync-ed). A round that does not reach the
+    checkpoint — it failed, the run was interrupted, the server crashed after the sites had answered —
+    charges every asked site that round (ledger and counter: :func:`~dpfunc.federated.charge_started_round`),
+    at once when the run can still write, else when ``resume`` finds the record. The re-run round then
+    draws fresh noise and batches and is charged again: a resume on another device, torch build or
+    thread count (whose clipped sums differ in the last bits) never releases two updates with the same
+    noise, which anyone holding both could subtract. The price: each interrupted round costs its sites
+    one more round of ε (so ε can end above the target), and a resumed run equals an uninterrupted one no
+    more — it is reproducible given where it stopped.
+
     Raises:
-        RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers; the checkpoint keeps
-            the last complete round's model and charges each site asked in the failed round with that round
-            (its answer may have reached the server); a failure inside secure aggregation (nothing
-            unmasked) leaves the checkpoint as it was.
+        RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers or its aggregation failed;
+            the checkpoint keeps the last complete round's model and charges each site asked in the failed
+            round with that round (its answer, or under secure aggregation its reply's site state, reached
+            the server).
     """
     from dpfunc.train import evaluate_scores
 
@@ -505,6 +578,15 @@ def run_federated(
     if saved is not None:
         state, history, elapsed, best = restore_progress(saved)
         log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
+    in_flight = read_round_started("run_federated", run_path, cfg) if resume else None
+    if in_flight is not None:  # a round asked its sites and never reached the checkpoint
+        state, charged = charge_started_round(state, RoundStart.from_dict(in_flight), setup.plans)
+        if charged:
+            log(f"round {in_flight['round']} was in flight when the run stopped: site(s) {list(charged)} may have "
+                f"released their updates, so each is charged that round and it is re-run with fresh noise and "
+                f"sampling keys (ε can end above the target by up to one round)")
+            save_progress(run_path, cfg, state, history, elapsed, best)
+        clear_round_started(run_path)
 
     sig = ", ".join(f"site {s}: n={p.num_examples} q={p.sampling_rate:.4f} σ={p.noise_multiplier:.3f} "
                     f"steps/round={p.steps_per_round}" for s, p in enumerate(setup.plans))
@@ -516,19 +598,21 @@ def run_federated(
         while state.round < cfg.rounds:
             t0 = time.perf_counter()
             selected = select_sites(setup.select_key, state.round, len(setup.plans), cfg.fraction)
-            answers = answers_fn(state, selected)
+            start = start_round(state, selected)
+            mark_round_started(run_path, cfg, start)  # durable before any site is asked (see the docstring)
             try:
+                answers = answers_fn(state, selected)
                 state, report = apply_round(state, selected, answers, plans=setup.plans, aggregator=aggregator,
                                             server_tx=server_tx, min_sites=cfg.min_sites, average_decay=cfg.average_decay)
-            except RoundFailedError as e:
-                if e.report is not None and not isinstance(e.__cause__, AggregationError):
-                    # Too few answers: those that came reached the server in the clear (a secure aggregation
-                    # that failed unmasked nothing). The checkpoint charges every asked site, step counters
-                    # included, so an abandoned run never under-reports and a resumed retry draws fresh keys.
-                    charged = list(state.sites)
-                    for s in e.report.selected:
-                        charged[s] = charge_site(charged[s], setup.plans[s])
-                    save_progress(run_path, cfg, state._replace(sites=tuple(charged)), history, elapsed, best)
+            except BaseException:
+                # The round failed (too few answers, aggregation failed) or was interrupted after asking: answers
+                # (or, under secure aggregation, the replies' site states) may have reached the server. The
+                # checkpoint charges every asked site, counters included, so an abandoned run never
+                # under-reports and a retry draws fresh keys. Without a run folder nothing persists.
+                if run_path is not None:
+                    charged, _ = charge_started_round(state, start, setup.plans)
+                    save_progress(run_path, cfg, charged, history, elapsed, best)
+                    clear_round_started(run_path)
                 raise
             elapsed += time.perf_counter() - t0
             released = state.average if state.average is not None else state.params  # the averaged global model
@@ -553,6 +637,7 @@ def run_federated(
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": released}
             save_progress(run_path, cfg, state, history, elapsed, best)
+            clear_round_started(run_path)  # the round is in the checkpoint: every asked site accounted for it
             for s, why in sorted(report.excluded.items()):
                 with _external(bar):
                     log(f"round {state.round}: site {s} excluded: {why}")

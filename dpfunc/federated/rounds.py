@@ -21,8 +21,9 @@ from dpfunc.private import find_dp_state
 from dpfunc.step import GradEngine
 from dpfunc.transforms import EmptyState, GradientTransformation, apply_updates
 
-__all__ = ["ServerState", "RoundReport", "RoundFailedError", "select_sites", "apply_round", "init_server_state",
-           "InProcessSites", "run_round_inprocess", "average_rounds"]
+__all__ = ["ServerState", "RoundReport", "RoundFailedError", "RoundStart", "select_sites", "apply_round",
+           "init_server_state", "start_round", "charge_started_round", "InProcessSites", "run_round_inprocess",
+           "average_rounds"]
 
 _SELECT_DOMAIN = 0x73656C656374  # "select"
 
@@ -59,13 +60,17 @@ class RoundReport(NamedTuple):
 
 
 class RoundFailedError(RuntimeError):
-    """Fewer than ``min_sites`` usable answers: nothing of the round is applied to the returned state.
+    """Fewer than ``min_sites`` usable answers, or the aggregator failed: nothing of the round is applied
+    to the returned state.
 
     The sites that answered did release that round's outputs to the server, so
     :func:`~dpfunc.federated.job.run_federated` checkpoints the failed round with every asked site
-    charged (:func:`~dpfunc.federated.charge_site`: ledger and step counter), as an abandoned run's ε
-    must count them and a retry must not reuse their noise keys (a retry on other hardware is not bit
-    for bit the same release). A failure inside secure aggregation unmasks nothing and charges nothing.
+    charged (:func:`charge_started_round`: ledger and step counter), as an abandoned run's ε must count
+    them and a retry must not reuse their noise keys (a retry on other hardware is not bit for bit the
+    same release). This holds for a failure inside secure aggregation too: the sum was not unmasked, but
+    each site's train reply carried its new :class:`SiteState`, whose momentum buffer is a noisy function
+    of the round (DP post-processing, but a retry with the same noise and other last bits would let the
+    server difference the noise away).
     """
 
     def __init__(self, report: RoundReport | None, min_sites: int = 0, *, message: str | None = None):
@@ -141,6 +146,89 @@ def average_rounds(average: Params | None, params: Params, decay: float, round: 
     if set(average) != set(params):
         raise ValueError(f"{fn}: average and params hold different names: {sorted(set(average) ^ set(params))}")
     return {k: (d * average[k].to(torch.float64) + (1.0 - d) * p.to(torch.float64)).to(p.dtype) for k, p in params.items()}
+
+
+class RoundStart(NamedTuple):
+    """What a server persists BEFORE it asks the sites to train (``round_in_flight.json`` of a run folder).
+
+    Attributes:
+        round: the round's number (``ServerState.round`` when it started).
+        selected: the sites asked, sorted.
+        steps: each asked site's step counter when asked (``SiteState.steps``), in ``selected``'s order:
+            the round's noise and sampling keys are those of steps ``steps .. steps + steps_per_round − 1``.
+    """
+
+    round: int
+    selected: tuple[int, ...]
+    steps: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"round": int(self.round), "selected": [int(s) for s in self.selected], "steps": [int(t) for t in self.steps]}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> RoundStart:
+        start = cls(int(d["round"]), tuple(int(s) for s in d["selected"]), tuple(int(t) for t in d["steps"]))
+        if len(start.selected) != len(start.steps):
+            raise ValueError(f"RoundStart.from_dict: {len(start.selected)} sites but {len(start.steps)} step counters: {dict(d)}")
+        return start
+
+
+def start_round(state: ServerState, selected: Sequence[int]) -> RoundStart:
+    """The :class:`RoundStart` of asking ``selected`` to train from ``state``. Pure."""
+    sel = tuple(sorted(set(int(s) for s in selected)))
+    return RoundStart(state.round, sel, tuple(state.sites[s].steps for s in sel))
+
+
+def charge_started_round(state: ServerState, start: RoundStart, plans: Sequence[SitePlan]) -> tuple[ServerState, tuple[int, ...]]:
+    """Charge every site asked in ``start`` whose state does not yet account for that round. Pure, idempotent.
+
+    Once a site is asked, its noised update may be seen (it reached the server, a relay or a log) even
+    if the round never completes: the server crashed before its checkpoint, the round failed, or the run
+    was interrupted. Such a site's state still has the step counter it was asked with (``start.steps``);
+    it is charged the round (:func:`~dpfunc.federated.charge_site`: ledger ``steps_per_round`` steps at
+    ``(σ_s, q_s)``, step counter advanced). A retry of the round then draws fresh noise and Poisson keys
+    (they are indexed by the step counter) and is charged again, as the new release it is: no two
+    releases share noise, and the ledger counts every release anyone could have seen. A site whose
+    counter moved past ``start.steps`` (the round was applied, or already charged) is left as it is.
+
+    Args:
+        state: the server state (from the checkpoint).
+        start: the round that was started (:func:`start_round`).
+        plans: every site's :class:`SitePlan`.
+
+    Returns:
+        ``(state', charged site ids)``; ``state'.round`` is unchanged (the round is not applied).
+
+    Raises:
+        ValueError: a site's counter is behind ``start.steps`` (the record belongs to another state), or
+            ``start.round`` is ahead of ``state.round``.
+
+    Example:
+        >>> import torch
+        >>> from dpfunc import Key
+        >>> from dpfunc.federated import SitePlan, init_site_state, init_server_state
+        >>> plan = SitePlan(40, 10, 1, noise_multiplier=1.0)
+        >>> state = init_server_state({"w": torch.zeros(2)}, [init_site_state(0, plan, Key(0), {"w": torch.zeros(2)})], None)
+        >>> start = start_round(state, [0])
+        >>> state, charged = charge_started_round(state, start, [plan])
+        >>> charged, state.sites[0].steps, charge_started_round(state, start, [plan])[1]
+        ((0,), 4, ())
+    """
+    fn = "charge_started_round"
+    if start.round > state.round:
+        raise ValueError(f"{fn}: round {start.round} was started but the state is before round {state.round}; "
+                         "the record belongs to another run")
+    sites, charged = list(state.sites), []
+    for s, steps in zip(start.selected, start.steps):
+        if not 0 <= s < len(sites):
+            raise ValueError(f"{fn}: site {s} was asked in round {start.round}, but there are {len(sites)} sites")
+        if sites[s].steps < steps:
+            raise ValueError(f"{fn}: site {s} was asked in round {start.round} at step {steps}, but its state is at step "
+                             f"{sites[s].steps}; the record belongs to another run")
+        if sites[s].steps == steps:
+            sites[s] = charge_site(sites[s], plans[s])
+            charged.append(s)
+    return state._replace(sites=tuple(sites)), tuple(charged)
 
 
 def select_sites(key: Key, round: int, num_sites: int, fraction: float) -> tuple[int, ...]:
