@@ -57,7 +57,8 @@ def test_dp_run_folder_resume_and_evaluate(phantoms, tmp_path):
 
 
 def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(phantoms, tmp_path):
-    cfg = SegmentationConfig(epsilon=None, noise_multiplier=1.0, **TINY)  # a given σ: the same for 1 and 2 epochs
+    # a given σ: the same for 1 and 2 epochs; a non-default iterate average, whose state must resume exactly too
+    cfg = SegmentationConfig(epsilon=None, noise_multiplier=1.0, ema_decay=0.95, ema_warmup=3.0, **TINY)
     full = train_segmentation(cfg, data_dir=phantoms, run_dir=tmp_path / "a", progress=False, log=lambda s: None,
                               bootstrap_resamples=20)
     short = dataclasses.replace(cfg, epochs=1)
@@ -72,6 +73,10 @@ def test_resume_after_an_interrupted_run_equals_the_uninterrupted_run(phantoms, 
                                  log=lambda s: None, bootstrap_resamples=20)
     assert resumed.test["dice"] == full.test["dice"] and resumed.epsilon == full.epsilon
     assert [h["val_dice"] for h in resumed.history] == [h["val_dice"] for h in full.history]
+    a, b = load_checkpoint(tmp_path / "a" / "checkpoint.pt"), load_checkpoint(tmp_path / "b" / "checkpoint.pt")
+    for name in a["params"]:  # the last iterate, the running average and the selected average: bit for bit
+        assert torch.equal(a["params"][name], b["params"][name]) and torch.equal(a["average"][name], b["average"][name]), name
+        assert torch.equal(a["best_params"][name], b["best_params"][name]), name
 
 
 def test_non_private_and_slice_unit_runs(phantoms):

@@ -28,6 +28,7 @@ from dpfunc.segmentation._train import (
     SegModel,
     SegmentationConfig,
     SegmentationResult,
+    ema_update,
     evaluate_patients,
     evaluate_segmentation_run,
     is_segmentation_run,
@@ -71,4 +72,5 @@ __all__ = [
     "evaluate_patients",
     "PatientScores",
     "is_segmentation_run",
+    "ema_update",
 ]

@@ -9,6 +9,29 @@ from pathlib import Path
 
 from dpfunc._argtypes import int_at_least as _int_at_least, positive_float as _positive_float, unit_interval as _unit_interval
 
+
+def _ema_decay(text: str) -> float:
+    """--ema-decay: a number in [0, 1) (argparse prints the message with the usage line)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ema-decay must be a number in [0, 1), got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"--ema-decay must be in [0, 1), got {text!r}")
+    return v
+
+
+def _ema_warmup(text: str) -> float:
+    """--ema-warmup: a finite number > 1."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--ema-warmup must be a number > 1, got {text!r}") from None
+    if not (v > 1 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"--ema-warmup must be a finite number > 1, got {text!r}")
+    return v
+
+
 __all__ = ["add_parser", "run", "evaluate"]
 
 
@@ -73,8 +96,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant", help="Adam step size over the steps")
     p.add_argument("--largest-component", action="store_true",
                    help="evaluate the largest 3-D connected component of each predicted volume (post-processing, no privacy cost)")
-    p.add_argument("--ema-decay", type=float, default=0.9,
-                   help="evaluate an exponential moving average of the iterates (post-processing); 0 = last iterate")
+    p.add_argument("--ema-decay", type=_ema_decay, default=0.9,
+                   help="evaluate an exponential moving average of the iterates (post-processing, no privacy cost); "
+                        "0 = the last iterate; in [0, 1)")
+    p.add_argument("--ema-warmup", type=_ema_warmup, default=10.0,
+                   help="the average's decay at step t is min(--ema-decay, (1+t)/(W+t)): W = 10 averages about the last "
+                        "steps/9 steps, 3 the whole run with linearly growing weights, 2 uniformly; > 1")
     p.add_argument("--window", type=float, nargs=2, default=(-160.0, 240.0), metavar=("LOW", "HIGH"), help="HU window")
     p.add_argument("--seed", type=int, default=0, help="root of all keys (split, init, sampling, noise)")
     p.add_argument("--run-dir", default=None, help="run folder (default: runs/<task>-<unit>-eps<ε>-seed<seed> or "
@@ -92,15 +119,13 @@ def _config(args: argparse.Namespace):
     from dpfunc.segmentation._train import SegmentationConfig
 
     private = not args.no_dp
-    if not 0 <= args.ema_decay < 1:
-        raise ValueError(f"--ema-decay must be in [0, 1), got {args.ema_decay}")
     return SegmentationConfig(
         task=args.task, image_size=args.image_size, epsilon=args.epsilon if args.noise_multiplier is None else None,
         delta=args.delta, noise_multiplier=args.noise_multiplier, epochs=args.epochs, batch_size=args.batch_size,
         slices_per_patient=args.slices_per_patient, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
         unit=args.unit, engine=args.engine, private=private, seed=args.seed, width=args.width, depth=args.depth,
         window_low=args.window[0], window_high=args.window[1], selection=args.selection, margin=args.margin,
-        accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
+        accountant=args.accountant, foreground_prior=args.foreground_prior, ema_decay=args.ema_decay, ema_warmup=args.ema_warmup,
         pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels, lr_schedule=args.lr_schedule,
         largest_component=args.largest_component, model=args.model, head_hidden=args.head_hidden,
         head_smooth=args.head_smooth, position_products=args.position_products, local_histograms=args.local_histograms,

@@ -43,7 +43,7 @@ from dpfunc.train import RunResult, _check_finite_losses, _mean_loss
 from dpfunc.transforms import adam, apply_updates
 
 __all__ = ["SegmentationConfig", "SegModel", "SegmentationResult", "train_segmentation", "evaluate_segmentation_run", "evaluate_patients",
-           "PatientScores", "summarize_hd95", "is_segmentation_run"]
+           "PatientScores", "summarize_hd95", "is_segmentation_run", "ema_update"]
 
 TASKS = ("liver",)
 
@@ -93,7 +93,17 @@ class SegmentationConfig:
             grows with the parameter count; README 'Segmentation under DP').
         window_low, window_high: HU window; selection, margin: slice selection (see :func:`read_msd`).
         val_fraction, test_fraction: patient-level split.
-        ema_decay: evaluate an exponential moving average of the iterates (post-processing; 0 = off).
+        ema_decay, ema_warmup: evaluate (and select on validation, and report) an average of the iterates instead
+            of the last one: after step t (0-based) ``average = d·average + (1 − d)·params`` with
+            ``d = min(ema_decay, (1 + t)/(ema_warmup + t))``, starting from the initial parameters (:func:`ema_update`).
+            ``ema_decay = 0`` evaluates the last iterate. The warm-up makes the early average a polynomial-decay
+            average (Shamir & Zhang 2013): the iterate of step s enters the average of step T with a weight
+            ∝ ((s + ema_warmup)/(T + ema_warmup))^(ema_warmup − 2) roughly, so ``ema_warmup = 10`` (default) weights
+            about the last T/9 steps, 3 a linearly growing weight over the whole run, 2 the uniform mean; the decay
+            caps it (a window of about 1/(1 − ema_decay) steps) once (1 + t)/(ema_warmup + t) exceeds it — with
+            ``ema_warmup = 10`` and ``ema_decay = 0.9`` only after step 80. A function of the released iterates only
+            (post-processing): no privacy cost. Kept in the checkpoint; a resumed run continues the same average
+            (De et al. 2022 evaluate an EMA of DP-SGD's iterates; Polyak & Juditsky 1992).
         foreground_prior: the head's bias starts at log(1 − p, p) (``class_prior`` of
             :class:`~dpfunc.models.UNetGN`), so the untrained net predicts organ with probability ≈ p
             instead of 1/2; None keeps the default initialisation. A fixed PUBLIC constant (0.05 ≈ the
@@ -161,6 +171,7 @@ class SegmentationConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     ema_decay: float = 0.9
+    ema_warmup: float = 10.0
     accountant: Method = Method.PLD
     foreground_prior: float | None = 0.05
     pretrain_steps: int = 0
@@ -215,6 +226,7 @@ class SegmentationConfig:
         check_positive_finite(fn, "learning_rate", self.learning_rate)
         check_positive_finite(fn, "max_grad_norm", self.max_grad_norm)
         check_number(fn, "ema_decay", self.ema_decay, low=0, high=1, high_open=True)
+        check_number(fn, "ema_warmup", self.ema_warmup, low=1, low_open=True)
         if self.foreground_prior is not None:
             check_number(fn, "foreground_prior", self.foreground_prior, low=0, high=1, low_open=True, high_open=True)
         for name in ("val_fraction", "test_fraction"):
@@ -380,8 +392,34 @@ def _public_weights(width: int, depth: int, groups: int, image_size: int, steps:
                                   groups=groups, image_size=image_size, steps=steps, foreground_prior=prior)
 
 
-def _ema(average: dict, params: dict, decay: float, step: int) -> dict:
-    d = min(decay, (1 + step) / (10 + step))
+def ema_update(average: dict, params: dict, *, decay: float, step: int, warmup: float = 10.0) -> dict:
+    """One step of the iterate average of :class:`SegmentationConfig` (``ema_decay``, ``ema_warmup``).
+
+    Args:
+        average: the average so far (the initial parameters before step 0), name -> tensor.
+        params: the parameters after step ``step`` (0-based), the same names and shapes.
+        decay: the cap of the per-step decay, in [0, 1); 0 returns ``params`` (the last iterate).
+        step: the 0-based index of the step that produced ``params`` (>= 0).
+        warmup: > 1; the decay at step t is ``min(decay, (1 + t)/(warmup + t))`` (polynomial-decay averaging
+            while it is below the cap: 2 = the uniform mean of the initial and all later iterates).
+
+    Returns:
+        ``{k: d·average[k] + (1 − d)·params[k]}``, a new dict (the inputs are not modified).
+
+    Example:
+        >>> import torch
+        >>> ema_update({"w": torch.zeros(1)}, {"w": torch.ones(1)}, decay=0.9, step=0, warmup=2.0)["w"]
+        tensor([0.5000])
+    """
+    fn = "ema_update"
+    check_number(fn, "decay", decay, low=0, high=1, high_open=True)
+    check_number(fn, "warmup", warmup, low=1, low_open=True)
+    check_int_range(fn, "step", step, low=0)
+    if set(average) != set(params):
+        raise ValueError(f"{fn}: average and params must have the same names, got {sorted(average)} and {sorted(params)}")
+    if not decay:
+        return dict(params)
+    d = min(decay, (1 + step) / (warmup + step))
     return {k: d * average[k] + (1 - d) * p for k, p in params.items()}
 
 
@@ -500,7 +538,7 @@ def train_segmentation(cfg: SegmentationConfig, *, data_dir: str | Path, run_dir
                     updates, opt_state = tx.update(g, opt_state, params)
                     params = apply_updates(params, updates)
                     losses.append((loss.detach(), len(idx)))
-                average = _ema(average, params, cfg.ema_decay, t) if cfg.ema_decay else params
+                average = ema_update(average, params, decay=cfg.ema_decay, step=t, warmup=cfg.ema_warmup)
                 bar.update(1)
             if not cfg.private:  # before anything of this epoch is saved
                 _check_finite_losses(losses, epoch * steps_per_epoch, cfg.learning_rate, fn=fn)
