@@ -105,3 +105,39 @@ def test_the_command_line_opt_in_reaches_the_config():
     sub = next(a for a in parser._subparsers._group_actions if a.choices).choices["federated"]
     flag = next(a for a in sub._actions if "--report-train-loss" in a.option_strings)
     assert "NOT covered by ε" in flag.help
+
+
+@pytest.mark.parametrize("asked, consents", [(False, True), (True, False), (True, True)])
+def test_a_secure_flower_site_encodes_a_loss_only_if_run_and_site_opt_in(data_dir, monkeypatch, asked, consents):
+    """Under secure aggregation the reply holds no loss and no params; what the site keeps to mask has no
+    loss slot unless the run asks (then zeros unless the site's node config consents)."""
+    import numpy as np
+    from flwr.app import Context, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from dpfunc.data import pneumoniamnist
+    from dpfunc.federated import init_server_state, init_site_state
+    from dpfunc.federated.flower import apps
+    from dpfunc.federated.job import FederatedConfig, build, prepare
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 7)
+    cfg = FederatedConfig(sites=2, rounds=1, train_subset=60, batch_size=30, accountant="rdp", engine="flower",
+                          aggregator="secagg", report_train_loss=asked)
+    setup = prepare(cfg, pneumoniamnist("train", data_dir).labels)
+    _, _, params, _ = build(cfg)
+    state = init_server_state(params, [init_site_state(s, p, site_key(setup.sites_key, s), params)
+                                       for s, p in enumerate(setup.plans)], None)
+    node_config = {"partition-id": 0, **({"report-train-loss": "1"} if consents else {})}
+    ctx = Context(run_id=7, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
+    msg = apps.FlowerSites(None, setup, [7], 10.0, lambda s: None, data_dir=str(data_dir))._message(state, 7, [0])
+    reply = apps._train(msg, ctx)
+    assert set(reply.content.keys()) == {"reply"} and "loss" not in reply.content["reply"]
+    vec = np.frombuffer(bytes(ctx.state["secagg"]["secagg-input"]), dtype=np.uint32)
+    size = sum(v.numel() for v in params.values())
+    if not asked:
+        assert vec.size == size + 2  # update, weight, clipped flag
+    else:
+        assert vec.size == size + 4
+        loss_slots = vec[size + 1:size + 3]
+        assert (loss_slots != 0).all() if consents else (loss_slots == 0).all()

@@ -40,7 +40,7 @@ def test_secure_mean_equals_weighted_fedavg_up_to_the_bound(seed, n, size, bits,
     ups = [SiteUpdate(s, 4, {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in ref.items()},
                       float(w), 1, float(s)) for s, w in enumerate(weights)]
     agg = SecureAggregator(delta_clip=2.0, precision_bits=bits, ring_bits=bits + 6, max_weight=500,
-                           seed=_seed(seed))
+                           seed=_seed(seed), report_train_loss=True)
     secure = agg.aggregate(ups, ref)
     plain = WeightedFedAvg().aggregate(ups, ref)
     info = agg.last_round
@@ -203,7 +203,7 @@ def test_cli_secure_aggregation_gives_the_same_global_model(tmp_path, data_dir):
 
 # ---------------------------------------------------------------- sites in other processes (transport-neutral)
 
-def _remote_setup(n, drop_kind=None, drop=()):
+def _remote_setup(n, drop_kind=None, drop=(), report=False):
     from dpfunc.secagg.remote import site_handle, site_keep_input
 
     g = torch.Generator().manual_seed(n)
@@ -212,7 +212,7 @@ def _remote_setup(n, drop_kind=None, drop=()):
                       float(20 + s), 1, 0.3) for s in range(n)]
     stores = {s: {} for s in range(n)}
     for u in ups:
-        site_keep_input(u, ref, stores[u.site], aggregator=SecureAggregator(max_weight=100))
+        site_keep_input(u, ref, stores[u.site], aggregator=SecureAggregator(max_weight=100, report_train_loss=report))
     log = []
 
     def channel(requests):
@@ -234,13 +234,17 @@ def _remote_setup(n, drop_kind=None, drop=()):
 def test_remote_secure_aggregation_over_a_channel(drop_kind):
     from dpfunc.secagg.remote import RemoteSecureAggregator
 
-    ref, ups, placeholders, stores, channel, log = _remote_setup(5, drop_kind, drop=(1,))
-    agg = RemoteSecureAggregator(channel, max_weight=100)
+    report = drop_kind in (None, "inbox")  # the loss slots (opt-in) in some runs, none in the others
+    ref, ups, placeholders, stores, channel, log = _remote_setup(5, drop_kind, drop=(1,), report=report)
+    agg = RemoteSecureAggregator(channel, max_weight=100, report_train_loss=report)
     out = agg.aggregate(placeholders, ref)
     kept = [u for u in ups if drop_kind in (None, "unmask_request") or u.site != 1]
     assert agg.last_round.included == tuple(u.site for u in kept)
     _close_within(out, WeightedFedAvg().aggregate(kept, ref), agg.last_round.error_bound)
-    assert agg.last_round.mean_loss == pytest.approx(0.3, abs=1e-5)
+    if report:
+        assert agg.last_round.mean_loss == pytest.approx(0.3, abs=1e-5)
+    else:  # the sites' updates hold a loss (0.3), but nothing of it was encoded
+        assert agg.last_round.mean_loss is None and "mean_loss" not in agg.last_round.to_record(range(5))
     assert [k for _, k in log[:5]] == ["begin"] * 5
     assert all(st == {} for s, st in stores.items() if s != 1 or drop_kind is None)  # secrets forgotten after unmasking
 
@@ -258,8 +262,8 @@ def test_remote_site_refuses_out_of_order_requests_and_failed_rounds_raise():
         RemoteSecureAggregator(lambda reqs: {s: site_handle(r, stores[s]) for s, r in reqs.items()}).aggregate(placeholders, ref)
     fresh = {}
     site_keep_input(ups[0], ref, fresh, aggregator=SecureAggregator(max_weight=100))
-    begin = {"kind": "begin", "round": 1, "threshold": 2, "vector_length": 10, "ring_bits": 32, "neighbours": -1,
-             "encoding": json.dumps([1.0, 26, 100, 100.0])}
+    begin = {"kind": "begin", "round": 1, "threshold": 2, "vector_length": 9, "ring_bits": 32, "neighbours": -1,
+             "encoding": json.dumps([1.0, 26, 100, None])}  # 7 coordinates + weight + clipped flag: no loss slot
     site_handle(begin, fresh)
     with pytest.raises(ProtocolError, match="never masked twice"):
         site_handle(begin, fresh)

@@ -561,7 +561,9 @@ def run_federated(
     setup = prepare(cfg, train_set.labels)
     module, apply_fn, params, buffers = build(cfg)
     server_tx = cfg.server_tx()
-    aggregator = aggregator if aggregator is not None else make_aggregator(cfg.aggregator)
+    # secure aggregation sums a training loss only with the opt-in (it has no loss slot otherwise)
+    loss_option = {"report_train_loss": True} if cfg.report_train_loss and cfg.aggregator == "secagg" else {}
+    aggregator = aggregator if aggregator is not None else make_aggregator(cfg.aggregator, **loss_option)
     if executor is None:  # each site's shard lives on the device; site_round computes there
         data = [(to_device(train_set.images[i], where), to_device(train_set.labels[i], where)) for i in setup.indices]
         answers_fn = InProcessSites(data, setup.plans, make_engine(cfg, module.to(where), apply_fn), setup.sites_key,
@@ -630,9 +632,7 @@ def run_federated(
                       "seconds": elapsed}
             secure = getattr(aggregator, "last_round", None)  # secure aggregation: what the server learned
             if secure is not None and getattr(secure, "round", None) == state.round - 1 and hasattr(secure, "to_record"):
-                record["secure"] = secure.to_record(report.applied)
-                if not cfg.report_train_loss:  # the sites encoded no loss (0): the sum's loss slot means nothing
-                    record["secure"].pop("mean_loss", None)
+                record["secure"] = secure.to_record(report.applied)  # mean_loss only with report_train_loss
             history.append(record)
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": released}

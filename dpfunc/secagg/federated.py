@@ -5,12 +5,21 @@ What each site puts into the protocol (one vector in Z_{2^k}, all of it masked):
     ω_s    = w_s / max_weight                       (w_s: the FedAvg weight, an integer example count)
     [ q(ω_s · (params_s − global)) ,                 P entries,  FixedPoint(delta_clip, precision_bits)
       w_s ,                                          1 entry,    exact integer
-      q(ω_s · loss_s) ,                              1 entry,    FixedPoint(loss_clip, precision_bits)
+      q(ω_s · loss_s) , w_s or 0                     2 entries,  ONLY with report_train_loss=True (see below)
       1 if any coordinate of the delta was clipped ] 1 entry,    exact integer
 
 The server unmasks the sums only and computes ``global + max_weight · Σ q(ω_s δ_s) / Σ w_s`` — the
-weighted FedAvg mean — plus the weighted mean training loss and the number of sites whose update was
-clipped. Only participation (who sent masked input) is in the clear.
+weighted FedAvg mean — and the number of sites whose update was clipped. Only participation (who sent
+masked input) is in the clear.
+
+The raw training loss is a statistic of the site's data outside its (ε, δ). By default
+(``report_train_loss=False``) the vector has no slot for it: nothing derived from the loss is encoded,
+whatever ``SiteUpdate.loss`` holds, and :attr:`SecureRoundInfo.mean_loss` is None (never a 0 that reads
+as a loss). With ``report_train_loss=True`` (``dpfunc federated --report-train-loss``, debugging) two
+slots carry ``q(ω_s·loss_s)`` and ``w_s`` from each site that reports a loss (zeros from one that does
+not, e.g. a Flower site whose node config does not consent), and ``mean_loss`` is the weighted mean over
+the reporting sites (None if none did). Server and sites must agree on the option: it is part of the
+encoding they compare (:mod:`dpfunc.secagg.remote`).
 
 Accuracy (no site clipped): per coordinate, ``|secure − plain| ≤ n · scale / 2 · max_weight / Σ w_s``
 (``scale = delta_clip / (2**(precision_bits−1) − 1)``), plus the float32 rounding of the final cast;
@@ -70,7 +79,7 @@ class SecureRoundInfo(NamedTuple):
     round: int
     included: tuple            # sites whose masked input is in the sum (U3)
     total_weight: int          # Σ w_s
-    mean_loss: float           # Σ w_s loss_s / Σ w_s (training loss, not private)
+    mean_loss: Optional[float]  # None unless report_train_loss: Σ w_s loss_s / Σ w_s over reporting sites (NOT private)
     sites_clipped: int         # how many sites had at least one delta coordinate clipped
     error_bound: float         # per-coordinate bound |secure − plain| when sites_clipped == 0
     threshold: int
@@ -80,12 +89,14 @@ class SecureRoundInfo(NamedTuple):
         """The round as a JSON record for the job history — only what the server saw anyway: who was asked
         to aggregate (the sites whose training answers were usable), who is in the sum and who dropped
         during the protocol, the threshold, the unmasked sums' metadata, and the payload bytes it relayed."""
-        return {"included": [int(s) for s in self.included], "dropped": [int(s) for s in asked if s not in self.included],
-                "threshold": int(self.threshold), "sites_clipped": int(self.sites_clipped),
-                "total_weight": int(self.total_weight), "mean_loss": float(self.mean_loss),
-                "error_bound": float(self.error_bound),
-                "bytes_sent": int(sum(self.stats.sent.values())),
-                "bytes_received": int(sum(self.stats.received.values()))}
+        record = {"included": [int(s) for s in self.included], "dropped": [int(s) for s in asked if s not in self.included],
+                  "threshold": int(self.threshold), "sites_clipped": int(self.sites_clipped),
+                  "total_weight": int(self.total_weight), "error_bound": float(self.error_bound),
+                  "bytes_sent": int(sum(self.stats.sent.values())),
+                  "bytes_received": int(sum(self.stats.received.values()))}
+        if self.mean_loss is not None:  # only with report_train_loss, and only if some site reported one
+            record["mean_loss"] = float(self.mean_loss)
+        return record
 
 
 class _Layout(NamedTuple):
@@ -115,21 +126,27 @@ class SecureAggregator:
         max_weight: the largest FedAvg weight (example count) of any site; weights must be integers in
             ``[1, max_weight]``. Keep it close to the largest site: the bound grows with
             ``max_weight / Σ w_s``.
-        loss_clip: range of the (weighted) training loss aggregated alongside.
+        loss_clip: range of the (weighted) training loss aggregated alongside (``report_train_loss`` only).
         threshold: ``t``; default a strict majority of a neighbourhood (``n // 2 + 1`` on the complete
             graph of ``n`` sites, ``(neighbours + 1) // 2 + 1`` with SecAgg+; at least 2).
         neighbours: SecAgg+ degree (even) or ``None`` for the complete graph.
         dropouts: test/simulation hook ``{round: {Stage: sites}}``: those sites stop answering from that
             stage of that round on.
         seed: 32 bytes to replay the protocol's randomness (tests); default fresh ``os.urandom`` per round.
+        report_train_loss: add the two loss slots (see the module docstring); default False: nothing derived
+            from a site's raw training loss is encoded, and ``last_round.mean_loss`` is None.
     """
 
     def __init__(self, *, delta_clip: float = 1.0, precision_bits: int = 26, ring_bits: int = 32,
                  max_weight: int = 8192, loss_clip: float = 100.0, threshold: Optional[int] = None,
                  neighbours: Optional[int] = None,
                  dropouts: Optional[Mapping[int, Mapping[Stage, Sequence[int]]]] = None,
-                 seed: Optional[bytes] = None):
+                 seed: Optional[bytes] = None, report_train_loss: bool = False):
         fn = "SecureAggregator"
+        if not isinstance(report_train_loss, bool):
+            raise TypeError(f"{fn}: report_train_loss must be a bool, got {type(report_train_loss).__name__} "
+                            f"{report_train_loss!r}")
+        self.report_train_loss = report_train_loss
         self.update_fp = FixedPoint(check_positive_finite(fn, "delta_clip", delta_clip),
                                     check_int_range(fn, "precision_bits", precision_bits, low=2, high=62))
         self.loss_fp = FixedPoint(check_positive_finite(fn, "loss_clip", loss_clip), precision_bits)
@@ -149,7 +166,14 @@ class SecureAggregator:
         self.last_round: Optional[SecureRoundInfo] = None
 
     def _encodings(self):
-        return (self.update_fp, self.weight_fp, self.loss_fp, self.flag_fp)
+        """The encodings of the vector's entries after the P update coordinates (the tail), in order."""
+        if self.report_train_loss:
+            return (self.update_fp, self.weight_fp, self.loss_fp, self.weight_fp, self.flag_fp)
+        return (self.update_fp, self.weight_fp, self.flag_fp)
+
+    def tail_size(self) -> int:
+        """Entries after the P update coordinates: weight, [loss, loss weight,] clipped flag."""
+        return len(self._encodings()) - 1
 
     def max_sites(self) -> int:
         """The most sites one round can sum without wrapping the ring."""
@@ -182,7 +206,7 @@ class SecureAggregator:
         layout = _layout(reference)
         round_id = int(updates[0].round)
         inputs = {int(u.site): encode_site(self, u, reference, layout) for u in updates}
-        cfg = self.config_for(n, layout.size + 3)
+        cfg = self.config_for(n, layout.size + self.tail_size())
         secrets = graph_seed = None
         if self.seed is not None:
             secrets = {s: P.hkdf(self.seed, b"site" + round_id.to_bytes(8, "big") + s.to_bytes(8, "big"))
@@ -212,12 +236,15 @@ class SecureAggregator:
     def __repr__(self) -> str:
         return (f"SecureAggregator(delta_clip={self.update_fp.clip}, precision_bits={self.update_fp.bits}, "
                 f"ring_bits={self.ring.bits}, max_weight={self.max_weight}, threshold={self.threshold}, "
-                f"neighbours={self.neighbours})")
+                f"neighbours={self.neighbours}, report_train_loss={self.report_train_loss})")
 
 
 def encode_site(agg: SecureAggregator, update: SiteUpdate, reference: Mapping[str, torch.Tensor],
                 layout: _Layout) -> np.ndarray:
-    """One site's protocol input (ring elements), computed at the site from its own update."""
+    """One site's protocol input (ring elements), computed at the site from its own update.
+
+    ``update.loss`` enters only when ``agg.report_train_loss`` is set and the loss is finite (a site that
+    did not opt in has NaN there); otherwise the vector has no loss slot, or zeros in it."""
     w = update.weight
     if not (float(w).is_integer() and 1 <= w <= agg.max_weight):
         raise ValueError(f"SecureAggregator: weight of site {update.site} must be an integer in "
@@ -226,10 +253,13 @@ def encode_site(agg: SecureAggregator, update: SiteUpdate, reference: Mapping[st
     delta = np.concatenate([(update.params[k].detach().to(torch.float64) - reference[k].detach().to(torch.float64))
                             .reshape(-1).numpy() for k in layout.names]) if layout.size else np.zeros(0)
     q_delta, clipped = agg.update_fp.encode(omega * delta)
-    loss = float(update.loss) if math.isfinite(update.loss) else 0.0
-    q_loss, _ = agg.loss_fp.encode(np.array([omega * loss]))
-    tail = np.array([int(w), int(q_loss[0]), 1 if clipped else 0], dtype=np.int64)
-    return agg.ring.from_signed(np.concatenate([q_delta, tail]))
+    tail = [int(w)]
+    if agg.report_train_loss:
+        reported = math.isfinite(update.loss)
+        q_loss, _ = agg.loss_fp.encode(np.array([omega * float(update.loss) if reported else 0.0]))
+        tail += [int(q_loss[0]), int(w) if reported else 0]
+    tail.append(1 if clipped else 0)
+    return agg.ring.from_signed(np.concatenate([q_delta, np.array(tail, dtype=np.int64)]))
 
 
 def decode_sum(agg: SecureAggregator, total: np.ndarray, reference: Mapping[str, torch.Tensor],
@@ -247,8 +277,11 @@ def decode_sum(agg: SecureAggregator, total: np.ndarray, reference: Mapping[str,
         d = torch.from_numpy(mean_delta[off:off + size].reshape(shape))
         out[name] = (ref.detach().to(torch.float64) + d).to(ref.dtype)
         off += size
-    info = {"total_weight": total_weight,
-            "mean_loss": agg.loss_fp.decode(s[layout.size + 1:layout.size + 2])[0] * agg.max_weight / total_weight,
-            "sites_clipped": int(s[layout.size + 2])}
+    mean_loss = None
+    if agg.report_train_loss:
+        loss_weight = int(s[layout.size + 2])
+        if loss_weight > 0:
+            mean_loss = float(agg.loss_fp.decode(s[layout.size + 1:layout.size + 2])[0] * agg.max_weight / loss_weight)
+    info = {"total_weight": total_weight, "mean_loss": mean_loss, "sites_clipped": int(s[layout.size + agg.tail_size() - 1])}
     return out, info
 

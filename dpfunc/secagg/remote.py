@@ -49,7 +49,8 @@ _INPUT, _META, _STATE = "secagg-input", "secagg-meta", "secagg-state"
 def site_keep_input(update, reference: Mapping[str, torch.Tensor], store: MutableMapping[str, bytes], *,
                     aggregator: SecureAggregator | None = None) -> None:
     """At the site, after local training: encode the update for secure aggregation and keep it in the
-    site's ``store`` (nothing leaves the site here)."""
+    site's ``store`` (nothing leaves the site here). ``aggregator`` must carry the server's encoding options
+    (``report_train_loss`` included: without it no loss slot is encoded)."""
     agg = aggregator if aggregator is not None else SecureAggregator()
     vec = encode_site(agg, update, reference, _layout(reference))
     store[_INPUT] = vec.tobytes()
@@ -59,8 +60,10 @@ def site_keep_input(update, reference: Mapping[str, torch.Tensor], store: Mutabl
 
 
 def _encoding(agg: SecureAggregator) -> str:
-    """The encoding parameters, which the server and the sites must share."""
-    return json.dumps([agg.update_fp.clip, agg.update_fp.bits, agg.max_weight, agg.loss_fp.clip])
+    """The encoding parameters, which the server and the sites must share (loss_clip is null without the
+    loss slots: ``report_train_loss=False``)."""
+    return json.dumps([agg.update_fp.clip, agg.update_fp.bits, agg.max_weight,
+                       agg.loss_fp.clip if agg.report_train_loss else None])
 
 
 def site_handle(request: Mapping, store: MutableMapping[str, bytes]) -> dict:
@@ -170,7 +173,7 @@ class RemoteSecureAggregator(SecureAggregator):
             raise ValueError(f"RemoteSecureAggregator.aggregate: {e}") from None
         layout = _layout(reference)
         round_id = int(updates[0].round)
-        cfg = self.config_for(n, layout.size + 3)
+        cfg = self.config_for(n, layout.size + self.tail_size())
         sent, received = {}, {}
         try:
             srv = server_init(cfg, round_id=round_id, graph_seed=os.urandom(32))

@@ -107,7 +107,12 @@ def _train(msg: Message, context: Context) -> Message:
         from dpfunc.secagg.remote import site_keep_input
 
         store = _secagg_store(context)
-        site_keep_input(update._replace(params=params), global_params, store)
+        from dpfunc.secagg.federated import SecureAggregator
+
+        # the run's encoding (loss slots only if the run asks: report_train_loss); a site that does not
+        # consent (report_loss False) leaves its loss NaN, so its slots stay 0 and it counts as not reporting
+        site_keep_input(update._replace(params=params), global_params, store,
+                        aggregator=SecureAggregator(report_train_loss=cfg.report_train_loss))
         context.state["secagg"] = ConfigRecord(store)
     reply = {"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
              "steps": update.steps, "state": encode_state(new_state)}
@@ -296,7 +301,8 @@ def _main(grid: Grid, context: Context) -> None:
         if cfg.aggregator == "secagg":  # issue 14: four more round trips per round, to the same sites
             from dpfunc.secagg.remote import RemoteSecureAggregator
 
-            aggregator = RemoteSecureAggregator(lambda requests: executors[-1].secagg_channel(requests))
+            aggregator = RemoteSecureAggregator(lambda requests: executors[-1].secagg_channel(requests),
+                                                report_train_loss=cfg.report_train_loss)
         run_federated(cfg, data_dir=data_dir, run_dir=run_dir, resume=bool(req["resume"]), progress=False,
                       log=log, bootstrap_resamples=int(req["bootstrap"]), executor=executor, aggregator=aggregator)
         status["ok"] = True
