@@ -211,3 +211,73 @@ def test_inprocess_distributed_noise_run_records_what_was_released(tmp_path, dat
     for site in r["sites"]:  # the resumed ledger still holds round 0's step: ε is not reset
         ledger = PrivacyLedger.from_dict(site["ledger"])
         assert ledger.total_steps == 2 and site["epsilon"] == pytest.approx(epsilon(ledger, cfg.delta))
+
+
+def test_an_interrupted_distributed_round_is_charged_and_rerun_with_fresh_batches(tmp_path, data_dir, monkeypatch):
+    """The sum of round 0 is unmasked (released), then the run stops before its checkpoint. Interrupted, it
+    charges the asked sites at once; killed (only round_in_flight.json survives), the resume charges them.
+    Either way the re-run is charged again and samples with ``retries = 1`` (fresh batches); before, the
+    re-run reused round 0's batches and the ledger counted one of the two releases."""
+    import shutil
+
+    import dpfunc.secagg.distributed_dp as ddp
+    from dpfunc.bridge.checkpoint import load_checkpoint
+    from dpfunc.federated.distributed import run_distributed
+    from dpfunc.federated.job import IN_FLIGHT, FederatedConfig
+
+    cfg = FederatedConfig(sites=3, rounds=1, train_subset=150, batch_size=25, aggregator="secagg",
+                          distributed_noise=True, colluding_sites=1, epsilon=3.0)
+    run = tmp_path / "run"
+    real = ddp.distributed_round
+    released = []
+
+    def release_then_die(*a, **k):
+        released.append(real(*a, **k))
+        shutil.copy(run / IN_FLIGHT, tmp_path / "marker.json")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ddp, "distributed_round", release_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_distributed(cfg, data_dir=data_dir, run_dir=run, progress=False, log=lambda s: None)
+    now = load_checkpoint(run / "checkpoint.pt")["state"]
+    assert now.round == 0 and now.retries == 1 and [l.total_steps for l in now.ledgers] == [1, 1, 1]
+    sigma = now.ledgers[0].phases[0].noise_multiplier
+    assert sigma <= released[0].noise_multiplier  # charged at the smallest multiplier a released sum carries
+    (run / "checkpoint.pt").unlink()  # what a SIGKILL at that moment leaves: no checkpoint, the record only
+    shutil.copy(tmp_path / "marker.json", run / IN_FLIGHT)
+    monkeypatch.setattr(ddp, "distributed_round", real)
+    lines = []
+    m = run_distributed(cfg, data_dir=data_dir, run_dir=run, resume=True, progress=False, log=lines.append,
+                        bootstrap_resamples=10)
+    assert any("round 0 was in flight" in line for line in lines)
+    final = load_checkpoint(run / "checkpoint.pt")["state"]
+    assert final.round == 1 and final.retries == 1 and not (run / IN_FLIGHT).exists()
+    for site in m["sites"]:  # the release that was lost to the checkpoint and the re-run: two steps
+        assert site["steps"] == 2
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**63 - 1), rounds=st.integers(1, 6), data=st.data())
+def test_distributed_sampling_keys_never_repeat_across_retries(seed, rounds, data):
+    """However the rounds are interrupted (each retry bumps ``retries``), the (round, retries) pairs that
+    sample a batch give distinct keys, and charging a record twice changes nothing."""
+    from dpfunc import Key
+    from dpfunc.accounting.ledger import PrivacyLedger
+    from dpfunc.federated.distributed import DistributedState, charge_interrupted, round_sample_key
+
+    key = Key(seed)
+    state = DistributedState(0, {}, None, (PrivacyLedger(),) * 2, (0, 0))
+    used, steps = [], 0
+    while state.round < rounds:
+        start = {"round": state.round, "selected": [0, 1], "retries": state.retries}
+        used.append(round_sample_key(key, state.round, state.retries).state)
+        steps += 1
+        if data.draw(st.booleans()):  # interrupted after the release: charged, then re-run
+            state, charged = charge_interrupted(state, start, [0.1, 0.2], 1.5)
+            assert charged == (0, 1) and charge_interrupted(state, start, [0.1, 0.2], 1.5)[1] == ()
+        else:  # applied (what run_distributed does to the ledgers), the record is then stale
+            state = state._replace(round=state.round + 1, ledgers=tuple(
+                l.step(1.5, q, mechanism=Mechanism.DISCRETE_GAUSSIAN) for l, q in zip(state.ledgers, [0.1, 0.2])))
+            assert charge_interrupted(state, start, [0.1, 0.2], 1.5)[1] == ()
+    assert len(used) == len(set(used))
+    assert all(l.total_steps == steps for l in state.ledgers)

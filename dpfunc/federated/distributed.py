@@ -20,6 +20,14 @@ not reproducible, by design. Every site asked in a round is charged that round, 
 made it into the sum (an upper bound). A round with fewer than ``t`` sites at some stage fails: nothing is
 released or applied, the run stops with the last checkpoint intact.
 
+Interrupted rounds: before a round, the run folder records it (``round_in_flight.json``, as
+:func:`~dpfunc.federated.job.run_federated` does). A round that may have released its sum but never reached
+the checkpoint (the run was interrupted or killed after the sum was unmasked) is charged to every site
+asked — one step at σ, the smallest multiplier a sum of ``≥ t`` sites carries — at once if the run can still
+write, else on ``resume``; ``DistributedState.retries`` then moves on, and the re-run round draws fresh
+Poisson batches (its sampling key folds in ``retries``; the noise is fresh OS entropy anyway), so it is a
+new release, charged again. Before, the re-run used the same batches and its ledger counted one release.
+
 Only the in-process engine runs this (on Flower each DP-SGD step would need its own five round trips).
 The in-process runner computes every site in one process: the protocol and the accounting are exercised
 exactly, the separation of parties is not (as for ``--secure-aggregation`` in process).
@@ -52,6 +60,33 @@ class DistributedState(NamedTuple):
     opt_state: Any
     ledgers: tuple
     rounds: tuple
+    retries: int = 0  # rounds re-run after an interruption so far (folded into the sampling keys when > 0)
+
+
+_RETRY_DOMAIN = 0x7265747279  # "retry"
+
+
+def round_sample_key(sample_key, round: int, retries: int):
+    """The key of a site's Poisson batch in ``round``: ``sample_key.fold_in(round)`` in a run never
+    interrupted, a key of its own for every ``(round, retries)`` after ``retries`` re-runs."""
+    if retries == 0:
+        return sample_key.fold_in(round)
+    return sample_key.fold_in(_RETRY_DOMAIN).fold_in(retries).fold_in(round)
+
+
+def charge_interrupted(state: DistributedState, in_flight: Mapping, rates: list[float], sigma: float
+                       ) -> tuple[DistributedState, tuple[int, ...]]:
+    """Charge the sites of a round recorded as started (``in_flight``: its ``round``, ``selected`` and
+    ``retries``) that the state does not account for yet: one discrete-Gaussian step at ``sigma`` and
+    sampling rate ``rates[s]`` each, and ``retries + 1``. Pure and idempotent (a record of a round already
+    applied or charged changes nothing)."""
+    if int(in_flight["round"]) != state.round or int(in_flight.get("retries", 0)) != state.retries:
+        return state, ()
+    ledgers = list(state.ledgers)
+    selected = tuple(int(s) for s in in_flight["selected"])
+    for s in selected:
+        ledgers[s] = ledgers[s].step(sigma, rates[s], mechanism=Mechanism.DISCRETE_GAUSSIAN)
+    return state._replace(ledgers=tuple(ledgers), retries=state.retries + 1), selected
 
 
 def distributed_threshold(cfg) -> int:
@@ -114,8 +149,9 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
         dpfunc.federated.RoundFailedError: a secure round lost too many sites; nothing of it is applied.
     """
     from dpfunc.data import pneumoniamnist
-    from dpfunc.federated.job import (_external, _plots, _progress, _write_json, build, final_evaluation, make_engine,
-                                      open_run_folder, prepare, restore_progress, save_progress)
+    from dpfunc.federated.job import (_external, _plots, _progress, _write_json, build, clear_round_started,
+                                      final_evaluation, make_engine, mark_round_started, open_run_folder, prepare,
+                                      read_round_started, restore_progress, save_progress)
     from dpfunc.federated.rounds import RoundFailedError, RoundReport, select_sites
     from dpfunc.federated.site import site_key, site_keys
     from dpfunc.metrics import binary_metrics
@@ -149,6 +185,15 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
     if saved is not None:
         state, history, elapsed, best = restore_progress(saved)
         log(f"resumed {run_path / 'checkpoint.pt'} after round {state.round}/{cfg.rounds}")
+    sigma_min = noise.noise_multiplier_in_sum(noise.threshold)  # what any released sum (≥ t sites) carries at least
+    in_flight = read_round_started("run_distributed", run_path, cfg) if resume else None
+    if in_flight is not None:
+        state, charged = charge_interrupted(state, in_flight, rates, sigma_min)
+        if charged:
+            log(f"round {in_flight['round']} was in flight when the run stopped: site(s) {list(charged)} are charged "
+                f"a step at σ={sigma_min:.4f} and it is re-run with fresh batches")
+            save_progress(run_path, cfg, state, history, elapsed, best)
+        clear_round_started(run_path)
     trust = TRUST.format(c=noise.colluding_sites, t=noise.threshold)
     log(f"federated DP-SGD with distributed noise: {cfg.sites} sites, {cfg.rounds} rounds of one step each, σ={noise.noise_multiplier:.4f} "
         f"(Δ = C + √d·2^-{noise.grid_bits} = {noise.sensitivity:.5f}), t={noise.threshold}, c={noise.colluding_sites}, "
@@ -160,21 +205,30 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             r = state.round
             selected = select_sites(setup.select_key, r, len(sizes), cfg.fraction)
             sums = {}
-            on_device = tree_to_device(state.params, where), tree_to_device(buffers, where)
-            for s in selected:
-                sample_key, _ = site_keys(site_key(setup.sites_key, s))
-                idx = to_device(poisson_sample(sample_key.fold_in(r), sizes[s], rates[s]), where)
-                out = engine(*on_device, tuple(t[idx] for t in data[s]), None)
-                sums[s] = {k: v.detach().to("cpu", torch.float64) for k, v in out.grads.grads.items()}
+            start = {"round": r, "selected": [int(s) for s in selected], "retries": state.retries}
+            mark_round_started(run_path, cfg, start)  # durable before any sum can be released
             # no training loss is reported: only the noisy sum leaves the sites (a raw-batch loss would not be DP)
             report = RoundReport(r, tuple(selected), tuple(selected), {}, math.nan)
             try:
+                on_device = tree_to_device(state.params, where), tree_to_device(buffers, where)
+                for s in selected:
+                    sample_key, _ = site_keys(site_key(setup.sites_key, s))
+                    idx = to_device(poisson_sample(round_sample_key(sample_key, r, state.retries), sizes[s], rates[s]), where)
+                    out = engine(*on_device, tuple(t[idx] for t in data[s]), None)
+                    sums[s] = {k: v.detach().to("cpu", torch.float64) for k, v in out.grads.grads.items()}
                 res = distributed_round(sums, noise, ring_bits=ring_bits, round_id=r,
                                         dropouts=(dropouts or {}).get(r))
             except SecureRoundFailed as e:
+                clear_round_started(run_path)  # no sum was unmasked: nothing to charge, the retry may reuse the batches
                 raise RoundFailedError(report, cfg.min_sites, message=(
                     f"round {r} failed in distributed-noise secure aggregation at stage {e.stage.name} ({e.available} < "
                     f"threshold {e.needed}): {e}. Nothing was released or applied; the last checkpoint is unchanged.")) from e
+            except BaseException:
+                if run_path is not None:  # interrupted: charged at once (an upper bound), re-run with fresh batches
+                    charged, _ = charge_interrupted(state, start, rates, sigma_min)
+                    save_progress(run_path, cfg, charged, history, elapsed, best)
+                    clear_round_started(run_path)
+                raise
             expected_batch = sum(rates[s] * sizes[s] for s in res.included)
             grad = {k: (v / expected_batch).to(state.params[k].dtype) for k, v in res.total.items()}
             updates, opt_state = tx.update(grad, state.opt_state, state.params)
@@ -182,7 +236,8 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             for s in selected:  # every site asked is charged (an upper bound for those whose share was dropped)
                 ledgers[s] = ledgers[s].step(res.noise_multiplier, rates[s], mechanism=Mechanism.DISCRETE_GAUSSIAN)
                 rounds[s] += 1
-            state = DistributedState(r + 1, apply_updates(state.params, updates), opt_state, tuple(ledgers), tuple(rounds))
+            state = DistributedState(r + 1, apply_updates(state.params, updates), opt_state, tuple(ledgers), tuple(rounds),
+                                     state.retries)
             elapsed += time.perf_counter() - t0
             vm = binary_metrics(val_set.labels, evaluate_scores(apply_fn, state.params, buffers, val_set))
             sites = _site_report(state, sizes, cfg)
@@ -198,6 +253,7 @@ def run_distributed(cfg, *, data_dir=None, run_dir=None, resume: bool = False, p
             if vm.roc_auc > best["val_auc"]:
                 best = {"round": state.round, "val_auc": vm.roc_auc, "params": state.params}
             save_progress(run_path, cfg, state, history, elapsed, best)
+            clear_round_started(run_path)  # the round is in the checkpoint
             eps_text = " ".join(f"{e:.2f}" for e in record["site_epsilon"])
             bar.update(1)
             with _external(bar):

@@ -360,14 +360,15 @@ def mark_round_started(run_path: Path | None, cfg: Any, start: Any) -> None:
 
     Written to a temp file, ``fsync``-ed and renamed, so once a site can have released its update the record
     survives a crash of the server (or of its machine). ``start`` is a :class:`~dpfunc.federated.RoundStart`
-    (or any value with ``to_dict()``); nothing is written without a run folder."""
+    (or a dict); nothing is written without a run folder."""
     import os
 
     if run_path is None:
         return
     path, tmp = run_path / IN_FLIGHT, run_path / (IN_FLIGHT + ".tmp")
     with open(tmp, "w") as f:
-        f.write(json.dumps({"config": asdict(cfg), **start.to_dict()}, indent=1) + "\n")
+        record = start.to_dict() if hasattr(start, "to_dict") else dict(start)
+        f.write(json.dumps({"config": asdict(cfg), **record}, indent=1) + "\n")
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
