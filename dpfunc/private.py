@@ -34,7 +34,6 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple, Optional
 
-import torch
 
 from dpfunc.accounting.ledger import Mechanism, PrivacyLedger
 from dpfunc.clipping import ClippedSum, Clipping, FlatClipping, _check_bound

@@ -20,9 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dpfunc import FlatClipping, Key, dpsgd, make_step, privacy_ledger, vmap_engine
+from dpfunc import FlatClipping, Key, make_step, privacy_ledger, vmap_engine
 from dpfunc.distributed import (
-    World,
     backend_for,
     launch_local,
     make_distributed_step,

@@ -11,7 +11,7 @@ import torch
 from dpfunc.bridge.checkpoint import load_checkpoint
 from dpfunc.federated import InProcessSites, RoundFailedError
 from dpfunc.cli import main
-from dpfunc.federated.job import FederatedConfig, build, make_engine, run_federated
+from dpfunc.federated.job import FederatedConfig, make_engine, run_federated
 from dpfunc import Key
 from dpfunc.models import build_model
 

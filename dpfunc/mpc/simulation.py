@@ -19,7 +19,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, NamedTuple
 
-import torch
 
 from dpfunc.keys import Key
 from dpfunc.mpc.context import (
