@@ -91,6 +91,11 @@ FEATURE_RANK_C_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_r
 """'features+rank+C0.3' settings: 'features+lh' on rank-normalised volumes with Adam lr 0.02 and the clipping bound C = 0.3
 (the DP arms; the non-private arm does not clip): the README's recipe, chosen on validation patients and the extra phantoms."""
 
+FEATURE_RANK_C015_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_rate": 0.04, "max_grad_norm": 0.15}
+"""'features+rank+C0.15+lr0.04' settings (issue 17, sixth round): 'features+rank+C0.3' with the clipping bound C = 0.15 and Adam lr
+0.04 — chosen on the validation patients of run seeds 0–2 and the 40 extra phantoms (phantom seed 1), never test patients
+(bench/results/segmentation_history.md). The non-private arm does not clip: it is 'features+rank''s non-private arm."""
+
 SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, epsilon=8.0), "DP ε=3": dict(private=True, epsilon=3.0),
             "slice-level DP ε=8": dict(private=True, epsilon=8.0, unit="slice"),
             "non-private, slice batches": dict(private=False, unit="slice"),
@@ -108,7 +113,10 @@ SETTINGS = {"non-private": dict(private=False), "DP ε=8": dict(private=True, ep
             "features+rank, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_RECIPE),
             "features+rank+C0.3, non-private": dict(private=False, **FEATURE_RANK_C_RECIPE),
             "features+rank+C0.3, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RANK_C_RECIPE),
-            "features+rank+C0.3, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_C_RECIPE)}
+            "features+rank+C0.3, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_C_RECIPE),
+            "features+rank+C0.15+lr0.04, non-private": dict(private=False, **FEATURE_RANK_C015_RECIPE),
+            "features+rank+C0.15+lr0.04, DP ε=8": dict(private=True, epsilon=8.0, **FEATURE_RANK_C015_RECIPE),
+            "features+rank+C0.15+lr0.04, DP ε=3": dict(private=True, epsilon=3.0, **FEATURE_RANK_C015_RECIPE)}
 DEFAULT_SETTINGS = ["non-private", "DP ε=8", "DP ε=3"]
 
 
@@ -128,7 +136,7 @@ def dice_part(args, payload: dict) -> None:
                 batch = args.batch_size * args.slices_per_patient
             base = dict(seed=seed, epochs=args.epochs, batch_size=batch, slices_per_patient=args.slices_per_patient,
                         learning_rate=args.lr, width=args.width, depth=3, groups=4 if args.width % 4 == 0 else 2,
-                        foreground_prior=args.foreground_prior, ema_decay=args.ema_decay,
+                        foreground_prior=args.foreground_prior, ema_decay=args.ema_decay, ema_warmup=args.ema_warmup,
                         pretrain_steps=args.pretrain_steps, coord_channels=args.coord_channels)
             cfg = SegmentationConfig(**{**base, **extra})  # a setting's own recipe (the feature model's) wins
             t0 = time.perf_counter()
@@ -140,7 +148,8 @@ def dice_part(args, payload: dict) -> None:
                    "ci_upper": r.test_ci["dice"]["upper"], "test_iou": r.test["iou"], "test_hd95": r.test["hd95"],
                    "hd95_ci_lower": r.test_ci["hd95"]["lower"], "hd95_ci_upper": r.test_ci["hd95"]["upper"],
                    "hd95_empty_mismatch": r.test["hd95_empty_mismatch"], "hd95_unit": r.test["hd95_unit"],
-                   "val_dice": r.val["dice"], "epsilon": r.epsilon,
+                   "val_dice": r.val["dice"], "epsilon": r.epsilon, "ema_decay": cfg.ema_decay, "ema_warmup": cfg.ema_warmup,
+                   "max_grad_norm": cfg.max_grad_norm, "learning_rate": cfg.learning_rate,
                    "noise_multiplier": r.noise_multiplier, "steps": r.steps, "best_epoch": r.best_epoch,
                    "train_seconds": r.train_seconds, "seconds_per_epoch": r.train_seconds / cfg.epochs,
                    "wall_seconds": time.perf_counter() - t0, "load_average": os.getloadavg()[0], **post}
@@ -267,7 +276,8 @@ def report(payload: dict) -> str:
                       f"channels, 268 parameters); 'features+lh' adds local soft histograms to 'features+pos' (148 channels, 336 "
                       f"parameters); 'features+rank' is 'features+lh' on per-patient rank-normalised volumes (the same 148 channels, "
                       f"336 parameters, the bins in rank units, Adam lr 0.04); 'features+rank+C0.3' is the same with Adam lr 0.02 and the "
-                      f"clipping bound C = 0.3 (the README's recipe). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
+                      f"clipping bound C = 0.3 (the fifth round's recipe); 'features+rank+C0.15+lr0.04' the same with C = 0.15 and Adam lr 0.04 (the "
+                      f"sixth round's). {f['batch_size']} expected patients per step (q = 1 at 24 training patients), "
                       f"{f['slices_per_patient']} slices each, {f['epochs']} epochs, Adam lr {f['learning_rate']}; the rest as above."]
         low = [r for r in payload["dice"] if r["test_dice"] < 0.3]
         if low:
@@ -326,6 +336,7 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=5e-3, help="Adam learning rate")
     p.add_argument("--foreground-prior", type=float, default=0.05, help="output-bias prior (see SegmentationConfig)")
     p.add_argument("--ema-decay", type=float, default=0.9, help="EMA of the iterates that is evaluated")
+    p.add_argument("--ema-warmup", type=float, default=10.0, help="the EMA's warm-up (SegmentationConfig.ema_warmup)")
     p.add_argument("--results", type=Path, default=RESULTS / "segmentation.json", help="the JSON to add rows to")
     p.add_argument("--merge", type=Path, nargs="+", default=[],
                    help="JSONs (of --results runs) whose Dice rows and setup are merged into --results")
