@@ -23,6 +23,18 @@ pytestmark = pytest.mark.slow
 TINY = dict(sites=3, rounds=1, train_subset=150, batch_size=25, accountant="rdp")
 
 
+def _tensors(tree) -> list:
+    import torch
+
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in _tensors(v)]
+    if isinstance(tree, (tuple, list)):
+        return [t for v in tree for t in _tensors(v)]
+    return []
+
+
 def test_flower_secure_aggregation_equals_plain_inprocess_fedavg(tmp_path, data_dir):
     fl = run_flower(FederatedConfig(**TINY, engine="flower", aggregator="secagg", round_timeout=150),
                     data_dir=data_dir, run_dir=tmp_path / "flower", bootstrap_resamples=10, log=lambda s: None,
@@ -42,6 +54,9 @@ def test_flower_secure_aggregation_equals_plain_inprocess_fedavg(tmp_path, data_
     assert max((a.params[k] - initial[k]).abs().max().item() for k in initial) > 1e-3
     for sa, sb in zip(a.sites, b.sites):
         assert sa.ledger == sb.ledger and sa.steps == sb.steps
+        # the momentum buffer stayed at the site: what the server stored of its optimizer state has no tensor
+        # (tests/test_secagg_flower_state.py pins the messages and the kept buffer's use)
+        assert _tensors(sa.opt_state) == [] and _tensors(sb.opt_state) != []
     assert fl["history"][0]["sites_answered"] == [0, 1, 2]
     assert json.loads((tmp_path / "flower" / "config.json").read_text())["aggregator"] == "secagg"
 

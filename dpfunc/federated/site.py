@@ -11,7 +11,11 @@ One round at site ``s``::
 
 The site's optimizer state (step count, ledger, momentum buffer) is its :class:`SiteState`; it travels
 with the round (the server keeps it in its checkpoint). Everything in it is a function of noisy, clipped
-gradient sums, i.e. post-processing of the site's DP mechanism, and safe to store outside the site.
+gradient sums, i.e. post-processing of the site's DP mechanism, and safe to store outside the site as far as
+ε goes. Where the site's update itself is hidden (secure aggregation over Flower), the momentum buffer — a
+noisy function of the site's rounds, close to the hidden update — stays at the site: only
+:func:`shared_site_state` (ids, counters, the DP state with the ledger; no tensor) leaves it, and
+:func:`rejoin_site_state` puts the site's kept tensors back before its next round.
 Because the state persists across rounds, one site with full participation and plain FedAvg trains
 exactly as centralised DP-SGD on its data with the same keys (bit for bit; tested).
 """
@@ -36,7 +40,7 @@ from dpfunc.step import GradEngine, make_step
 from dpfunc.transforms import GradientTransformation
 
 __all__ = ["SitePlan", "SiteState", "SiteUpdate", "site_keys", "site_key", "site_optimizer", "init_site_state",
-           "site_round", "charge_site"]
+           "site_round", "charge_site", "shared_site_state", "rejoin_site_state"]
 
 _SITE_DOMAIN = 0x73697465  # "site": keys of sites live in a domain of their own under the run key
 
@@ -248,3 +252,103 @@ def _replace_dp(opt_state: Any, new: DPAggregateState) -> Any:
                 out.append(s)
         return tuple(out)
     raise ValueError("charge_site: cannot locate the DP state in opt_state")
+
+
+def shared_site_state(state: SiteState) -> SiteState:
+    """The part of a site's state that may leave the site when its update must stay hidden.
+
+    Under secure aggregation over Flower the server learns only the masked sum of the sites' updates, but
+    the site's momentum buffer (``TraceState.trace``, ``momentum`` > 0) is a noisy function of its rounds —
+    the server could difference two consecutive buffers and come close to the update that the sum hides. It
+    is covered by the site's ε (post-processing), so this is about confidentiality, not accounting.
+
+    Returns:
+        ``state`` with every tensor of ``opt_state`` outside its :class:`~dpfunc.private.DPAggregateState`
+        replaced by ``None`` (the slot stays, so the structure and the step counters of the chained
+        transforms remain); ``site``, ``steps``, ``rounds`` and the DP state (noise-key count, privacy
+        ledger, clipping, budget) are kept: the server needs them to account and to charge (``charge_site``,
+        ``charge_started_round`` and the round checks read nothing else). The result holds no tensor.
+
+    Raises:
+        ValueError: ``opt_state`` holds no DP state, or its DP state holds a tensor (it would leave the site).
+
+    Example:
+        >>> from dpfunc.keys import Key
+        >>> plan = SitePlan(num_examples=10, expected_batch_size=5, local_epochs=1, noise_multiplier=1.0)
+        >>> shared = shared_site_state(init_site_state(0, plan, Key(0), {"w": torch.zeros(2)}))
+        >>> shared.opt_state[1][0].trace, shared.ledger.total_steps
+        ({'w': None}, 0)
+    """
+    dp = find_dp_state(state.opt_state)
+    if dp is None:
+        raise ValueError(f"shared_site_state: site {state.site}'s opt_state holds no DPAggregateState")
+    if _holds_tensor(dp):
+        raise ValueError(f"shared_site_state: site {state.site}'s DP state holds a tensor; it cannot be shared")
+    return state._replace(opt_state=_withhold(state.opt_state))
+
+
+def rejoin_site_state(shared: SiteState, local_opt_state: Any) -> SiteState:
+    """``shared`` (a :func:`shared_site_state`, or a full state) with its optimizer tensors from the site.
+
+    Args:
+        shared: the state the server sent: its ids, counters and DP state (ledger) are authoritative.
+        local_opt_state: an ``opt_state`` of the same optimizer: the one the site kept after its last round,
+            or ``site_optimizer(plan, key).init(params)`` when it kept none (momentum restarts from zero).
+
+    Returns:
+        ``shared`` whose every tensor-or-withheld slot of ``opt_state`` (outside the DP state) holds the
+        tensor at the same place in ``local_opt_state``; a tensor the server sent is never used.
+
+    Raises:
+        ValueError: the two optimizer states differ in structure (another optimizer or model).
+    """
+    return shared._replace(opt_state=_rejoin(shared.opt_state, local_opt_state, "opt_state"))
+
+
+def _holds_tensor(tree: Any) -> bool:
+    if isinstance(tree, torch.Tensor):
+        return True
+    if isinstance(tree, dict):
+        return any(_holds_tensor(v) for v in tree.values())
+    if isinstance(tree, (tuple, list)):
+        return any(_holds_tensor(v) for v in tree)
+    return False
+
+
+def _withhold(tree: Any) -> Any:
+    if isinstance(tree, DPAggregateState):
+        return tree
+    if isinstance(tree, torch.Tensor):
+        return None
+    if isinstance(tree, dict):
+        return {k: _withhold(v) for k, v in tree.items()}
+    if isinstance(tree, tuple) and hasattr(tree, "_fields"):
+        return type(tree)(*(_withhold(v) for v in tree))
+    if isinstance(tree, (tuple, list)):
+        return type(tree)(_withhold(v) for v in tree)
+    return tree
+
+
+def _rejoin(shared: Any, local: Any, path: str) -> Any:
+    fn = "rejoin_site_state"
+    if isinstance(shared, DPAggregateState):
+        return shared
+    if shared is None or isinstance(shared, torch.Tensor):
+        if isinstance(local, torch.Tensor):
+            return local
+        if shared is None and local is None:
+            return None
+        raise ValueError(f"{fn}: the kept optimizer state has {type(local).__name__} at {path}, where the "
+                         f"shared one has {'a withheld tensor' if shared is None else 'a tensor'}")
+    if isinstance(shared, dict):
+        if not isinstance(local, dict) or set(local) != set(shared):
+            got = sorted(local) if isinstance(local, dict) else type(local).__name__
+            raise ValueError(f"{fn}: the kept optimizer state differs at {path}: keys {got} vs {sorted(shared)}")
+        return {k: _rejoin(v, local[k], f"{path}[{k!r}]") for k, v in shared.items()}
+    if isinstance(shared, (tuple, list)):
+        if type(local) is not type(shared) or len(local) != len(shared):
+            raise ValueError(f"{fn}: the kept optimizer state differs at {path}: {type(local).__name__} vs "
+                             f"{type(shared).__name__}")
+        parts = [_rejoin(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(shared, local))]
+        return type(shared)(*parts) if hasattr(shared, "_fields") else type(shared)(parts)
+    return shared

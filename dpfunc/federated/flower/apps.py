@@ -9,6 +9,7 @@ nothing between rounds — Flower starts a fresh ClientApp process per message):
                            "task": ConfigRecord(config json,                  "reply": ConfigRecord(site, trained,
                                    round, sites, plan-<s> json,                       round, weight, steps, [loss],
                                    state-<s> bytes)                                    state bytes)
+    (secure aggregation: no "params", no loss, and "state" is the shared site state: no tensor)
 
 ``loss`` (the site's raw mean training loss, NOT covered by ε) is sent only when the run asks for it
 (``report_train_loss``) AND the site's own node config agrees (``report-train-loss=1``): the server is
@@ -20,6 +21,14 @@ runs four ``query.secagg`` round trips (``ConfigRecord`` "secagg" both ways) and
 
 The site state (DP optimizer state with the privacy ledger) travels as bytes of
 ``torch.save(to_plain(state))`` and is read back with ``torch.load(weights_only=True)`` (no code runs).
+Under secure aggregation only :func:`~dpfunc.federated.site.shared_site_state` travels (ids, step counters,
+the DP state with the ledger; no tensor): the momentum buffer, a noisy function of the site's rounds close to
+the update the masked sum hides, stays in the site's ``context.state`` ("dpfunc-site"), as its encoded update does, and
+:func:`_site_state` puts it back before the site's next round. A site without a kept state whose counter
+matches the server's (its first round, a resumed run — a new Flower run, a fresh ``context.state`` — or a
+round whose reply the server lost after the site crashed) restarts its momentum from zero; its ledger and
+noise keys come from the server's state as always, so ε is unchanged. Without secure aggregation the reply
+carries the model anyway, and the whole site state travels as before.
 """
 
 from __future__ import annotations
@@ -74,7 +83,7 @@ def _site_id(context: Context) -> int:
 def _train(msg: Message, context: Context) -> Message:
     from dpfunc.federated.job import FederatedConfig, _keys, build, make_engine, site_data
     from dpfunc.devices import to_device
-    from dpfunc.federated.site import SitePlan, site_key, site_round
+    from dpfunc.federated.site import SitePlan, shared_site_state, site_key, site_round
     from dpfunc.keys import Key
 
     task = msg.content["task"]
@@ -96,6 +105,8 @@ def _train(msg: Message, context: Context) -> Message:
     secret = context.node_config.get("key-seed")
     key = Key(int(secret)) if secret not in (None, "") else site_key(_keys(cfg)[3], site)
     secure = cfg.aggregator == "secagg"
+    if secure:  # the optimizer's tensors (momentum) come from this site's own store, never from the server
+        state = _site_state(context, state, site, plan, key, global_params)
     report_loss = _reports_loss(cfg, context)  # under secagg an opted-in loss travels only in the masked sum
     update, new_state = site_round(global_params, state, data, key, plan=plan, engine=make_engine(cfg, module, apply_fn),
                                    round=int(task["round"]), buffers=buffers, report_loss=report_loss)
@@ -114,6 +125,8 @@ def _train(msg: Message, context: Context) -> Message:
         site_keep_input(update._replace(params=params), global_params, store,
                         aggregator=SecureAggregator(report_train_loss=cfg.report_train_loss))
         context.state["secagg"] = ConfigRecord(store)
+        context.state[_KEPT] = ConfigRecord({"state": encode_state(new_state)})  # with its momentum buffer
+        new_state = shared_site_state(new_state)  # what the server needs: counters and ledger, no tensor
     reply = {"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
              "steps": update.steps, "state": encode_state(new_state)}
     if report_loss and not secure and math.isfinite(update.loss):  # opt-in only: a raw statistic, outside the site's (ε, δ)
@@ -122,6 +135,26 @@ def _train(msg: Message, context: Context) -> Message:
     if secure:
         return Message(RecordDict({"reply": reply}), reply_to=msg)
     return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+_KEPT = "dpfunc-site"  # context.state key of the site's own full SiteState (secure aggregation only)
+
+
+def _site_state(context: Context, sent, site: int, plan, key, params):
+    """The site's state for this round under secure aggregation: the server's ``sent`` state (ids, counters,
+    ledger: authoritative) with the optimizer tensors of the state this site kept after its last round, if
+    it kept one at the same step counter; else fresh ones (zero momentum: the site's first round, a resumed
+    run, or a kept state the server's counter has moved past)."""
+    from dpfunc.federated.site import SiteState, rejoin_site_state, site_optimizer
+    from dpfunc.private import find_dp_state
+
+    kept = decode_state(bytes(context.state[_KEPT]["state"])) if _KEPT in context.state else None
+    if (isinstance(kept, SiteState) and kept.site == site == sent.site and kept.steps == sent.steps
+            and find_dp_state(kept.opt_state).count == find_dp_state(sent.opt_state).count):
+        local = kept.opt_state
+    else:  # momentum restarts from zero (the noise keys and the ledger still follow the server's counters)
+        local = site_optimizer(plan, key).init(params)
+    return rejoin_site_state(sent, local)
 
 
 def _reports_loss(cfg, context: Context) -> bool:
@@ -182,10 +215,13 @@ class FlowerSites:
         self.data_dir = data_dir or ""
 
     def _message(self, state, node: int, sites: list[int]) -> Message:
+        from dpfunc.federated.site import shared_site_state
+
         cfg_json = json.dumps(dataclasses.asdict(self.setup.config))
         task = {"config": cfg_json, "data_dir": self.data_dir, "round": state.round, "sites": json.dumps(sites)}
-        for s in sites:
-            task[f"state-{s}"] = encode_state(state.sites[s])
+        secure = self.setup.config.aggregator == "secagg"
+        for s in sites:  # under secure aggregation no optimizer tensor travels (a site uses its own kept ones)
+            task[f"state-{s}"] = encode_state(shared_site_state(state.sites[s]) if secure else state.sites[s])
             task[f"plan-{s}"] = json.dumps(dataclasses.asdict(self.setup.plans[s]))
         content = RecordDict({"global": ArrayRecord(_state_dict(state.params)), "task": ConfigRecord(task)})
         return Message(content=content, dst_node_id=node, message_type="train")
