@@ -105,7 +105,7 @@ class FakeGrid:
         return out
 
 
-def _run_over_fake_flower(cfg, data_dir, run_dir, between_rounds=None):
+def _run_over_fake_flower(cfg, data_dir, run_dir, between_rounds=None, resume=False):
     """run_federated with the Flower apps' executor and secure aggregator over a FakeGrid."""
     from dpfunc.secagg.remote import RemoteSecureAggregator
 
@@ -123,7 +123,7 @@ def _run_over_fake_flower(cfg, data_dir, run_dir, between_rounds=None):
         return call
 
     agg = RemoteSecureAggregator(lambda requests: executors[-1].secagg_channel(requests))
-    out = run_federated(cfg, data_dir=data_dir, run_dir=run_dir, progress=False, log=lambda s: None,
+    out = run_federated(cfg, data_dir=data_dir, run_dir=run_dir, resume=resume, progress=False, log=lambda s: None,
                         bootstrap_resamples=10, executor=executor, aggregator=agg)
     return grid, out
 
@@ -229,3 +229,28 @@ def test_rejoin_takes_tensors_from_the_site_and_checks_the_structure():
         rejoin_site_state(shared, init_site_state(1, no_momentum, Key(0), params).opt_state)
     with pytest.raises(ValueError, match="shared_site_state"):
         shared_site_state(full._replace(opt_state=(trace,)))
+
+
+def test_a_resumed_secure_run_charges_the_interrupted_round_and_restarts_momentum(tmp_path, data_dir):
+    """The real resume path on tensor-free site states: round 2 is interrupted after its sites were asked
+    (charged in the checkpoint), the resumed run — a new Flower run, every context.state empty — re-runs it
+    with fresh keys; each site rejoins the server's counters with zero momentum and the run completes."""
+    cfg = FederatedConfig(**TINY, rounds=2)
+
+    class Interrupted(RuntimeError):
+        pass
+
+    def interrupt(grid):
+        raise Interrupted("stopped before round 2's answers")
+    with pytest.raises(Interrupted):
+        _run_over_fake_flower(cfg, data_dir, tmp_path / "run", between_rounds=interrupt)
+    stopped = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["state"]
+    assert stopped.round == 1 and [s.steps for s in stopped.sites] == [4, 4, 4]  # round 2 charged
+    assert all(_tensors(s.opt_state) == [] for s in stopped.sites)
+    grid, out = _run_over_fake_flower(cfg, data_dir, tmp_path / "run", resume=True)
+    done = load_checkpoint(tmp_path / "run" / "checkpoint.pt")["state"]
+    assert done.round == 2 and out["history"][-1]["sites_answered"] == [0, 1, 2]
+    for s, site in enumerate(done.sites):
+        assert site.steps == site.ledger.total_steps == 6 and site.rounds == 2 and _tensors(site.opt_state) == []
+        kept = apps.decode_state(bytes(grid.contexts[100 + s].state[apps._KEPT]["state"]))
+        assert kept.steps == 6 and shared_site_state(kept) == site
