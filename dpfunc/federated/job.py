@@ -609,8 +609,8 @@ def run_federated(
                                             server_tx=server_tx, min_sites=cfg.min_sites, average_decay=cfg.average_decay)
             except BaseException:
                 # The round failed (too few answers, aggregation failed) or was interrupted after asking: answers
-                # (or, under secure aggregation, the replies' site states) may have reached the server. The
-                # checkpoint charges every asked site, counters included, so an abandoned run never
+                # may have reached the server (under secure aggregation an upper bound: in process the server holds
+                # the sites' new states; over Flower the replies carry no optimizer tensor). The checkpoint charges every asked site, counters included, so an abandoned run never
                 # under-reports and a retry draws fresh keys. Without a run folder nothing persists.
                 if run_path is not None:
                     charged, _ = charge_started_round(state, start, setup.plans)

@@ -67,10 +67,10 @@ class RoundFailedError(RuntimeError):
     :func:`~dpfunc.federated.job.run_federated` checkpoints the failed round with every asked site
     charged (:func:`charge_started_round`: ledger and step counter), as an abandoned run's ε must count
     them and a retry must not reuse their noise keys (a retry on other hardware is not bit for bit the
-    same release). This holds for a failure inside secure aggregation too: the sum was not unmasked, but
-    each site's train reply carried its new :class:`SiteState`, whose momentum buffer is a noisy function
-    of the round (DP post-processing, but a retry with the same noise and other last bits would let the
-    server difference the noise away).
+    same release). A failure inside secure aggregation is charged too, as an upper bound: the sum was
+    not unmasked, and over Flower the replies carry no optimizer tensor (the momentum buffer stays at
+    the site), but the in-process engine holds each site's new state, whose momentum buffer is a noisy
+    function of the round, and the charge keeps a retry's noise keys fresh whatever the server kept.
     """
 
     def __init__(self, report: RoundReport | None, min_sites: int = 0, *, message: str | None = None):
