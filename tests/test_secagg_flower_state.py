@@ -254,3 +254,23 @@ def test_a_resumed_secure_run_charges_the_interrupted_round_and_restarts_momentu
         assert site.steps == site.ledger.total_steps == 6 and site.rounds == 2 and _tensors(site.opt_state) == []
         kept = apps.decode_state(bytes(grid.contexts[100 + s].state[apps._KEPT]["state"]))
         assert kept.steps == 6 and shared_site_state(kept) == site
+
+
+def test_a_site_refuses_a_replayed_train_message(tmp_path, data_dir):
+    """A server that sends a site its old counters again (a replay) would get the same noise on new
+    parameters from a site with a secret key-seed; the site remembers the keys it used in this run."""
+    cfg = FederatedConfig(**TINY, rounds=1)
+    grid, _ = _run_over_fake_flower(cfg, data_dir, tmp_path / "run")
+    first = next(m for m in grid.train_messages if m.metadata.dst_node_id == 100)  # site 0, round 0: steps 0, 1
+    assert dict(grid.contexts[100].state[apps._USED]) == {"steps": 2, "count": 2}
+    kept = bytes(grid.contexts[100].state[apps._KEPT]["state"])
+    with pytest.raises(ValueError, match="site 0: the server asked for sampling step 0 and noise-key index 0, but this "
+                                         "site has already used keys up to step 2 and index 2 in this run"):
+        apps._train(first, grid.contexts[100])
+    assert bytes(grid.contexts[100].state[apps._KEPT]["state"]) == kept  # refused before anything ran or changed
+    assert dict(grid.contexts[100].state[apps._USED]) == {"steps": 2, "count": 2}
+    # a node that has not trained in this run (a fresh context: a new Flower run) has no record to refuse by
+    fresh = Context(run_id=2, node_id=100, state=RecordDict(), run_config={},
+                    node_config=dict(grid.contexts[100].node_config))
+    reply = apps._train(first, fresh)
+    assert bool(reply.content["reply"]["trained"]) and dict(fresh.state[apps._USED]) == {"steps": 2, "count": 2}

@@ -104,6 +104,7 @@ def _train(msg: Message, context: Context) -> Message:
     # seed (reproducible, and equal to the in-process runner's; the server could then recompute the noise).
     secret = context.node_config.get("key-seed")
     key = Key(int(secret)) if secret not in (None, "") else site_key(_keys(cfg)[3], site)
+    _refuse_used_keys(context, state, site)  # a server that replays old counters gets no noise twice
     secure = cfg.aggregator == "secagg"
     if secure:  # the optimizer's tensors (momentum) come from this site's own store, never from the server
         state = _site_state(context, state, site, plan, key, global_params)
@@ -127,6 +128,7 @@ def _train(msg: Message, context: Context) -> Message:
         context.state["secagg"] = ConfigRecord(store)
         context.state[_KEPT] = ConfigRecord({"state": encode_state(new_state)})  # with its momentum buffer
         new_state = shared_site_state(new_state)  # what the server needs: counters and ledger, no tensor
+    _mark_used_keys(context, new_state)
     reply = {"site": site, "trained": True, "round": update.round, "weight": float(update.weight),
              "steps": update.steps, "state": encode_state(new_state)}
     if report_loss and not secure and math.isfinite(update.loss):  # opt-in only: a raw statistic, outside the site's (ε, δ)
@@ -138,6 +140,37 @@ def _train(msg: Message, context: Context) -> Message:
 
 
 _KEPT = "dpfunc-site"  # context.state key of the site's own full SiteState (secure aggregation only)
+_USED = "dpfunc-used-keys"  # context.state key of the first unused sampling step and noise-key index
+
+
+def _refuse_used_keys(context: Context, sent, site: int) -> None:
+    """Refuse a round whose keys this site has already used in this run.
+
+    The server sends each site its counters (sampling step ``steps``, noise-key index ``count`` of the DP
+    state). An honest server only moves them forward; a malicious one could send old ones again, so that a
+    site with a secret ``key-seed`` draws the same noise on new parameters and the difference of the two
+    releases is noise-free. The site keeps the first unused step and index in its ``context.state`` (for the
+    lifetime of the Flower run: a resumed run is a new run, and its guard starts afresh) and raises, which
+    the server sees as a failed site (charged, excluded from the round).
+    """
+    from dpfunc.private import find_dp_state
+
+    if _USED not in context.state:
+        return
+    used = context.state[_USED]
+    steps, count = int(sent.steps), int(find_dp_state(sent.opt_state).count)
+    if steps < int(used["steps"]) or count < int(used["count"]):
+        raise ValueError(f"site {site}: the server asked for sampling step {steps} and noise-key index {count}, but this "
+                         f"site has already used keys up to step {int(used['steps'])} and index {int(used['count'])} in "
+                         "this run; refusing to draw the same noise twice (a replayed or stale site state)")
+
+
+def _mark_used_keys(context: Context, new_state) -> None:
+    """Record the first sampling step and noise-key index this site has not used yet (:func:`_refuse_used_keys`)."""
+    from dpfunc.private import find_dp_state
+
+    context.state[_USED] = ConfigRecord({"steps": int(new_state.steps),
+                                         "count": int(find_dp_state(new_state.opt_state).count)})
 
 
 def _site_state(context: Context, sent, site: int, plan, key, params):
