@@ -89,7 +89,7 @@ patients and on 40 extra phantoms of another phantom seed (never the test patien
 
 FEATURE_RANK_C_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_rate": 0.02, "max_grad_norm": 0.3}
 """'features+rank+C0.3' settings: 'features+lh' on rank-normalised volumes with Adam lr 0.02 and the clipping bound C = 0.3
-(the DP arms; the non-private arm does not clip): the README's recipe, chosen on validation patients and the extra phantoms."""
+(the DP arms; the non-private arm does not clip): the fifth round's recipe (the README's until the sixth round), chosen on validation patients and the extra phantoms."""
 
 FEATURE_RANK_C015_RECIPE = {**FEATURE_LH_RECIPE, "volume_norm": "rank", "learning_rate": 0.04, "max_grad_norm": 0.15}
 """'features+rank+C0.15+lr0.04' settings (issue 17, sixth round): 'features+rank+C0.3' with the clipping bound C = 0.15 and Adam lr
