@@ -34,12 +34,12 @@ import enum
 import importlib
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError", "FORMAT_VERSION", "to_plain", "from_plain"]
+__all__ = ["save_checkpoint", "load_checkpoint", "atomic_write", "CheckpointError", "FORMAT_VERSION", "to_plain", "from_plain"]
 
 FORMAT_VERSION = 1
 _FORMAT = "dpfunc-checkpoint"
@@ -149,32 +149,27 @@ def _write(payload: Any, f: BinaryIO) -> None:
     torch.save(payload, f)
 
 
-def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
-    """Write ``state`` to ``path`` atomically.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Write a file so that a crash leaves either the old file or the whole new one, never a torn one.
 
-    The state is encoded first (a ``TypeError`` for an unsupported value leaves the disk untouched),
-    written to a temp file in the same directory, flushed and ``fsync``-ed, then renamed over ``path``
-    with ``os.replace``. If anything fails, the temp file is removed and an existing file at ``path``
-    is left as it was.
+    ``write(f)`` fills a temp file in the same directory, which is flushed, ``fsync``-ed and renamed over
+    ``path`` (``os.replace``); then the directory is ``fsync``-ed so the rename itself survives a power
+    loss (POSIX; best effort elsewhere). If ``write`` raises, the temp file is removed and an existing
+    file at ``path`` is left as it was.
 
-    Args:
-        path: target file; its directory must exist.
-        state: see the module docstring.
-
-    Raises:
-        ValueError: a non-finite gradient check still in flight on a GPU failed (checked first, see
-            :func:`dpfunc.clipping.flush_nonfinite_checks`): nothing is written.
+    Example:
+        >>> import tempfile, pathlib
+        >>> target = pathlib.Path(tempfile.mkdtemp()) / "note.txt"
+        >>> atomic_write(target, lambda f: f.write(b"ledger"))
+        >>> target.read_bytes()
+        b'ledger'
     """
-    from dpfunc.clipping import flush_nonfinite_checks
-
-    flush_nonfinite_checks()  # a model that a pending check would refuse is never saved
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    payload = {"format": _FORMAT, "version": FORMAT_VERSION, "torch": str(torch.__version__), "state": to_plain(state)}
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
-            _write(payload, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -194,6 +189,29 @@ def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def save_checkpoint(path: str | os.PathLike, state: Any) -> None:
+    """Write ``state`` to ``path`` atomically.
+
+    The state is encoded first (a ``TypeError`` for an unsupported value leaves the disk untouched),
+    written to a temp file in the same directory, flushed and ``fsync``-ed, then renamed over ``path``
+    with ``os.replace``. If anything fails, the temp file is removed and an existing file at ``path``
+    is left as it was.
+
+    Args:
+        path: target file; its directory must exist.
+        state: see the module docstring.
+
+    Raises:
+        ValueError: a non-finite gradient check still in flight on a GPU failed (checked first, see
+            :func:`dpfunc.clipping.flush_nonfinite_checks`): nothing is written.
+    """
+    from dpfunc.clipping import flush_nonfinite_checks
+
+    flush_nonfinite_checks()  # a model that a pending check would refuse is never saved
+    payload = {"format": _FORMAT, "version": FORMAT_VERSION, "torch": str(torch.__version__), "state": to_plain(state)}
+    atomic_write(path, lambda f: _write(payload, f))
 
 
 def load_checkpoint(path: str | os.PathLike, *, map_location: Any = None) -> Any:

@@ -361,27 +361,13 @@ def mark_round_started(run_path: Path | None, cfg: Any, start: Any) -> None:
     Written to a temp file, ``fsync``-ed and renamed, so once a site can have released its update the record
     survives a crash of the server (or of its machine). ``start`` is a :class:`~dpfunc.federated.RoundStart`
     (or a dict); nothing is written without a run folder."""
-    import os
+    from dpfunc.bridge.checkpoint import atomic_write
 
     if run_path is None:
         return
-    path, tmp = run_path / IN_FLIGHT, run_path / (IN_FLIGHT + ".tmp")
-    with open(tmp, "w") as f:
-        record = start.to_dict() if hasattr(start, "to_dict") else dict(start)
-        f.write(json.dumps({"config": asdict(cfg), **record}, indent=1) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename durable (POSIX); best effort elsewhere
-        dfd = os.open(run_path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    record = start.to_dict() if hasattr(start, "to_dict") else dict(start)
+    text = json.dumps({"config": asdict(cfg), **record}, indent=1) + "\n"
+    atomic_write(run_path / IN_FLIGHT, lambda f: f.write(text.encode()))
 
 
 def read_round_started(fn: str, run_path: Path | None, cfg: Any) -> dict | None:
