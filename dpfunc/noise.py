@@ -30,12 +30,14 @@ __all__ = ["gaussian_noise", "privatize", "check_noise_multiplier", "check_expec
 
 
 def check_noise_multiplier(fn: str, value: float) -> float:
+    """``value`` as a float if it is a finite number ≥ 0, else a ValueError naming ``fn``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{fn}: noise_multiplier must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_expected_batch_size(fn: str, value: float) -> float:
+    """``value`` as a float if it is a finite number > 0 (q·n), else a ValueError naming ``fn``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{fn}: expected_batch_size must be a finite number > 0 (sampling_rate × dataset size), got {value!r}")
     return float(value)

@@ -23,6 +23,7 @@ __all__ = ["poisson_sample", "poisson_batches", "pad_batch", "padded_batch_size"
 
 
 def check_sampling_rate(fn: str, value: float) -> float:
+    """``value`` as a float if it is in (0, 1], else a ValueError naming ``fn``."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
         raise ValueError(f"{fn}: sampling_rate must be in (0, 1], got {value!r}")
     return float(value)

@@ -45,10 +45,14 @@ __all__ = [
 
 
 class TransformInitFn(Protocol):
+    """``init(params) -> state``: a transformation's initial state for parameters ``params`` (pure)."""
+
     def __call__(self, params: Params) -> Any: ...
 
 
 class TransformUpdateFn(Protocol):
+    """``update(updates, state, params=None) -> (updates', state')``: one step of a transformation (pure)."""
+
     def __call__(self, updates: Any, state: Any, params: Params | None = None) -> tuple[Any, Any]: ...
 
 

@@ -88,11 +88,13 @@ def decode(record: dict) -> Any:
 
 
 def encode_inbox(inbox: dict) -> dict:
+    """A site's inbox ``{sender: ciphertext}`` as a record with the senders in ascending order."""
     senders = sorted(inbox)
     return {"kind": "inbox", "from": senders, "ct": [inbox[s] for s in senders]}
 
 
 def decode_inbox(record: dict) -> dict:
+    """The inbox of :func:`encode_inbox`; a ProtocolError for a malformed record."""
     try:
         return {int(s): bytes(c) for s, c in zip(record["from"], record["ct"], strict=True)}
     except (KeyError, TypeError, ValueError) as e:

@@ -53,11 +53,13 @@ def _r8(i: int) -> bytes:
 
 
 def share_key(round_id: int, sender: int, receiver: int, secret: bytes, peer_public: bytes) -> bytes:
+    """AEAD key of the shares ``sender`` encrypts for ``receiver`` in a round (X25519 agreement, then HKDF)."""
     return P.hkdf(P.x25519_agree(secret, peer_public),
                   b"dpfunc-secagg/share-enc" + _r8(round_id) + _r8(sender) + _r8(receiver))
 
 
 def share_aad(round_id: int, sender: int, receiver: int) -> bytes:
+    """Associated data binding an encrypted share to its round, sender and receiver."""
     return b"dpfunc-secagg/share" + _r8(round_id) + _r8(sender) + _r8(receiver)
 
 
@@ -68,6 +70,7 @@ def pair_mask_key(round_id: int, u: int, v: int, secret: bytes, peer_public: byt
 
 
 def self_mask_key(round_id: int, u: int, self_seed: bytes) -> bytes:
+    """PRG key of site ``u``'s self mask in a round (HKDF of its secret self seed)."""
     return P.hkdf(self_seed, b"dpfunc-secagg/self-mask" + _r8(round_id) + _r8(u))
 
 

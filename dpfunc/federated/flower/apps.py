@@ -53,6 +53,7 @@ server_app = ServerApp()
 
 
 def encode_state(state) -> bytes:
+    """A site or server state as bytes for a Flower record (plain containers and tensors only; :func:`decode_state`)."""
     from dpfunc.bridge.checkpoint import to_plain
 
     buf = io.BytesIO()
@@ -61,6 +62,7 @@ def encode_state(state) -> bytes:
 
 
 def decode_state(data: bytes):
+    """The state :func:`encode_state` wrote (``torch.load(weights_only=True)``: no code is unpickled)."""
     from dpfunc.bridge.checkpoint import from_plain
 
     return from_plain(torch.load(io.BytesIO(data), weights_only=True))
