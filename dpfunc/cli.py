@@ -398,10 +398,33 @@ def format_epsilon(eps: float, digits: int = 3) -> str:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _evaluate_federated(path: Path, args: argparse.Namespace) -> int:
+    """``dpfunc evaluate`` on a federated run folder: the selected global model's test metrics and each
+    site's ε, an in-flight round charged (:func:`dpfunc.federated.job.evaluate_federated_run`)."""
+    from dpfunc.federated.job import evaluate_federated_run
+
+    r = evaluate_federated_run(path, args.data_dir, bootstrap_resamples=args.bootstrap)
+    planned = r["config"]["rounds"]
+    status = f"finished: {r['rounds']} of {planned} rounds" if r["rounds"] >= planned else (
+        f"UNFINISHED: checkpoint after round {r['rounds']} of {planned} (continue it with `dpfunc federated "
+        f"--run-dir {path} --resume` and the run's flags)")
+    print(f"federated run {path}: model {r['config']['model']}, {r['config']['sites']} sites, {status}; "
+          f"evaluated the global model of the best validation round, {r['best_round']}")
+    if r["in_flight_charged"]:
+        print(f"round {r['in_flight_round']} was in flight when the run stopped: site(s) {r['in_flight_charged']} may "
+              f"have released it and are charged that round here (a --resume records the charge)")
+    _print_result(r["test"], r["test_ci"], r["epsilon"], r["delta"], r["train_seconds"])
+    print(f"per-site guarantee at δ={r['delta']:g}: " + ", ".join(
+        f"site {s['site']} (n={s['n']}): ε={format_epsilon(s['epsilon'])}" for s in r["sites"]))
+    return 0
+
+
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="recompute the test metrics and ε of a run folder from its checkpoint",
                        formatter_class=HelpFormatter)
-    e.add_argument("run_dir", help="a folder written by `dpfunc train`")
+    e.add_argument("run_dir", help="a folder written by `dpfunc train`, `dpfunc federated` or `dpfunc segment`")
     e.add_argument("--data-dir", default=None, help=_DATA_HELP)
     e.add_argument("--bootstrap", type=_int_at_least("--bootstrap", 1), default=1000, help="bootstrap resamples")
     add_compute_arguments(e)
@@ -417,9 +440,17 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     path = Path(args.run_dir)
     if path.exists() and not path.is_dir():
         raise CommandError(f"{path} is a file; give the run folder written by `dpfunc train`")
+    from dpfunc.federated.job import IN_FLIGHT, is_federated_run
+
     if not (path / "checkpoint.pt").is_file():
+        if is_federated_run(path) and (path / IN_FLIGHT).is_file():
+            raise CommandError(f"{path} stopped in its first round, before any checkpoint: the sites asked in it "
+                               f"({path / IN_FLIGHT}) may have released one round, which no model came of; "
+                               f"`dpfunc federated --run-dir {path} --resume` and the run's flags charges it and goes on")
         raise CommandError(f"no checkpoint.pt in {path}; give a run folder written by `dpfunc train` "
                            f"(the default ones are under runs/)")
+    if is_federated_run(path):  # written by `dpfunc federated`
+        return _evaluate_federated(path, args)
     from dpfunc.segmentation._train import is_segmentation_run
 
     if is_segmentation_run(path):  # written by `dpfunc segment`

@@ -45,7 +45,7 @@ from dpfunc.metrics import binary_metrics, bootstrap_ci, confusion_matrix
 from dpfunc.models import build_model
 
 __all__ = ["FederatedConfig", "FederatedSetup", "prepare", "run_federated", "site_data", "make_engine",
-           "SERVER_OPTIMIZERS", "ENGINES"]
+           "evaluate_federated_run", "is_federated_run", "SERVER_OPTIMIZERS", "ENGINES"]
 
 ENGINES = ("inprocess", "flower")
 SERVER_OPTIMIZERS = {"fedavg": None, "fedavgm": fedavgm, "fedadam": fedadam}
@@ -706,6 +706,81 @@ def _plots(run_path: Path, result: dict, labels: torch.Tensor, scores: torch.Ten
     tmp = run_path / "federated.tmp.png"
     fig.savefig(tmp, dpi=120)
     tmp.replace(run_path / "federated.png")
+
+
+def evaluate_federated_run(run_dir: str | Path, data_dir: str | Path | None = None, *,
+                           bootstrap_resamples: int = 1000) -> dict:
+    """Re-evaluate a federated run folder from its checkpoint (``dpfunc evaluate RUN``); reads, writes nothing.
+
+    The global model selected on validation (``best_params``) is scored on the test split, and each site's
+    ε is recomputed from its ledger. A round that was **in flight** when the run stopped
+    (``round_in_flight.json``: a hard kill after the sites were asked) is charged here as a resume would
+    charge it (:func:`~dpfunc.federated.charge_started_round`, or one discrete-Gaussian step per asked
+    site for distributed-noise runs): its sites may have released that round, so an abandoned run is
+    never reported below what it spent. The folder itself is left as it is (a ``--resume`` records the
+    charge in the checkpoint).
+
+    Args:
+        run_dir: a folder written by ``dpfunc federated`` (``config.json``, ``checkpoint.pt``).
+        data_dir: where ``pneumoniamnist.npz`` is (flag / ``DPFUNC_DATA_DIR`` / default search).
+        bootstrap_resamples: for the test metrics' 95% CIs.
+
+    Returns:
+        ``{"config", "rounds", "best_round", "val", "test", "test_ci", "epsilon", "delta", "sites",
+        "in_flight_round", "in_flight_charged", "train_seconds"}``; ``epsilon`` is the largest site's,
+        ``in_flight_charged`` the sites charged for an in-flight round (empty when none was).
+
+    Raises:
+        FileNotFoundError: no ``checkpoint.pt`` in ``run_dir``.
+        ValueError: ``round_in_flight.json`` was written by another configuration, or cannot be read.
+    """
+    from dpfunc.bridge.checkpoint import load_checkpoint
+
+    fn = "evaluate_federated_run"
+    run_path = Path(run_dir)
+    if not (run_path / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"{fn}: no checkpoint.pt in {run_path}")
+    saved = load_checkpoint(run_path / "checkpoint.pt")
+    cfg = FederatedConfig(**{**_added_defaults(FederatedConfig()), **saved["config"]})
+    state, _, elapsed, best = restore_progress(saved)
+    train_set, val_set = pneumoniamnist("train", data_dir), pneumoniamnist("val", data_dir)
+    setup = prepare(cfg, train_set.labels)
+    module, apply_fn, params, buffers = build(cfg)
+    in_flight = read_round_started(fn, run_path, cfg)
+    charged: tuple[int, ...] = ()
+    if cfg.distributed_noise:
+        from dpfunc.federated.distributed import _site_report as distributed_report
+        from dpfunc.federated.distributed import charge_interrupted, distributed_noise_for
+
+        sizes = [len(i) for i in setup.indices]
+        if in_flight is not None:
+            noise = distributed_noise_for(cfg, sum(int(v.numel()) for v in params.values()), sizes)
+            rates = [min(1.0, cfg.batch_size / n) for n in sizes]
+            state, charged = charge_interrupted(state, in_flight, rates, noise.noise_multiplier_in_sum(noise.threshold))
+        sites = distributed_report(state, sizes, cfg)
+    else:
+        if in_flight is not None:
+            state, charged = charge_started_round(state, RoundStart.from_dict(in_flight), setup.plans)
+        sites = _site_report(state, setup.plans, cfg.delta, cfg.accountant)
+    _, val, test, _, ci = final_evaluation(apply_fn, best["params"], buffers, val_set, data_dir, cfg.seed,
+                                           bootstrap_resamples)
+    return {"config": asdict(cfg), "rounds": state.round, "best_round": best["round"], "val": val.to_dict(),
+            "test": test.to_dict(), "test_ci": {k: v.to_dict() for k, v in ci.items()},
+            "epsilon": max(s["epsilon"] for s in sites), "delta": cfg.delta, "sites": sites,
+            "in_flight_round": None if in_flight is None else int(in_flight["round"]),
+            "in_flight_charged": list(charged), "train_seconds": elapsed}
+
+
+def is_federated_run(run_dir: str | Path) -> bool:
+    """Whether ``run_dir/config.json`` was written by ``dpfunc federated`` (its keys are
+    :class:`FederatedConfig` fields, ``sites`` among them)."""
+    import dataclasses
+
+    try:
+        keys = set(json.loads((Path(run_dir) / "config.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return False
+    return "sites" in keys and keys <= {f.name for f in dataclasses.fields(FederatedConfig)}
 
 
 def load_config(run_dir: str | Path) -> FederatedConfig:
