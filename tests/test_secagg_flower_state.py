@@ -274,3 +274,25 @@ def test_a_site_refuses_a_replayed_train_message(tmp_path, data_dir):
                     node_config=dict(grid.contexts[100].node_config))
     reply = apps._train(first, fresh)
     assert bool(reply.content["reply"]["trained"]) and dict(fresh.state[apps._USED]) == {"steps": 2, "count": 2}
+
+
+def test_a_key_seed_gives_each_run_its_own_noise_key():
+    """A SuperNode serves every run with one key-seed; step t's noise derives from (key, t). Two runs on
+    the same node must not share keys (their releases' difference would be noise-free), one run keeps one."""
+    cfg = FederatedConfig(**TINY)
+
+    def context(run_id, **node):
+        return Context(run_id=run_id, node_id=100, state=RecordDict(), run_config={}, node_config=node)
+
+    first, second = context(1, **{"key-seed": 123}), context(2, **{"key-seed": 123})
+    k1, k2 = apps._site_key(first, cfg, 0), apps._site_key(second, cfg, 0)
+    noise = lambda k: torch.randn(8, generator=k.fold_in(0).generator())  # noqa: E731
+    assert not torch.equal(noise(k1), noise(k2))  # same seed, two runs: two keys
+    assert torch.equal(noise(apps._site_key(first, cfg, 0)), noise(k1))  # stable within a run (context.state)
+    assert int(first.state[apps._NONCE]["nonce"]) != int(second.state[apps._NONCE]["nonce"])
+    # without a key-seed: the run seed's key, reproducible and equal to the in-process runner's (no nonce)
+    from dpfunc.federated.job import _keys
+    from dpfunc.federated.site import site_key
+
+    plain = context(3)
+    assert apps._site_key(plain, cfg, 1) == site_key(_keys(cfg)[3], 1) and apps._NONCE not in plain.state

@@ -83,10 +83,9 @@ def _site_id(context: Context) -> int:
 
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
-    from dpfunc.federated.job import FederatedConfig, _keys, build, make_engine, site_data
+    from dpfunc.federated.job import FederatedConfig, build, make_engine, site_data
     from dpfunc.devices import to_device
-    from dpfunc.federated.site import SitePlan, shared_site_state, site_key, site_round
-    from dpfunc.keys import Key
+    from dpfunc.federated.site import SitePlan, shared_site_state, site_round
 
     task = msg.content["task"]
     site = _site_id(context)
@@ -101,11 +100,7 @@ def _train(msg: Message, context: Context) -> Message:
     module.to(where)
     global_params = msg.content["global"].to_torch_state_dict()
     state = decode_state(bytes(task[f"state-{site}"]))
-    # The noise key must be secret from the server in a real deployment: a SuperNode started with
-    # --node-config 'key-seed=<random 63-bit int>' uses its own key. Without it the key derives from the run
-    # seed (reproducible, and equal to the in-process runner's; the server could then recompute the noise).
-    secret = context.node_config.get("key-seed")
-    key = Key(int(secret)) if secret not in (None, "") else site_key(_keys(cfg)[3], site)
+    key = _site_key(context, cfg, site)
     _refuse_used_keys(context, state, site)  # a server that replays old counters gets no noise twice
     secure = cfg.aggregator == "secagg"
     if secure:  # the optimizer's tensors (momentum) come from this site's own store, never from the server
@@ -139,6 +134,35 @@ def _train(msg: Message, context: Context) -> Message:
     if secure:
         return Message(RecordDict({"reply": reply}), reply_to=msg)
     return Message(RecordDict({"params": ArrayRecord(_state_dict(params)), "reply": reply}), reply_to=msg)
+
+
+_NONCE = "dpfunc-key-nonce"  # context.state key of this run's nonce, drawn by the site (with a key-seed only)
+
+
+def _site_key(context: Context, cfg, site: int):
+    """This site's key for the run (its noise and Poisson keys derive from it).
+
+    The noise key must be secret from the server in a real deployment: a SuperNode started with
+    ``--node-config 'key-seed=<random 63-bit int>'`` uses its own key. A SuperNode serves every run
+    submitted to it, and step t's noise derives from (key, t): with the key-seed alone, two runs would
+    draw the same noise at the same steps, and the difference of their releases would be noise-free. So
+    the site folds in a nonce of its own, drawn from OS entropy at its first message of a run and kept in
+    ``context.state``: one key per (node, run), stable within the run. Without a key-seed the key derives
+    from the run seed (reproducible, equal to the in-process runner's; the server could then recompute
+    the noise).
+    """
+    import secrets
+
+    from dpfunc.federated.job import _keys
+    from dpfunc.federated.site import site_key
+    from dpfunc.keys import Key
+
+    secret = context.node_config.get("key-seed")
+    if secret in (None, ""):
+        return site_key(_keys(cfg)[3], site)
+    if _NONCE not in context.state:
+        context.state[_NONCE] = ConfigRecord({"nonce": secrets.randbits(63)})
+    return Key(int(secret)).fold_in(int(context.state[_NONCE]["nonce"]))
 
 
 _KEPT = "dpfunc-site"  # context.state key of the site's own full SiteState (secure aggregation only)
