@@ -176,8 +176,8 @@ def _refuse_used_keys(context: Context, sent, site: int) -> None:
     state). An honest server only moves them forward; a malicious one could send old ones again, so that a
     site with a secret ``key-seed`` draws the same noise on new parameters and the difference of the two
     releases is noise-free. The site keeps the first unused step and index in its ``context.state`` (for the
-    lifetime of the Flower run: a resumed run is a new run, and its guard starts afresh) and raises, which
-    the server sees as a failed site (charged, excluded from the round).
+    lifetime of the Flower run: a resumed run is a new run, whose nonce gives the site new keys anyway —
+    :func:`_site_key`) and raises, which the server sees as a failed site (charged, excluded from the round).
     """
     from dpfunc.private import find_dp_state
 
