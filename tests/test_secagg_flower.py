@@ -18,21 +18,11 @@ from dpfunc.bridge.checkpoint import load_checkpoint  # noqa: E402
 from dpfunc.federated.flower import run_flower  # noqa: E402
 from dpfunc.federated.job import FederatedConfig, run_federated  # noqa: E402
 
+from _trees import tensors_in as _tensors  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 TINY = dict(sites=3, rounds=1, train_subset=150, batch_size=25, accountant="rdp")
-
-
-def _tensors(tree) -> list:
-    import torch
-
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (tuple, list)):
-        return [t for v in tree for t in _tensors(v)]
-    return []
 
 
 def test_flower_secure_aggregation_equals_plain_inprocess_fedavg(tmp_path, data_dir):

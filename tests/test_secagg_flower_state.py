@@ -39,6 +39,8 @@ from dpfunc.keys import Key  # noqa: E402
 from dpfunc.private import find_dp_state  # noqa: E402
 from dpfunc.transforms import TraceState  # noqa: E402
 
+from _trees import tensors_in as _tensors  # noqa: E402
+
 # 3 sites, 150 examples, batch 25: each site runs 2 local DP-SGD steps a round, momentum 0.9 (the default)
 TINY = dict(sites=3, train_subset=150, batch_size=25, accountant="rdp", aggregator="secagg")
 
@@ -50,21 +52,6 @@ def _task_identity(monkeypatch):
 
     for name, value in (("_run_id", 1), ("_node_id", 1), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def _tensors(tree) -> list[torch.Tensor]:
-    """Every tensor anywhere in a nested state (dicts, tuples, NamedTuples, dataclass fields)."""
-    import dataclasses
-
-    if isinstance(tree, torch.Tensor):
-        return [tree]
-    if isinstance(tree, dict):
-        return [t for v in tree.values() for t in _tensors(v)]
-    if isinstance(tree, (tuple, list)):
-        return [t for v in tree for t in _tensors(v)]
-    if dataclasses.is_dataclass(tree) and not isinstance(tree, type):
-        return [t for f in dataclasses.fields(tree) for t in _tensors(getattr(tree, f.name))]
-    return []
 
 
 def _traces(opt_state) -> list[TraceState]:
