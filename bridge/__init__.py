@@ -9,10 +9,11 @@ Everything that knows about modules (functionalisation, model surgery, optimizer
 * :func:`fast_engine` — per-example clipping without per-example gradients (ghost norms, book-keeping)
 * :func:`make_private` / :class:`PrivacyEngine` — an unchanged torch loop, made private
 * :func:`save_checkpoint` / :func:`load_checkpoint` — atomic, versioned, no pickled code
+  (:func:`atomic_write` for any other file that must never be torn)
 """
 
 from dpfunc.bridge.fast import fast_engine
-from dpfunc.bridge.checkpoint import FORMAT_VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from dpfunc.bridge.checkpoint import FORMAT_VERSION, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from dpfunc.bridge.fix import Norm, default_num_groups, fix
 from dpfunc.bridge.functional import ApplyFn, functionalize, keyed_global_rng, module_apply_fn, split_state
 from dpfunc.bridge.loader import LogicalBatchPlan, PoissonBatchSampler, poisson_loader
@@ -48,6 +49,7 @@ __all__ = [
     # checkpoints
     "save_checkpoint",
     "load_checkpoint",
+    "atomic_write",
     "CheckpointError",
     "FORMAT_VERSION",
 ]

@@ -82,6 +82,8 @@ from dpfunc.federated.site import (
     SiteUpdate,
     charge_site,
     init_site_state,
+    rejoin_site_state,
+    shared_site_state,
     site_key,
     site_keys,
     site_optimizer,
@@ -91,7 +93,7 @@ from dpfunc.federated.site import (
 __all__ = [
     "AGGREGATORS", "AggregationError", "Aggregator", "InProcessSites", "Partition", "RoundFailedError", "RoundReport",
     "RoundStart", "ServerState", "SitePlan", "SiteState", "SiteUpdate", "WeightedFedAvg", "apply_round", "average_rounds",
-    "charge_site", "charge_started_round", "start_round",
+    "charge_site", "charge_started_round", "start_round", "shared_site_state", "rejoin_site_state",
     "check_update", "fedadam", "fedavgm", "init_server_state", "init_site_state", "make_aggregator",
     "partition_indices", "register_aggregator", "run_round_inprocess", "select_sites", "site_key", "site_keys",
     "site_optimizer", "site_round",

@@ -301,6 +301,15 @@ def rejoin_site_state(shared: SiteState, local_opt_state: Any) -> SiteState:
 
     Raises:
         ValueError: the two optimizer states differ in structure (another optimizer or model).
+
+    Example:
+        >>> from dpfunc.keys import Key
+        >>> plan = SitePlan(num_examples=10, expected_batch_size=5, local_epochs=1, noise_multiplier=1.0)
+        >>> full = init_site_state(0, plan, Key(0), {"w": torch.zeros(2)})
+        >>> kept = full.opt_state[1][0]._replace(trace={"w": torch.ones(2)})  # the site's own momentum buffer
+        >>> local = (full.opt_state[0], (kept,) + full.opt_state[1][1:])
+        >>> rejoin_site_state(shared_site_state(full), local).opt_state[1][0].trace
+        {'w': tensor([1., 1.])}
     """
     return shared._replace(opt_state=_rejoin(shared.opt_state, local_opt_state, "opt_state"))
 
