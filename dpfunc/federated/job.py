@@ -528,8 +528,8 @@ def run_federated(
     Raises:
         RoundFailedError: a round had fewer than ``cfg.min_sites`` usable answers or its aggregation failed;
             the checkpoint keeps the last complete round's model and charges each site asked in the failed
-            round with that round (its answer, or under secure aggregation its reply's site state, reached
-            the server).
+            round with that round (its answer may have reached the server; under secure aggregation the
+            charge is an upper bound that keeps a retry's noise keys fresh).
     """
     from dpfunc.train import evaluate_scores
 
@@ -595,9 +595,10 @@ def run_federated(
                                             server_tx=server_tx, min_sites=cfg.min_sites, average_decay=cfg.average_decay)
             except BaseException:
                 # The round failed (too few answers, aggregation failed) or was interrupted after asking: answers
-                # may have reached the server (under secure aggregation an upper bound: in process the server holds
-                # the sites' new states; over Flower the replies carry no optimizer tensor). The checkpoint charges every asked site, counters included, so an abandoned run never
-                # under-reports and a retry draws fresh keys. Without a run folder nothing persists.
+                # may have reached the server (under secure aggregation an upper bound: in process the server
+                # holds the sites' new states; over Flower the replies carry no optimizer tensor). The checkpoint
+                # charges every asked site, counters included, so an abandoned run never under-reports and a
+                # retry draws fresh keys. Without a run folder nothing persists.
                 if run_path is not None:
                     charged, _ = charge_started_round(state, start, setup.plans)
                     save_progress(run_path, cfg, charged, history, elapsed, best)
