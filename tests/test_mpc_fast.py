@@ -463,3 +463,25 @@ def test_mul_bit_view_is_independent_of_the_secrets():
     table = torch.stack([c1, c2])[:, :2]  # the masked bits take the values 0 and 1 only
     assert int(torch.stack([c1, c2])[:, 2:].sum()) == 0
     assert chi2_contingency(table.numpy()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_party_that_fails_releases_the_other_at_once(stream):
+    """Party 1 fails while party 0 waits for its message: party 0's wait ends now (the channel is aborted),
+    not at the timeout, and the first cause is reported. Before, the waiting party reached its own timeout
+    together with the join's, and simulate raised a TimeoutError for party 0 now and then (a CI flake)."""
+    import time
+
+    from dpfunc.mpc import simulate
+
+    def program(ctx):
+        if ctx.rank == 1:
+            raise ValueError("party 1 gives up")
+        if ctx.rank == 0:
+            ctx.exchange(torch.zeros(2, dtype=torch.int64))
+        return None
+
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="simulate: party 1 failed: party 1 gives up"):
+        simulate(program, dealer_key=Key(0), timeout=30, stream=stream)
+    assert time.monotonic() - t0 < 10  # the 30 s timeout was not waited out

@@ -382,17 +382,34 @@ class Channel(Protocol):
 
 
 class QueueChannel:
-    """In-process channel (threads) with a hard timeout, for the simulation and tests."""
+    """In-process channel (threads) with a hard timeout, for the simulation and tests.
+
+    :meth:`abort` (the other party's thread failed) makes a waiting receive fail at once with
+    :class:`QueueAborted` instead of at the timeout.
+    """
 
     def __init__(self, outbox: queue.Queue, inbox: queue.Queue, timeout: float = 60.0):
         self.outbox, self.inbox, self.timeout = outbox, inbox, timeout
+        self.aborted = False
+
+    def abort(self) -> None:
+        """The other party failed: a waiting or later receive raises :class:`QueueAborted` now."""
+        self.aborted = True
+
+    def _receive(self, what: str) -> torch.Tensor:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            if self.aborted:
+                raise QueueAborted(f"QueueChannel.{what}: the other party failed")
+            try:
+                return self.inbox.get(timeout=min(0.1, max(deadline - time.monotonic(), 0.001)))
+            except queue.Empty:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"QueueChannel.{what}: no message within {self.timeout}s") from None
 
     def exchange(self, tensor: torch.Tensor) -> torch.Tensor:
         self.outbox.put(tensor)  # protocols never modify a tensor in place after sending it
-        try:
-            other = self.inbox.get(timeout=self.timeout)
-        except queue.Empty:
-            raise TimeoutError(f"QueueChannel.exchange: no message within {self.timeout}s") from None
+        other = self._receive("exchange")
         if other.shape != tensor.shape or other.dtype != tensor.dtype:
             raise RuntimeError(
                 f"QueueChannel.exchange: parties out of step (sent {tuple(tensor.shape)} "
@@ -404,10 +421,7 @@ class QueueChannel:
         self.outbox.put(tensor)
 
     def recv(self, like: torch.Tensor) -> torch.Tensor:
-        try:
-            other = self.inbox.get(timeout=self.timeout)
-        except queue.Empty:
-            raise TimeoutError(f"QueueChannel.recv: no message within {self.timeout}s") from None
+        other = self._receive("recv")
         if other.shape != like.shape or other.dtype != like.dtype:
             raise RuntimeError(
                 f"QueueChannel.recv: parties out of step (expected {tuple(like.shape)} {like.dtype}, "
@@ -588,7 +602,7 @@ class DealerSource:
 
 
 class QueueAborted(RuntimeError):
-    """A :class:`MaterialQueue` wait ended because the thread on the other side failed."""
+    """A :class:`MaterialQueue` or :class:`QueueChannel` wait ended because the thread on the other side failed."""
 
 
 class MaterialQueue:

@@ -123,6 +123,8 @@ def simulate(
                 results[r] = program(ctxs[r])
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors[r] = e
+            for ch in (ch0, ch1):  # the other party stops waiting for this one's messages now, not at the timeout
+                ch.abort()
             if stream:  # the others stop waiting for (or on) this thread now
                 for q in queues:
                     q.abort()
